@@ -1,0 +1,1097 @@
+//! Configuration: TOML plus `BOTRELAY__SECTION__KEY` environment overrides, read by the `config`
+//! crate into raw serde structs, then validated into the typed [`Config`] the rest of the crate
+//! uses (addresses, URLs, durations, secrets, enabled sinks).
+//!
+//! Validation collects every problem and names its key (`server.listen: ...`), so that
+//! `botrelay check-config` can print them all at once. Secrets are [`SecretString`]s: their
+//! `Debug` prints nothing of them.
+
+use crate::event::EventKind;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use url::Url;
+
+/// The default config path, relative to the working directory.
+pub const DEFAULT_PATH: &str = "config/botrelay.toml";
+
+/// One thing wrong with the config, named by its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub key: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}", self.key, self.message)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("invalid config:\n{}", format_problems(.0))]
+    Invalid(Vec<Problem>),
+}
+
+fn format_problems(problems: &[Problem]) -> String {
+    problems
+        .iter()
+        .map(|problem| format!("  - {problem}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+// ---------------------------------------------------------------------------------------------
+// Raw: exactly what the file and the environment say.
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    server: RawServer,
+    #[serde(default)]
+    admin: RawAdmin,
+    #[serde(default)]
+    log: RawLog,
+    #[serde(default)]
+    messenger: RawMessenger,
+    #[serde(default)]
+    ingest: RawIngest,
+    #[serde(default)]
+    graph: RawGraph,
+    #[serde(default)]
+    dashbot: RawDashbot,
+    #[serde(default)]
+    store: RawStore,
+    bot: Option<RawSink>,
+    #[serde(default)]
+    sinks: RawSinks,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawServer {
+    listen: Option<String>,
+    max_body_bytes: Option<u64>,
+    shutdown_grace: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAdmin {
+    listen: Option<String>,
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLog {
+    format: Option<String>,
+    level: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMessenger {
+    app_id: Option<String>,
+    app_secret: Option<String>,
+    verify_token: Option<String>,
+    accept_sha1: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawIngest {
+    token: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGraph {
+    base_url: Option<String>,
+    timeout: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDashbot {
+    secret: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStore {
+    path: Option<String>,
+    url: Option<String>,
+    dedupe_window: Option<String>,
+    retention: Option<String>,
+    dead_letter_retention: Option<String>,
+    max_bytes: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSinks {
+    kochava: Option<RawSink>,
+    dashbot: Option<RawSink>,
+    page_activities: Option<RawSink>,
+    conversions: Option<RawSink>,
+}
+
+/// The union of every sink table's keys; each sink accepts only its own (see `SinkName::keys`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSink {
+    // Delivery keys, valid in every sink.
+    concurrency: Option<u64>,
+    timeout: Option<String>,
+    max_attempts: Option<u64>,
+    backoff: Option<String>,
+    max_backoff: Option<String>,
+    ttl: Option<String>,
+    kinds: Option<StringList>,
+    names: Option<BTreeMap<String, String>>,
+    // Per-sink keys.
+    url: Option<String>,
+    app_id: Option<String>,
+    include_text: Option<bool>,
+    impression_url: Option<String>,
+    click_url: Option<String>,
+    smartlink_prefix: Option<String>,
+    click_payloads: Option<StringList>,
+    api_key: Option<String>,
+    api_version: Option<String>,
+    page_tokens: Option<BTreeMap<String, String>>,
+    logging_target: Option<String>,
+    dataset_id: Option<String>,
+    dataset_ids: Option<BTreeMap<String, String>>,
+    access_token: Option<String>,
+    partner_agent: Option<String>,
+}
+
+/// A list given as a TOML array or, from the environment, as a comma-separated string.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum StringList {
+    List(Vec<String>),
+    Joined(String),
+}
+
+impl StringList {
+    fn into_vec(self) -> Vec<String> {
+        match self {
+            StringList::List(items) => items,
+            StringList::Joined(joined) => joined
+                .split(',')
+                .map(str::trim)
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Typed: what the rest of the crate reads.
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub admin: AdminConfig,
+    pub log: LogConfig,
+    pub messenger: MessengerConfig,
+    pub ingest: IngestConfig,
+    pub graph: GraphConfig,
+    pub dashbot: DashbotConfig,
+    pub store: StoreConfig,
+    /// The enabled sinks, the bot first.
+    pub sinks: Vec<SinkConfig>,
+    /// Sinks that have a table but lack credentials, with the reason (logged once at start).
+    pub disabled_sinks: Vec<(SinkName, String)>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub max_body_bytes: usize,
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct AdminConfig {
+    pub listen: SocketAddr,
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `None`: pretty on a terminal, JSON otherwise.
+    pub format: Option<LogFormat>,
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct MessengerConfig {
+    pub app_id: Option<String>,
+    pub app_secret: SecretString,
+    pub verify_token: SecretString,
+    pub accept_sha1: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct IngestConfig {
+    pub token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct GraphConfig {
+    pub base_url: Url,
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DashbotConfig {
+    pub secret: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub path: PathBuf,
+    pub dedupe_window: Duration,
+    pub retention: Duration,
+    pub dead_letter_retention: Duration,
+    /// Upper bound of the database file; past it ingest answers 503 (Meta retries).
+    pub max_bytes: Option<u64>,
+}
+
+/// The closed set of sinks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum SinkName {
+    Bot,
+    Kochava,
+    Dashbot,
+    PageActivities,
+    Conversions,
+}
+
+impl SinkName {
+    pub const ALL: [SinkName; 5] = [
+        SinkName::Bot,
+        SinkName::Kochava,
+        SinkName::Dashbot,
+        SinkName::PageActivities,
+        SinkName::Conversions,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SinkName::Bot => "bot",
+            SinkName::Kochava => "kochava",
+            SinkName::Dashbot => "dashbot",
+            SinkName::PageActivities => "page_activities",
+            SinkName::Conversions => "conversions",
+        }
+    }
+
+    pub fn parse(name: &str) -> Option<SinkName> {
+        SinkName::ALL.into_iter().find(|sink| sink.as_str() == name)
+    }
+
+    /// Where the sink's table lives in the config file.
+    pub fn table(self) -> &'static str {
+        match self {
+            SinkName::Bot => "bot",
+            SinkName::Kochava => "sinks.kochava",
+            SinkName::Dashbot => "sinks.dashbot",
+            SinkName::PageActivities => "sinks.page_activities",
+            SinkName::Conversions => "sinks.conversions",
+        }
+    }
+
+    /// The sink-specific keys its table accepts (the delivery keys are accepted everywhere).
+    fn own_keys(self) -> &'static [&'static str] {
+        match self {
+            SinkName::Bot => &["url"],
+            SinkName::Kochava => &[
+                "url",
+                "app_id",
+                "include_text",
+                "impression_url",
+                "click_url",
+                "smartlink_prefix",
+                "click_payloads",
+                "names",
+            ],
+            SinkName::Dashbot => &["url", "api_key", "names"],
+            SinkName::PageActivities => &[
+                "app_id",
+                "api_version",
+                "page_tokens",
+                "logging_target",
+                "names",
+            ],
+            SinkName::Conversions => &[
+                "api_version",
+                "dataset_id",
+                "dataset_ids",
+                "access_token",
+                "page_tokens",
+                "partner_agent",
+                "names",
+            ],
+        }
+    }
+
+    /// The kinds a sink receives when its table has no `kinds` (SPEC §4).
+    pub fn default_kinds(self) -> Vec<EventKind> {
+        use EventKind::*;
+        match self {
+            SinkName::Bot => EventKind::WEBHOOK.to_vec(),
+            SinkName::Kochava => vec![
+                Message, Outgoing, Postback, Referral, Optin, Custom, Revenue, Share, PageLaunch,
+                Lead,
+            ],
+            SinkName::Dashbot => vec![
+                Message, Postback, Referral, Optin, Reaction, Outgoing, Custom, Revenue, Share,
+                PageLaunch,
+            ],
+            SinkName::PageActivities | SinkName::Conversions => vec![Revenue, Lead, Custom],
+        }
+    }
+}
+
+impl fmt::Display for SinkName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How one sink's deliveries are retried (SPEC §4).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryPolicy {
+    pub concurrency: usize,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff: Duration,
+    pub max_backoff: Duration,
+    pub ttl: Duration,
+}
+
+/// One enabled sink: what it receives, how it is retried, and its own settings.
+#[derive(Debug, Clone)]
+pub struct SinkConfig {
+    pub name: SinkName,
+    pub kinds: Vec<EventKind>,
+    /// Event name overrides per kind (`[sinks.<x>.names]`).
+    pub names: BTreeMap<EventKind, String>,
+    pub delivery: DeliveryPolicy,
+    pub settings: SinkSettings,
+}
+
+#[derive(Debug, Clone)]
+pub enum SinkSettings {
+    Bot {
+        url: Url,
+    },
+    Kochava {
+        url: Url,
+        app_id: SecretString,
+        include_text: bool,
+        impression_url: Option<String>,
+        click_url: Option<String>,
+        smartlink_prefix: Option<String>,
+        click_payloads: Vec<String>,
+    },
+    Dashbot {
+        url: Url,
+        api_key: SecretString,
+    },
+    PageActivities {
+        app_id: String,
+        api_version: String,
+        page_tokens: BTreeMap<String, SecretString>,
+        logging_target: String,
+    },
+    Conversions {
+        api_version: String,
+        dataset_id: Option<String>,
+        dataset_ids: BTreeMap<String, String>,
+        access_token: Option<SecretString>,
+        page_tokens: BTreeMap<String, SecretString>,
+        partner_agent: Option<String>,
+    },
+}
+
+impl Config {
+    /// Loads the file (when it exists, or always when `explicit`) and the `BOTRELAY__` environment.
+    pub fn load(path: &Path, explicit: bool) -> Result<Config, ConfigError> {
+        let environment: HashMap<String, String> = std::env::vars()
+            .filter(|(name, _)| name.starts_with("BOTRELAY__"))
+            .collect();
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if explicit || error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(ConfigError::Load(config::ConfigError::Foreign(Box::new(
+                    std::io::Error::new(error.kind(), format!("{}: {error}", path.display())),
+                ))));
+            }
+            Err(_) => String::new(),
+        };
+        Config::from_sources(&text, environment)
+    }
+
+    /// Pure: TOML text plus an environment map (only `BOTRELAY__…` names are read).
+    pub fn from_sources(
+        toml_text: &str,
+        environment: HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(toml_text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("BOTRELAY")
+                    .prefix_separator("__")
+                    .separator("__")
+                    .source(Some(environment)),
+            )
+            .build()?
+            .try_deserialize()?;
+        validate(raw)
+    }
+
+    pub fn sink(&self, name: SinkName) -> Option<&SinkConfig> {
+        self.sinks.iter().find(|sink| sink.name == name)
+    }
+
+    /// Every secret value in the config, for the redaction of logs and stored errors.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets = vec![
+            self.messenger.app_secret.expose_secret().to_owned(),
+            self.messenger.verify_token.expose_secret().to_owned(),
+        ];
+        let optional = [&self.admin.token, &self.ingest.token, &self.dashbot.secret];
+        secrets.extend(
+            optional
+                .into_iter()
+                .flatten()
+                .map(|secret| secret.expose_secret().to_owned()),
+        );
+        for sink in &self.sinks {
+            match &sink.settings {
+                SinkSettings::Bot { .. } => {}
+                SinkSettings::Kochava { .. } => {}
+                SinkSettings::Dashbot { api_key, .. } => {
+                    secrets.push(api_key.expose_secret().to_owned())
+                }
+                SinkSettings::PageActivities { page_tokens, .. } => secrets.extend(
+                    page_tokens
+                        .values()
+                        .map(|token| token.expose_secret().to_owned()),
+                ),
+                SinkSettings::Conversions {
+                    access_token,
+                    page_tokens,
+                    ..
+                } => {
+                    secrets.extend(
+                        access_token
+                            .iter()
+                            .chain(page_tokens.values())
+                            .map(|token| token.expose_secret().to_owned()),
+                    );
+                }
+            }
+        }
+        secrets.retain(|secret| !secret.is_empty());
+        secrets
+    }
+}
+
+/// Collects problems while turning raw values into typed ones.
+#[derive(Default)]
+struct Checker {
+    problems: Vec<Problem>,
+}
+
+impl Checker {
+    fn problem(&mut self, key: impl Into<String>, message: impl Into<String>) {
+        self.problems.push(Problem {
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(&mut self, key: &str, raw: Option<&str>, default: Duration) -> Duration {
+        match raw {
+            None => default,
+            Some(text) => match humantime::parse_duration(text.trim()) {
+                Ok(duration) => duration,
+                Err(error) => {
+                    self.problem(
+                        key,
+                        format!("`{text}` is not a duration like \"250ms\", \"30s\", \"15m\", \"3d\" ({error})"),
+                    );
+                    default
+                }
+            },
+        }
+    }
+
+    fn socket_addr(&mut self, key: &str, raw: Option<&str>, default: &str) -> SocketAddr {
+        let text = raw.unwrap_or(default);
+        match text.parse() {
+            Ok(address) => address,
+            Err(_) => {
+                self.problem(key, format!("`{text}` is not an address like \"0.0.0.0:8080\""));
+                SocketAddr::from(([127, 0, 0, 1], 0))
+            }
+        }
+    }
+
+    fn url(&mut self, key: &str, raw: Option<&str>, default: Option<&str>) -> Option<Url> {
+        let text = raw.or(default)?;
+        match Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
+            Ok(_) => {
+                self.problem(key, format!("`{text}` is not an http(s) URL"));
+                None
+            }
+            Err(error) => {
+                self.problem(key, format!("`{text}` is not a URL ({error})"));
+                None
+            }
+        }
+    }
+}
+
+/// An empty string counts as unset, so that `BOTRELAY__X__TOKEN=` clears a token.
+fn secret(raw: Option<String>) -> Option<SecretString> {
+    raw.filter(|value| !value.is_empty())
+        .map(SecretString::from)
+}
+
+fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
+    let mut check = Checker::default();
+
+    let server = ServerConfig {
+        listen: check.socket_addr("server.listen", raw.server.listen.as_deref(), "0.0.0.0:8080"),
+        max_body_bytes: match raw.server.max_body_bytes {
+            None => 1024 * 1024,
+            Some(0) => {
+                check.problem("server.max_body_bytes", "must be greater than 0");
+                1
+            }
+            Some(bytes) => usize::try_from(bytes).unwrap_or(usize::MAX),
+        },
+        shutdown_grace: check.duration(
+            "server.shutdown_grace",
+            raw.server.shutdown_grace.as_deref(),
+            Duration::from_secs(10),
+        ),
+    };
+
+    let admin = AdminConfig {
+        listen: check.socket_addr("admin.listen", raw.admin.listen.as_deref(), "127.0.0.1:9091"),
+        token: secret(raw.admin.token),
+    };
+
+    let log = LogConfig {
+        format: match raw.log.format.as_deref() {
+            None => None,
+            Some("pretty") => Some(LogFormat::Pretty),
+            Some("json") => Some(LogFormat::Json),
+            Some(other) => {
+                check.problem("log.format", format!("`{other}` is neither \"pretty\" nor \"json\""));
+                None
+            }
+        },
+        level: match raw.log.level {
+            None => "info".to_owned(),
+            Some(level) => {
+                if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
+                    check.problem(
+                        "log.level",
+                        format!("`{level}` is not a level or filter like \"info\" or \"botrelay=debug\""),
+                    );
+                }
+                level
+            }
+        },
+    };
+
+    let app_secret = secret(raw.messenger.app_secret);
+    if app_secret.is_none() {
+        check.problem(
+            "messenger.app_secret",
+            "is required: the App Secret from the Meta App Dashboard (Settings > Basic); set it in \
+             the file or as BOTRELAY__MESSENGER__APP_SECRET",
+        );
+    }
+    let verify_token = secret(raw.messenger.verify_token);
+    if verify_token.is_none() {
+        check.problem(
+            "messenger.verify_token",
+            "is required: the Verify Token you enter in the Meta App Dashboard webhook setup; set \
+             it in the file or as BOTRELAY__MESSENGER__VERIFY_TOKEN",
+        );
+    }
+    let messenger = MessengerConfig {
+        app_id: raw.messenger.app_id.filter(|id| !id.is_empty()),
+        app_secret: app_secret.unwrap_or_else(|| SecretString::from(String::new())),
+        verify_token: verify_token.unwrap_or_else(|| SecretString::from(String::new())),
+        accept_sha1: raw.messenger.accept_sha1.unwrap_or(false),
+    };
+
+    let graph = GraphConfig {
+        base_url: check
+            .url("graph.base_url", raw.graph.base_url.as_deref(), Some("https://graph.facebook.com"))
+            .unwrap_or_else(|| Url::from_file_path("/").unwrap_or_else(|()| unreachable_url())),
+        timeout: check.duration("graph.timeout", raw.graph.timeout.as_deref(), Duration::from_secs(30)),
+    };
+
+    if raw.store.url.is_some() {
+        check.problem(
+            "store.url",
+            "the PostgreSQL backend is not part of this build yet; use store.path (the embedded SQLite store)",
+        );
+    }
+    let day = Duration::from_secs(24 * 3600);
+    let store = StoreConfig {
+        path: PathBuf::from(raw.store.path.unwrap_or_else(|| "data/botrelay.db".to_owned())),
+        dedupe_window: check.duration("store.dedupe_window", raw.store.dedupe_window.as_deref(), 7 * day),
+        retention: check.duration("store.retention", raw.store.retention.as_deref(), 7 * day),
+        dead_letter_retention: check.duration(
+            "store.dead_letter_retention",
+            raw.store.dead_letter_retention.as_deref(),
+            30 * day,
+        ),
+        max_bytes: raw.store.max_bytes,
+    };
+
+    let mut sinks = Vec::new();
+    let mut disabled_sinks = Vec::new();
+    let tables = [
+        (SinkName::Bot, raw.bot),
+        (SinkName::Kochava, raw.sinks.kochava),
+        (SinkName::Dashbot, raw.sinks.dashbot),
+        (SinkName::PageActivities, raw.sinks.page_activities),
+        (SinkName::Conversions, raw.sinks.conversions),
+    ];
+    for (name, table) in tables {
+        let Some(table) = table else { continue };
+        match sink(&mut check, name, table, &messenger) {
+            Ok(Some(sink)) => sinks.push(sink),
+            Ok(None) => {}
+            Err(reason) => disabled_sinks.push((name, reason)),
+        }
+    }
+
+    let config = Config {
+        server,
+        admin,
+        log,
+        messenger,
+        ingest: IngestConfig {
+            token: secret(raw.ingest.token),
+        },
+        graph,
+        dashbot: DashbotConfig {
+            secret: secret(raw.dashbot.secret),
+        },
+        store,
+        sinks,
+        disabled_sinks,
+    };
+    if check.problems.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(check.problems))
+    }
+}
+
+/// A placeholder for a URL that failed validation; never used because validation then fails.
+fn unreachable_url() -> Url {
+    // `Url::parse` of a constant valid URL; kept out of line so no `expect` is needed above.
+    Url::parse("http://invalid.invalid/").unwrap_or_else(|_| unreachable_url())
+}
+
+/// Validates one sink table: `Ok(Some)` enabled, `Err(reason)` disabled for lack of credentials.
+fn sink(
+    check: &mut Checker,
+    name: SinkName,
+    table: RawSink,
+    messenger: &MessengerConfig,
+) -> Result<Option<SinkConfig>, String> {
+    let prefix = name.table();
+    let key = |field: &str| format!("{prefix}.{field}");
+
+    for (field, present) in sink_fields_present(&table) {
+        if present && !name.own_keys().contains(&field) {
+            check.problem(key(field), format!("is not a key of [{prefix}]"));
+        }
+    }
+
+    let defaults = DeliveryPolicy {
+        concurrency: 32,
+        timeout: Duration::from_secs(10),
+        max_attempts: 12,
+        backoff: Duration::from_secs(1),
+        max_backoff: Duration::from_secs(600),
+        ttl: if name == SinkName::Bot {
+            Duration::from_secs(3600)
+        } else {
+            Duration::from_secs(3 * 24 * 3600)
+        },
+    };
+    let delivery = DeliveryPolicy {
+        concurrency: match table.concurrency {
+            None => defaults.concurrency,
+            Some(0) => {
+                check.problem(key("concurrency"), "must be at least 1");
+                1
+            }
+            Some(value) => usize::try_from(value.min(10_000)).unwrap_or(10_000),
+        },
+        timeout: check.duration(&key("timeout"), table.timeout.as_deref(), defaults.timeout),
+        max_attempts: match table.max_attempts {
+            None => defaults.max_attempts,
+            Some(0) => {
+                check.problem(key("max_attempts"), "must be at least 1");
+                1
+            }
+            Some(value) => u32::try_from(value).unwrap_or(u32::MAX),
+        },
+        backoff: check.duration(&key("backoff"), table.backoff.as_deref(), defaults.backoff),
+        max_backoff: check.duration(&key("max_backoff"), table.max_backoff.as_deref(), defaults.max_backoff),
+        ttl: check.duration(&key("ttl"), table.ttl.as_deref(), defaults.ttl),
+    };
+    if delivery.max_backoff < delivery.backoff {
+        check.problem(key("max_backoff"), "must not be shorter than backoff");
+    }
+    if delivery.timeout.is_zero() {
+        check.problem(key("timeout"), "must be greater than 0");
+    }
+
+    let kinds = match table.kinds {
+        None => name.default_kinds(),
+        Some(list) => {
+            let mut kinds = Vec::new();
+            for kind in list.into_vec() {
+                match kind.parse::<EventKind>() {
+                    Ok(kind) => kinds.push(kind),
+                    Err(error) => check.problem(key("kinds"), error.to_string()),
+                }
+            }
+            kinds
+        }
+    };
+    let mut names = BTreeMap::new();
+    for (kind, event_name) in table.names.unwrap_or_default() {
+        match kind.parse::<EventKind>() {
+            Ok(kind) if !event_name.is_empty() => {
+                names.insert(kind, event_name);
+            }
+            Ok(_) => check.problem(key(&format!("names.{kind}")), "must not be empty"),
+            Err(error) => check.problem(key("names"), error.to_string()),
+        }
+    }
+
+    let settings = match name {
+        SinkName::Bot => {
+            let Some(url) = check.url(&key("url"), table.url.as_deref(), None) else {
+                if table.url.is_none() {
+                    return Err("bot.url is not set".to_owned());
+                }
+                return Ok(None);
+            };
+            SinkSettings::Bot { url }
+        }
+        SinkName::Kochava => {
+            let url = check.url(
+                &key("url"),
+                table.url.as_deref(),
+                Some("https://control.kochava.com/track/json"),
+            );
+            let app_id = secret(table.app_id).ok_or("sinks.kochava.app_id is not set")?;
+            for (field, template) in [("impression_url", &table.impression_url), ("click_url", &table.click_url)] {
+                if let Some(template) = template {
+                    if check.url(&key(field), Some(&template.replace("{fb_user_id}", "x")), None).is_some()
+                        && !template.contains("{fb_user_id}")
+                    {
+                        check.problem(key(field), "must contain the placeholder {fb_user_id}");
+                    }
+                }
+            }
+            let Some(url) = url else { return Ok(None) };
+            SinkSettings::Kochava {
+                url,
+                app_id,
+                include_text: table.include_text.unwrap_or(false),
+                impression_url: table.impression_url,
+                click_url: table.click_url,
+                smartlink_prefix: table.smartlink_prefix,
+                click_payloads: table.click_payloads.map(StringList::into_vec).unwrap_or_default(),
+            }
+        }
+        SinkName::Dashbot => {
+            let url = check.url(&key("url"), table.url.as_deref(), Some("https://tracker.dashbot.io/track"));
+            let api_key = secret(table.api_key).ok_or("sinks.dashbot.api_key is not set")?;
+            let Some(url) = url else { return Ok(None) };
+            SinkSettings::Dashbot { url, api_key }
+        }
+        SinkName::PageActivities => {
+            let app_id = table
+                .app_id
+                .filter(|id| !id.is_empty())
+                .or_else(|| messenger.app_id.clone())
+                .ok_or("sinks.page_activities.app_id (or messenger.app_id) is not set")?;
+            let page_tokens: BTreeMap<String, SecretString> = table
+                .page_tokens
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, token)| !token.is_empty())
+                .map(|(page, token)| (page, SecretString::from(token)))
+                .collect();
+            if page_tokens.is_empty() {
+                return Err("sinks.page_activities.page_tokens is empty".to_owned());
+            }
+            let logging_target = table.logging_target.unwrap_or_else(|| "page".to_owned());
+            if !matches!(logging_target.to_ascii_lowercase().as_str(), "page" | "app" | "app_and_page") {
+                check.problem(key("logging_target"), "must be \"page\", \"app\" or \"app_and_page\"");
+            }
+            SinkSettings::PageActivities {
+                app_id,
+                api_version: api_version(check, &key("api_version"), table.api_version, "v20.0"),
+                page_tokens,
+                logging_target,
+            }
+        }
+        SinkName::Conversions => {
+            let dataset_ids = table.dataset_ids.unwrap_or_default();
+            let page_tokens: BTreeMap<String, SecretString> = table
+                .page_tokens
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(_, token)| !token.is_empty())
+                .map(|(page, token)| (page, SecretString::from(token)))
+                .collect();
+            let access_token = secret(table.access_token);
+            let dataset_id = table.dataset_id.filter(|id| !id.is_empty());
+            if dataset_id.is_none() && dataset_ids.is_empty() {
+                return Err("sinks.conversions.dataset_id (or dataset_ids) is not set".to_owned());
+            }
+            if access_token.is_none() && page_tokens.is_empty() {
+                return Err("sinks.conversions.access_token (or page_tokens) is not set".to_owned());
+            }
+            SinkSettings::Conversions {
+                api_version: api_version(check, &key("api_version"), table.api_version, "v23.0"),
+                dataset_id,
+                dataset_ids,
+                access_token,
+                page_tokens,
+                partner_agent: table.partner_agent.filter(|agent| !agent.is_empty()),
+            }
+        }
+    };
+    Ok(Some(SinkConfig {
+        name,
+        kinds,
+        names,
+        delivery,
+        settings,
+    }))
+}
+
+fn api_version(check: &mut Checker, key: &str, raw: Option<String>, default: &str) -> String {
+    let version = raw.unwrap_or_else(|| default.to_owned());
+    let valid = version
+        .strip_prefix('v')
+        .and_then(|rest| rest.split_once('.'))
+        .is_some_and(|(major, minor)| {
+            !major.is_empty()
+                && !minor.is_empty()
+                && major.chars().all(|c| c.is_ascii_digit())
+                && minor.chars().all(|c| c.is_ascii_digit())
+        });
+    if !valid {
+        check.problem(key, format!("`{version}` is not a Graph API version like \"v20.0\""));
+    }
+    version
+}
+
+fn sink_fields_present(table: &RawSink) -> [(&'static str, bool); 18] {
+    [
+        ("url", table.url.is_some()),
+        ("app_id", table.app_id.is_some()),
+        ("include_text", table.include_text.is_some()),
+        ("impression_url", table.impression_url.is_some()),
+        ("click_url", table.click_url.is_some()),
+        ("smartlink_prefix", table.smartlink_prefix.is_some()),
+        ("click_payloads", table.click_payloads.is_some()),
+        ("api_key", table.api_key.is_some()),
+        ("api_version", table.api_version.is_some()),
+        ("page_tokens", table.page_tokens.is_some()),
+        ("logging_target", table.logging_target.is_some()),
+        ("dataset_id", table.dataset_id.is_some()),
+        ("dataset_ids", table.dataset_ids.is_some()),
+        ("access_token", table.access_token.is_some()),
+        ("partner_agent", table.partner_agent.is_some()),
+        ("names", table.names.is_some()),
+        ("kinds", false),
+        ("concurrency", false),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs
+            .iter()
+            .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+            .collect()
+    }
+
+    const MINIMAL: &str = "[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n";
+
+    fn problems(text: &str, environment: &[(&str, &str)]) -> Vec<String> {
+        match Config::from_sources(text, env(environment)) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid(problems)) => problems.iter().map(ToString::to_string).collect(),
+            Err(other) => vec![other.to_string()],
+        }
+    }
+
+    #[test]
+    fn defaults_follow_the_spec() -> Result<(), ConfigError> {
+        let config = Config::from_sources(MINIMAL, HashMap::new())?;
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+        assert_eq!(config.server.max_body_bytes, 1024 * 1024);
+        assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9091");
+        assert_eq!(config.graph.base_url.as_str(), "https://graph.facebook.com/");
+        assert_eq!(config.graph.timeout, Duration::from_secs(30));
+        assert_eq!(config.store.path, PathBuf::from("data/botrelay.db"));
+        assert_eq!(config.store.dedupe_window, Duration::from_secs(7 * 86400));
+        assert_eq!(config.store.dead_letter_retention, Duration::from_secs(30 * 86400));
+        assert!(!config.messenger.accept_sha1);
+        assert!(config.sinks.is_empty());
+        Ok(())
+    }
+
+    #[test]
+    fn missing_app_secret_is_named() {
+        let found = problems("", &[("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")]);
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert!(found[0].starts_with("messenger.app_secret: is required"), "{found:?}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_with_double_underscores() -> Result<(), ConfigError> {
+        let config = Config::from_sources(
+            "[server]\nlisten = \"127.0.0.1:1\"\n[bot]\nurl = \"http://bot.invalid/hook\"\n",
+            env(&[
+                ("BOTRELAY__MESSENGER__APP_SECRET", "from-env"),
+                ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "0042"),
+                ("BOTRELAY__SERVER__LISTEN", "127.0.0.1:2"),
+                ("BOTRELAY__SERVER__MAX_BODY_BYTES", "2048"),
+                ("BOTRELAY__BOT__MAX_ATTEMPTS", "3"),
+                ("BOTRELAY__BOT__KINDS", "message, postback"),
+                ("BOTRELAY__MESSENGER__ACCEPT_SHA1", "true"),
+            ]),
+        )?;
+        assert_eq!(config.server.listen.to_string(), "127.0.0.1:2");
+        assert_eq!(config.server.max_body_bytes, 2048);
+        assert_eq!(config.messenger.app_secret.expose_secret(), "from-env");
+        assert_eq!(config.messenger.verify_token.expose_secret(), "0042");
+        assert!(config.messenger.accept_sha1);
+        let bot = config.sink(SinkName::Bot).ok_or_else(|| ConfigError::Invalid(vec![]))?;
+        assert_eq!(bot.delivery.max_attempts, 3);
+        assert_eq!(bot.delivery.ttl, Duration::from_secs(3600));
+        assert_eq!(bot.kinds, vec![EventKind::Message, EventKind::Postback]);
+        Ok(())
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_key() {
+        let found = problems(
+            "[server]\nlisten = \"nope\"\nshutdown_grace = \"soon\"\n[log]\nformat = \"xml\"\n\
+             [bot]\nurl = \"ftp://x\"\nbackoff = \"10s\"\nmax_backoff = \"1s\"\nkinds = [\"message\", \"gossip\"]\n\
+             api_key = \"k\"\n",
+            &[("BOTRELAY__MESSENGER__APP_SECRET", "s"), ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")],
+        );
+        let keys: Vec<&str> = found.iter().filter_map(|p| p.split(':').next()).collect();
+        for expected in [
+            "server.listen",
+            "server.shutdown_grace",
+            "log.format",
+            "bot.url",
+            "bot.max_backoff",
+            "bot.kinds",
+            "bot.api_key",
+        ] {
+            assert!(keys.contains(&expected), "{expected} missing from {found:?}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let found = problems(&format!("{MINIMAL}[server]\nlisen = \"x\"\n"), &[]);
+        assert_eq!(found.len(), 1);
+        assert!(found[0].contains("lisen"), "{found:?}");
+    }
+
+    #[test]
+    fn sinks_without_credentials_are_disabled_with_a_reason() -> Result<(), ConfigError> {
+        let config = Config::from_sources(
+            &format!("{MINIMAL}[sinks.kochava]\ninclude_text = true\n[sinks.dashbot]\napi_key = \"\"\n"),
+            HashMap::new(),
+        )?;
+        assert!(config.sinks.is_empty());
+        let disabled: Vec<SinkName> = config.disabled_sinks.iter().map(|(name, _)| *name).collect();
+        assert_eq!(disabled, vec![SinkName::Kochava, SinkName::Dashbot]);
+        Ok(())
+    }
+
+    #[test]
+    fn secrets_are_listed_for_redaction_and_hidden_from_debug() -> Result<(), ConfigError> {
+        let config = Config::from_sources(
+            &format!(
+                "{MINIMAL}[sinks.dashbot]\napi_key = \"dash-key\"\n\
+                 [sinks.page_activities]\napp_id = \"1\"\npage_tokens = {{ \"42\" = \"page-tok\" }}\n"
+            ),
+            HashMap::new(),
+        )?;
+        let secrets = config.secrets();
+        for expected in ["s", "v", "dash-key", "page-tok"] {
+            assert!(secrets.iter().any(|secret| secret == expected), "{expected}");
+        }
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("dash-key") && !debug.contains("page-tok"));
+        Ok(())
+    }
+
+    #[test]
+    fn the_example_config_is_valid() -> Result<(), ConfigError> {
+        let text = include_str!("../config/botrelay.example.toml");
+        let config = Config::from_sources(
+            text,
+            env(&[("BOTRELAY__MESSENGER__APP_SECRET", "s"), ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")]),
+        )?;
+        assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+        Ok(())
+    }
+}

@@ -1,0 +1,261 @@
+//! HTTP delivery: the [`Request`] a sink encoder produces, the one shared reqwest client that
+//! sends it, and the classification of the answer into an [`Outcome`].
+//!
+//! This file decides WHETHER a failure is worth retrying (transport errors, timeouts, 408, 429
+//! and 5xx are; other 4xx are not) and reads `Retry-After`. WHEN to retry, and when to give up,
+//! is the dispatcher's business. A sink can classify from the response body first (Graph sends
+//! rate limits as HTTP 400), through the [`Classify`] hook.
+
+use bytes::Bytes;
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use std::time::{Duration, SystemTime};
+
+/// How much of a failed response body is kept for the dead-letter store (before redaction).
+const EXCERPT_BYTES: usize = 512;
+
+/// A request to a sink, fully encoded. Pure data: no client, no clock.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Request {
+    pub method: Method,
+    pub url: String,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: Option<Bytes>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Method {
+    Get,
+    Post,
+}
+
+impl Method {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Method::Get => "GET",
+            Method::Post => "POST",
+        }
+    }
+}
+
+/// How an attempt ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    Delivered {
+        status: u16,
+    },
+    /// Worth another attempt. `after` is the sink's own `Retry-After`, when it sent one.
+    Retry {
+        status: Option<u16>,
+        after: Option<Duration>,
+        error: String,
+    },
+    /// Never worth another attempt.
+    Permanent {
+        status: Option<u16>,
+        error: String,
+    },
+}
+
+/// A response as a sink's classifier sees it.
+#[derive(Debug)]
+pub struct Response<'a> {
+    pub status: u16,
+    pub headers: &'a HeaderMap,
+    pub body: &'a [u8],
+}
+
+/// A sink's own reading of a response; `None` falls back to [`classify_status`].
+pub type Classify = fn(&Response<'_>) -> Option<Outcome>;
+
+/// The one HTTP client, shared by every sink and the Send API proxy.
+#[derive(Clone, Debug)]
+pub struct Client {
+    http: reqwest::Client,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("cannot build the HTTP client: {0}")]
+pub struct ClientError(#[from] reqwest::Error);
+
+impl Client {
+    pub fn new() -> Result<Client, ClientError> {
+        let http = reqwest::Client::builder()
+            .user_agent(concat!("botrelay/", env!("CARGO_PKG_VERSION")))
+            // A sink that redirects a POST is misconfigured: report it instead of following.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(5))
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()?;
+        Ok(Client { http })
+    }
+
+    /// The underlying client, for the Send API proxy.
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Sends `request` within `timeout` and classifies the answer.
+    pub async fn send(&self, request: &Request, timeout: Duration, classify: Classify) -> Outcome {
+        let method = match request.method {
+            Method::Get => reqwest::Method::GET,
+            Method::Post => reqwest::Method::POST,
+        };
+        let mut builder = self.http.request(method, &request.url).timeout(timeout);
+        for (name, value) in &request.headers {
+            let (Ok(name), Ok(value)) = (HeaderName::try_from(*name), HeaderValue::try_from(value.as_str())) else {
+                return Outcome::Permanent {
+                    status: None,
+                    error: format!("invalid header {name}"),
+                };
+            };
+            builder = builder.header(name, value);
+        }
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let response = match builder.send().await {
+            Ok(response) => response,
+            Err(error) => return transport_failure(&error),
+        };
+        let status = response.status().as_u16();
+        let headers = response.headers().clone();
+        let body = match response.bytes().await {
+            Ok(body) => body,
+            Err(error) => return transport_failure(&error),
+        };
+        let response = Response {
+            status,
+            headers: &headers,
+            body: &body,
+        };
+        classify(&response).unwrap_or_else(|| classify_status(&response, SystemTime::now()))
+    }
+}
+
+/// The default table: 2xx delivered; 408, 429, 5xx retried (honouring `Retry-After`); the rest
+/// permanent.
+pub fn classify_status(response: &Response<'_>, now: SystemTime) -> Outcome {
+    let status = response.status;
+    match status {
+        200..=299 => Outcome::Delivered { status },
+        408 | 429 | 500..=599 => Outcome::Retry {
+            status: Some(status),
+            after: retry_after(response.headers, now),
+            error: describe(response),
+        },
+        _ => Outcome::Permanent {
+            status: Some(status),
+            error: describe(response),
+        },
+    }
+}
+
+/// `Retry-After` as delta-seconds or an HTTP date; a date in the past means "now".
+pub fn retry_after(headers: &HeaderMap, now: SystemTime) -> Option<Duration> {
+    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    if let Ok(seconds) = value.parse::<u64>() {
+        return Some(Duration::from_secs(seconds));
+    }
+    let date = httpdate::parse_http_date(value).ok()?;
+    Some(date.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// `HTTP <status>: <start of the body>`, for the dead-letter store (redacted by the caller).
+pub fn describe(response: &Response<'_>) -> String {
+    let excerpt = excerpt(response.body);
+    if excerpt.is_empty() {
+        format!("HTTP {}", response.status)
+    } else {
+        format!("HTTP {}: {excerpt}", response.status)
+    }
+}
+
+/// The first bytes of a body as text, cut at a character boundary.
+pub fn excerpt(body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
+    text.trim().to_owned()
+}
+
+fn transport_failure(error: &reqwest::Error) -> Outcome {
+    let kind = if error.is_timeout() {
+        "timed out"
+    } else if error.is_connect() {
+        "connection failed"
+    } else if error.is_body() || error.is_decode() {
+        "response body failed"
+    } else {
+        "request failed"
+    };
+    // reqwest's messages name the URL, which may carry a token: keep only the kind and the
+    // innermost cause, which does not.
+    let mut cause: &dyn std::error::Error = error;
+    while let Some(source) = cause.source() {
+        cause = source;
+    }
+    let error = if std::ptr::addr_eq(cause, error as &dyn std::error::Error) {
+        kind.to_owned()
+    } else {
+        format!("{kind}: {cause}")
+    };
+    Outcome::Retry {
+        status: None,
+        after: None,
+        error,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(status: u16, headers: &[(&'static str, &str)], body: &'static [u8]) -> (HeaderMap, u16, &'static [u8]) {
+        let mut map = HeaderMap::new();
+        for (name, value) in headers {
+            if let Ok(value) = HeaderValue::from_str(value) {
+                map.insert(*name, value);
+            }
+        }
+        (map, status, body)
+    }
+
+    fn classify(status: u16, headers: &[(&'static str, &str)], body: &'static [u8]) -> Outcome {
+        let (headers, status, body) = response(status, headers, body);
+        classify_status(&Response { status, headers: &headers, body }, SystemTime::UNIX_EPOCH)
+    }
+
+    #[test]
+    fn status_table() {
+        for status in [200, 201, 204, 299] {
+            assert_eq!(classify(status, &[], b""), Outcome::Delivered { status });
+        }
+        for status in [408, 429, 500, 502, 503, 504, 599] {
+            assert!(matches!(classify(status, &[], b""), Outcome::Retry { after: None, .. }), "{status}");
+        }
+        for status in [300, 301, 400, 401, 403, 404, 410, 422] {
+            assert!(matches!(classify(status, &[], b""), Outcome::Permanent { .. }), "{status}");
+        }
+    }
+
+    #[test]
+    fn retry_after_seconds_and_http_date() {
+        assert_eq!(
+            classify(429, &[("retry-after", "7")], b""),
+            Outcome::Retry { status: Some(429), after: Some(Duration::from_secs(7)), error: "HTTP 429".into() }
+        );
+        let (headers, ..) = response(503, &[("retry-after", "Thu, 01 Jan 1970 00:01:40 GMT")], b"");
+        assert_eq!(retry_after(&headers, SystemTime::UNIX_EPOCH), Some(Duration::from_secs(100)));
+        let later = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
+        assert_eq!(retry_after(&headers, later), Some(Duration::ZERO));
+        let (garbage, ..) = response(503, &[("retry-after", "soon")], b"");
+        assert_eq!(retry_after(&garbage, later), None);
+    }
+
+    #[test]
+    fn describe_keeps_a_bounded_excerpt() {
+        let long: &'static [u8] = Box::leak(vec![b'x'; 4000].into_boxed_slice());
+        match classify(400, &[], long) {
+            Outcome::Permanent { error, .. } => assert_eq!(error.len(), "HTTP 400: ".len() + EXCERPT_BYTES),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

@@ -1,0 +1,356 @@
+//! The dispatcher: one worker loop per enabled sink takes due deliveries from the store, has the
+//! sink encode them, sends them, and records the outcome. This file decides WHEN: the retry
+//! schedule (exponential backoff with full jitter, `Retry-After`), and when to give up
+//! (`max_attempts`, `ttl`).
+//!
+//! Each sink has its own loop and its own concurrency bound, so a slow or dead sink never delays
+//! another. The store hands out only the head of each user's lane, so one user's deliveries keep
+//! their order and a failing user blocks nobody else. A loop sleeps until its next due time or
+//! until the store says new rows were committed for it; it never polls when idle.
+
+use crate::config::DeliveryPolicy;
+use crate::delivery::{Client, Outcome};
+use crate::sinks::{EncodeError, Route, Sinks};
+use crate::store::{Claimed, Millis, Settle, Store, millis, now_ms};
+use crate::telemetry::{Redactor, metric};
+use std::collections::HashSet;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, Semaphore};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// How long past its timeout a claimed delivery stays leased: if the process dies, the
+/// delivery becomes claimable again after this (a restart of the embedded store frees it at once).
+const LEASE_MARGIN: Duration = Duration::from_secs(30);
+
+/// The users whose events are not forwarded to the bot (Dashbot live-person takeover).
+#[derive(Debug, Clone, Default)]
+pub struct Paused {
+    users: Arc<RwLock<HashSet<String>>>,
+}
+
+impl Paused {
+    pub fn new(users: impl IntoIterator<Item = String>) -> Paused {
+        Paused {
+            users: Arc::new(RwLock::new(users.into_iter().collect())),
+        }
+    }
+
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.read().map(|users| users.contains(user)).unwrap_or(false)
+    }
+
+    pub fn set(&self, user: &str, paused: bool) {
+        if let Ok(mut users) = self.users.write() {
+            if paused {
+                users.insert(user.to_owned());
+            } else {
+                users.remove(user);
+            }
+        }
+    }
+}
+
+/// What every sink loop shares.
+#[derive(Clone)]
+pub struct Dispatcher {
+    pub store: Store,
+    pub sinks: Sinks,
+    pub client: Client,
+    pub redactor: Redactor,
+    pub paused: Paused,
+}
+
+impl Dispatcher {
+    /// Runs one loop per sink until `shutdown`; then lets in-flight attempts finish within
+    /// `grace`. Attempts cut off by the grace period stay leased in the store and are sent
+    /// again after a restart.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+        let wakers = self.store.wakers();
+        let mut loops = JoinSet::new();
+        for route in self.sinks.routes() {
+            let notify = wakers.for_sink(route.name);
+            loops.spawn(self.clone().run_sink(route.clone(), notify, shutdown.clone(), grace));
+        }
+        while loops.join_next().await.is_some() {}
+    }
+
+    async fn run_sink(self, route: Arc<Route>, notify: Arc<Notify>, shutdown: CancellationToken, grace: Duration) {
+        let permits = Arc::new(Semaphore::new(route.delivery.concurrency));
+        let lease = route.delivery.timeout + LEASE_MARGIN;
+        let mut attempts = JoinSet::new();
+        loop {
+            while attempts.try_join_next().is_some() {}
+            let free = permits.available_permits();
+            let mut next_due = None;
+            if free > 0 {
+                match self.store.claim(route.name, free, now_ms(), lease).await {
+                    Ok(batch) => {
+                        next_due = batch.next_due;
+                        for delivery in batch.deliveries {
+                            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                break;
+                            };
+                            let this = self.clone();
+                            let route = route.clone();
+                            attempts.spawn(async move {
+                                this.attempt(&route, delivery).await;
+                                drop(permit);
+                            });
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(sink = %route.name, %error, "Cannot claim deliveries");
+                        next_due = Some(now_ms() + 1000);
+                    }
+                }
+            }
+            let wait = next_due
+                .map(|due| Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)))
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = notify.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+            }
+        }
+        let in_flight = attempts.len();
+        if in_flight > 0 {
+            tracing::info!(sink = %route.name, in_flight, "Letting in-flight deliveries finish");
+            let drained = tokio::time::timeout(grace, async { while attempts.join_next().await.is_some() {} }).await;
+            if drained.is_err() {
+                tracing::warn!(sink = %route.name, unfinished = attempts.len(), "Grace period over; unfinished deliveries will be sent again after restart");
+                attempts.abort_all();
+            }
+        }
+    }
+
+    /// One attempt of one delivery, recorded in the store whatever happens.
+    async fn attempt(&self, route: &Route, delivery: Claimed) {
+        let span = tracing::info_span!(
+            "delivery",
+            event_id = %delivery.event.id,
+            sink = %route.name,
+            kind = %delivery.event.kind,
+            attempt = delivery.attempts + 1,
+        );
+        async {
+            let started = Instant::now();
+            let settle = match route.encode(&delivery.event) {
+                Err(EncodeError::Skip(reason)) => Settle::Skipped { reason },
+                Err(EncodeError::Invalid(reason)) => Settle::Dead {
+                    status: None,
+                    error: self.redactor.redact(&reason),
+                },
+                Ok(_) if route.name == crate::config::SinkName::Bot
+                    && delivery.event.user_id.as_deref().is_some_and(|user| self.paused.contains(user)) =>
+                {
+                    Settle::Skipped {
+                        reason: "user is paused".to_owned(),
+                    }
+                }
+                Ok(request) => {
+                    let outcome = self.client.send(&request, route.delivery.timeout, route.classifier()).await;
+                    metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
+                        .record(started.elapsed().as_secs_f64());
+                    let mut settle = schedule(&route.delivery, &delivery, outcome, now_ms(), rand::random::<f64>());
+                    if let Settle::Retry { error, .. } | Settle::Dead { error, .. } = &mut settle {
+                        *error = self.redactor.redact(error);
+                    }
+                    settle
+                }
+            };
+            record(route, &settle);
+            for retry in 0..5u32 {
+                match self.store.settle(&delivery, settle.clone(), now_ms()).await {
+                    Ok(()) => return,
+                    Err(error) => {
+                        tracing::warn!(%error, "Cannot record the delivery outcome; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 << retry)).await;
+                    }
+                }
+            }
+            tracing::error!("Delivery outcome not recorded; the lease will run out and it will be sent again");
+        }
+        .instrument(span)
+        .await
+    }
+}
+
+fn record(route: &Route, settle: &Settle) {
+    let outcome = match settle {
+        Settle::Delivered { status } => {
+            tracing::debug!(status, "Delivered");
+            "delivered"
+        }
+        Settle::Retry { due_at, counted, status, error } => {
+            tracing::info!(?status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
+            "retried"
+        }
+        Settle::Dead { status, error } => {
+            tracing::warn!(?status, %error, "Delivery failed for good; dead-lettered");
+            "dead"
+        }
+        Settle::Skipped { reason } => {
+            tracing::debug!(%reason, "Delivery skipped");
+            "skipped"
+        }
+    };
+    metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome).increment(1);
+}
+
+/// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.
+///
+/// - `Retry-After` sets the next attempt and does not count against `max_attempts`.
+/// - Otherwise the wait is full jitter: uniform in `[0, min(max_backoff, backoff * 2^(n-1))]`
+///   after the n-th counted failure.
+/// - Past `max_attempts` counted failures, or when the next attempt would fall after
+///   `created_at + ttl`, the delivery is dead.
+pub fn schedule(policy: &DeliveryPolicy, delivery: &Claimed, outcome: Outcome, now: Millis, jitter: f64) -> Settle {
+    let expires = delivery.created_at.saturating_add(millis(policy.ttl));
+    match outcome {
+        Outcome::Delivered { status } => Settle::Delivered { status },
+        Outcome::Permanent { status, error } => Settle::Dead { status, error },
+        Outcome::Retry {
+            status,
+            after: Some(after),
+            error,
+        } => {
+            let due_at = now.saturating_add(millis(after));
+            if due_at > expires {
+                Settle::Dead {
+                    status,
+                    error: format!("ttl of {} exceeded; last error: {error}", humantime::format_duration(policy.ttl)),
+                }
+            } else {
+                Settle::Retry {
+                    due_at,
+                    counted: false,
+                    status,
+                    error,
+                }
+            }
+        }
+        Outcome::Retry { status, after: None, error } => {
+            let failures = delivery.attempts.saturating_sub(delivery.throttled) + 1;
+            if failures >= policy.max_attempts {
+                return Settle::Dead {
+                    status,
+                    error: format!("gave up after {failures} attempts; last error: {error}"),
+                };
+            }
+            let exponent = failures.saturating_sub(1).min(40);
+            let ceiling = policy
+                .backoff
+                .saturating_mul(1u32 << exponent.min(31))
+                .min(policy.max_backoff);
+            let wait = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
+            let due_at = now.saturating_add(millis(wait));
+            if due_at > expires {
+                Settle::Dead {
+                    status,
+                    error: format!("ttl of {} exceeded; last error: {error}", humantime::format_duration(policy.ttl)),
+                }
+            } else {
+                Settle::Retry {
+                    due_at,
+                    counted: true,
+                    status,
+                    error,
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::SinkName;
+    use crate::event::{Event, EventData, EventId, EventKind, Source};
+
+    fn policy() -> DeliveryPolicy {
+        DeliveryPolicy {
+            concurrency: 1,
+            timeout: Duration::from_secs(10),
+            max_attempts: 4,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(5),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn claimed(attempts: u32, throttled: u32) -> Claimed {
+        Claimed {
+            id: 1,
+            sink: SinkName::Bot,
+            event: Event {
+                id: EventId::derive(&[b"x"]),
+                source: Source::Webhook,
+                kind: EventKind::Message,
+                page_id: None,
+                user_id: None,
+                timestamp_ms: 0,
+                data: EventData::Other { key: None },
+                webhook: None,
+            },
+            attempts,
+            throttled,
+            created_at: 0,
+        }
+    }
+
+    fn retry(after: Option<Duration>) -> Outcome {
+        Outcome::Retry {
+            status: Some(503),
+            after,
+            error: "HTTP 503".into(),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_ceiling_with_full_jitter() {
+        let cases = [(0, 1000), (1, 2000), (2, 4000)];
+        for (attempts, ceiling) in cases {
+            let at_top = schedule(&policy(), &claimed(attempts, 0), retry(None), 0, 1.0);
+            assert!(matches!(at_top, Settle::Retry { due_at, counted: true, .. } if due_at == ceiling), "{at_top:?}");
+            let at_bottom = schedule(&policy(), &claimed(attempts, 0), retry(None), 0, 0.0);
+            assert!(matches!(at_bottom, Settle::Retry { due_at: 0, .. }));
+        }
+        let capped = DeliveryPolicy { max_attempts: 100, ..policy() };
+        let late = schedule(&capped, &claimed(20, 0), retry(None), 0, 1.0);
+        assert!(matches!(late, Settle::Retry { due_at: 5000, .. }), "{late:?}");
+    }
+
+    #[test]
+    fn max_attempts_counts_only_failures_without_retry_after() {
+        assert!(matches!(schedule(&policy(), &claimed(3, 0), retry(None), 0, 0.5), Settle::Dead { .. }));
+        assert!(matches!(schedule(&policy(), &claimed(5, 3), retry(None), 0, 0.5), Settle::Retry { .. }));
+    }
+
+    #[test]
+    fn retry_after_is_honoured_and_not_counted() {
+        let settle = schedule(&policy(), &claimed(3, 0), retry(Some(Duration::from_secs(7))), 100, 0.5);
+        assert!(matches!(settle, Settle::Retry { due_at: 7100, counted: false, .. }), "{settle:?}");
+    }
+
+    #[test]
+    fn ttl_ends_retries() {
+        let short = DeliveryPolicy { ttl: Duration::from_secs(2), ..policy() };
+        let settle = schedule(&short, &claimed(0, 0), retry(Some(Duration::from_secs(3))), 0, 0.5);
+        assert!(matches!(settle, Settle::Dead { .. }));
+        let settle = schedule(&short, &claimed(1, 0), retry(None), 1500, 1.0);
+        assert!(matches!(settle, Settle::Dead { ref error, .. } if error.starts_with("ttl of 2s exceeded")), "{settle:?}");
+    }
+
+    #[test]
+    fn permanent_is_dead_and_success_is_delivered() {
+        let dead = schedule(&policy(), &claimed(0, 0), Outcome::Permanent { status: Some(400), error: "bad".into() }, 0, 0.5);
+        assert_eq!(dead, Settle::Dead { status: Some(400), error: "bad".into() });
+        let delivered = schedule(&policy(), &claimed(0, 0), Outcome::Delivered { status: 204 }, 0, 0.5);
+        assert_eq!(delivered, Settle::Delivered { status: 204 });
+    }
+}

@@ -1,0 +1,146 @@
+//! botrelay: a durable webhook relay for Messenger bots. Meta's webhook comes in, is verified,
+//! normalized and stored, acknowledged, then forwarded to the bot and fanned out to the
+//! analytics sinks with retry. See ARCHITECTURE.md for the map and the invariants.
+//!
+//! Modules are listed in the order data flows through them. [`run`] is the one place that wires
+//! them together; `main.rs` and the tests both call it.
+
+pub mod config;
+pub mod event;
+pub mod ingest;
+pub mod store;
+pub mod dispatch;
+pub mod sinks;
+pub mod delivery;
+pub mod telemetry;
+
+use crate::config::Config;
+use crate::dispatch::{Dispatcher, Paused};
+use crate::store::{Retention, Store, now_ms};
+use anyhow::Context;
+use std::future::Future;
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+
+/// How often delivered rows, old dead letters and forgotten events are purged.
+const PURGE_EVERY: Duration = Duration::from_secs(60);
+
+/// The bound listeners `run` serves on (bound by the caller, so tests can use port 0).
+pub struct Listeners {
+    pub public: TcpListener,
+    pub admin: TcpListener,
+}
+
+/// Opens the configured store and runs the relay until `shutdown` completes.
+pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)
+        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
+    run_with_store(config, store, listeners, shutdown).await
+}
+
+/// Runs the relay on an already open store: serves both listeners, dispatches deliveries,
+/// purges; on `shutdown` stops accepting, finishes in-flight requests and deliveries (bounded by
+/// `server.shutdown_grace`) and returns.
+pub async fn run_with_store(
+    config: Config,
+    store: Store,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let sinks = sinks::Sinks::from_config(&config);
+    for (name, reason) in &config.disabled_sinks {
+        tracing::warn!(sink = %name, %reason, "Sink disabled");
+    }
+    let active: Vec<&str> = sinks.routes().iter().map(|route| route.name.as_str()).collect();
+    tracing::info!(sinks = ?active, "Active sinks");
+    if active.is_empty() {
+        tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
+    }
+    let redactor = telemetry::Redactor::new(config.secrets());
+    let paused = Paused::new(
+        store
+            .paused_users()
+            .await
+            .context("cannot read paused users")?
+            .into_iter()
+            .map(|(user, _)| user),
+    );
+    let client = delivery::Client::new()?;
+    let grace = config.server.shutdown_grace;
+    let retention = Retention {
+        delivered: config.store.retention,
+        dead: config.store.dead_letter_retention,
+        dedupe_window: config.store.dedupe_window,
+    };
+    let state = ingest::AppState {
+        config: std::sync::Arc::new(config),
+        store: store.clone(),
+        sinks: sinks.clone(),
+    };
+
+    let stop = CancellationToken::new();
+    let public = ingest::router(state)
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
+            let request_id = request
+                .headers()
+                .get("x-request-id")
+                .and_then(|value| value.to_str().ok())
+                .unwrap_or_default();
+            // The path only: a query string may carry a token.
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+        }))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    let admin = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+
+    let public_addr = listeners.public.local_addr()?;
+    let admin_addr = listeners.admin.local_addr()?;
+    tracing::info!(public = %public_addr, admin = %admin_addr, "Listening");
+    let public_server = tokio::spawn(
+        axum::serve(listeners.public, public)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let admin_server = tokio::spawn(
+        axum::serve(listeners.admin, admin)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .into_future(),
+    );
+    let dispatcher = Dispatcher {
+        store: store.clone(),
+        sinks,
+        client,
+        redactor,
+        paused,
+    };
+    let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace));
+    let purging = tokio::spawn(purge_loop(store, retention, stop.clone()));
+
+    shutdown.await;
+    tracing::info!("Shutting down: no new requests; finishing in-flight work");
+    stop.cancel();
+    let (public_result, admin_result, _, _) = tokio::join!(public_server, admin_server, dispatching, purging);
+    public_result.context("public listener task failed")??;
+    admin_result.context("admin listener task failed")??;
+    tracing::info!("Stopped");
+    Ok(())
+}
+
+async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken) {
+    loop {
+        match store.purge(retention, now_ms()).await {
+            Ok(purged) if purged.deliveries + purged.events > 0 => {
+                tracing::info!(deliveries = purged.deliveries, events = purged.events, "Purged old rows");
+            }
+            Ok(_) => {}
+            Err(error) => tracing::warn!(%error, "Purge failed"),
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(PURGE_EVERY) => {}
+        }
+    }
+}

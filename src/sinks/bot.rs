@@ -1,0 +1,110 @@
+//! The `[bot]` sink: each webhook item is POSTed to the bot's own webhook URL as a webhook body
+//! of its own, signed like Meta signs (SPEC §4.1), so the bot's existing verification passes.
+//!
+//! Pure: the raw item goes out byte for byte, and the signature covers exactly the bytes sent.
+
+use crate::delivery::{Method, Request};
+use crate::event::Event;
+use crate::ingest::verify::sign_sha256;
+use crate::sinks::EncodeError;
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+use url::Url;
+
+#[derive(Debug, Clone)]
+pub struct Bot {
+    pub url: Url,
+    pub app_secret: SecretString,
+}
+
+impl Bot {
+    pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
+        let origin = event
+            .webhook
+            .as_ref()
+            .ok_or_else(|| EncodeError::Skip(format!("{} did not come in on the webhook", event.kind)))?;
+        let object = serde_json::to_string(&origin.object)
+            .map_err(|error| EncodeError::Invalid(error.to_string()))?;
+        let time = origin
+            .entry_time
+            .as_ref()
+            .map(|time| format!(",\"time\":{}", time.get()))
+            .unwrap_or_default();
+        let body = format!(
+            "{{\"object\":{object},\"entry\":[{{\"id\":{id}{time},\"{channel}\":[{item}]}}]}}",
+            id = origin.entry_id.get(),
+            channel = origin.channel.as_str(),
+            item = origin.item.get(),
+        );
+        let signature = sign_sha256(self.app_secret.expose_secret().as_bytes(), body.as_bytes());
+        Ok(Request {
+            method: Method::Post,
+            url: self.url.to_string(),
+            headers: vec![
+                ("content-type", "application/json".to_owned()),
+                ("x-hub-signature-256", signature),
+                ("x-botrelay-event-id", event.id.to_string()),
+            ],
+            body: Some(Bytes::from(body)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Channel, EventData, EventId, EventKind, Source, WebhookOrigin};
+    use serde_json::value::RawValue;
+
+    fn event(channel: Channel, item: &str, time: Option<&str>) -> Result<Event, serde_json::Error> {
+        Ok(Event {
+            id: EventId::derive(&[b"t"]),
+            source: Source::Webhook,
+            kind: EventKind::Message,
+            page_id: Some("111".into()),
+            user_id: Some("U".into()),
+            timestamp_ms: 1,
+            data: EventData::Other { key: None },
+            webhook: Some(WebhookOrigin {
+                object: "page".into(),
+                entry_id: RawValue::from_string("\"111\"".into())?,
+                entry_time: time.map(|t| RawValue::from_string(t.into())).transpose()?,
+                channel,
+                item: RawValue::from_string(item.into())?,
+            }),
+        })
+    }
+
+    #[test]
+    fn body_is_a_single_item_webhook_signed_over_the_exact_bytes() -> Result<(), Box<dyn std::error::Error>> {
+        let bot = Bot {
+            url: Url::parse("http://bot.test/webhook")?,
+            app_secret: SecretString::from("test_app_secret"),
+        };
+        let item = r#"{ "sender":{"id":"U"}, "message":{"text":"caf\u00e9 https:\/\/x"} }"#;
+        let request = bot.encode(&event(Channel::Standby, item, Some("1457764198246"))?)?;
+        let body = request.body.clone().unwrap_or_default();
+        let expected = format!(
+            "{{\"object\":\"page\",\"entry\":[{{\"id\":\"111\",\"time\":1457764198246,\"standby\":[{item}]}}]}}"
+        );
+        assert_eq!(std::str::from_utf8(&body)?, expected);
+        let signature = request
+            .headers
+            .iter()
+            .find(|(name, _)| *name == "x-hub-signature-256")
+            .map(|(_, value)| value.clone());
+        assert_eq!(signature, Some(sign_sha256(b"test_app_secret", expected.as_bytes())));
+        assert_eq!(request.url, "http://bot.test/webhook");
+        assert_eq!(request.method, Method::Post);
+        Ok(())
+    }
+
+    #[test]
+    fn events_from_elsewhere_are_skipped() -> Result<(), Box<dyn std::error::Error>> {
+        let bot = Bot { url: Url::parse("http://bot.test/")?, app_secret: SecretString::from("s") };
+        let mut outgoing = event(Channel::Messaging, "{}", None)?;
+        outgoing.webhook = None;
+        assert!(matches!(bot.encode(&outgoing), Err(EncodeError::Skip(_))));
+        Ok(())
+    }
+}

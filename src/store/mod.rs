@@ -1,0 +1,311 @@
+//! The durable store: events, one delivery per (event, sink), retry state, dead letters and the
+//! paused users. Everything the relay has acknowledged lives here until it is delivered or dead.
+//!
+//! [`Store`] is a cheap `Clone` handle. Writes go to ONE writer thread that commits many callers'
+//! writes in one transaction (group commit) and answers each caller only after that commit.
+//! Reads use a separate connection. The API speaks in events and deliveries, never in SQL, so a
+//! second backend (PostgreSQL, for several relays on one database) can sit behind it later.
+
+mod sqlite;
+
+use crate::config::SinkName;
+use crate::event::Event;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Notify;
+
+/// Milliseconds since the Unix epoch, the store's unit of time.
+pub type Millis = i64;
+
+/// The current time in store units.
+pub fn now_ms() -> Millis {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Converts a duration to store units, saturating.
+pub fn millis(duration: Duration) -> Millis {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    #[error("the store is not running")]
+    Unavailable,
+    #[error("the store is full")]
+    Full,
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("the store file is used by another botrelay process: {0}")]
+    Locked(String),
+}
+
+/// One event to store, with the sinks that should receive it.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event: Event,
+    pub sinks: Vec<SinkName>,
+}
+
+/// What an enqueue did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnqueueReport {
+    /// Events stored for the first time.
+    pub stored: usize,
+    /// Events already known within the dedupe window: acked, not delivered again.
+    pub duplicates: usize,
+    /// Delivery rows created.
+    pub deliveries: usize,
+}
+
+/// A delivery handed to a worker, leased until it settles or the lease runs out.
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub id: i64,
+    pub sink: SinkName,
+    pub event: Event,
+    /// HTTP attempts made so far (all of them).
+    pub attempts: u32,
+    /// Attempts answered with `Retry-After`; they do not count against `max_attempts`.
+    pub throttled: u32,
+    /// When the delivery was created (the event's receipt): `ttl` counts from here.
+    pub created_at: Millis,
+}
+
+/// The deliveries a claim got, and when the sink's next one falls due.
+#[derive(Debug, Default)]
+pub struct ClaimBatch {
+    pub deliveries: Vec<Claimed>,
+    pub next_due: Option<Millis>,
+}
+
+/// How an attempt ended, as the dispatcher decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Settle {
+    Delivered {
+        status: u16,
+    },
+    /// Try again at `due_at`. `counted` is false for `Retry-After` answers.
+    Retry {
+        due_at: Millis,
+        counted: bool,
+        status: Option<u16>,
+        error: String,
+    },
+    /// Permanent failure, or past `max_attempts`/`ttl`: a dead letter. `error` is redacted.
+    Dead {
+        status: Option<u16>,
+        error: String,
+    },
+    /// Nothing to send (encoder declined, user paused): done without an attempt.
+    Skipped {
+        reason: String,
+    },
+}
+
+/// Which dead letters a replay or a listing is about. Empty fields match everything.
+#[derive(Debug, Clone, Default)]
+pub struct DeadLetterFilter {
+    pub sink: Option<SinkName>,
+    pub user: Option<String>,
+    /// Dead since this time (last attempt at or after).
+    pub since: Option<Millis>,
+    pub ids: Option<Vec<i64>>,
+    pub limit: Option<u32>,
+}
+
+/// A dead letter as the admin API lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub event_id: String,
+    pub sink: String,
+    pub kind: String,
+    pub user: Option<String>,
+    pub attempts: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    pub first_attempt_at: Option<Millis>,
+    pub last_attempt_at: Option<Millis>,
+}
+
+/// Queue figures of one sink.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SinkDepth {
+    /// Deliveries waiting for their turn, due, or scheduled for a retry.
+    pub queued: u64,
+    pub in_flight: u64,
+    pub dead: u64,
+}
+
+/// Bounds for [`Store::purge`].
+#[derive(Debug, Clone, Copy)]
+pub struct Retention {
+    pub delivered: Duration,
+    pub dead: Duration,
+    pub dedupe_window: Duration,
+}
+
+/// What a purge removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Purged {
+    pub deliveries: usize,
+    pub events: usize,
+}
+
+/// Wakes each sink's dispatcher when rows for it were committed.
+#[derive(Debug, Default)]
+pub struct Wakers {
+    by_sink: HashMap<SinkName, Arc<Notify>>,
+}
+
+impl Wakers {
+    pub fn new() -> Wakers {
+        Wakers {
+            by_sink: SinkName::ALL
+                .into_iter()
+                .map(|sink| (sink, Arc::new(Notify::new())))
+                .collect(),
+        }
+    }
+
+    /// The notifier a sink's dispatcher waits on.
+    pub fn for_sink(&self, sink: SinkName) -> Arc<Notify> {
+        self.by_sink
+            .get(&sink)
+            .cloned()
+            .unwrap_or_else(|| Arc::new(Notify::new()))
+    }
+
+    fn wake(&self, sink: SinkName) {
+        if let Some(notify) = self.by_sink.get(&sink) {
+            notify.notify_one();
+        }
+    }
+}
+
+#[derive(Clone)]
+enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    /// Acknowledges every write without storing it: the baseline of the ingest benchmark.
+    Discard,
+}
+
+/// The store handle.
+#[derive(Clone)]
+pub struct Store {
+    backend: Backend,
+    wakers: Arc<Wakers>,
+}
+
+impl Store {
+    /// Opens (or creates) the SQLite store at `path` and starts its writer thread.
+    ///
+    /// Only one relay may use a file at a time (it is locked); leases of a previous process
+    /// that crashed are released at once, so its in-flight deliveries are sent again.
+    pub fn open_sqlite(path: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
+        let wakers = Arc::new(Wakers::new());
+        let backend = sqlite::SqliteStore::open(path, max_bytes, wakers.clone())?;
+        Ok(Store {
+            backend: Backend::Sqlite(backend),
+            wakers,
+        })
+    }
+
+    /// A store that forgets everything: only for measuring the HTTP path without storage.
+    #[doc(hidden)]
+    pub fn discarding() -> Store {
+        Store {
+            backend: Backend::Discard,
+            wakers: Arc::new(Wakers::new()),
+        }
+    }
+
+    pub fn wakers(&self) -> Arc<Wakers> {
+        self.wakers.clone()
+    }
+
+    /// Stores events and their deliveries durably; returns after the commit.
+    /// Idempotent on event id: a known event is counted as a duplicate and gets no deliveries.
+    pub async fn enqueue(&self, events: Vec<NewEvent>, now: Millis) -> Result<EnqueueReport, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.enqueue(events, now).await,
+            Backend::Discard => Ok(EnqueueReport {
+                stored: events.len(),
+                ..EnqueueReport::default()
+            }),
+        }
+    }
+
+    /// Leases up to `limit` due deliveries of `sink` (the head of each user's lane only).
+    pub async fn claim(&self, sink: SinkName, limit: usize, now: Millis, lease: Duration) -> Result<ClaimBatch, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.claim(sink, limit, now, lease).await,
+            Backend::Discard => Ok(ClaimBatch::default()),
+        }
+    }
+
+    /// Records the end of an attempt; a delivery that is done lets the next in its lane go.
+    pub async fn settle(&self, delivery: &Claimed, settle: Settle, now: Millis) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.settle(delivery, settle, now).await,
+            Backend::Discard => Ok(()),
+        }
+    }
+
+    /// Requeues matching dead letters; returns how many.
+    pub async fn replay(&self, filter: DeadLetterFilter, now: Millis) -> Result<usize, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.replay(filter, now).await,
+            Backend::Discard => Ok(0),
+        }
+    }
+
+    pub async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.dead_letters(filter).await,
+            Backend::Discard => Ok(Vec::new()),
+        }
+    }
+
+    pub async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.depth().await,
+            Backend::Discard => Ok(HashMap::new()),
+        }
+    }
+
+    /// Removes delivered rows, old dead letters and forgotten events.
+    pub async fn purge(&self, retention: Retention, now: Millis) -> Result<Purged, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.purge(retention, now).await,
+            Backend::Discard => Ok(Purged::default()),
+        }
+    }
+
+    pub async fn set_paused(&self, user: &str, paused: bool, now: Millis) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await,
+            Backend::Discard => Ok(()),
+        }
+    }
+
+    pub async fn paused_users(&self) -> Result<Vec<(String, Millis)>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.paused_users().await,
+            Backend::Discard => Ok(Vec::new()),
+        }
+    }
+
+    /// A small durable write: true when the store takes writes now.
+    pub async fn is_writable(&self, now: Millis) -> bool {
+        match &self.backend {
+            Backend::Sqlite(store) => store.probe(now).await.is_ok(),
+            Backend::Discard => true,
+        }
+    }
+}
