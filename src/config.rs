@@ -282,15 +282,19 @@ pub struct StoreConfig {
 pub enum SinkName {
     Bot,
     Kochava,
+    /// Kochava SmartLink impression and click pings: configured in `[sinks.kochava]`, queued
+    /// on their own so that a ping and the `track/json` event are retried independently.
+    KochavaSmartlink,
     Dashbot,
     PageActivities,
     Conversions,
 }
 
 impl SinkName {
-    pub const ALL: [SinkName; 5] = [
+    pub const ALL: [SinkName; 6] = [
         SinkName::Bot,
         SinkName::Kochava,
+        SinkName::KochavaSmartlink,
         SinkName::Dashbot,
         SinkName::PageActivities,
         SinkName::Conversions,
@@ -300,6 +304,7 @@ impl SinkName {
         match self {
             SinkName::Bot => "bot",
             SinkName::Kochava => "kochava",
+            SinkName::KochavaSmartlink => "kochava_smartlink",
             SinkName::Dashbot => "dashbot",
             SinkName::PageActivities => "page_activities",
             SinkName::Conversions => "conversions",
@@ -314,7 +319,7 @@ impl SinkName {
     pub fn table(self) -> &'static str {
         match self {
             SinkName::Bot => "bot",
-            SinkName::Kochava => "sinks.kochava",
+            SinkName::Kochava | SinkName::KochavaSmartlink => "sinks.kochava",
             SinkName::Dashbot => "sinks.dashbot",
             SinkName::PageActivities => "sinks.page_activities",
             SinkName::Conversions => "sinks.conversions",
@@ -325,7 +330,7 @@ impl SinkName {
     fn own_keys(self) -> &'static [&'static str] {
         match self {
             SinkName::Bot => &["url"],
-            SinkName::Kochava => &[
+            SinkName::Kochava | SinkName::KochavaSmartlink => &[
                 "url",
                 "app_id",
                 "include_text",
@@ -364,6 +369,7 @@ impl SinkName {
                 Message, Outgoing, Postback, Referral, Optin, Custom, Revenue, Share, PageLaunch,
                 Lead,
             ],
+            SinkName::KochavaSmartlink => vec![Outgoing, Postback, Referral, Message],
             SinkName::Dashbot => vec![
                 Message, Postback, Referral, Optin, Reaction, Outgoing, Custom, Revenue, Share,
                 PageLaunch,
@@ -410,7 +416,12 @@ pub enum SinkSettings {
         url: Url,
         app_id: SecretString,
         include_text: bool,
+    },
+    /// Derived from `[sinks.kochava]` when `impression_url` or `click_url` is set.
+    KochavaSmartlink {
+        /// GET on an outgoing message with a `web_url` button under `smartlink_prefix`.
         impression_url: Option<String>,
+        /// GET on a postback whose payload is in `click_payloads`, or on a referral.
         click_url: Option<String>,
         smartlink_prefix: Option<String>,
         click_payloads: Vec<String>,
@@ -490,8 +501,9 @@ impl Config {
         );
         for sink in &self.sinks {
             match &sink.settings {
-                SinkSettings::Bot { .. } => {}
-                SinkSettings::Kochava { .. } => {}
+                SinkSettings::Bot { .. }
+                | SinkSettings::Kochava { .. }
+                | SinkSettings::KochavaSmartlink { .. } => {}
                 SinkSettings::Dashbot { api_key, .. } => {
                     secrets.push(api_key.expose_secret().to_owned())
                 }
@@ -654,12 +666,12 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         accept_sha1: raw.messenger.accept_sha1.unwrap_or(false),
     };
 
-    let graph = GraphConfig {
-        base_url: check
-            .url("graph.base_url", raw.graph.base_url.as_deref(), Some("https://graph.facebook.com"))
-            .unwrap_or_else(|| Url::from_file_path("/").unwrap_or_else(|()| unreachable_url())),
-        timeout: check.duration("graph.timeout", raw.graph.timeout.as_deref(), Duration::from_secs(30)),
-    };
+    let graph_base_url = check.url(
+        "graph.base_url",
+        raw.graph.base_url.as_deref(),
+        Some("https://graph.facebook.com"),
+    );
+    let graph_timeout = check.duration("graph.timeout", raw.graph.timeout.as_deref(), Duration::from_secs(30));
 
     if raw.store.url.is_some() {
         check.problem(
@@ -692,13 +704,24 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     for (name, table) in tables {
         let Some(table) = table else { continue };
         match sink(&mut check, name, table, &messenger) {
-            Ok(Some(sink)) => sinks.push(sink),
+            Ok(Some((sink, smartlink))) => {
+                sinks.push(sink);
+                sinks.extend(smartlink);
+            }
             Ok(None) => {}
             Err(reason) => disabled_sinks.push((name, reason)),
         }
     }
 
-    let config = Config {
+    // A URL that failed validation recorded a problem, so `None` here means "invalid".
+    let (Some(base_url), true) = (graph_base_url, check.problems.is_empty()) else {
+        return Err(ConfigError::Invalid(check.problems));
+    };
+    let graph = GraphConfig {
+        base_url,
+        timeout: graph_timeout,
+    };
+    Ok(Config {
         server,
         admin,
         log,
@@ -713,27 +736,17 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         store,
         sinks,
         disabled_sinks,
-    };
-    if check.problems.is_empty() {
-        Ok(config)
-    } else {
-        Err(ConfigError::Invalid(check.problems))
-    }
+    })
 }
 
-/// A placeholder for a URL that failed validation; never used because validation then fails.
-fn unreachable_url() -> Url {
-    // `Url::parse` of a constant valid URL; kept out of line so no `expect` is needed above.
-    Url::parse("http://invalid.invalid/").unwrap_or_else(|_| unreachable_url())
-}
-
-/// Validates one sink table: `Ok(Some)` enabled, `Err(reason)` disabled for lack of credentials.
+/// Validates one sink table: `Ok(Some)` enabled (with the SmartLink pings Kochava's table may
+/// add), `Ok(None)` invalid (problems recorded), `Err(reason)` disabled for lack of credentials.
 fn sink(
     check: &mut Checker,
     name: SinkName,
     table: RawSink,
     messenger: &MessengerConfig,
-) -> Result<Option<SinkConfig>, String> {
+) -> Result<Option<(SinkConfig, Option<SinkConfig>)>, String> {
     let prefix = name.table();
     let key = |field: &str| format!("{prefix}.{field}");
 
@@ -808,6 +821,7 @@ fn sink(
         }
     }
 
+    let mut smartlink = None;
     let settings = match name {
         SinkName::Bot => {
             let Some(url) = check.url(&key("url"), table.url.as_deref(), None) else {
@@ -827,22 +841,31 @@ fn sink(
             let app_id = secret(table.app_id).ok_or("sinks.kochava.app_id is not set")?;
             for (field, template) in [("impression_url", &table.impression_url), ("click_url", &table.click_url)] {
                 if let Some(template) = template {
-                    if check.url(&key(field), Some(&template.replace("{fb_user_id}", "x")), None).is_some()
-                        && !template.contains("{fb_user_id}")
-                    {
+                    if !template.contains("{fb_user_id}") {
                         check.problem(key(field), "must contain the placeholder {fb_user_id}");
                     }
+                    check.url(&key(field), Some(&template.replace("{fb_user_id}", "x")), None);
                 }
             }
             let Some(url) = url else { return Ok(None) };
+            if table.impression_url.is_some() || table.click_url.is_some() {
+                smartlink = Some(SinkConfig {
+                    name: SinkName::KochavaSmartlink,
+                    kinds: SinkName::KochavaSmartlink.default_kinds(),
+                    names: BTreeMap::new(),
+                    delivery: delivery.clone(),
+                    settings: SinkSettings::KochavaSmartlink {
+                        impression_url: table.impression_url,
+                        click_url: table.click_url,
+                        smartlink_prefix: table.smartlink_prefix,
+                        click_payloads: table.click_payloads.map(StringList::into_vec).unwrap_or_default(),
+                    },
+                });
+            }
             SinkSettings::Kochava {
                 url,
                 app_id,
                 include_text: table.include_text.unwrap_or(false),
-                impression_url: table.impression_url,
-                click_url: table.click_url,
-                smartlink_prefix: table.smartlink_prefix,
-                click_payloads: table.click_payloads.map(StringList::into_vec).unwrap_or_default(),
             }
         }
         SinkName::Dashbot => {
@@ -851,6 +874,8 @@ fn sink(
             let Some(url) = url else { return Ok(None) };
             SinkSettings::Dashbot { url, api_key }
         }
+        // Never a table of its own: derived from [sinks.kochava] above.
+        SinkName::KochavaSmartlink => return Ok(None),
         SinkName::PageActivities => {
             let app_id = table
                 .app_id
@@ -905,13 +930,16 @@ fn sink(
             }
         }
     };
-    Ok(Some(SinkConfig {
-        name,
-        kinds,
-        names,
-        delivery,
-        settings,
-    }))
+    Ok(Some((
+        SinkConfig {
+            name,
+            kinds,
+            names,
+            delivery,
+            settings,
+        },
+        smartlink,
+    )))
 }
 
 fn api_version(check: &mut Checker, key: &str, raw: Option<String>, default: &str) -> String {
@@ -931,7 +959,7 @@ fn api_version(check: &mut Checker, key: &str, raw: Option<String>, default: &st
     version
 }
 
-fn sink_fields_present(table: &RawSink) -> [(&'static str, bool); 18] {
+fn sink_fields_present(table: &RawSink) -> [(&'static str, bool); 16] {
     [
         ("url", table.url.is_some()),
         ("app_id", table.app_id.is_some()),
@@ -949,8 +977,6 @@ fn sink_fields_present(table: &RawSink) -> [(&'static str, bool); 18] {
         ("access_token", table.access_token.is_some()),
         ("partner_agent", table.partner_agent.is_some()),
         ("names", table.names.is_some()),
-        ("kinds", false),
-        ("concurrency", false),
     ]
 }
 

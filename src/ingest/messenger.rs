@@ -142,7 +142,7 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
         for raw_item in items {
             match serde_json::from_str::<Value>(raw_item.get()) {
                 Ok(Value::Object(item)) => {
-                    normalize_item(&context, channel, raw_item, &item, received_at_ms, out)
+                    normalize_item(&context, channel, raw_item, &item, received_at_ms, out);
                 }
                 _ => out.ignored += 1,
             }
@@ -151,8 +151,7 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
     if let Some(changes) = fields.get("changes") {
         produced_anything = true;
         out.ignored += serde_json::from_str::<Vec<&RawValue>>(changes.get())
-            .map(|changes| changes.len())
-            .unwrap_or(1);
+            .map_or(1, |changes| changes.len());
     }
     if !produced_anything {
         out.ignored += 1;
