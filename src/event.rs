@@ -217,7 +217,7 @@ pub struct WebhookOrigin {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Referral {
     pub source: Option<String>,
-    #[serde(rename = "type")]
+    /// `type` on the wire; not renamed here, where `type` tags `EventData`.
     pub referral_type: Option<String>,
     #[serde(rename = "ref")]
     pub ref_param: Option<String>,
@@ -369,6 +369,36 @@ mod tests {
             assert_eq!(json, Some(format!("\"{}\"", kind.as_str())));
         }
         assert!("bogus".parse::<EventKind>().is_err());
+    }
+
+    #[test]
+    fn every_kind_of_data_round_trips_through_the_store_encoding() -> Result<(), serde_json::Error> {
+        let referral = Referral {
+            source: Some("ADS".into()),
+            referral_type: Some("OPEN_THREAD".into()),
+            ref_param: Some("r".into()),
+            ad_id: Some("1".into()),
+            referer_uri: None,
+        };
+        let samples = [
+            EventData::Referral(referral.clone()),
+            EventData::Postback { mid: None, title: None, payload: None, referral: Some(referral) },
+            EventData::Delivery { watermark: Some(5), mids: vec!["m".into()] },
+            EventData::Custom(Custom {
+                name: "n".into(),
+                event_type: "revenueEvent".into(),
+                conversation_id: None,
+                amount: Some(1.5),
+                currency: Some("USD".into()),
+                reference_number: None,
+                extra: serde_json::Map::new(),
+            }),
+        ];
+        for data in samples {
+            let back: EventData = serde_json::from_str(&serde_json::to_string(&data)?)?;
+            assert_eq!(back, data);
+        }
+        Ok(())
     }
 
     #[test]

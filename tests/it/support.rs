@@ -1,0 +1,354 @@
+//! Test support: the relay on port 0 with a temporary store, a scriptable recording mock sink,
+//! and a signed-request builder.
+
+use botrelay::config::Config;
+use botrelay::ingest::verify::sign_sha256;
+use botrelay::store::Store;
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{Notify, oneshot};
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+pub const APP_SECRET: &str = "test_app_secret";
+pub const VERIFY_TOKEN: &str = "test_verify_token";
+
+pub fn fixture(name: &str) -> Vec<u8> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    std::fs::read(&path).unwrap_or_else(|error| panic!("fixture {}: {error}", path.display()))
+}
+
+/// A running relay.
+pub struct TestApp {
+    pub url: String,
+    pub admin_url: String,
+    pub store_path: PathBuf,
+    pub store: Store,
+    pub http: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// Starts the relay with `[messenger]` secrets set and `extra` TOML appended.
+pub async fn spawn_app(extra: &str) -> TestResult<TestApp> {
+    spawn_app_with_env(extra, &[]).await
+}
+
+pub async fn spawn_app_with_env(extra: &str, env: &[(&str, &str)]) -> TestResult<TestApp> {
+    let dir = tempfile::tempdir()?;
+    let store_path = dir.path().join("botrelay.db");
+    let toml = format!(
+        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\napp_id = \"1517776481860111\"\n\
+         [store]\npath = \"{}\"\n{extra}",
+        store_path.display()
+    );
+    let mut environment: HashMap<String, String> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    environment.entry("BOTRELAY__SERVER__SHUTDOWN_GRACE".into()).or_insert("2s".into());
+    let config = Config::from_sources(&toml, environment)?;
+    let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)?;
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", public.local_addr()?);
+    let admin_url = format!("http://{}", admin.local_addr()?);
+    let (shutdown, stopped) = oneshot::channel::<()>();
+    let task = tokio::spawn(botrelay::run_with_store(
+        config,
+        store.clone(),
+        botrelay::Listeners { public, admin },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok(TestApp {
+        url,
+        admin_url,
+        store_path,
+        store,
+        http: reqwest::Client::new(),
+        shutdown: Some(shutdown),
+        task: Some(task),
+        _dir: dir,
+    })
+}
+
+impl TestApp {
+    /// POSTs `body` to /webhook signed with the test app secret.
+    pub async fn post_webhook(&self, body: &[u8]) -> TestResult<reqwest::Response> {
+        Ok(self
+            .http
+            .post(format!("{}/webhook", self.url))
+            .header("content-type", "application/json")
+            .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), body))
+            .body(body.to_vec())
+            .send()
+            .await?)
+    }
+
+    /// Opens the store file read-only, as an operator's `sqlite3` would.
+    pub fn db(&self) -> TestResult<rusqlite::Connection> {
+        Ok(rusqlite::Connection::open_with_flags(
+            &self.store_path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+        )?)
+    }
+
+    pub fn count(&self, sql: &str) -> TestResult<i64> {
+        Ok(self.db()?.query_row(sql, [], |row| row.get(0))?)
+    }
+
+    /// Waits until `sql` (a count) reaches `expected`, or fails after `within`.
+    pub async fn wait_for_count(&self, sql: &str, expected: i64, within: Duration) -> TestResult {
+        let deadline = Instant::now() + within;
+        loop {
+            let count = self.count(sql)?;
+            if count == expected {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!("`{sql}` is {count}, expected {expected}").into());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops the relay gracefully and waits for it.
+    pub async fn stop(mut self) -> TestResult {
+        if let Some(shutdown) = self.shutdown.take() {
+            let _ = shutdown.send(());
+        }
+        if let Some(task) = self.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+}
+
+/// One request a mock sink received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// Path and query, as sent.
+    pub uri: String,
+    pub headers: HashMap<String, String>,
+    pub body: Vec<u8>,
+    pub at: Instant,
+}
+
+impl Received {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).map(String::as_str)
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body).unwrap_or(serde_json::Value::Null)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// How a mock answers one request.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+    /// Never answer (the relay's timeout must fire).
+    pub hang: bool,
+}
+
+impl Reply {
+    pub fn status(status: u16) -> Reply {
+        Reply {
+            status,
+            headers: Vec::new(),
+            body: String::new(),
+            hang: false,
+        }
+    }
+
+    pub fn json(status: u16, body: serde_json::Value) -> Reply {
+        Reply {
+            status,
+            headers: vec![("content-type", "application/json".into())],
+            body: body.to_string(),
+            hang: false,
+        }
+    }
+
+    pub fn hang() -> Reply {
+        Reply {
+            hang: true,
+            ..Reply::status(200)
+        }
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: &str) -> Reply {
+        self.headers.push((name, value.to_owned()));
+        self
+    }
+}
+
+type Decide = Arc<dyn Fn(&Received) -> Option<Reply> + Send + Sync>;
+
+#[derive(Default)]
+struct MockState {
+    received: Vec<Received>,
+    script: VecDeque<Reply>,
+    default: Option<Reply>,
+    decide: Option<Decide>,
+}
+
+/// A recording HTTP server whose answers a test scripts: first the queued replies in order,
+/// then the `decide` function, then the default (200).
+#[derive(Clone)]
+pub struct MockSink {
+    pub addr: SocketAddr,
+    state: Arc<Mutex<MockState>>,
+    arrived: Arc<Notify>,
+}
+
+impl MockSink {
+    pub async fn start() -> TestResult<MockSink> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let mock = MockSink {
+            addr,
+            state: Arc::new(Mutex::new(MockState::default())),
+            arrived: Arc::new(Notify::new()),
+        };
+        let handler_mock = mock.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let mock = handler_mock.clone();
+            async move { mock.handle(request).await }
+        });
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(mock)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Queues replies for the next requests, in order.
+    pub fn script(&self, replies: impl IntoIterator<Item = Reply>) {
+        if let Ok(mut state) = self.state.lock() {
+            state.script.extend(replies);
+        }
+    }
+
+    /// The reply once the script is used up.
+    pub fn set_default(&self, reply: Reply) {
+        if let Ok(mut state) = self.state.lock() {
+            state.default = Some(reply);
+        }
+    }
+
+    /// Decides each reply from the request (after the script; `None` falls to the default).
+    pub fn decide(&self, decide: impl Fn(&Received) -> Option<Reply> + Send + Sync + 'static) {
+        if let Ok(mut state) = self.state.lock() {
+            state.decide = Some(Arc::new(decide));
+        }
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.state.lock().map(|state| state.received.clone()).unwrap_or_default()
+    }
+
+    /// Waits until at least `count` requests arrived; returns them all.
+    pub async fn wait_for(&self, count: usize, within: Duration) -> TestResult<Vec<Received>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let notified = self.arrived.notified();
+            let received = self.received();
+            if received.len() >= count {
+                return Ok(received);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(format!("mock got {} requests, expected {count}", self.received().len()).into());
+            }
+        }
+    }
+
+    async fn handle(&self, request: axum::extract::Request) -> axum::response::Response {
+        use axum::response::IntoResponse;
+        let (parts, body) = request.into_parts();
+        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let received = Received {
+            method: parts.method.to_string(),
+            uri: parts.uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
+            headers: parts
+                .headers
+                .iter()
+                .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or_default().to_owned()))
+                .collect(),
+            body: body.to_vec(),
+            at: Instant::now(),
+        };
+        let reply = {
+            let Ok(mut state) = self.state.lock() else {
+                return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
+            };
+            let reply = state
+                .script
+                .pop_front()
+                .or_else(|| state.decide.as_ref().and_then(|decide| decide(&received)))
+                .or_else(|| state.default.clone())
+                .unwrap_or_else(|| Reply::status(200));
+            state.received.push(received);
+            reply
+        };
+        self.arrived.notify_waiters();
+        if reply.hang {
+            std::future::pending::<()>().await;
+        }
+        let mut response = (
+            axum::http::StatusCode::from_u16(reply.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+            reply.body,
+        )
+            .into_response();
+        for (name, value) in reply.headers {
+            if let Ok(value) = axum::http::HeaderValue::from_str(&value) {
+                response.headers_mut().insert(name, value);
+            }
+        }
+        response
+    }
+}
+
+/// A one-message webhook body for `user` with a unique `mid`.
+pub fn text_message(page: &str, user: &str, mid: &str, text: &str, timestamp: i64) -> Vec<u8> {
+    serde_json::json!({
+        "object": "page",
+        "entry": [{
+            "id": page,
+            "time": timestamp,
+            "messaging": [{
+                "sender": {"id": user},
+                "recipient": {"id": page},
+                "timestamp": timestamp,
+                "message": {"mid": mid, "text": text}
+            }]
+        }]
+    })
+    .to_string()
+    .into_bytes()
+}
