@@ -147,6 +147,8 @@ pub struct Received {
     pub headers: HashMap<String, String>,
     pub body: Vec<u8>,
     pub at: Instant,
+    /// The status the mock answered with (0 when it never answered).
+    pub replied: u16,
 }
 
 impl Received {
@@ -302,7 +304,9 @@ impl MockSink {
                 .collect(),
             body: body.to_vec(),
             at: Instant::now(),
+            replied: 0,
         };
+        let mut received = received;
         let reply = {
             let Ok(mut state) = self.state.lock() else {
                 return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
@@ -313,6 +317,7 @@ impl MockSink {
                 .or_else(|| state.decide.as_ref().and_then(|decide| decide(&received)))
                 .or_else(|| state.default.clone())
                 .unwrap_or_else(|| Reply::status(200));
+            received.replied = if reply.hang { 0 } else { reply.status };
             state.received.push(received);
             reply
         };

@@ -1,0 +1,120 @@
+//! Crash safety of the real binary: what was acked survives `kill -9` and is delivered after
+//! the restart, and SIGTERM shuts down cleanly with exit 0.
+
+use crate::support::{APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, text_message};
+use botrelay::ingest::verify::sign_sha256;
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// The real binary, started on port 0; returns it with its public address (read from its log).
+fn start_relay(config: &Path) -> TestResult<(Child, String)> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .arg("--config")
+        .arg(config)
+        .env("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN)
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let mut lines = BufReader::new(stdout).lines();
+    let address = loop {
+        let line = lines.next().ok_or("the relay exited before listening")??;
+        let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        if entry["message"] == "Listening" {
+            break entry["public"].as_str().ok_or("no public address in the log")?.to_owned();
+        }
+    };
+    // Keep draining the log so the relay never blocks on a full pipe.
+    std::thread::spawn(move || for _ in lines {});
+    Ok((child, format!("http://{address}")))
+}
+
+fn write_config(dir: &Path, bot: &MockSink) -> TestResult<std::path::PathBuf> {
+    let path = dir.join("botrelay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"2s\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [log]\nformat = \"json\"\n[store]\npath = \"{}\"\n\
+             [bot]\nurl = \"{}\"\nbackoff = \"20ms\"\nmax_backoff = \"200ms\"\nmax_attempts = 100000\nconcurrency = 16\n",
+            dir.join("botrelay.db").display(),
+            bot.url("/webhook")
+        ),
+    )?;
+    Ok(path)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult {
+    const COUNT: usize = 500;
+    let dir = tempfile::tempdir()?;
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::status(503));
+    let config = write_config(dir.path(), &bot)?;
+    let (mut relay, url) = start_relay(&config)?;
+
+    let http = reqwest::Client::new();
+    let mut posting = tokio::task::JoinSet::new();
+    for worker in 0..10 {
+        let http = http.clone();
+        let url = format!("{url}/webhook");
+        posting.spawn(async move {
+            let mut acked = 0;
+            for index in (worker..COUNT).step_by(10) {
+                let body = text_message("PAGE", &format!("user-{}", index % 25), &format!("m.crash.{index}"), "hi", 1_700_000_000_000);
+                let response = http
+                    .post(&url)
+                    .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), &body))
+                    .body(body)
+                    .send()
+                    .await?;
+                if response.status() == 200 {
+                    acked += 1;
+                }
+            }
+            Ok::<usize, reqwest::Error>(acked)
+        });
+    }
+    let mut acked = 0;
+    while let Some(result) = posting.join_next().await {
+        acked += result??;
+    }
+    assert_eq!(acked, COUNT, "every webhook was acked");
+    // The bot has been failing all along; some attempts are in flight right now.
+    bot.wait_for(1, Duration::from_secs(10)).await?;
+    relay.kill()?; // SIGKILL: no shutdown code runs.
+    relay.wait()?;
+
+    bot.set_default(Reply::status(200));
+    let (mut relay, _) = start_relay(&config)?;
+    // Count what the bot accepted (answered 200), per mid.
+    let accepted = |bot: &MockSink| {
+        let mut accepted: HashMap<String, usize> = HashMap::new();
+        for request in bot.received().iter().filter(|request| request.replied == 200) {
+            let item = &request.json()["entry"][0]["messaging"][0];
+            let mid = item["message"]["mid"].as_str().unwrap_or_default().to_owned();
+            *accepted.entry(mid).or_default() += 1;
+        }
+        accepted
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while accepted(&bot).len() < COUNT && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let accepted = accepted(&bot);
+    let losses = (0..COUNT).filter(|index| !accepted.contains_key(&format!("m.crash.{index}"))).count();
+    let duplicates: usize = accepted.values().map(|count| count - 1).sum();
+    println!("crash test: acked {acked}, delivered {}, losses {losses}, duplicates {duplicates}", accepted.len());
+    assert_eq!(losses, 0, "every acked webhook reached the bot after the restart");
+
+    // SIGTERM: graceful shutdown, exit 0.
+    Command::new("kill").arg("-TERM").arg(relay.id().to_string()).status()?;
+    let status = relay.wait()?;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    Ok(())
+}

@@ -1,0 +1,8 @@
+//! The one integration-test binary: the real relay on port 0, real HTTP, recording mock sinks.
+
+mod support;
+
+mod crash;
+mod delivery;
+mod reports;
+mod webhook;

@@ -1,0 +1,1 @@
+//! What the bot tells the relay: /outgoing, /events, the Send API proxy, Dashbot pause (being written).

@@ -1,0 +1,213 @@
+//! `GET /webhook`, `POST /webhook`, `/healthz`, `/readyz`: the verified, durable ingress.
+
+use crate::support::{APP_SECRET, TestResult, VERIFY_TOKEN, fixture, spawn_app, text_message};
+use botrelay::ingest::verify::{sign_sha1, sign_sha256};
+
+const BOT: &str = "[bot]\nurl = \"http://127.0.0.1:9/unused\"\n";
+
+#[tokio::test]
+async fn handshake_echoes_the_challenge_only_for_the_right_token() -> TestResult {
+    let app = spawn_app("").await?;
+    let ok = app
+        .http
+        .get(format!(
+            "{}/webhook?hub.mode=subscribe&hub.verify_token={VERIFY_TOKEN}&hub.challenge=1158201444",
+            app.url
+        ))
+        .send()
+        .await?;
+    assert_eq!(ok.status(), 200);
+    assert!(ok.headers()["content-type"].to_str()?.starts_with("text/plain"));
+    assert_eq!(ok.text().await?, "1158201444");
+
+    for query in [
+        "hub.mode=subscribe&hub.verify_token=wrong&hub.challenge=1",
+        "hub.mode=unsubscribe&hub.verify_token=test_verify_token&hub.challenge=1",
+        "hub.verify_token=test_verify_token&hub.challenge=1",
+        "hub.mode=subscribe&hub.challenge=1",
+        "",
+    ] {
+        let refused = app.http.get(format!("{}/webhook?{query}", app.url)).send().await?;
+        assert_eq!(refused.status(), 403, "{query}");
+        assert_eq!(refused.text().await?, "", "{query}");
+    }
+    app.stop().await
+}
+
+#[tokio::test]
+async fn signed_batch_is_stored_before_the_ack_with_one_delivery_per_sink() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    let body = fixture("messenger/message-text-legacy-seq.json");
+    let response = app.post_webhook(&body).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await?, "EVENT_RECEIVED");
+    // The ack came after the commit: the rows are there the moment it arrives.
+    assert_eq!(app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?, 1);
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?, 1);
+    let (user, page): (String, String) =
+        app.db()?.query_row("SELECT user_id, page_id FROM events", [], |row| Ok((row.get(0)?, row.get(1)?)))?;
+    assert_eq!((user.as_str(), page.as_str()), ("USER_ID", "111111"));
+    app.stop().await
+}
+
+#[tokio::test]
+async fn missing_or_bad_signatures_get_401_and_store_nothing() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    let body = fixture("messenger/message-text-quick-reply.json");
+    let url = format!("{}/webhook", app.url);
+    let unsigned = app.http.post(&url).body(body.clone()).send().await?;
+    assert_eq!(unsigned.status(), 401);
+    let wrong_secret = app
+        .http
+        .post(&url)
+        .header("x-hub-signature-256", sign_sha256(b"not_the_secret", &body))
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(wrong_secret.status(), 401);
+    let mut tampered = body.clone();
+    tampered.push(b' ');
+    let tampered_body = app
+        .http
+        .post(&url)
+        .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), &body))
+        .body(tampered)
+        .send()
+        .await?;
+    assert_eq!(tampered_body.status(), 401);
+    let garbage = app
+        .http
+        .post(&url)
+        .header("x-hub-signature-256", "sha256=not-hex")
+        .body(body.clone())
+        .send()
+        .await?;
+    assert_eq!(garbage.status(), 401);
+    // The legacy SHA-1 header is refused unless enabled.
+    let sha1_only = app
+        .http
+        .post(&url)
+        .header("x-hub-signature", sign_sha1(APP_SECRET.as_bytes(), &body))
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(sha1_only.status(), 401);
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn legacy_sha1_signature_is_accepted_when_enabled() -> TestResult {
+    let app = crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__MESSENGER__ACCEPT_SHA1", "true")]).await?;
+    let body = fixture("messenger/message-text-legacy-seq.json");
+    let response = app
+        .http
+        .post(format!("{}/webhook", app.url))
+        .header("x-hub-signature", "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407")
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn body_over_the_limit_gets_413() -> TestResult {
+    let app = spawn_app(&format!("[server]\nmax_body_bytes = 1024\n{BOT}")).await?;
+    let big = text_message("1", "2", "m.big", &"x".repeat(2000), 1_700_000_000_000);
+    let response = app.post_webhook(&big).await?;
+    assert_eq!(response.status(), 413);
+    let small = text_message("1", "2", "m.small", "hi", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&small).await?.status(), 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn signed_non_json_gets_400_and_stores_nothing() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    let response = app.post_webhook(b"this is not json").await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn signed_json_that_is_not_a_batch_is_acked_and_ignored() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    let body = fixture("messenger/dashboard-test-format.json");
+    let response = app.post_webhook(&body).await?;
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await?, "EVENT_RECEIVED");
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_repeated_post_stores_nothing_new() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    let body = fixture("messenger/batch-multi-entry.json");
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    let events = app.count("SELECT COUNT(*) FROM events")?;
+    let deliveries = app.count("SELECT COUNT(*) FROM deliveries")?;
+    assert!(events >= 2, "multi-page batch stored {events} events");
+    for _ in 0..3 {
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, events);
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, deliveries);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn escaped_bodies_verify_and_the_raw_item_is_stored_verbatim() -> TestResult {
+    let app = spawn_app(BOT).await?;
+    // `\u2764\ufe0f` in the reactions fixture, `https:\/\/` in a body of our own.
+    let reactions = fixture("messenger/message-reactions.json");
+    assert_eq!(app.post_webhook(&reactions).await?.status(), 200);
+    let escaped = br#"{"object":"page","entry":[{"id":"42","time":1,"messaging":[{"sender":{"id":"7"},"recipient":{"id":"42"},"timestamp":1700000000000,"message":{"mid":"m.esc","text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a"}}]}]}"#;
+    assert_eq!(app.post_webhook(escaped).await?.status(), 200);
+    let payload: String =
+        app.db()?.query_row("SELECT payload FROM events WHERE kind = 'message'", [], |row| row.get(0))?;
+    assert!(
+        payload.contains(r#""text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a""#),
+        "{payload}"
+    );
+    let reaction: String =
+        app.db()?.query_row("SELECT payload FROM events WHERE kind = 'reaction'", [], |row| row.get(0))?;
+    assert!(reaction.contains(r#""emoji": "\u2764\ufe0f""#), "{reaction}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn full_store_answers_503_and_readyz_follows() -> TestResult {
+    // A store capped at a few pages: the schema fits, a couple of hundred messages do not.
+    let app = crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__STORE__MAX_BYTES", "90000")]).await?;
+    assert_eq!(app.http.get(format!("{}/readyz", app.url)).send().await?.status(), 200);
+    let mut saw_503 = false;
+    for index in 0..200 {
+        let body = text_message("1", &format!("u{index}"), &format!("m.{index}"), &"x".repeat(900), 1_700_000_000_000);
+        let status = app.post_webhook(&body).await?.status();
+        if status == 503 {
+            saw_503 = true;
+            break;
+        }
+        assert_eq!(status, 200);
+    }
+    assert!(saw_503, "the capped store never filled up");
+    assert_eq!(app.http.get(format!("{}/readyz", app.url)).send().await?.status(), 503);
+    assert_eq!(app.http.get(format!("{}/healthz", app.url)).send().await?.status(), 200);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn health_endpoints_answer() -> TestResult {
+    let app = spawn_app("").await?;
+    let health = app.http.get(format!("{}/healthz", app.url)).send().await?;
+    assert_eq!(health.status(), 200);
+    let ready = app.http.get(format!("{}/readyz", app.url)).send().await?;
+    assert_eq!(ready.status(), 200);
+    app.stop().await
+}
