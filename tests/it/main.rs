@@ -2,6 +2,7 @@
 
 mod support;
 
+mod admin;
 mod crash;
 mod delivery;
 mod reports;

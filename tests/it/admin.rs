@@ -1,0 +1,1 @@
+//! The admin listener and the CLI against a running relay (being written).
