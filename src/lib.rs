@@ -13,6 +13,7 @@ pub mod dispatch;
 pub mod sinks;
 pub mod delivery;
 pub mod telemetry;
+pub mod admin;
 
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Paused};
@@ -54,8 +55,10 @@ pub async fn run_with_store(
     for (name, reason) in &config.disabled_sinks {
         tracing::warn!(sink = %name, %reason, "Sink disabled");
     }
-    let active: Vec<&str> = sinks.routes().iter().map(|route| route.name.as_str()).collect();
+    let active_sinks: Vec<config::SinkName> = sinks.routes().iter().map(|route| route.name).collect();
+    let active: Vec<&str> = active_sinks.iter().map(|sink| sink.as_str()).collect();
     tracing::info!(sinks = ?active, "Active sinks");
+    telemetry::register_metrics(&active_sinks);
     if active.is_empty() {
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
     }
@@ -79,22 +82,19 @@ pub async fn run_with_store(
         config: std::sync::Arc::new(config),
         store: store.clone(),
         sinks: sinks.clone(),
+        client: client.clone(),
+        paused: paused.clone(),
     };
 
     let stop = CancellationToken::new();
-    let public = ingest::router(state)
-        .layer(TraceLayer::new_for_http().make_span_with(|request: &axum::http::Request<_>| {
-            let request_id = request
-                .headers()
-                .get("x-request-id")
-                .and_then(|value| value.to_str().ok())
-                .unwrap_or_default();
-            // The path only: a query string may carry a token.
-            tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
-        }))
-        .layer(PropagateRequestIdLayer::x_request_id())
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
-    let admin = axum::Router::new().route("/healthz", axum::routing::get(|| async { "ok" }));
+    let admin = with_request_ids(admin::router(admin::AdminState {
+        config: state.config.clone(),
+        store: store.clone(),
+        paused: paused.clone(),
+        active: active_sinks,
+        redactor: redactor.clone(),
+    }));
+    let public = with_request_ids(ingest::router(state));
 
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
@@ -118,15 +118,26 @@ pub async fn run_with_store(
     };
     let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace));
     let purging = tokio::spawn(purge_loop(store, retention, stop.clone()));
+    let metrics_upkeep = tokio::spawn(telemetry::metrics_upkeep(stop.clone()));
 
     shutdown.await;
     tracing::info!("Shutting down: no new requests; finishing in-flight work");
     stop.cancel();
-    let (public_result, admin_result, _, _) = tokio::join!(public_server, admin_server, dispatching, purging);
+    let (public_result, admin_result, _, _, _) =
+        tokio::join!(public_server, admin_server, dispatching, purging, metrics_upkeep);
     public_result.context("public listener task failed")??;
     admin_result.context("admin listener task failed")??;
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// Gives every request an `x-request-id` (kept when the caller sent one), echoes it in the
+/// response, and runs the request in a span that carries it (`telemetry::request_span`).
+fn with_request_ids(router: axum::Router) -> axum::Router {
+    router
+        .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
 }
 
 async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken) {

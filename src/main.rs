@@ -1,13 +1,28 @@
-//! The `botrelay` binary: parses the command line, loads the config, and runs the relay or a
-//! one-shot command. Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
+//! The `botrelay` binary: parses the command line, loads the config, and runs the relay, a
+//! one-shot command (`check-config`, `sign`), or a client of a running relay's admin API
+//! (`dead-letters`, `pause`, `unpause`, `paused`, `sinks`).
+//! Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 
+use botrelay::admin::{
+    DeadLetterView, ErrorBody, MAX_LIMIT, PauseState, PausedUser, ReplayRequest, Replayed, Since,
+    SinkView,
+};
 use botrelay::config::{Config, ConfigError, DEFAULT_PATH};
-use clap::{Parser, Subcommand};
-use std::path::PathBuf;
+use clap::{Args, Parser, Subcommand};
+use secrecy::{ExposeSecret, SecretString};
+use serde::de::DeserializeOwned;
+use std::collections::HashSet;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "botrelay", version, about = "A durable webhook relay for Messenger bots")]
+#[command(
+    name = "botrelay",
+    version,
+    about = "A durable webhook relay for Messenger bots"
+)]
 struct Cli {
     /// Config file (TOML). Every key can be overridden by BOTRELAY__SECTION__KEY.
     #[arg(long, global = true, env = "BOTRELAY_CONFIG")]
@@ -22,33 +37,182 @@ enum Command {
     Serve,
     /// Load and validate the config; print every problem and exit 2, or the active sinks and exit 0.
     CheckConfig,
+    /// List or replay the dead letters of a running relay (through its admin API).
+    #[command(subcommand)]
+    DeadLetters(DeadLetters),
+    /// Stop forwarding a user's events to the bot (analytics sinks still receive them).
+    Pause {
+        /// The user's page-scoped id (PSID).
+        psid: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Forward a paused user's events to the bot again.
+    Unpause {
+        /// The user's page-scoped id (PSID).
+        psid: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// List the paused users.
+    Paused {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Show each sink: enabled, queue depth, in flight, dead letters, last success, last error.
+    Sinks {
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Print a curl command that POSTs a webhook body file with a valid X-Hub-Signature-256.
+    Sign {
+        /// The webhook body (JSON), sent byte for byte.
+        file: PathBuf,
+        /// The environment variable that holds the app secret.
+        #[arg(long, default_value = "BOTRELAY__MESSENGER__APP_SECRET")]
+        secret_env: String,
+        /// Where to POST [default: http://<server.listen>/webhook from the config].
+        #[arg(long)]
+        url: Option<String>,
+        /// Print only the `X-Hub-Signature-256: sha256=…` header.
+        #[arg(long)]
+        header_only: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetters {
+    /// List dead letters, oldest first.
+    List {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// At most this many (1 to 10000).
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+    /// Requeue dead letters: each rejoins its user's lane and is delivered again.
+    Replay {
+        #[command(flatten)]
+        filter: FilterArgs,
+        /// Only this delivery id (repeatable).
+        #[arg(long = "id", value_name = "ID")]
+        ids: Vec<i64>,
+        /// Replay every dead letter (required when no filter is given).
+        #[arg(long)]
+        all: bool,
+        /// Dead letters per replay request.
+        #[arg(long, default_value_t = 500, hide = true)]
+        chunk: usize,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Args)]
+struct FilterArgs {
+    /// Only this sink (bot, kochava, kochava_smartlink, dashbot, page_activities, conversions).
+    #[arg(long)]
+    sink: Option<String>,
+    /// Only this user (PSID).
+    #[arg(long)]
+    user: Option<String>,
+    /// Only letters dead since: a duration ago ("1h", "3d"), an RFC 3339 time, or epoch ms.
+    #[arg(long)]
+    since: Option<String>,
+}
+
+#[derive(Args)]
+struct AdminArgs {
+    /// The admin listener's base URL [default: http://<admin.listen> from the config].
+    #[arg(long, env = "BOTRELAY_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Why a command failed; the variant decides the exit code.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    /// Bad arguments, config, token or request (exit 2).
+    #[error("{0}")]
+    Usage(String),
+    /// The relay is unreachable or failed (exit 1).
+    #[error("{0}")]
+    Runtime(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        match self {
+            CliError::Usage(_) => ExitCode::from(2),
+            CliError::Runtime(_) => ExitCode::FAILURE,
+        }
+    }
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let explicit = cli.config.is_some();
     let path = cli.config.unwrap_or_else(|| PathBuf::from(DEFAULT_PATH));
-    let config = match Config::load(&path, explicit) {
-        Ok(config) => config,
+    let result = match cli.command.unwrap_or(Command::Serve) {
+        Command::Serve => return load_config(&path, explicit).map_or_else(|code| code, serve),
+        Command::CheckConfig => {
+            return load_config(&path, explicit)
+                .map_or_else(|code| code, |config| check_config(&config, &path));
+        }
+        Command::Sign {
+            file,
+            secret_env,
+            url,
+            header_only,
+        } => sign(&path, explicit, &file, &secret_env, url, header_only),
+        Command::DeadLetters(command) => {
+            client_command(&path, explicit, ClientCommand::DeadLetters(command))
+        }
+        Command::Pause { psid, admin } => {
+            client_command(&path, explicit, ClientCommand::Pause(psid, true, admin))
+        }
+        Command::Unpause { psid, admin } => {
+            client_command(&path, explicit, ClientCommand::Pause(psid, false, admin))
+        }
+        Command::Paused { admin } => client_command(&path, explicit, ClientCommand::Paused(admin)),
+        Command::Sinks { admin } => client_command(&path, explicit, ClientCommand::Sinks(admin)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
             eprintln!("botrelay: {error}");
-            if matches!(error, ConfigError::Invalid(_)) {
-                eprintln!("(config file: {}; see config/botrelay.example.toml)", path.display());
-            }
-            return ExitCode::from(2);
+            error.exit_code()
         }
-    };
-    match cli.command.unwrap_or(Command::Serve) {
-        Command::CheckConfig => check_config(&config, &path),
-        Command::Serve => serve(config),
     }
+}
+
+/// The full, validated config (for `serve` and `check-config`), or exit 2.
+fn load_config(path: &Path, explicit: bool) -> Result<Config, ExitCode> {
+    Config::load(path, explicit).map_err(|error| {
+        eprintln!("botrelay: {error}");
+        if matches!(error, ConfigError::Invalid(_)) {
+            eprintln!(
+                "(config file: {}; see config/botrelay.example.toml)",
+                path.display()
+            );
+        }
+        ExitCode::from(2)
+    })
 }
 
 fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
     println!("config OK ({})", path.display());
     for sink in &config.sinks {
         let kinds: Vec<&str> = sink.kinds.iter().map(|kind| kind.as_str()).collect();
-        println!("  active sink {:<16} kinds: {}", sink.name.as_str(), kinds.join(", "));
+        println!(
+            "  active sink {:<16} kinds: {}",
+            sink.name.as_str(),
+            kinds.join(", ")
+        );
     }
     for (name, reason) in &config.disabled_sinks {
         println!("  disabled sink {:<14} {reason}", name.as_str());
@@ -62,7 +226,10 @@ fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
 fn serve(config: Config) -> ExitCode {
     let redactor = botrelay::telemetry::Redactor::new(config.secrets());
     botrelay::telemetry::init(&config.log, redactor);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("botrelay: cannot start the runtime: {error}");
@@ -72,7 +239,12 @@ fn serve(config: Config) -> ExitCode {
     let result = runtime.block_on(async move {
         let public = tokio::net::TcpListener::bind(config.server.listen).await?;
         let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
-        botrelay::run(config, botrelay::Listeners { public, admin }, shutdown_signal()).await
+        botrelay::run(
+            config,
+            botrelay::Listeners { public, admin },
+            shutdown_signal(),
+        )
+        .await
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -106,4 +278,536 @@ async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The admin client: `dead-letters`, `pause`, `unpause`, `paused`, `sinks`.
+
+enum ClientCommand {
+    DeadLetters(DeadLetters),
+    Pause(String, bool, AdminArgs),
+    Paused(AdminArgs),
+    Sinks(AdminArgs),
+}
+
+/// The few config keys the client commands read. They need neither the app secret nor a valid
+/// sink table, so an operator's shell without the relay's secrets can still use them.
+struct ClientConfig {
+    admin_listen: Option<String>,
+    admin_token: Option<SecretString>,
+    server_listen: Option<String>,
+}
+
+impl ClientConfig {
+    /// The file (when it exists, or always when `explicit`) plus `BOTRELAY__…` overrides.
+    fn load(path: &Path, explicit: bool) -> Result<ClientConfig, CliError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if explicit || error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(CliError::Usage(format!(
+                    "cannot read config {}: {error}",
+                    path.display()
+                )));
+            }
+            Err(_) => String::new(),
+        };
+        let settings = config::Config::builder()
+            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+            .add_source(
+                config::Environment::with_prefix("BOTRELAY")
+                    .prefix_separator("__")
+                    .separator("__"),
+            )
+            .build()
+            .map_err(|error| {
+                CliError::Usage(format!("cannot read config {}: {error}", path.display()))
+            })?;
+        let text_at = |key: &str| {
+            settings
+                .get_string(key)
+                .ok()
+                .filter(|value| !value.is_empty())
+        };
+        Ok(ClientConfig {
+            admin_listen: text_at("admin.listen"),
+            admin_token: text_at("admin.token").map(SecretString::from),
+            server_listen: text_at("server.listen"),
+        })
+    }
+}
+
+/// A listen address as a URL to connect to: `0.0.0.0` and `::` become the loopback address.
+fn connect_url(listen: &str, default: &str) -> Result<String, CliError> {
+    let mut address: SocketAddr = listen
+        .parse()
+        .map_err(|_| CliError::Usage(format!("`{listen}` is not an address like \"{default}\"")))?;
+    if address.ip().is_unspecified() {
+        address.set_ip(match address.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    Ok(format!("http://{address}"))
+}
+
+fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result<(), CliError> {
+    let config = ClientConfig::load(path, explicit)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))?;
+    runtime.block_on(async move {
+        match command {
+            ClientCommand::DeadLetters(DeadLetters::List {
+                filter,
+                limit,
+                admin,
+            }) => {
+                let client = AdminClient::new(&config, &admin)?;
+                list_dead_letters(&client, &filter, limit, admin.json).await
+            }
+            ClientCommand::DeadLetters(DeadLetters::Replay {
+                filter,
+                ids,
+                all,
+                chunk,
+                admin,
+            }) => {
+                let client = AdminClient::new(&config, &admin)?;
+                replay(&client, &filter, ids, all, chunk, admin.json).await
+            }
+            ClientCommand::Pause(psid, paused, admin) => {
+                let client = AdminClient::new(&config, &admin)?;
+                let action = if paused { "pause" } else { "unpause" };
+                let path = format!("/admin/users/{}/{action}", encode_path_segment(&psid));
+                let state: PauseState = client.send(client.http.post(client.url(&path))).await?;
+                if admin.json {
+                    print_json(&state)
+                } else {
+                    let done = if state.paused { "paused" } else { "unpaused" };
+                    println!("{done} {}", state.user);
+                    Ok(())
+                }
+            }
+            ClientCommand::Paused(admin) => {
+                let client = AdminClient::new(&config, &admin)?;
+                let users: Vec<PausedUser> = client
+                    .send(client.http.get(client.url("/admin/paused")))
+                    .await?;
+                if admin.json {
+                    return print_json(&users);
+                }
+                if users.is_empty() {
+                    println!("no paused users");
+                }
+                let rows = users
+                    .into_iter()
+                    .map(|user| vec![user.user, user.paused_at])
+                    .collect();
+                print_table(&["USER", "PAUSED AT"], rows);
+                Ok(())
+            }
+            ClientCommand::Sinks(admin) => {
+                let client = AdminClient::new(&config, &admin)?;
+                let sinks: Vec<SinkView> = client
+                    .send(client.http.get(client.url("/admin/sinks")))
+                    .await?;
+                if admin.json {
+                    return print_json(&sinks);
+                }
+                let dash = || "-".to_owned();
+                let rows = sinks
+                    .into_iter()
+                    .map(|sink| {
+                        vec![
+                            sink.sink,
+                            if sink.enabled {
+                                "yes".into()
+                            } else {
+                                format!("no ({})", sink.disabled_reason.unwrap_or_default())
+                            },
+                            sink.queued.to_string(),
+                            sink.in_flight.to_string(),
+                            sink.dead.to_string(),
+                            sink.last_success_at.unwrap_or_else(dash),
+                            sink.last_error
+                                .map(|error| {
+                                    format!("{} {}", error.at, one_line(&error.message, 60))
+                                })
+                                .unwrap_or_else(dash),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "SINK",
+                        "ENABLED",
+                        "QUEUED",
+                        "IN FLIGHT",
+                        "DEAD",
+                        "LAST SUCCESS",
+                        "LAST ERROR",
+                    ],
+                    rows,
+                );
+                Ok(())
+            }
+        }
+    })
+}
+
+/// An HTTP client of the admin API, with the bearer token when one is configured.
+struct AdminClient {
+    http: reqwest::Client,
+    base: String,
+    token: Option<SecretString>,
+}
+
+impl AdminClient {
+    fn new(config: &ClientConfig, args: &AdminArgs) -> Result<AdminClient, CliError> {
+        let base = match &args.admin_url {
+            Some(url) => url.trim_end_matches('/').to_owned(),
+            None => connect_url(
+                config.admin_listen.as_deref().unwrap_or("127.0.0.1:9091"),
+                "127.0.0.1:9091",
+            )?,
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|error| {
+                CliError::Runtime(format!("cannot create the HTTP client: {error}"))
+            })?;
+        Ok(AdminClient {
+            http,
+            base,
+            token: config.admin_token.clone(),
+        })
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// Sends, and reads the JSON answer; maps every failure to a message and an exit code.
+    async fn send<T: DeserializeOwned>(
+        &self,
+        request: reqwest::RequestBuilder,
+    ) -> Result<T, CliError> {
+        let request = match &self.token {
+            Some(token) => request.bearer_auth(token.expose_secret()),
+            None => request,
+        };
+        let response = request.send().await.map_err(|error| {
+            CliError::Runtime(format!(
+                "cannot reach the admin API at {}: {error} (is the relay running? see admin.listen or --admin-url)",
+                self.base
+            ))
+        })?;
+        let status = response.status();
+        let body = response.bytes().await.map_err(|error| {
+            CliError::Runtime(format!("cannot read the admin API's answer: {error}"))
+        })?;
+        if status.is_success() {
+            return serde_json::from_slice(&body).map_err(|error| {
+                CliError::Runtime(format!("unexpected answer from the admin API: {error}"))
+            });
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&body)
+            .map(|body| body.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
+        Err(match status.as_u16() {
+            401 => CliError::Usage(format!(
+                "the admin API refused the token ({message}): set admin.token in the config or BOTRELAY__ADMIN__TOKEN"
+            )),
+            400..=499 => CliError::Usage(format!("the admin API answered {status}: {message}")),
+            _ => CliError::Runtime(format!("the admin API answered {status}: {message}")),
+        })
+    }
+
+    async fn dead_letters(
+        &self,
+        filter: &FilterArgs,
+        since: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<DeadLetterView>, CliError> {
+        let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
+        query.extend(filter.sink.clone().map(|sink| ("sink", sink)));
+        query.extend(filter.user.clone().map(|user| ("user", user)));
+        query.extend(since.map(|since| ("since", since.to_string())));
+        self.send(self.http.get(self.url("/admin/dead-letters")).query(&query))
+            .await
+    }
+}
+
+/// `since` as absolute epoch ms, resolved once so that every request of a command agrees.
+fn resolve_since(filter: &FilterArgs) -> Result<Option<i64>, CliError> {
+    filter
+        .since
+        .as_deref()
+        .map(|since| botrelay::admin::parse_since(since, botrelay::store::now_ms()))
+        .transpose()
+        .map_err(|error| CliError::Usage(error.to_string()))
+}
+
+async fn list_dead_letters(
+    client: &AdminClient,
+    filter: &FilterArgs,
+    limit: u32,
+    json: bool,
+) -> Result<(), CliError> {
+    let since = resolve_since(filter)?;
+    let letters = client.dead_letters(filter, since, limit).await?;
+    if json {
+        return print_json(&letters);
+    }
+    if letters.is_empty() {
+        println!("no dead letters");
+        return Ok(());
+    }
+    let count = letters.len();
+    let dash = || "-".to_owned();
+    let rows = letters
+        .into_iter()
+        .map(|letter| {
+            vec![
+                letter.id.to_string(),
+                letter.sink,
+                letter.kind,
+                letter.user.unwrap_or_else(dash),
+                letter.attempts.to_string(),
+                letter
+                    .last_status
+                    .map(|status| status.to_string())
+                    .unwrap_or_else(dash),
+                letter.last_attempt_at.unwrap_or_else(dash),
+                letter
+                    .last_error
+                    .map(|error| one_line(&error, 70))
+                    .unwrap_or_else(dash),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "SINK",
+            "KIND",
+            "USER",
+            "ATTEMPTS",
+            "STATUS",
+            "LAST ATTEMPT",
+            "LAST ERROR",
+        ],
+        rows,
+    );
+    if count == limit as usize {
+        println!("({count} shown; there may be more: raise --limit or narrow the filter)");
+    }
+    Ok(())
+}
+
+/// Replays in chunks of ids, printing `replayed N/TOTAL` as it goes when there is more than one
+/// chunk. Without `--id`, lists the matching letters first (up to 10000 at a time).
+async fn replay(
+    client: &AdminClient,
+    filter: &FilterArgs,
+    ids: Vec<i64>,
+    all: bool,
+    chunk: usize,
+    json: bool,
+) -> Result<(), CliError> {
+    let filtered =
+        filter.sink.is_some() || filter.user.is_some() || filter.since.is_some() || !ids.is_empty();
+    if !filtered && !all {
+        return Err(CliError::Usage(
+            "choose what to replay with --sink, --user, --since or --id, or pass --all for every dead letter".into(),
+        ));
+    }
+    let since = resolve_since(filter)?;
+    let chunk = chunk.max(1);
+    let template = ReplayRequest {
+        sink: filter.sink.clone(),
+        user: filter.user.clone(),
+        since: since.map(Since::Millis),
+        ids: None,
+    };
+    let mut replayed = 0usize;
+    let mut total = 0usize;
+    let mut seen: HashSet<i64> = HashSet::new();
+    let mut explicit_ids = (!ids.is_empty()).then_some(ids);
+    loop {
+        // The ids of this round: the given ones, or the letters that match now and were not
+        // replayed yet (a replayed letter that fails again is dead again, with the same id).
+        let (batch, more) = match explicit_ids.take() {
+            Some(ids) => (ids, false),
+            None => {
+                let letters = client.dead_letters(filter, since, MAX_LIMIT).await?;
+                let full = letters.len() == MAX_LIMIT as usize;
+                let fresh: Vec<i64> = letters
+                    .iter()
+                    .map(|letter| letter.id)
+                    .filter(|id| seen.insert(*id))
+                    .collect();
+                (fresh, full)
+            }
+        };
+        if batch.is_empty() {
+            break;
+        }
+        total += batch.len();
+        let chunks = batch.chunks(chunk).count();
+        for ids in batch.chunks(chunk) {
+            let request = ReplayRequest {
+                ids: Some(ids.to_vec()),
+                ..template.clone()
+            };
+            let answer: Replayed = client
+                .send(
+                    client
+                        .http
+                        .post(client.url("/admin/dead-letters/replay"))
+                        .json(&request),
+                )
+                .await?;
+            replayed += answer.replayed;
+            if !json && (chunks > 1 || more) {
+                eprintln!("replayed {replayed}/{total}");
+            }
+        }
+        if !more {
+            break;
+        }
+    }
+    if json {
+        print_json(&Replayed { replayed })
+    } else {
+        let plural = if replayed == 1 { "" } else { "s" };
+        println!("replayed {replayed} dead letter{plural}");
+        Ok(())
+    }
+}
+
+/// Percent-encodes a PSID for a path segment (PSIDs are digits; `user_ref`s may be anything).
+fn encode_path_segment(segment: &str) -> String {
+    let mut encoded = String::with_capacity(segment.len());
+    for byte in segment.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            encoded.push(char::from(byte));
+        } else {
+            encoded.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    encoded
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|error| CliError::Runtime(error.to_string()))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Columns padded to their widest cell; the last column is not padded.
+fn print_table(headers: &[&str], rows: Vec<Vec<String>>) {
+    if rows.is_empty() {
+        return;
+    }
+    let mut widths: Vec<usize> = headers
+        .iter()
+        .map(|header| header.chars().count())
+        .collect();
+    for row in &rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let last = cells.len().saturating_sub(1);
+        let padded: Vec<String> = cells
+            .into_iter()
+            .enumerate()
+            .map(|(index, cell)| {
+                if index == last {
+                    cell
+                } else {
+                    format!("{cell:<width$}", width = widths[index])
+                }
+            })
+            .collect();
+        padded.join("  ")
+    };
+    println!(
+        "{}",
+        line(headers.iter().map(|header| (*header).to_owned()).collect())
+    );
+    for row in rows {
+        println!("{}", line(row));
+    }
+}
+
+/// The first `max` characters of `text` on one line.
+fn one_line(text: &str, max: usize) -> String {
+    let flat: String = text
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if flat.chars().count() <= max {
+        flat
+    } else {
+        let cut: String = flat.chars().take(max.saturating_sub(1)).collect();
+        format!("{cut}…")
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// `sign`: a signed test webhook for a new user.
+
+fn sign(
+    config_path: &Path,
+    explicit: bool,
+    file: &Path,
+    secret_env: &str,
+    url: Option<String>,
+    header_only: bool,
+) -> Result<(), CliError> {
+    let secret = std::env::var(secret_env)
+        .ok()
+        .filter(|secret| !secret.is_empty())
+        .ok_or_else(|| {
+            CliError::Usage(format!(
+                "set {secret_env} to the app secret (App Dashboard > Settings > Basic), or name another variable with --secret-env"
+            ))
+        })?;
+    let body = std::fs::read(file)
+        .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?;
+    let signature = botrelay::ingest::verify::sign_sha256(secret.as_bytes(), &body);
+    if header_only {
+        println!("X-Hub-Signature-256: {signature}");
+        return Ok(());
+    }
+    let url = match url {
+        Some(url) => url,
+        None => {
+            let config = ClientConfig::load(config_path, explicit)?;
+            let base = connect_url(
+                config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
+                "0.0.0.0:8080",
+            )?;
+            format!("{base}/webhook")
+        }
+    };
+    println!("curl -sS -X POST {} \\", shell_quote(&url));
+    println!("  -H 'Content-Type: application/json' \\");
+    println!("  -H 'X-Hub-Signature-256: {signature}' \\");
+    println!(
+        "  --data-binary @{}",
+        shell_quote(&file.display().to_string())
+    );
+    Ok(())
+}
+
+/// Single-quotes `text` for a POSIX shell.
+fn shell_quote(text: &str) -> String {
+    format!("'{}'", text.replace('\'', r"'\''"))
 }

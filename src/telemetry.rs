@@ -1,15 +1,29 @@
-//! Observability in one place: tracing setup (pretty or JSON to stdout), the metric names, and
-//! the [`Redactor`] that keeps secrets out of every log line and every stored error.
+//! Observability in one place: tracing setup (pretty or JSON to stdout), the request span, the
+//! metric names and the Prometheus recorder, the in-memory sink status, and the [`Redactor`]
+//! that keeps secrets out of every log line and every stored error.
 //!
 //! Redaction happens twice, on purpose: the dispatcher redacts errors before they reach the
 //! dead-letter store, and the log writer redacts every formatted line before it reaches stdout,
 //! so a token inside a URL or an error message from a library is masked too.
+//!
+//! The metrics recorder and the sink status are process-wide (one relay per process): the
+//! `metrics` facade has one global recorder, and tests that start many relays in one process
+//! share it.
 
-use crate::config::{LogConfig, LogFormat};
+use crate::config::{LogConfig, LogFormat, SinkName};
+use crate::event::{EventKind, Source};
+use crate::ingest::verify::VerifyError;
+use crate::store::{Millis, Settle, now_ms};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use std::collections::HashMap;
 use std::io::{self, IsTerminal, Write};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+use tracing::Subscriber;
 use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
+use tracing_subscriber::util::SubscriberInitExt;
 
 /// Metric names (SPEC §5), so that code and tests agree on them.
 pub mod metric {
@@ -18,6 +32,7 @@ pub mod metric {
     pub const DELIVERY_SECONDS: &str = "botrelay_delivery_seconds";
     pub const QUEUE_DEPTH: &str = "botrelay_queue_depth";
     pub const DEAD_LETTERS: &str = "botrelay_dead_letters";
+    pub const IN_FLIGHT: &str = "botrelay_in_flight";
     pub const WEBHOOK_REJECTED: &str = "botrelay_webhook_rejected_total";
     pub const WEBHOOK_IGNORED: &str = "botrelay_webhook_ignored_total";
     pub const DUPLICATES: &str = "botrelay_duplicate_events_total";
@@ -27,7 +42,13 @@ pub mod metric {
 const MASK: &str = "[redacted]";
 
 /// Query and JSON keys whose values are always secret, whatever the config says.
-const SECRET_KEYS: [&str; 5] = ["access_token", "apiKey", "api_key", "appsecret_proof", "verify_token"];
+const SECRET_KEYS: [&str; 5] = [
+    "access_token",
+    "apiKey",
+    "api_key",
+    "appsecret_proof",
+    "verify_token",
+];
 
 /// Masks secrets in text: every configured secret value, and the value of every secret key in a
 /// query string (`access_token=…`) or JSON (`"access_token":"…"`).
@@ -57,9 +78,13 @@ impl Redactor {
             }
         }
         for key in SECRET_KEYS {
-            out = mask_after(&out, &format!("{key}="), |c| matches!(c, '&' | '"' | '\'' | ' ' | '\n' | '\\' | '<' | '>' | ')'));
+            out = mask_after(&out, &format!("{key}="), |c| {
+                matches!(c, '&' | '"' | '\'' | ' ' | '\n' | '\\' | '<' | '>' | ')')
+            });
             out = mask_after(&out, &format!("\"{key}\":\""), |c| c == '"' || c == '\\');
-            out = mask_after(&out, &format!("\\\"{key}\\\":\\\""), |c| c == '\\' || c == '"');
+            out = mask_after(&out, &format!("\\\"{key}\\\":\\\""), |c| {
+                c == '\\' || c == '"'
+            });
         }
         out
     }
@@ -156,6 +181,22 @@ pub fn init_with_writer<M>(log: &LogConfig, redactor: Redactor, writer: M)
 where
     M: for<'a> MakeWriter<'a> + Send + Sync + 'static,
 {
+    let _ = subscriber(log, redactor, writer).try_init();
+}
+
+/// The subscriber [`init`] installs, for a scoped `tracing::subscriber::set_default` in tests.
+///
+/// JSON lines are flat (`timestamp`, `level`, `message`, the event's fields) and carry the
+/// current span under `span`: `request_id`, `method` and `path` for a request; `event_id`,
+/// `sink`, `kind` and `attempt` for a delivery attempt.
+pub fn subscriber<M>(
+    log: &LogConfig,
+    redactor: Redactor,
+    writer: M,
+) -> Box<dyn Subscriber + Send + Sync>
+where
+    M: for<'a> MakeWriter<'a> + Send + Sync + 'static,
+{
     let filter = std::env::var("RUST_LOG")
         .ok()
         .and_then(|filter| EnvFilter::try_new(filter).ok())
@@ -167,16 +208,250 @@ where
         LogFormat::Json
     });
     let writer = RedactingWriter::new(writer, redactor);
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
-    let _ = match format {
-        LogFormat::Json => builder
-            .json()
-            .flatten_event(true)
-            .with_current_span(true)
-            .with_span_list(false)
-            .try_init(),
-        LogFormat::Pretty => builder.compact().try_init(),
-    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(writer);
+    match format {
+        LogFormat::Json => Box::new(
+            builder
+                .json()
+                .flatten_event(true)
+                .with_current_span(true)
+                .with_span_list(false)
+                .finish(),
+        ),
+        LogFormat::Pretty => Box::new(builder.compact().finish()),
+    }
+}
+
+/// The span of one HTTP request (both listeners): method, path and the `x-request-id` that
+/// `SetRequestIdLayer` assigned (or the caller sent). The path only: a query string may carry
+/// a token.
+pub fn request_span<B>(request: &axum::http::Request<B>) -> tracing::Span {
+    let request_id = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!("request", method = %request.method(), path = %request.uri().path(), request_id)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Metrics.
+
+/// Upper bounds of the `botrelay_delivery_seconds` buckets: a local bot answers in
+/// milliseconds, a vendor in tens or hundreds of them, a timeout after `timeout` (10 s).
+pub const DELIVERY_SECONDS_BUCKETS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+
+/// How often histogram samples are folded in when nobody scrapes.
+const METRICS_UPKEEP_EVERY: Duration = Duration::from_secs(5);
+
+static METRICS: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// The Prometheus recorder, installed as the global `metrics` recorder on the first call; every
+/// later call (another relay in the same test process) gets the same handle. If some other
+/// recorder was installed first, the handle renders only the metric descriptions.
+pub fn metrics() -> &'static PrometheusHandle {
+    METRICS.get_or_init(|| {
+        // Fails only for an empty bucket list.
+        let builder = PrometheusBuilder::new()
+            .set_buckets_for_metric(Matcher::Full(metric::DELIVERY_SECONDS.to_owned()), &DELIVERY_SECONDS_BUCKETS)
+            .unwrap_or_else(|_| PrometheusBuilder::new());
+        let recorder = builder.build_recorder();
+        let handle = recorder.handle();
+        if let Err(error) = metrics::set_global_recorder(recorder) {
+            tracing::warn!(%error, "Another metrics recorder is installed; /metrics will stay empty");
+        }
+        describe_metrics();
+        handle
+    })
+}
+
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!(
+        metric::EVENTS_RECEIVED,
+        "Events received, by source and kind (before dedupe)."
+    );
+    describe_counter!(
+        metric::DELIVERIES,
+        "Delivery attempts by sink and outcome (delivered, retried, dead, skipped)."
+    );
+    describe_histogram!(
+        metric::DELIVERY_SECONDS,
+        Unit::Seconds,
+        "Duration of one delivery attempt, by sink."
+    );
+    describe_gauge!(
+        metric::QUEUE_DEPTH,
+        "Deliveries not yet delivered (waiting, due or scheduled for a retry), by sink."
+    );
+    describe_gauge!(
+        metric::IN_FLIGHT,
+        "Deliveries being attempted now, by sink."
+    );
+    describe_gauge!(metric::DEAD_LETTERS, "Dead letters in the store, by sink.");
+    describe_counter!(
+        metric::WEBHOOK_REJECTED,
+        "Webhook POSTs refused, by reason."
+    );
+    describe_counter!(
+        metric::WEBHOOK_IGNORED,
+        "Signed webhook POSTs or items acknowledged without an event."
+    );
+    describe_counter!(
+        metric::DUPLICATES,
+        "Events acknowledged again within the dedupe window and not delivered again."
+    );
+    describe_counter!(
+        metric::PROXY_REQUESTS,
+        "Send API proxy requests, by outcome."
+    );
+}
+
+/// Registers every series a dashboard expects at zero, so that the names are in `/metrics`
+/// before the first event: the counters and the histogram of each active sink, the rejection
+/// reasons, and the event kinds per source.
+pub fn register_metrics(active: &[SinkName]) {
+    let _ = metrics();
+    let kinds_by_source = [
+        (Source::Webhook, EventKind::WEBHOOK.to_vec()),
+        (Source::Outgoing, vec![EventKind::Outgoing]),
+        (
+            Source::Custom,
+            vec![
+                EventKind::Custom,
+                EventKind::Revenue,
+                EventKind::Share,
+                EventKind::PageLaunch,
+                EventKind::Lead,
+            ],
+        ),
+    ];
+    for (source, kinds) in kinds_by_source {
+        for kind in kinds {
+            metrics::counter!(metric::EVENTS_RECEIVED, "source" => source.as_str(), "kind" => kind.as_str()).increment(0);
+        }
+    }
+    let reasons = [
+        VerifyError::Missing,
+        VerifyError::Malformed,
+        VerifyError::Mismatch,
+    ]
+    .map(VerifyError::reason)
+    .into_iter()
+    .chain(["too_large", "not_json"]);
+    for reason in reasons {
+        metrics::counter!(metric::WEBHOOK_REJECTED, "reason" => reason).increment(0);
+    }
+    for sink in active {
+        for outcome in OUTCOMES {
+            metrics::counter!(metric::DELIVERIES, "sink" => sink.as_str(), "outcome" => outcome)
+                .increment(0);
+        }
+        let _ = metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => sink.as_str());
+        metrics::gauge!(metric::QUEUE_DEPTH, "sink" => sink.as_str()).set(0.0);
+        metrics::gauge!(metric::IN_FLIGHT, "sink" => sink.as_str()).set(0.0);
+        metrics::gauge!(metric::DEAD_LETTERS, "sink" => sink.as_str()).set(0.0);
+    }
+}
+
+/// The `outcome` label values of `botrelay_deliveries_total`.
+pub const OUTCOMES: [&str; 4] = ["delivered", "retried", "dead", "skipped"];
+
+/// Sets the queue gauges of one sink (from `Store::depth`, at scrape time).
+pub fn set_queue_gauges(sink: SinkName, queued: u64, in_flight: u64, dead: u64) {
+    // Gauges are f64; queue sizes far below 2^53 are exact.
+    let as_gauge = |value: u64| value as f64;
+    metrics::gauge!(metric::QUEUE_DEPTH, "sink" => sink.as_str()).set(as_gauge(queued));
+    metrics::gauge!(metric::IN_FLIGHT, "sink" => sink.as_str()).set(as_gauge(in_flight));
+    metrics::gauge!(metric::DEAD_LETTERS, "sink" => sink.as_str()).set(as_gauge(dead));
+}
+
+/// Folds histogram samples into their buckets every few seconds until `stop`, so that memory
+/// stays bounded when nobody scrapes `/metrics`.
+pub async fn metrics_upkeep(stop: CancellationToken) {
+    let handle = metrics();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(METRICS_UPKEEP_EVERY) => handle.run_upkeep(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sink status: when each sink last succeeded and last failed, since the process started.
+
+/// The last failed attempt of a sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastError {
+    pub at: Millis,
+    pub status: Option<u16>,
+    /// Redacted by the dispatcher before it is recorded.
+    pub message: String,
+    /// True when the attempt ended in a dead letter, false when it will be retried.
+    pub dead: bool,
+}
+
+/// What is known of one sink's recent attempts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SinkActivity {
+    pub last_success_at: Option<Millis>,
+    pub last_error: Option<LastError>,
+}
+
+/// The in-memory record of each sink's last success and last error, fed by the dispatcher
+/// (one call per settled attempt) and read by `GET /admin/sinks`.
+#[derive(Debug, Default)]
+pub struct SinkStatus {
+    by_sink: RwLock<HashMap<SinkName, SinkActivity>>,
+}
+
+/// Longest error message kept per sink.
+const LAST_ERROR_MAX_CHARS: usize = 500;
+
+impl SinkStatus {
+    /// Records how an attempt ended, now.
+    pub fn record(&self, sink: SinkName, settle: &Settle) {
+        self.record_at(sink, settle, now_ms());
+    }
+
+    /// Records how an attempt ended at `at`. Skipped deliveries made no attempt: not recorded.
+    pub fn record_at(&self, sink: SinkName, settle: &Settle, at: Millis) {
+        let Ok(mut by_sink) = self.by_sink.write() else {
+            return;
+        };
+        let activity = by_sink.entry(sink).or_default();
+        match settle {
+            Settle::Delivered { .. } => activity.last_success_at = Some(at),
+            Settle::Retry { status, error, .. } | Settle::Dead { status, error } => {
+                activity.last_error = Some(LastError {
+                    at,
+                    status: *status,
+                    message: error.chars().take(LAST_ERROR_MAX_CHARS).collect(),
+                    dead: matches!(settle, Settle::Dead { .. }),
+                });
+            }
+            Settle::Skipped { .. } => {}
+        }
+    }
+
+    pub fn get(&self, sink: SinkName) -> SinkActivity {
+        self.by_sink
+            .read()
+            .ok()
+            .and_then(|by_sink| by_sink.get(&sink).cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// The process-wide sink status (see [`SinkStatus`]).
+pub fn sink_status() -> &'static SinkStatus {
+    static STATUS: OnceLock<SinkStatus> = OnceLock::new();
+    STATUS.get_or_init(SinkStatus::default)
 }
 
 #[cfg(test)]
@@ -185,7 +460,11 @@ mod tests {
 
     #[test]
     fn configured_secrets_are_masked_anywhere() {
-        let redactor = Redactor::new(vec!["s3cr3t-app".into(), "page-token-1".into(), "ab".into()]);
+        let redactor = Redactor::new(vec![
+            "s3cr3t-app".into(),
+            "page-token-1".into(),
+            "ab".into(),
+        ]);
         assert_eq!(
             redactor.redact("failed with s3cr3t-app and page-token-1 (ab)"),
             "failed with [redacted] and [redacted] (ab)"
@@ -200,11 +479,125 @@ mod tests {
             "POST https://graph.facebook.com/v20.0/1/page_activities?access_token=[redacted]&appsecret_proof=[redacted] failed"
         );
         assert_eq!(
-            redactor.redact(r#"{"qs":{"access_token":"EAAB"},"url":"https://t/track?apiKey=k1&type=incoming"}"#),
+            redactor.redact(
+                r#"{"qs":{"access_token":"EAAB"},"url":"https://t/track?apiKey=k1&type=incoming"}"#
+            ),
             r#"{"qs":{"access_token":"[redacted]"},"url":"https://t/track?apiKey=[redacted]&type=incoming"}"#
         );
-        assert_eq!(redactor.redact(r#"{\"access_token\":\"EAAB\"}"#), r#"{\"access_token\":\"[redacted]\"}"#);
+        assert_eq!(
+            redactor.redact(r#"{\"access_token\":\"EAAB\"}"#),
+            r#"{\"access_token\":\"[redacted]\"}"#
+        );
         assert_eq!(redactor.redact("access_token=&x=1"), "access_token=&x=1");
+    }
+
+    /// A `MakeWriter` into a shared buffer.
+    #[derive(Clone, Default)]
+    struct Capture(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Capture {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            if let Ok(mut buffer) = self.0.lock() {
+                buffer.extend_from_slice(bytes);
+            }
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> MakeWriter<'a> for Capture {
+        type Writer = Capture;
+
+        fn make_writer(&'a self) -> Capture {
+            self.clone()
+        }
+    }
+
+    #[test]
+    fn json_log_lines_are_redacted_through_the_real_subscriber()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let capture = Capture::default();
+        let log = LogConfig {
+            format: Some(LogFormat::Json),
+            level: "info".into(),
+        };
+        let redactor = Redactor::new(vec!["the-app-secret".into(), "dash-api-key".into()]);
+        tracing::subscriber::with_default(subscriber(&log, redactor, capture.clone()), || {
+            let span =
+                tracing::info_span!("delivery", event_id = "e1", sink = "dashbot", attempt = 2);
+            let _entered = span.enter();
+            let url = "https://tracker.dashbot.io/track?platform=facebook&apiKey=dash-api-key&type=incoming";
+            tracing::warn!(%url, error = "signature made with the-app-secret refused", "Delivery failed");
+            tracing::warn!(
+                "GET https://graph.facebook.com/v20.0/me?access_token=EAABxyz&appsecret_proof=0f1e failed"
+            );
+        });
+        let text = String::from_utf8(capture.0.lock().map_err(|_| "poisoned")?.clone())?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), 2, "{text}");
+        for secret in ["the-app-secret", "dash-api-key", "EAABxyz", "0f1e"] {
+            assert!(!text.contains(secret), "{secret} leaked: {text}");
+        }
+        assert_eq!(lines[0]["message"], "Delivery failed");
+        assert_eq!(
+            lines[0]["url"],
+            "https://tracker.dashbot.io/track?platform=facebook&apiKey=[redacted]&type=incoming"
+        );
+        assert_eq!(lines[0]["error"], "signature made with [redacted] refused");
+        assert_eq!(lines[0]["span"]["event_id"], "e1");
+        assert_eq!(lines[0]["span"]["attempt"], 2);
+        assert!(
+            lines[1]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("access_token=[redacted]&appsecret_proof=[redacted]"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn sink_status_keeps_the_last_success_and_the_last_error() {
+        let status = SinkStatus::default();
+        assert_eq!(status.get(SinkName::Bot), SinkActivity::default());
+        status.record_at(SinkName::Bot, &Settle::Delivered { status: 200 }, 10);
+        status.record_at(
+            SinkName::Bot,
+            &Settle::Skipped {
+                reason: "paused".into(),
+            },
+            11,
+        );
+        status.record_at(
+            SinkName::Bot,
+            &Settle::Retry {
+                due_at: 99,
+                counted: true,
+                status: Some(503),
+                error: "HTTP 503".into(),
+            },
+            12,
+        );
+        status.record_at(
+            SinkName::Bot,
+            &Settle::Dead {
+                status: None,
+                error: "x".repeat(900),
+            },
+            13,
+        );
+        let bot = status.get(SinkName::Bot);
+        assert_eq!(bot.last_success_at, Some(10));
+        let last = bot.last_error.unwrap_or_else(|| panic!("no last error"));
+        assert_eq!(
+            (last.at, last.status, last.dead, last.message.len()),
+            (13, None, true, LAST_ERROR_MAX_CHARS)
+        );
+        assert_eq!(status.get(SinkName::Kochava), SinkActivity::default());
     }
 
     #[test]
@@ -217,7 +610,10 @@ mod tests {
         };
         line.write_all(b"password hunter22\n")?;
         line.flush()?;
-        assert_eq!(String::from_utf8_lossy(&line.inner), "password [redacted]\n");
+        assert_eq!(
+            String::from_utf8_lossy(&line.inner),
+            "password [redacted]\n"
+        );
         Ok(())
     }
 }

@@ -4,7 +4,7 @@
 //! Pure: the raw item goes out byte for byte, and the signature covers exactly the bytes sent.
 
 use crate::delivery::{Method, Request};
-use crate::event::Event;
+use crate::event::{Event, WebhookOrigin};
 use crate::ingest::verify::sign_sha256;
 use crate::sinks::EncodeError;
 use bytes::Bytes;
@@ -23,19 +23,7 @@ impl Bot {
             .webhook
             .as_ref()
             .ok_or_else(|| EncodeError::Skip(format!("{} did not come in on the webhook", event.kind)))?;
-        let object = serde_json::to_string(&origin.object)
-            .map_err(|error| EncodeError::Invalid(error.to_string()))?;
-        let time = origin
-            .entry_time
-            .as_ref()
-            .map(|time| format!(",\"time\":{}", time.get()))
-            .unwrap_or_default();
-        let body = format!(
-            "{{\"object\":{object},\"entry\":[{{\"id\":{id}{time},\"{channel}\":[{item}]}}]}}",
-            id = origin.entry_id.get(),
-            channel = origin.channel.as_str(),
-            item = origin.item.get(),
-        );
+        let body = single_item_body(origin)?;
         let signature = sign_sha256(self.app_secret.expose_secret().as_bytes(), body.as_bytes());
         Ok(Request {
             method: Method::Post,
@@ -50,10 +38,29 @@ impl Bot {
     }
 }
 
+/// The single-item webhook body of SPEC §4.1: `{"object", "entry": [{"id", "time"?,
+/// "messaging"|"standby": [<raw item>]}]}`, with the raw item's bytes verbatim. Also what the
+/// Dashbot sink sends as `type=incoming`.
+pub(crate) fn single_item_body(origin: &WebhookOrigin) -> Result<String, EncodeError> {
+    let object = serde_json::to_string(&origin.object)
+        .map_err(|error| EncodeError::Invalid(error.to_string()))?;
+    let time = origin
+        .entry_time
+        .as_ref()
+        .map(|time| format!(",\"time\":{}", time.get()))
+        .unwrap_or_default();
+    Ok(format!(
+        "{{\"object\":{object},\"entry\":[{{\"id\":{id}{time},\"{channel}\":[{item}]}}]}}",
+        id = origin.entry_id.get(),
+        channel = origin.channel.as_str(),
+        item = origin.item.get(),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::{Channel, EventData, EventId, EventKind, Source, WebhookOrigin};
+    use crate::event::{Channel, EventData, EventId, EventKind, Source};
     use serde_json::value::RawValue;
 
     fn event(channel: Channel, item: &str, time: Option<&str>) -> Result<Event, serde_json::Error> {

@@ -27,6 +27,13 @@ use tokio::sync::{mpsc, oneshot};
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 512;
 
+/// How often the checkpointer copies committed WAL frames into the database file.
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(100);
+
+/// Every this many commits the writer finishes a checkpoint itself (after answering its
+/// callers), so that the WAL file is reused from its start instead of growing.
+const BATCHES_PER_WAL_RESTART: u32 = 32;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
@@ -92,9 +99,12 @@ impl SqliteStore {
         }
         let lock = lock_file(path)?;
         let writer = Connection::open(path).map_err(database)?;
+        // Checkpoints are not run inside the writer's commits (where every caller of the batch
+        // would wait for them) but by a checkpointer thread; see `checkpoint_loop`.
         writer
             .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;",
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = FULL; PRAGMA busy_timeout = 5000;
+                 PRAGMA wal_autocheckpoint = 0; PRAGMA journal_size_limit = 67108864;",
             )
             .map_err(database)?;
         if let Some(max_bytes) = max_bytes {
@@ -120,12 +130,24 @@ impl SqliteStore {
             .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
             .map_err(database)?;
 
+        let checkpointer = Connection::open(path).map_err(database)?;
+        checkpointer
+            .execute_batch("PRAGMA busy_timeout = 5000;")
+            .map_err(database)?;
+        let stop_checkpoints = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let checkpoints_stopped = stop_checkpoints.clone();
+        std::thread::Builder::new()
+            .name("botrelay-checkpoint".into())
+            .spawn(move || checkpoint_loop(&checkpointer, &checkpoints_stopped))
+            .map_err(|error| StoreError::Database(format!("cannot start the checkpoint thread: {error}")))?;
+
         let (writes, receiver) = mpsc::channel::<Write>(8192);
         std::thread::Builder::new()
             .name("botrelay-store".into())
             .spawn(move || {
                 let _lock = lock;
-                write_loop(writer, receiver, &wakers)
+                write_loop(writer, receiver, &wakers);
+                stop_checkpoints.store(true, std::sync::atomic::Ordering::Relaxed);
             })
             .map_err(|error| StoreError::Database(format!("cannot start the writer thread: {error}")))?;
         Ok(SqliteStore {
@@ -297,10 +319,12 @@ impl SqliteStore {
             }
             batch.next_due = connection
                 .query_row(
-                    "SELECT MIN(due_at) FROM deliveries WHERE sink = ?1 AND state IN ('pending', 'in_flight')",
+                    "SELECT due_at FROM deliveries WHERE sink = ?1 AND state IN ('pending', 'in_flight')
+                     ORDER BY due_at LIMIT 1",
                     [sink.as_str()],
-                    |row| row.get::<_, Option<i64>>(0),
+                    |row| row.get::<_, i64>(0),
                 )
+                .optional()
                 .map_err(database)?;
             Ok(batch)
         })
@@ -578,11 +602,15 @@ impl SqliteStore {
 
 /// After the head of a lane is done, lets the next waiting delivery of that lane go.
 /// Returns true when one was promoted.
+///
+/// Both queries name every open state so that SQLite uses the partial `deliveries_lane` index
+/// (a narrower `state = 'waiting'` alone would not imply the index's condition and would scan).
 fn promote(connection: &Connection, sink: SinkName, lane: Option<&str>, now: Millis) -> Result<bool, StoreError> {
     let Some(lane) = lane else { return Ok(false) };
     let busy = connection
         .prepare_cached(
-            "SELECT 1 FROM deliveries WHERE sink = ?1 AND lane = ?2 AND state IN ('pending', 'in_flight') LIMIT 1",
+            "SELECT 1 FROM deliveries WHERE sink = ?1 AND lane = ?2
+             AND state IN ('waiting', 'pending', 'in_flight') AND state <> 'waiting' LIMIT 1",
         )
         .map_err(database)?
         .query_row(params![sink.as_str(), lane], |_| Ok(()))
@@ -592,16 +620,23 @@ fn promote(connection: &Connection, sink: SinkName, lane: Option<&str>, now: Mil
     if busy {
         return Ok(false);
     }
-    let promoted = connection
+    // Nothing of the lane is pending or in flight, so its oldest open row is waiting.
+    let next: Option<i64> = connection
         .prepare_cached(
-            "UPDATE deliveries SET state = 'pending', due_at = ?3, updated_at = ?3
-             WHERE id = (SELECT id FROM deliveries WHERE sink = ?1 AND lane = ?2 AND state = 'waiting'
-                         ORDER BY id LIMIT 1)",
+            "SELECT id FROM deliveries WHERE sink = ?1 AND lane = ?2
+             AND state IN ('waiting', 'pending', 'in_flight') ORDER BY id LIMIT 1",
         )
         .map_err(database)?
-        .execute(params![sink.as_str(), lane, now])
+        .query_row(params![sink.as_str(), lane], |row| row.get(0))
+        .optional()
         .map_err(database)?;
-    Ok(promoted > 0)
+    let Some(next) = next else { return Ok(false) };
+    connection
+        .prepare_cached("UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1")
+        .map_err(database)?
+        .execute(params![next, now])
+        .map_err(database)?;
+    Ok(true)
 }
 
 fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
@@ -637,6 +672,7 @@ fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::ty
 
 fn write_loop(mut connection: Connection, mut receiver: mpsc::Receiver<Write>, wakers: &Wakers) {
     let mut batch: Vec<Write> = Vec::with_capacity(MAX_BATCH);
+    let mut batches_since_checkpoint = 0;
     while let Some(first) = receiver.blocking_recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -667,8 +703,31 @@ fn write_loop(mut connection: Connection, mut receiver: mpsc::Receiver<Write>, w
         for reply in replies {
             reply(committed.clone());
         }
+        // The callers have their answers. Now and then, finish the checkpoint the checkpointer
+        // has mostly done already (the last few frames), so that the next commit starts the WAL
+        // over instead of growing the file.
+        batches_since_checkpoint += 1;
+        if batches_since_checkpoint >= BATCHES_PER_WAL_RESTART {
+            batches_since_checkpoint = 0;
+            if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                tracing::debug!(%error, "Checkpoint did not run");
+            }
+        }
     }
 }
+
+/// Copies committed WAL frames into the database file, off the writer's path. A PASSIVE
+/// checkpoint never blocks the writer; it does what it can and tries again.
+fn checkpoint_loop(connection: &Connection, stop: &std::sync::atomic::AtomicBool) {
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        std::thread::sleep(CHECKPOINT_EVERY);
+        if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            tracing::debug!(%error, "Checkpoint did not run");
+        }
+    }
+}
+
+
 
 /// Runs one write under a savepoint so that its failure undoes only itself.
 fn in_savepoint<T>(

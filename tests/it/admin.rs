@@ -1,1 +1,1098 @@
-//! The admin listener and the CLI against a running relay (being written).
+//! The admin listener over real HTTP (auth, dead letters, replay, pause, sinks, metrics), the
+//! `botrelay` binary as a client of a running relay, and the logs: request ids, delivery spans
+//! and redaction through the real subscriber.
+
+use crate::support::{
+    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, spawn_app, text_message,
+};
+use botrelay::admin::{DeadLetterView, PauseState, PausedUser, SinkView};
+use botrelay::config::{LogConfig, LogFormat};
+use botrelay::telemetry::{self, Redactor};
+use serde_json::{Value, json};
+use std::io::Write;
+use std::process::Output;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+const ADMIN_TOKEN: &str = "admin-token-for-tests-7f3a";
+const PAGE: &str = "111111";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// A `[bot]` table pointing at `bot` with fast retries, and an admin token.
+fn config(bot: &MockSink, extra: &str) -> String {
+    format!(
+        "[admin]\ntoken = \"{ADMIN_TOKEN}\"\n[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n{extra}",
+        bot.url("/webhook")
+    )
+}
+
+/// A relay whose bot refuses everything with 400, with one dead letter per `(user, mid)`.
+async fn app_with_dead_letters(letters: &[(&str, &str)]) -> TestResult<(TestApp, MockSink)> {
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::json(
+        400,
+        json!({"error": {"message": "bad request"}}),
+    ));
+    let app = spawn_app(&config(&bot, "")).await?;
+    for (index, (user, mid)) in letters.iter().enumerate() {
+        let body = text_message(
+            PAGE,
+            user,
+            mid,
+            "hello",
+            1_700_000_000_000 + i64::try_from(index)?,
+        );
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    }
+    let expected = i64::try_from(letters.len())?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        expected,
+        WAIT,
+    )
+    .await?;
+    Ok((app, bot))
+}
+
+fn admin(app: &TestApp, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+    app.http
+        .request(method, format!("{}{path}", app.admin_url))
+        .bearer_auth(ADMIN_TOKEN)
+}
+
+async fn get_json<T: serde::de::DeserializeOwned>(app: &TestApp, path: &str) -> TestResult<T> {
+    let response = admin(app, reqwest::Method::GET, path).send().await?;
+    assert_eq!(response.status(), 200, "GET {path}");
+    Ok(response.json().await?)
+}
+
+async fn post_json(app: &TestApp, path: &str, body: Value) -> TestResult<(u16, Value)> {
+    let response = admin(app, reqwest::Method::POST, path)
+        .json(&body)
+        .send()
+        .await?;
+    let status = response.status().as_u16();
+    Ok((status, response.json().await?))
+}
+
+#[tokio::test]
+async fn admin_endpoints_require_the_token_when_one_is_set() -> TestResult {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&config(&bot, "")).await?;
+    let endpoints: [(reqwest::Method, &str, Option<Value>); 7] = [
+        (reqwest::Method::GET, "/admin/dead-letters", None),
+        (
+            reqwest::Method::POST,
+            "/admin/dead-letters/replay",
+            Some(json!({"ids": []})),
+        ),
+        (reqwest::Method::POST, "/admin/users/1234/pause", None),
+        (reqwest::Method::POST, "/admin/users/1234/unpause", None),
+        (reqwest::Method::GET, "/admin/paused", None),
+        (reqwest::Method::GET, "/admin/sinks", None),
+        (reqwest::Method::GET, "/admin/no-such-thing", None),
+    ];
+    for (method, path, body) in endpoints {
+        let url = format!("{}{path}", app.admin_url);
+        let with_body = |request: reqwest::RequestBuilder| match &body {
+            Some(body) => request.json(body),
+            None => request,
+        };
+        for authorization in [
+            None,
+            Some("Bearer wrong-token"),
+            Some("Basic YWRtaW46YWRtaW4="),
+            Some(ADMIN_TOKEN),
+        ] {
+            let mut request = with_body(app.http.request(method.clone(), &url));
+            if let Some(value) = authorization {
+                request = request.header("authorization", value);
+            }
+            let response = request.send().await?;
+            assert_eq!(
+                response.status(),
+                401,
+                "{method} {path} with {authorization:?}"
+            );
+            assert_eq!(
+                response
+                    .headers()
+                    .get("www-authenticate")
+                    .and_then(|value| value.to_str().ok()),
+                Some("Bearer realm=\"botrelay-admin\"")
+            );
+            let error: Value = response.json().await?;
+            assert_eq!(error["error"], "missing or wrong bearer token");
+        }
+        let response = with_body(admin(&app, method.clone(), path)).send().await?;
+        let expected = if path == "/admin/no-such-thing" {
+            404
+        } else {
+            200
+        };
+        assert_eq!(
+            response.status(),
+            expected,
+            "{method} {path} with the token"
+        );
+        let _: Value = response.json().await?;
+    }
+    // Metrics and health stay open, as scrapers and probes expect.
+    for path in ["/metrics", "/healthz"] {
+        let response = app
+            .http
+            .get(format!("{}{path}", app.admin_url))
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200, "{path}");
+    }
+    app.stop().await
+}
+
+#[tokio::test]
+async fn without_a_token_the_admin_api_is_open() -> TestResult {
+    let app = spawn_app("").await?;
+    let response = app
+        .http
+        .get(format!("{}/admin/paused", app.admin_url))
+        .send()
+        .await?;
+    assert_eq!(response.status(), 200);
+    let users: Vec<PausedUser> = response.json().await?;
+    assert!(users.is_empty());
+    let sinks: Vec<SinkView> = app
+        .http
+        .get(format!("{}/admin/sinks", app.admin_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert!(sinks.is_empty(), "no sink is configured: {sinks:?}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn dead_letters_are_listed_filtered_and_replayed() -> TestResult {
+    let (app, bot) =
+        app_with_dead_letters(&[("alice", "m-a1"), ("bob", "m-b1"), ("alice", "m-a2")]).await?;
+
+    let letters: Vec<DeadLetterView> = get_json(&app, "/admin/dead-letters").await?;
+    assert_eq!(letters.len(), 3);
+    let first = &letters[0];
+    assert_eq!(
+        (
+            first.sink.as_str(),
+            first.kind.as_str(),
+            first.user.as_deref()
+        ),
+        ("bot", "message", Some("alice"))
+    );
+    assert_eq!((first.attempts, first.last_status), (1, Some(400)));
+    assert!(
+        first
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.starts_with("HTTP 400")),
+        "{first:?}"
+    );
+    assert!(!first.event_id.is_empty());
+    for time in [&first.first_attempt_at, &first.last_attempt_at] {
+        let time = time.as_deref().ok_or("no attempt time")?;
+        assert!(
+            humantime::parse_rfc3339(time).is_ok() && time.ends_with('Z'),
+            "{time}"
+        );
+    }
+    assert!(
+        letters.windows(2).all(|pair| pair[0].id < pair[1].id),
+        "oldest first"
+    );
+
+    let alice: Vec<DeadLetterView> =
+        get_json(&app, "/admin/dead-letters?user=alice&sink=bot").await?;
+    assert_eq!(
+        alice
+            .iter()
+            .map(|letter| letter.user.as_deref())
+            .collect::<Vec<_>>(),
+        [Some("alice"); 2]
+    );
+    let limited: Vec<DeadLetterView> =
+        get_json(&app, "/admin/dead-letters?limit=1&since=1h").await?;
+    assert_eq!(limited.len(), 1);
+    let future: Vec<DeadLetterView> =
+        get_json(&app, "/admin/dead-letters?since=2999-01-01T00:00:00Z").await?;
+    assert!(future.is_empty());
+    let none: Vec<DeadLetterView> = get_json(&app, "/admin/dead-letters?sink=dashbot").await?;
+    assert!(none.is_empty());
+
+    for (query, needle) in [
+        ("sink=kochavaa", "unknown sink `kochavaa`"),
+        ("limit=0", "limit"),
+        ("since=yesterday", "since"),
+        ("users=alice", "users"),
+    ] {
+        let response = admin(
+            &app,
+            reqwest::Method::GET,
+            &format!("/admin/dead-letters?{query}"),
+        )
+        .send()
+        .await?;
+        assert_eq!(response.status(), 400, "{query}");
+        let error: Value = response.json().await?;
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|error| error.contains(needle)),
+            "{query}: {error}"
+        );
+    }
+    for (body, needle) in [
+        (json!({"sink": "nope"}), "unknown sink `nope`"),
+        (json!({"user_id": "alice"}), "user_id"),
+        (json!({"since": "soon"}), "since"),
+    ] {
+        let (status, error) = post_json(&app, "/admin/dead-letters/replay", body.clone()).await?;
+        assert_eq!(status, 400, "{body}");
+        assert!(
+            error["error"]
+                .as_str()
+                .is_some_and(|error| error.contains(needle)),
+            "{body}: {error}"
+        );
+    }
+    let empty = admin(&app, reqwest::Method::POST, "/admin/dead-letters/replay")
+        .send()
+        .await?;
+    assert_eq!(
+        empty.status(),
+        400,
+        "an empty body does not replay everything"
+    );
+
+    // The bot recovers; replay one letter by id, then the rest by user.
+    bot.set_default(Reply::status(200));
+    let (status, answer) = post_json(
+        &app,
+        "/admin/dead-letters/replay",
+        json!({"ids": [letters[1].id]}),
+    )
+    .await?;
+    assert_eq!((status, answer), (200, json!({"replayed": 1})));
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        WAIT,
+    )
+    .await?;
+    let (status, answer) = post_json(
+        &app,
+        "/admin/dead-letters/replay",
+        json!({"user": "alice", "sink": "bot", "since": "1h"}),
+    )
+    .await?;
+    assert_eq!((status, answer), (200, json!({"replayed": 2})));
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        3,
+        WAIT,
+    )
+    .await?;
+    let (status, answer) = post_json(&app, "/admin/dead-letters/replay", json!({})).await?;
+    assert_eq!((status, answer), (200, json!({"replayed": 0})));
+    let left: Vec<DeadLetterView> = get_json(&app, "/admin/dead-letters").await?;
+    assert!(left.is_empty());
+    app.stop().await
+}
+
+#[tokio::test]
+async fn pause_and_unpause_reach_the_store_and_the_dispatcher() -> TestResult {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&config(&bot, "")).await?;
+
+    let (status, answer) = post_json(&app, "/admin/users/psid-42/pause", json!(null)).await?;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"user": "psid-42", "paused": true}))
+    );
+    let (status, _) = post_json(&app, "/admin/users/psid-42/pause", json!(null)).await?;
+    assert_eq!(status, 200, "pausing twice is fine");
+    let paused: Vec<PausedUser> = get_json(&app, "/admin/paused").await?;
+    assert_eq!(
+        paused
+            .iter()
+            .map(|user| user.user.as_str())
+            .collect::<Vec<_>>(),
+        ["psid-42"]
+    );
+    assert!(humantime::parse_rfc3339(&paused[0].paused_at).is_ok());
+    assert_eq!(app.store.paused_users().await?.len(), 1, "durable");
+
+    // The dispatcher skips the paused user at once.
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "psid-42", "m-p1", "hi", 1))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE sink = 'bot' AND state = 'skipped'",
+        1,
+        WAIT,
+    )
+    .await?;
+    assert!(bot.received().is_empty());
+
+    let (status, answer) = post_json(&app, "/admin/users/psid-42/unpause", json!(null)).await?;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"user": "psid-42", "paused": false}))
+    );
+    let paused: Vec<PausedUser> = get_json(&app, "/admin/paused").await?;
+    assert!(paused.is_empty());
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "psid-42", "m-p2", "hi", 2))
+            .await?
+            .status(),
+        200
+    );
+    bot.wait_for(1, WAIT).await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE sink = 'bot' AND state = 'delivered'",
+        1,
+        WAIT,
+    )
+    .await?;
+
+    let (status, error) = post_json(&app, "/admin/users/%20/pause", json!(null)).await?;
+    assert_eq!(status, 400, "{error}");
+    app.stop().await
+}
+
+#[tokio::test]
+async fn sinks_show_depth_dead_letters_last_error_and_disabled_sinks() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::json(400, json!({"error": "nope"})));
+    let app = spawn_app(&config(&bot, "[sinks.dashbot]\napi_key = \"\"\n")).await?;
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "carol", "m-c1", "hi", 1))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        WAIT,
+    )
+    .await?;
+
+    let sinks: Vec<SinkView> = get_json(&app, "/admin/sinks").await?;
+    let names: Vec<&str> = sinks.iter().map(|sink| sink.sink.as_str()).collect();
+    assert_eq!(names, ["bot", "dashbot"]);
+    let bot_view = &sinks[0];
+    assert!(bot_view.enabled && bot_view.disabled_reason.is_none());
+    assert_eq!(
+        (bot_view.queued, bot_view.in_flight, bot_view.dead),
+        (0, 0, 1)
+    );
+    let last_error = bot_view.last_error.as_ref().ok_or("no last error")?;
+    assert!(humantime::parse_rfc3339(&last_error.at).is_ok());
+    // Until the dispatcher reports to `telemetry::sink_status`, the newest dead letter stands
+    // in; once it does, the error is "live" (and, in this shared test process, may be another
+    // test's bot).
+    if last_error.source == "dead_letters" {
+        assert_eq!(last_error.status, Some(400));
+        assert!(last_error.message.starts_with("HTTP 400"), "{last_error:?}");
+        assert!(last_error.dead);
+    } else {
+        assert_eq!(last_error.source, "live");
+    }
+    let dashbot = &sinks[1];
+    assert!(!dashbot.enabled);
+    assert!(
+        dashbot
+            .disabled_reason
+            .as_deref()
+            .is_some_and(|reason| reason.contains("api_key")),
+        "{dashbot:?}"
+    );
+    assert_eq!((dashbot.queued, dashbot.dead), (0, 0));
+    app.stop().await
+}
+
+/// The value of the series `name{labels…}` in a Prometheus text rendering.
+fn series(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let (key, value) = line.rsplit_once(' ')?;
+            let (metric, rest) = key.split_once('{').unwrap_or((key, ""));
+            let matches = metric == name
+                && labels
+                    .iter()
+                    .all(|(label, value)| rest.contains(&format!("{label}=\"{value}\"")));
+            matches.then(|| value.parse().ok()).flatten()
+        })
+}
+
+#[tokio::test]
+async fn metrics_name_every_series_after_traffic() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::status(503), Reply::status(200), Reply::status(400)]);
+    let app = spawn_app(&config(&bot, "")).await?;
+    let metrics_url = format!("{}/metrics", app.admin_url);
+
+    // Registered before the first event.
+    let before = app.http.get(&metrics_url).send().await?;
+    assert!(
+        before
+            .headers()
+            .get("content-type")
+            .and_then(|value| value.to_str().ok())
+            .is_some_and(|value| value.starts_with("text/plain"))
+    );
+    let before = before.text().await?;
+    for outcome in ["delivered", "retried", "dead", "skipped"] {
+        assert!(
+            series(
+                &before,
+                "botrelay_deliveries_total",
+                &[("sink", "bot"), ("outcome", outcome)]
+            )
+            .is_some(),
+            "{before}"
+        );
+    }
+
+    let refused = app
+        .http
+        .post(format!("{}/webhook", app.url))
+        .header("x-hub-signature-256", "sha256=00")
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "dave", "m-d1", "hi", 1))
+            .await?
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "dave", "m-d2", "hi", 2))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state IN ('delivered', 'dead')",
+        2,
+        WAIT,
+    )
+    .await?;
+
+    let text = app.http.get(&metrics_url).send().await?.text().await?;
+    let at_least_one = |name: &str, labels: &[(&str, &str)]| {
+        let value = series(&text, name, labels);
+        assert!(
+            value.is_some_and(|value| value >= 1.0),
+            "{name}{labels:?} = {value:?} in\n{text}"
+        );
+    };
+    at_least_one(
+        "botrelay_events_received_total",
+        &[("source", "webhook"), ("kind", "message")],
+    );
+    at_least_one(
+        "botrelay_deliveries_total",
+        &[("sink", "bot"), ("outcome", "delivered")],
+    );
+    at_least_one(
+        "botrelay_deliveries_total",
+        &[("sink", "bot"), ("outcome", "retried")],
+    );
+    at_least_one(
+        "botrelay_deliveries_total",
+        &[("sink", "bot"), ("outcome", "dead")],
+    );
+    at_least_one("botrelay_delivery_seconds_count", &[("sink", "bot")]);
+    at_least_one(
+        "botrelay_delivery_seconds_bucket",
+        &[("sink", "bot"), ("le", "+Inf")],
+    );
+    at_least_one(
+        "botrelay_webhook_rejected_total",
+        &[("reason", "signature_mismatch")],
+    );
+    assert!(
+        text.contains("# TYPE botrelay_delivery_seconds histogram"),
+        "{text}"
+    );
+    assert!(
+        series(
+            &text,
+            "botrelay_delivery_seconds_bucket",
+            &[("sink", "bot"), ("le", "0.005")]
+        )
+        .is_some()
+    );
+    // Gauges refreshed from the store at scrape time (values race with other tests' scrapes).
+    for gauge in [
+        "botrelay_queue_depth",
+        "botrelay_dead_letters",
+        "botrelay_in_flight",
+    ] {
+        assert!(
+            series(&text, gauge, &[("sink", "bot")]).is_some(),
+            "{gauge} in\n{text}"
+        );
+        assert!(text.contains(&format!("# TYPE {gauge} gauge")));
+    }
+    app.stop().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// The binary as a client.
+
+/// Runs `botrelay args…` with a clean `BOTRELAY*` environment plus `env`, off the runtime's thread.
+async fn botrelay(args: &[&str], env: &[(&str, &str)]) -> TestResult<Output> {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let output = tokio::task::spawn_blocking(move || {
+        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"));
+        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("BOTRELAY")) {
+            command.env_remove(name);
+        }
+        command
+            .args(&args)
+            .envs(env)
+            .env_remove("RUST_LOG")
+            .current_dir(dir.path())
+            .output()
+    })
+    .await??;
+    Ok(output)
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
+    let (app, bot) =
+        app_with_dead_letters(&[("erin", "m-e1"), ("frank", "m-f1"), ("erin", "m-e2")]).await?;
+    let url = app.admin_url.as_str();
+    let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
+
+    // The address and the token from a config file that has no messenger secrets at all.
+    let dir = tempfile::tempdir()?;
+    let config_path = dir.path().join("client.toml");
+    std::fs::write(
+        &config_path,
+        format!(
+            "[admin]\nlisten = \"{}\"\ntoken = \"{ADMIN_TOKEN}\"\n",
+            url.trim_start_matches("http://")
+        ),
+    )?;
+    let config_arg = config_path.display().to_string();
+    let listed = botrelay(
+        &["--config", &config_arg, "dead-letters", "list", "--json"],
+        &[],
+    )
+    .await?;
+    assert!(listed.status.success(), "{}", stderr(&listed));
+    let letters: Vec<DeadLetterView> = serde_json::from_slice(&listed.stdout)?;
+    assert_eq!(letters.len(), 3);
+
+    let erin = botrelay(
+        &[
+            "dead-letters",
+            "list",
+            "--admin-url",
+            url,
+            "--user",
+            "erin",
+            "--json",
+        ],
+        &token,
+    )
+    .await?;
+    let erin: Vec<DeadLetterView> = serde_json::from_slice(&erin.stdout)?;
+    assert_eq!(erin.len(), 2);
+
+    let table = botrelay(
+        &["dead-letters", "list", "--admin-url", url, "--sink", "bot"],
+        &token,
+    )
+    .await?;
+    assert!(table.status.success());
+    let table = stdout(&table);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID") && lines[0].contains("LAST ERROR"),
+        "{table}"
+    );
+    assert_eq!(lines.len(), 4, "{table}");
+    assert!(
+        lines[1].contains("bot") && lines[1].contains("erin") && lines[1].contains("400"),
+        "{table}"
+    );
+
+    // Pause, list, unpause.
+    let paused = botrelay(&["pause", "psid-7", "--admin-url", url], &token).await?;
+    assert!(paused.status.success(), "{}", stderr(&paused));
+    assert_eq!(stdout(&paused).trim(), "paused psid-7");
+    assert_eq!(app.store.paused_users().await?.len(), 1);
+    let listed = botrelay(&["paused", "--admin-url", url, "--json"], &token).await?;
+    let users: Vec<PausedUser> = serde_json::from_slice(&listed.stdout)?;
+    assert_eq!(
+        users
+            .iter()
+            .map(|user| user.user.as_str())
+            .collect::<Vec<_>>(),
+        ["psid-7"]
+    );
+    let unpaused = botrelay(&["unpause", "psid-7", "--admin-url", url, "--json"], &token).await?;
+    let state: PauseState = serde_json::from_slice(&unpaused.stdout)?;
+    assert_eq!(
+        state,
+        PauseState {
+            user: "psid-7".into(),
+            paused: false
+        }
+    );
+    assert!(app.store.paused_users().await?.is_empty());
+
+    // Replay one by id, then the rest in chunks of one with a progress line per chunk.
+    bot.set_default(Reply::status(200));
+    let one = botrelay(
+        &[
+            "dead-letters",
+            "replay",
+            "--admin-url",
+            url,
+            "--id",
+            &letters[1].id.to_string(),
+            "--json",
+        ],
+        &token,
+    )
+    .await?;
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert_eq!(
+        serde_json::from_slice::<Value>(&one.stdout)?,
+        json!({"replayed": 1})
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        WAIT,
+    )
+    .await?;
+    let rest = botrelay(
+        &[
+            "dead-letters",
+            "replay",
+            "--admin-url",
+            url,
+            "--sink",
+            "bot",
+            "--since",
+            "1h",
+            "--chunk",
+            "1",
+        ],
+        &token,
+    )
+    .await?;
+    assert!(rest.status.success(), "{}", stderr(&rest));
+    assert_eq!(stdout(&rest).trim(), "replayed 2 dead letters");
+    assert_eq!(
+        stderr(&rest).lines().collect::<Vec<_>>(),
+        ["replayed 1/2", "replayed 2/2"]
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        3,
+        WAIT,
+    )
+    .await?;
+    let empty = botrelay(&["dead-letters", "list", "--admin-url", url], &token).await?;
+    assert_eq!(stdout(&empty).trim(), "no dead letters");
+
+    let sinks = botrelay(&["sinks", "--admin-url", url], &token).await?;
+    assert!(sinks.status.success(), "{}", stderr(&sinks));
+    assert!(
+        stdout(&sinks)
+            .lines()
+            .nth(1)
+            .is_some_and(|line| line.starts_with("bot ")),
+        "{}",
+        stdout(&sinks)
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&config(&bot, "")).await?;
+    let admin_url = app.admin_url.clone();
+    let url = admin_url.as_str();
+    let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
+
+    let unfiltered = botrelay(&["dead-letters", "replay", "--admin-url", url], &token).await?;
+    assert_eq!(unfiltered.status.code(), Some(2));
+    assert!(
+        stderr(&unfiltered).contains("--all"),
+        "{}",
+        stderr(&unfiltered)
+    );
+    let all = botrelay(
+        &["dead-letters", "replay", "--all", "--admin-url", url],
+        &token,
+    )
+    .await?;
+    assert_eq!(
+        (all.status.code(), stdout(&all).trim()),
+        (Some(0), "replayed 0 dead letters")
+    );
+
+    let unknown = botrelay(
+        &[
+            "dead-letters",
+            "list",
+            "--admin-url",
+            url,
+            "--sink",
+            "kochavaa",
+        ],
+        &token,
+    )
+    .await?;
+    assert_eq!(unknown.status.code(), Some(2));
+    assert!(
+        stderr(&unknown).contains("unknown sink `kochavaa`"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let wrong = botrelay(
+        &["paused", "--admin-url", url],
+        &[("BOTRELAY__ADMIN__TOKEN", "not-the-token")],
+    )
+    .await?;
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(
+        stderr(&wrong).contains("refused the token"),
+        "{}",
+        stderr(&wrong)
+    );
+    assert!(
+        !stderr(&wrong).contains("not-the-token"),
+        "the token is never printed"
+    );
+
+    let bad_since = botrelay(
+        &[
+            "dead-letters",
+            "list",
+            "--admin-url",
+            url,
+            "--since",
+            "last week",
+        ],
+        &token,
+    )
+    .await?;
+    assert_eq!(bad_since.status.code(), Some(2));
+
+    let bad_usage = botrelay(&["pause"], &[]).await?;
+    assert_eq!(bad_usage.status.code(), Some(2), "clap usage errors exit 2");
+    app.stop().await?;
+
+    // Nothing listens there any more.
+    let unreachable = botrelay(&["paused", "--admin-url", url], &token).await?;
+    assert_eq!(unreachable.status.code(), Some(1));
+    assert!(
+        stderr(&unreachable).contains("cannot reach the admin API"),
+        "{}",
+        stderr(&unreachable)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sign_prints_a_curl_command_whose_signature_the_relay_accepts() -> TestResult {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&config(&bot, "")).await?;
+    let dir = tempfile::tempdir()?;
+    let body_path = dir.path().join("it's a body.json");
+    let body = text_message(PAGE, "gina", "m-g1", "caf\u{e9} \\/ test", 5);
+    std::fs::write(&body_path, &body)?;
+    let file = body_path.display().to_string();
+    let url = format!("{}/webhook", app.url);
+
+    let printed = botrelay(
+        &[
+            "sign",
+            "--secret-env",
+            "MY_APP_SECRET",
+            "--url",
+            &url,
+            &file,
+        ],
+        &[("MY_APP_SECRET", APP_SECRET)],
+    )
+    .await?;
+    assert!(printed.status.success(), "{}", stderr(&printed));
+    let text = stdout(&printed);
+    let expected = botrelay::ingest::verify::sign_sha256(APP_SECRET.as_bytes(), &body);
+    assert!(
+        text.starts_with(&format!("curl -sS -X POST '{url}'")),
+        "{text}"
+    );
+    assert!(
+        text.contains(&format!("-H 'X-Hub-Signature-256: {expected}'")),
+        "{text}"
+    );
+    assert!(
+        text.contains(r"--data-binary @'") && text.contains(r"it'\''s a body.json'"),
+        "{text}"
+    );
+    assert!(!text.contains(APP_SECRET));
+
+    let header = botrelay(
+        &["sign", "--header-only", &file],
+        &[("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)],
+    )
+    .await?;
+    let header = stdout(&header);
+    let signature = header
+        .trim()
+        .strip_prefix("X-Hub-Signature-256: ")
+        .ok_or("no header printed")?;
+    let accepted = app
+        .http
+        .post(&url)
+        .header("content-type", "application/json")
+        .header("x-hub-signature-256", signature)
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(accepted.status(), 200);
+    bot.wait_for(1, WAIT).await?;
+
+    let unset = botrelay(&["sign", &file], &[]).await?;
+    assert_eq!(unset.status.code(), Some(2));
+    assert!(stderr(&unset).contains("BOTRELAY__MESSENGER__APP_SECRET"));
+    app.stop().await
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logs.
+
+/// Log lines written by the real subscriber into a buffer, until closed.
+#[derive(Clone, Default)]
+struct Capture {
+    buffer: Arc<Mutex<Vec<u8>>>,
+    closed: Arc<AtomicBool>,
+}
+
+impl Write for Capture {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        if !self.closed.load(Ordering::Relaxed)
+            && let Ok(mut buffer) = self.buffer.lock()
+        {
+            buffer.extend_from_slice(bytes);
+        }
+        Ok(bytes.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Capture {
+    type Writer = Capture;
+
+    fn make_writer(&'a self) -> Capture {
+        self.clone()
+    }
+}
+
+impl Capture {
+    fn text(&self) -> TestResult<String> {
+        Ok(String::from_utf8(
+            self.buffer.lock().map_err(|_| "poisoned")?.clone(),
+        )?)
+    }
+}
+
+/// The JSON log of a real relay: request spans carry the request id the response echoes,
+/// delivery lines carry event id, sink and attempt, and no secret reaches a line, even inside a
+/// URL or an error message.
+///
+/// The subscriber is installed globally with `init_with_writer`, as `main` does: a scoped one
+/// (`set_default`) would miss spans whose callsites another test's thread registered first
+/// (tracing caches a callsite's interest process-wide). So this buffer also gets the lines of
+/// the tests running beside this one; lines are picked by request id and event id.
+#[tokio::test]
+async fn json_logs_carry_request_ids_and_delivery_spans_and_no_secret() -> TestResult {
+    let capture = Capture::default();
+    let log = LogConfig {
+        format: Some(LogFormat::Json),
+        level: "info".into(),
+    };
+    let redactor = Redactor::new(vec![
+        APP_SECRET.into(),
+        VERIFY_TOKEN.into(),
+        ADMIN_TOKEN.into(),
+    ]);
+    telemetry::init_with_writer(&log, redactor, capture.clone());
+
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::json(
+        400,
+        json!({"error": format!("bad signature for secret {APP_SECRET}")}),
+    ));
+    let app = spawn_app(&config(&bot, "")).await?;
+
+    let refused = app
+        .http
+        .post(format!("{}/webhook", app.url))
+        .header("x-hub-signature-256", format!("sha256={}", "0".repeat(64)))
+        .body("{}")
+        .send()
+        .await?;
+    assert_eq!(refused.status(), 401);
+    let public_id = refused
+        .headers()
+        .get("x-request-id")
+        .and_then(|value| value.to_str().ok())
+        .ok_or("no x-request-id")?
+        .to_owned();
+    let admin_id = format!("operator-chosen-{public_id}");
+    let denied = app
+        .http
+        .get(format!("{}/admin/paused", app.admin_url))
+        .bearer_auth("wrong-admin-token-zzz")
+        .header("x-request-id", &admin_id)
+        .send()
+        .await?;
+    assert_eq!(denied.status(), 401);
+    assert_eq!(
+        denied
+            .headers()
+            .get("x-request-id")
+            .and_then(|value| value.to_str().ok()),
+        Some(admin_id.as_str())
+    );
+
+    assert_eq!(
+        app.post_webhook(&text_message(PAGE, "hank", "m-h1", "hi", 1))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        WAIT,
+    )
+    .await?;
+    let event_id = app
+        .store
+        .dead_letters(botrelay::store::DeadLetterFilter::default())
+        .await?
+        .first()
+        .map(|letter| letter.event_id.clone())
+        .ok_or("no dead letter")?;
+    tracing::warn!(
+        url = %format!("https://graph.facebook.com/v20.0/me/messages?access_token=EAABpagetoken&appsecret_proof=abc123"),
+        "Graph call failed ({public_id}): app secret {APP_SECRET} rejected, verify token {VERIFY_TOKEN}, admin {ADMIN_TOKEN}"
+    );
+    app.stop().await?;
+    let text = capture.text()?;
+    capture.closed.store(true, Ordering::Relaxed);
+
+    let lines: Vec<Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<Result<_, _>>()?;
+    let in_span = |key: &str, value: &str| -> Vec<&Value> {
+        lines
+            .iter()
+            .filter(|line| line["span"][key] == value)
+            .collect()
+    };
+    let public = in_span("request_id", &public_id);
+    assert_eq!(public.len(), 1, "{text}");
+    assert_eq!(public[0]["message"], "Request rejected");
+    assert_eq!(public[0]["span"]["path"], "/webhook");
+    assert_eq!(public[0]["span"]["method"], "POST");
+    let admin = in_span("request_id", &admin_id);
+    assert_eq!(admin.len(), 1, "{text}");
+    assert_eq!(
+        admin[0]["message"],
+        "Admin request rejected: missing or wrong bearer token"
+    );
+    let delivery = in_span("event_id", &event_id);
+    let dead = delivery
+        .iter()
+        .find(|line| line["message"] == "Delivery failed for good; dead-lettered")
+        .ok_or_else(|| format!("no dead-letter line for {event_id} in\n{text}"))?;
+    assert_eq!(dead["span"]["name"], "delivery", "{dead}");
+    assert_eq!(dead["span"]["sink"], "bot");
+    assert_eq!(dead["span"]["kind"], "message");
+    assert_eq!(dead["span"]["attempt"], 1);
+    assert_eq!(
+        dead["error"],
+        "HTTP 400: {\"error\":\"bad signature for secret [redacted]\"}"
+    );
+    let graph = lines
+        .iter()
+        .find(|line| {
+            line["message"].as_str().is_some_and(|message| {
+                message.starts_with(&format!("Graph call failed ({public_id})"))
+            })
+        })
+        .ok_or("no graph line")?;
+    assert_eq!(
+        graph["url"],
+        "https://graph.facebook.com/v20.0/me/messages?access_token=[redacted]&appsecret_proof=[redacted]"
+    );
+    assert_eq!(
+        graph["message"],
+        format!(
+            "Graph call failed ({public_id}): app secret [redacted] rejected, verify token [redacted], admin [redacted]"
+        )
+    );
+    for secret in [
+        APP_SECRET,
+        VERIFY_TOKEN,
+        ADMIN_TOKEN,
+        "EAABpagetoken",
+        "abc123",
+        "wrong-admin-token-zzz",
+    ] {
+        assert!(
+            !text.contains(secret),
+            "`{secret}` reached the log:\n{text}"
+        );
+    }
+    Ok(())
+}

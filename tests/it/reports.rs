@@ -1,1 +1,872 @@
-//! What the bot tells the relay: /outgoing, /events, the Send API proxy, Dashbot pause (being written).
+//! What the bot tells the relay, end to end over real HTTP: `/outgoing` (both shapes),
+//! `/events`, the Send API proxy (against a mock Graph), echo/outgoing dedupe, and Dashbot's
+//! pause webhook, including a pause that survives a restart of the relay on the same store.
+
+use crate::support::{
+    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, fixture, spawn_app,
+    text_message,
+};
+use botrelay::config::Config;
+use botrelay::event::EventId;
+use botrelay::ingest::verify::sign_sha1;
+use botrelay::store::{Store, StoreError};
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "ingest-test-token";
+const DASHBOT_SECRET: &str = "dashbot-test-secret";
+const PAGE_TOKEN: &str = "EAAB-page-token-never-stored";
+const GRAPH_TIMEOUT: Duration = Duration::from_millis(300);
+
+/// Ingest token, a bot with fast retries, Graph at `graph`, and the Dashbot pause secret.
+fn config(bot: &MockSink, graph: &str) -> String {
+    format!(
+        "[ingest]\ntoken = \"{TOKEN}\"\n\
+         [bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n\
+         [graph]\nbase_url = \"{graph}\"\ntimeout = \"300ms\"\n\
+         [dashbot]\nsecret = \"{DASHBOT_SECRET}\"\n",
+        bot.url("/bot")
+    )
+}
+
+async fn app_with_bot() -> TestResult<(TestApp, MockSink)> {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&config(&bot, "http://127.0.0.1:9")).await?;
+    Ok((app, bot))
+}
+
+/// POSTs `body` to `path` with `Authorization: Bearer <token>` when a token is given.
+async fn post(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    body: &Value,
+) -> TestResult<reqwest::Response> {
+    let mut request = app
+        .http
+        .post(format!("{}{path}", app.url))
+        .header("content-type", "application/json")
+        .body(body.to_string());
+    if let Some(token) = token {
+        request = request.header("authorization", format!("Bearer {token}"));
+    }
+    Ok(request.send().await?)
+}
+
+async fn pause(app: &TestApp, user: &str, paused: bool) -> TestResult<reqwest::Response> {
+    let body = json!({"userId": user, "paused": paused}).to_string();
+    Ok(app
+        .http
+        .post(format!("{}/dashbot/pause", app.url))
+        .header("content-type", "application/json")
+        .header(
+            "x-dashbot-signature",
+            sign_sha1(DASHBOT_SECRET.as_bytes(), body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await?)
+}
+
+/// Dashbot's outgoing shape, as `dashbot.logOutgoing(requestData, responseBody)` builds it.
+fn dashbot_outgoing(url: &str, user: &str, mid: &str) -> Value {
+    json!({
+        "url": url,
+        "qs": {"access_token": PAGE_TOKEN, "appsecret_proof": "proof-never-stored"},
+        "method": "POST",
+        "json": {"recipient": {"id": user}, "message": {"text": "hello"}},
+        "responseBody": {"recipient_id": user, "message_id": mid},
+        "intent": {"name": "greeting"}
+    })
+}
+
+fn report(user: &str, mid: &str, page: &str) -> Value {
+    json!({
+        "request": {"recipient": {"id": user}, "messaging_type": "RESPONSE", "message": {"text": "hi"}},
+        "response": {"recipient_id": user, "message_id": mid},
+        "page_id": page,
+        "platformUserJson": {"first_name": "Ada"}
+    })
+}
+
+fn echo_webhook(page: &str, user: &str, mid: &str) -> Vec<u8> {
+    json!({
+        "object": "page",
+        "entry": [{"id": page, "time": 1_700_000_000_000_i64, "messaging": [{
+            "sender": {"id": page},
+            "recipient": {"id": user},
+            "timestamp": 1_700_000_000_000_i64,
+            "message": {"is_echo": true, "app_id": 1517776481860111_i64, "mid": mid, "text": "hi"}
+        }]}]
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn json_body(response: reqwest::Response) -> TestResult<Value> {
+    Ok(response.json().await?)
+}
+
+fn outgoing_id(mid: &str) -> String {
+    EventId::outgoing(mid).to_string()
+}
+
+#[tokio::test]
+async fn outgoing_takes_both_shapes_single_or_batched_and_keeps_no_token() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let single = post(
+        &app,
+        "/outgoing",
+        Some(TOKEN),
+        &dashbot_outgoing(
+            "https://graph.facebook.com/v2.6/me/messages",
+            "U1",
+            "m_single",
+        ),
+    )
+    .await?;
+    assert_eq!(single.status(), 202);
+    assert_eq!(json_body(single).await?, json!({"accepted": 1}));
+
+    let failed = json!({
+        "request": {"recipient": {"id": "U3"}, "message": {"text": "too late"}},
+        "response": fixture_json("send-api/error.json")?
+    });
+    let batch = json!([
+        report("U2", "m_report", "222"),
+        dashbot_outgoing("https://graph.facebook.com/v20.0/333/messages", "U2", "m_dashbot"),
+        {"uri": "https://graph.facebook.com/v20.0/444/messages", "json": {"recipient": {"id": "U4"}},
+         "responseBody": fixture_json("send-api/response.json")?},
+        failed,
+    ]);
+    let batched = post(&app, "/outgoing", Some(TOKEN), &batch).await?;
+    assert_eq!(batched.status(), 202);
+    assert_eq!(json_body(batched).await?, json!({"accepted": 4}));
+
+    // The 202 came after the commit: every row is there the moment it arrives.
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND source = 'outgoing'")?,
+        5
+    );
+    let row = |id: String| -> TestResult<(Option<String>, Option<String>, bool, bool)> {
+        Ok(app.db()?.query_row(
+            "SELECT user_id, page_id, json_extract(payload, '$.data.succeeded'),
+                    json_extract(payload, '$.data.from_echo') FROM events WHERE id = ?1",
+            [id],
+            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
+        )?)
+    };
+    assert_eq!(
+        row(outgoing_id("m_single"))?,
+        (Some("U1".into()), None, true, false)
+    );
+    assert_eq!(
+        row(outgoing_id("m_report"))?,
+        (Some("U2".into()), Some("222".into()), true, false)
+    );
+    assert_eq!(
+        row(outgoing_id("m_dashbot"))?,
+        (Some("U2".into()), Some("333".into()), true, false)
+    );
+    let graph_mid =
+        "m_qr6GPBlzTU4jqP0PBqaIoIAcfn2p3T7uiO5jm0L_PMTKMJhEIUGFkEKQBhGkpCnPXVZNsYdkN7A2Sel0dOz_Iw";
+    assert_eq!(
+        row(outgoing_id(graph_mid))?,
+        (Some("U4".into()), Some("444".into()), true, false)
+    );
+    // Graph's error is recorded as a failed send, and fanned out to nobody.
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM events WHERE user_id = 'U3' AND json_extract(payload, '$.data.succeeded') = 0"
+        )?,
+        1
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 0);
+    // intent and platformUserJson pass through; the page token and proof do not.
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE json_extract(payload, '$.data.intent.name') = 'greeting'")?,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE json_extract(payload, '$.data.platform_user_json.first_name') = 'Ada'")?,
+        1
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%' OR payload LIKE '%proof-never-stored%'"
+        ))?,
+        0
+    );
+    app.stop().await
+}
+
+fn fixture_json(name: &str) -> TestResult<Value> {
+    Ok(serde_json::from_slice(&fixture(name))?)
+}
+
+#[tokio::test]
+async fn reports_need_the_bearer_token() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let body = report("U1", "m_1", "111");
+    for path in ["/outgoing", "/events"] {
+        assert_eq!(
+            post(&app, path, None, &body).await?.status(),
+            401,
+            "{path} without a token"
+        );
+        assert_eq!(
+            post(&app, path, Some("wrong"), &body).await?.status(),
+            401,
+            "{path} wrong token"
+        );
+        let almost = format!("{TOKEN}x");
+        assert_eq!(
+            post(&app, path, Some(&almost), &body).await?.status(),
+            401,
+            "{path} longer token"
+        );
+        let basic = app
+            .http
+            .post(format!("{}{path}", app.url))
+            .header("authorization", format!("Basic {TOKEN}"))
+            .body(body.to_string())
+            .send()
+            .await?;
+        assert_eq!(basic.status(), 401, "{path} with another scheme");
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn reports_and_pause_are_404_while_their_keys_are_unset() -> TestResult {
+    let app = spawn_app("").await?;
+    for path in ["/outgoing", "/events"] {
+        let response = post(&app, path, Some(TOKEN), &report("U1", "m_1", "111")).await?;
+        assert_eq!(response.status(), 404, "{path}");
+        let error = json_body(response).await?;
+        assert_eq!(
+            error["error"],
+            json!(format!("{path} is disabled: `ingest.token` is not set"))
+        );
+    }
+    let paused = pause(&app, "U1", true).await?;
+    assert_eq!(paused.status(), 404);
+    assert_eq!(
+        json_body(paused).await?["error"],
+        json!("/dashbot/pause is disabled: `dashbot.secret` is not set")
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_bad_item_rejects_the_whole_batch_naming_the_field() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let batch = json!([
+        report("U1", "m_1", "111"),
+        dashbot_outgoing("https://graph.facebook.com/v2.6/me/messages", "U2", "m_2"),
+        {"url": "https://graph.facebook.com/v2.6/me/messages", "json": {"recipient": {}, "message": {"text": "x"}},
+         "responseBody": {"message_id": "m_3"}},
+    ]);
+    let response = post(&app, "/outgoing", Some(TOKEN), &batch).await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        json_body(response).await?,
+        json!({"error": "item 2: json.recipient.id is missing"})
+    );
+
+    let missing_response = json!({"request": {"recipient": {"id": "U"}}});
+    let response = post(&app, "/outgoing", Some(TOKEN), &missing_response).await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        json_body(response).await?,
+        json!({"error": "response is missing"})
+    );
+
+    let not_json = app
+        .http
+        .post(format!("{}/outgoing", app.url))
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body("{not json")
+        .send()
+        .await?;
+    assert_eq!(not_json.status(), 400);
+    assert!(json_body(not_json).await?["error"].is_string());
+    let scalar = post(&app, "/outgoing", Some(TOKEN), &json!("m_1")).await?;
+    assert_eq!(scalar.status(), 400);
+    assert_eq!(
+        json_body(scalar).await?,
+        json!({"error": "body must be a JSON object or an array of objects"})
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events")?,
+        0,
+        "nothing of a bad batch is stored"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn events_takes_every_type_and_a_retried_post_dedupes() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let body = json!([
+        {"name": "trackMeEvent", "type": "customEvent", "userId": "967295313370594",
+         "extraInfo": {"start": 1500504070512_i64, "difference": 374, "end": 1500504070886_i64}},
+        {"name": "purchase", "type": "revenueEvent", "userId": "U1", "amount": 57.23,
+         "referenceNumber": "order-1", "metadata": {"sku": "skis"}},
+        {"name": "shared_coupon", "type": "shareEvent", "userId": "U1", "sharedMessage": {"text": "20% off"}},
+        {"name": "opened_webview", "type": "pageLaunchEvent", "userId": "U1", "pageId": "111",
+         "extraInfo": {"url": "https://shop.test/"}},
+        {"name": "ad_click", "type": "referralEvent", "userId": "U1", "ref": "spring", "source": "ADS",
+         "ad_id": "6045246247433", "referer_uri": "https://m.me/shop"},
+        {"name": "lead_submitted", "type": "leadEvent", "userId": "U1", "conversationId": "c-1"},
+    ]);
+    let response = post(&app, "/events", Some(TOKEN), &body).await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(json_body(response).await?, json!({"accepted": 6}));
+    for kind in [
+        "custom",
+        "revenue",
+        "share",
+        "page_launch",
+        "referral",
+        "lead",
+    ] {
+        assert_eq!(
+            app.count(&format!(
+                "SELECT COUNT(*) FROM events WHERE source = 'custom' AND kind = '{kind}'"
+            ))?,
+            1,
+            "{kind}"
+        );
+    }
+    let (amount, currency): (f64, String) = app.db()?.query_row(
+        "SELECT json_extract(payload, '$.data.amount'), json_extract(payload, '$.data.currency')
+         FROM events WHERE kind = 'revenue'",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    assert_eq!((amount, currency.as_str()), (57.23, "USD"));
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE page_id = '111' AND kind = 'page_launch'")?,
+        1
+    );
+
+    // The bot retries the same POST: acked again, stored once.
+    let again = post(&app, "/events", Some(TOKEN), &body).await?;
+    assert_eq!(again.status(), 202);
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 6);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn revenue_without_an_amount_is_rejected_naming_amount() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let batch = json!([
+        {"name": "fine", "type": "customEvent", "userId": "U1"},
+        {"name": "purchase", "type": "revenueEvent", "userId": "U1", "currency": "EUR"},
+    ]);
+    let response = post(&app, "/events", Some(TOKEN), &batch).await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        json_body(response).await?,
+        json!({"error": "item 1: amount is missing"})
+    );
+    let text_amount =
+        json!({"name": "purchase", "type": "revenueEvent", "userId": "U1", "amount": "12.50"});
+    let response = post(&app, "/events", Some(TOKEN), &text_amount).await?;
+    assert_eq!(response.status(), 400);
+    assert_eq!(
+        json_body(response).await?,
+        json!({"error": "amount must be a number"})
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_proxied_send_reaches_graph_verbatim_and_is_recorded() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    let graph_answer = r#"{"recipient_id":"U7","message_id":"m_proxied"}"#;
+    graph.script([Reply {
+        body: graph_answer.to_owned(),
+        ..Reply::status(200)
+            .with_header("content-type", "text/javascript; charset=UTF-8")
+            .with_header("x-app-usage", r#"{"call_count":5}"#)
+    }]);
+    let app = spawn_app(&config(&bot, &graph.url(""))).await?;
+
+    // Odd spacing and a slash escape: the bytes must reach Graph exactly as the bot sent them.
+    let sent = r#"{ "recipient": {"id":"U7"}, "messaging_type":"RESPONSE", "message": {"text":"a\/b \u00e9"} }"#;
+    let query = format!("access_token={PAGE_TOKEN}&appsecret_proof=abc123");
+    let answer = app
+        .http
+        .post(format!("{}/graph/v20.0/111/messages?{query}", app.url))
+        .header("content-type", "application/json")
+        .body(sent)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(
+        answer.headers()["content-type"],
+        "text/javascript; charset=UTF-8"
+    );
+    assert_eq!(answer.headers()["x-app-usage"], r#"{"call_count":5}"#);
+    assert_eq!(answer.text().await?, graph_answer);
+
+    let received = graph.received();
+    let [forwarded] = received.as_slice() else {
+        return Err(format!("Graph got {} requests", received.len()).into());
+    };
+    assert_eq!(forwarded.method, "POST");
+    assert_eq!(forwarded.uri, format!("/v20.0/111/messages?{query}"));
+    assert_eq!(forwarded.body, sent.as_bytes());
+    assert_eq!(forwarded.header("content-type"), Some("application/json"));
+
+    app.wait_for_count(
+        &format!(
+            "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND source = 'outgoing'
+             AND user_id = 'U7' AND page_id = '111'",
+            outgoing_id("m_proxied")
+        ),
+        1,
+        Duration::from_secs(2),
+    )
+    .await?;
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%'"
+        ))?,
+        0
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn graph_errors_pass_through_the_proxy_and_record_nothing() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    let error = String::from_utf8(fixture("send-api/error.json"))?;
+    graph.script([Reply {
+        body: error.clone(),
+        ..Reply::status(400).with_header("content-type", "application/json; charset=UTF-8")
+    }]);
+    let app = spawn_app(&config(&bot, &graph.url(""))).await?;
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v2.6/me/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .header("content-type", "application/json")
+        .body(r#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 400);
+    assert_eq!(
+        answer.headers()["content-type"],
+        "application/json; charset=UTF-8"
+    );
+    assert_eq!(answer.text().await?, error);
+    assert_eq!(
+        graph.received()[0].uri,
+        format!("/v2.6/me/messages?access_token={PAGE_TOKEN}")
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_proxy_answers_502_within_the_timeout_when_graph_hangs() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    graph.set_default(Reply::hang());
+    let app = spawn_app(&config(&bot, &graph.url(""))).await?;
+    let started = Instant::now();
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/111/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .body(r#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#)
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await?;
+    let elapsed = started.elapsed();
+    assert_eq!(answer.status(), 502);
+    assert!(
+        elapsed >= GRAPH_TIMEOUT - Duration::from_millis(50),
+        "answered after {elapsed:?}"
+    );
+    assert!(
+        elapsed < GRAPH_TIMEOUT + Duration::from_millis(700),
+        "answered after {elapsed:?}"
+    );
+    let text = answer.text().await?;
+    let error: Value = serde_json::from_str(&text)?;
+    assert_eq!(error, json!({"error": "Graph did not answer within 300ms"}));
+    assert_eq!(graph.received().len(), 1, "the call did reach Graph");
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_proxy_answers_502_when_graph_is_down() -> TestResult {
+    let bot = MockSink::start().await?;
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let graph = format!("http://{}", closed.local_addr()?);
+    drop(closed);
+    let app = spawn_app(&config(&bot, &graph)).await?;
+    let started = Instant::now();
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .body(r#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 502);
+    assert!(started.elapsed() < GRAPH_TIMEOUT + Duration::from_millis(700));
+    let text = answer.text().await?;
+    assert!(!text.contains(PAGE_TOKEN), "{text}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&text)?,
+        json!({"error": "cannot reach Graph"})
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_echo_and_the_report_of_its_send_are_one_outgoing_event() -> TestResult {
+    let (app, bot) = app_with_bot().await?;
+    // Echo first (Meta's fixture), then the bot's report of the same send.
+    let echo = fixture("messenger/message-echo.json");
+    assert_eq!(app.post_webhook(&echo).await?.status(), 200);
+    let mid = "mid.1457764197618:41d102a3e1ae206a38";
+    let reported = post(
+        &app,
+        "/outgoing",
+        Some(TOKEN),
+        &report("<PSID>", mid, "<PAGE_ID>"),
+    )
+    .await?;
+    assert_eq!(reported.status(), 202);
+    assert_eq!(json_body(reported).await?, json!({"accepted": 1}));
+
+    // Report first, then its echo.
+    let reported = post(
+        &app,
+        "/outgoing",
+        Some(TOKEN),
+        &report("U2", "m_reported_first", "111"),
+    )
+    .await?;
+    assert_eq!(reported.status(), 202);
+    let later_echo = echo_webhook("111", "U2", "m_reported_first");
+    assert_eq!(app.post_webhook(&later_echo).await?.status(), 200);
+
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing'")?,
+        2
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'echo'")?,
+        2
+    );
+    // Whichever arrived first is the one kept.
+    let from_echo = |mid: &str| -> TestResult<bool> {
+        Ok(app.db()?.query_row(
+            "SELECT json_extract(payload, '$.data.from_echo') FROM events WHERE id = ?1",
+            [outgoing_id(mid)],
+            |row| row.get(0),
+        )?)
+    };
+    assert!(from_echo(mid)?);
+    assert!(!from_echo("m_reported_first")?);
+
+    // The bot gets both echoes once; Meta's retry of a webhook reaches it no second time.
+    bot.wait_for(2, Duration::from_secs(5)).await?;
+    assert_eq!(app.post_webhook(&echo).await?.status(), 200);
+    assert_eq!(app.post_webhook(&later_echo).await?.status(), 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(bot.received().len(), 2);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?,
+        2
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 4);
+    app.stop().await
+}
+
+#[tokio::test]
+async fn a_paused_user_is_not_forwarded_to_the_bot_until_unpaused() -> TestResult {
+    let (app, bot) = app_with_bot().await?;
+    let paused = pause(&app, "U1", true).await?;
+    assert_eq!(paused.status(), 200);
+    assert_eq!(paused.text().await?, "ok");
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'")?,
+        1
+    );
+    let stored = app.store.paused_users().await?;
+    assert_eq!(
+        stored
+            .iter()
+            .map(|(user, _)| user.as_str())
+            .collect::<Vec<_>>(),
+        vec!["U1"]
+    );
+
+    assert_eq!(
+        app.post_webhook(&text_message("111", "U1", "m_u1_a", "hi", 1))
+            .await?
+            .status(),
+        200
+    );
+    assert_eq!(
+        app.post_webhook(&text_message("111", "U2", "m_u2_a", "hi", 2))
+            .await?
+            .status(),
+        200
+    );
+    let received = bot.wait_for(1, Duration::from_secs(5)).await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let received_now = bot.received();
+    assert_eq!(received_now.len(), 1, "only U2's message reaches the bot");
+    assert!(received[0].text().contains("m_u2_a"));
+
+    let resumed = pause(&app, "U1", false).await?;
+    assert_eq!(resumed.status(), 200);
+    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+    assert_eq!(
+        app.post_webhook(&text_message("111", "U1", "m_u1_b", "back", 3))
+            .await?
+            .status(),
+        200
+    );
+    let received = bot.wait_for(2, Duration::from_secs(5)).await?;
+    assert!(received[1].text().contains("m_u1_b"));
+    app.stop().await
+}
+
+#[tokio::test]
+async fn the_pause_webhook_checks_its_signature_and_body() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let url = format!("{}/dashbot/pause", app.url);
+    let body = r#"{"userId":"U1","paused":true}"#;
+    let unsigned = app.http.post(&url).body(body).send().await?;
+    assert_eq!(unsigned.status(), 401);
+    let wrong = app
+        .http
+        .post(&url)
+        .header(
+            "x-dashbot-signature",
+            sign_sha1(b"not-the-secret", body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(wrong.status(), 401);
+    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+
+    // Dashbot's own examples sign the compact re-serialization, not the bytes sent.
+    let pretty = "{\n  \"userId\": \"U9\",\n  \"paused\": true\n}";
+    let compact_signed = app
+        .http
+        .post(&url)
+        .header(
+            "x-dashbot-signature",
+            sign_sha1(
+                DASHBOT_SECRET.as_bytes(),
+                br#"{"userId":"U9","paused":true}"#,
+            ),
+        )
+        .body(pretty)
+        .send()
+        .await?;
+    assert_eq!(compact_signed.status(), 200);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U9'")?,
+        1
+    );
+
+    for (bad, field) in [
+        (r#"{"userId":"U1"}"#, "paused is missing"),
+        (
+            r#"{"userId":"U1","paused":"yes"}"#,
+            "paused must be true or false",
+        ),
+        (r#"{"paused":true}"#, "userId is missing"),
+    ] {
+        let response = app
+            .http
+            .post(&url)
+            .header(
+                "x-dashbot-signature",
+                sign_sha1(DASHBOT_SECRET.as_bytes(), bad.as_bytes()),
+            )
+            .body(bad)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 400, "{bad}");
+        assert_eq!(json_body(response).await?, json!({"error": field}));
+    }
+    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 1);
+    app.stop().await
+}
+
+/// A relay of our own on `path`, so that a second one can start on the same store file
+/// (`spawn_app` gives every relay a fresh temporary store).
+struct Relay {
+    url: String,
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+async fn start_relay(path: &Path, extra: &str) -> TestResult<(Relay, Store)> {
+    let toml = format!(
+        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\n\
+         [store]\npath = \"{}\"\n{extra}",
+        path.display()
+    );
+    let environment = HashMap::from([(
+        "BOTRELAY__SERVER__SHUTDOWN_GRACE".to_owned(),
+        "2s".to_owned(),
+    )]);
+    let config = Config::from_sources(&toml, environment)?;
+    // The previous relay's writer thread lets go of the file lock just after it stops.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let store = loop {
+        match Store::open_sqlite(path, None) {
+            Err(StoreError::Locked(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other?,
+        }
+    };
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", public.local_addr()?);
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(botrelay::run_with_store(
+        config,
+        store.clone(),
+        botrelay::Listeners { public, admin },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    Ok((Relay { url, stop, task }, store))
+}
+
+impl Relay {
+    async fn stop(self) -> TestResult {
+        let _ = self.stop.send(());
+        self.task.await??;
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("botrelay.db");
+    let bot = MockSink::start().await?;
+    let extra = config(&bot, "http://127.0.0.1:9");
+    let http = reqwest::Client::new();
+
+    let (first, store) = start_relay(&path, &extra).await?;
+    let body = r#"{"userId":"U1","paused":true}"#;
+    let paused = http
+        .post(format!("{}/dashbot/pause", first.url))
+        .header(
+            "x-dashbot-signature",
+            sign_sha1(DASHBOT_SECRET.as_bytes(), body.as_bytes()),
+        )
+        .body(body)
+        .send()
+        .await?;
+    assert_eq!(paused.status(), 200);
+    first.stop().await?;
+    drop(store);
+
+    // The durable row, read the way an operator's sqlite3 would.
+    let on_disk: i64 =
+        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?
+            .query_row(
+            "SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'",
+            [],
+            |row| row.get(0),
+        )?;
+    assert_eq!(on_disk, 1);
+
+    let (second, store) = start_relay(&path, &extra).await?;
+    assert_eq!(
+        store
+            .paused_users()
+            .await?
+            .into_iter()
+            .map(|(user, _)| user)
+            .collect::<Vec<_>>(),
+        vec!["U1".to_owned()]
+    );
+    for (user, mid) in [("U1", "m_after_restart_1"), ("U2", "m_after_restart_2")] {
+        let body = text_message("111", user, mid, "hi", 1);
+        let response = http
+            .post(format!("{}/webhook", second.url))
+            .header(
+                "x-hub-signature-256",
+                botrelay::ingest::verify::sign_sha256(APP_SECRET.as_bytes(), &body),
+            )
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(response.status(), 200);
+    }
+    let received = bot.wait_for(1, Duration::from_secs(5)).await?;
+    assert!(received[0].text().contains("m_after_restart_2"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let skipped =
+        |path: &Path| -> TestResult<i64> {
+            Ok(rusqlite::Connection::open_with_flags(
+                path,
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )?
+            .query_row(
+                "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
+             WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
+                [],
+                |row| row.get(0),
+            )?)
+        };
+    while skipped(&path)? != 1 {
+        if Instant::now() > deadline {
+            return Err("U1's delivery was not skipped after the restart".into());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        bot.received().len(),
+        1,
+        "the paused user stays paused after the restart"
+    );
+    second.stop().await?;
+    drop(store);
+    Ok(())
+}

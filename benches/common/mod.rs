@@ -1,0 +1,226 @@
+//! Shared benchmark harness: the relay in-process on port 0, a local sink that answers at once
+//! (or never), signed webhook bodies, and closed- and open-loop load generators that report
+//! throughput and latency percentiles (HDR histograms, microseconds).
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use botrelay::config::Config;
+use botrelay::ingest::verify::sign_sha256;
+use botrelay::store::Store;
+use hdrhistogram::Histogram;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub const SECRET: &str = "bench_app_secret";
+
+/// Starts the relay on `store` with a `[bot]` sink at `bot_url` and `bot_extra` keys.
+pub async fn start_relay(store: Store, bot_url: &str, bot_extra: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
+    let toml = format!(
+        "[messenger]\napp_secret = \"{SECRET}\"\nverify_token = \"v\"\n[log]\nlevel = \"warn\"\n\
+         [bot]\nurl = \"{bot_url}\"\n{bot_extra}"
+    );
+    let config = Config::from_sources(&toml, HashMap::new()).expect("bench config");
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", public.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(botrelay::run_with_store(config, store, botrelay::Listeners { public, admin }, async move {
+        let _ = stopped.await;
+    }));
+    (url, stop)
+}
+
+/// What the local sink does with each request.
+#[derive(Clone)]
+pub enum SinkMode {
+    /// Never answers: keeps the dispatcher parked, so an ingest benchmark measures ingest only.
+    Hang,
+    /// Answers 200 at once and counts; records the arrival time per `mid` when `timed`.
+    Count { timed: bool },
+}
+
+#[derive(Clone, Default)]
+pub struct SinkStats {
+    pub received: Arc<AtomicU64>,
+    pub arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+}
+
+pub async fn start_sink(mode: SinkMode) -> (String, SinkStats) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/webhook", listener.local_addr().unwrap());
+    let stats = SinkStats::default();
+    let handler_stats = stats.clone();
+    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+        let stats = handler_stats.clone();
+        let mode = mode.clone();
+        async move {
+            match mode {
+                SinkMode::Hang => std::future::pending::<()>().await,
+                SinkMode::Count { timed } => {
+                    if timed {
+                        let arrived = Instant::now();
+                        if let Some(mid) = mid_of(&body) {
+                            stats.arrivals.lock().unwrap().insert(mid, arrived);
+                        }
+                    }
+                    stats.received.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            "ok"
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, stats)
+}
+
+fn mid_of(body: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(body).ok()?;
+    let start = text.find("\"mid\":\"")? + 7;
+    let end = text[start..].find('"')? + start;
+    Some(text[start..end].to_owned())
+}
+
+/// A realistic one-message webhook (about 400 bytes) for user `n % users`, signed.
+pub fn signed_message(n: u64, users: u64) -> (Vec<u8>, String, String) {
+    let mid = format!("m_bench_{n}");
+    let body = format!(
+        concat!(
+            r#"{{"object":"page","entry":[{{"id":"106120894276430","time":1700000000000,"messaging":[{{"#,
+            r#""sender":{{"id":"{user}"}},"recipient":{{"id":"106120894276430"}},"timestamp":1700000000000,"#,
+            r#""message":{{"mid":"{mid}","text":"hello from the benchmark, caf\u00e9 https:\/\/example.com\/x","#,
+            r#""quick_reply":{{"payload":"BENCH_PAYLOAD"}}}}}}]}}]}}"#
+        ),
+        user = 2_290_000_000_000_000u64 + n % users,
+        mid = mid,
+    );
+    let signature = sign_sha256(SECRET.as_bytes(), body.as_bytes());
+    (body.into_bytes(), signature, mid)
+}
+
+pub struct LoadResult {
+    pub requests: u64,
+    pub errors: u64,
+    pub elapsed: Duration,
+    pub latency: Histogram<u64>,
+    /// When each `mid` was acknowledged (open loop with `record_acks`).
+    pub acks: HashMap<String, (Instant, Instant)>,
+}
+
+impl LoadResult {
+    pub fn rate(&self) -> f64 {
+        self.requests as f64 / self.elapsed.as_secs_f64()
+    }
+
+    pub fn summary(&self) -> String {
+        format!(
+            "{:>8.0} req/s  p50 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms  ({} requests, {} errors)",
+            self.rate(),
+            ms(self.latency.value_at_quantile(0.50)),
+            ms(self.latency.value_at_quantile(0.99)),
+            ms(self.latency.max()),
+            self.requests,
+            self.errors
+        )
+    }
+}
+
+pub fn ms(micros: u64) -> f64 {
+    micros as f64 / 1000.0
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap()
+}
+
+/// `connections` workers, each sending the next request as soon as the last was answered.
+pub async fn closed_loop(url: &str, connections: u64, duration: Duration, first_id: u64) -> LoadResult {
+    let client = client();
+    let next = Arc::new(AtomicU64::new(first_id));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..connections {
+        let (client, next, stop, url) = (client.clone(), next.clone(), stop.clone(), format!("{url}/webhook"));
+        workers.spawn(async move {
+            let mut latency = Histogram::<u64>::new(3).unwrap();
+            let (mut requests, mut errors) = (0, 0);
+            while !stop.load(Ordering::Relaxed) {
+                let (body, signature, _) = signed_message(next.fetch_add(1, Ordering::Relaxed), 1000);
+                let sent = Instant::now();
+                let response = client.post(&url).header("x-hub-signature-256", signature).body(body).send().await;
+                match response {
+                    Ok(response) if response.status() == 200 => {
+                        let _ = response.bytes().await;
+                        latency.record(sent.elapsed().as_micros() as u64).unwrap();
+                        requests += 1;
+                    }
+                    _ => errors += 1,
+                }
+            }
+            (latency, requests, errors)
+        });
+    }
+    tokio::time::sleep(duration).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut result = LoadResult {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency: Histogram::new(3).unwrap(),
+        acks: HashMap::new(),
+    };
+    while let Some(worker) = workers.join_next().await {
+        let (latency, requests, errors) = worker.unwrap();
+        result.latency.add(latency).unwrap();
+        result.requests += requests;
+        result.errors += errors;
+    }
+    result.elapsed = started.elapsed();
+    result
+}
+
+/// Requests at a fixed `rate` for `duration`; latency is measured from each request's
+/// scheduled time, so a stall is not hidden by the generator waiting (no coordinated omission).
+pub async fn open_loop(url: &str, rate: u64, duration: Duration, first_id: u64, record_acks: bool) -> LoadResult {
+    let client = client();
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate as f64);
+    let started = Instant::now();
+    let mut requests = tokio::task::JoinSet::new();
+    for index in 0..total {
+        let scheduled = started + interval.mul_f64(index as f64);
+        tokio::time::sleep_until(scheduled.into()).await;
+        let (client, url) = (client.clone(), format!("{url}/webhook"));
+        let (body, signature, mid) = signed_message(first_id + index, 1000);
+        requests.spawn(async move {
+            let response = client.post(&url).header("x-hub-signature-256", signature).body(body).send().await;
+            let ok = matches!(&response, Ok(response) if response.status() == 200);
+            if let Ok(response) = response {
+                let _ = response.bytes().await;
+            }
+            (ok, scheduled, Instant::now(), mid)
+        });
+    }
+    let mut result = LoadResult {
+        requests: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency: Histogram::new(3).unwrap(),
+        acks: HashMap::new(),
+    };
+    while let Some(request) = requests.join_next().await {
+        let (ok, scheduled, acked, mid) = request.unwrap();
+        if ok {
+            result.requests += 1;
+            result.latency.record(acked.duration_since(scheduled).as_micros() as u64).unwrap();
+            if record_acks {
+                result.acks.insert(mid, (scheduled, acked));
+            }
+        } else {
+            result.errors += 1;
+        }
+    }
+    result.elapsed = started.elapsed();
+    result
+}

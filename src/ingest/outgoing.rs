@@ -1,0 +1,576 @@
+//! The bot's sends: the only file that knows Send API and Dashbot-outgoing JSON. `POST /outgoing`
+//! items (Dashbot's `{url, qs, method, json, responseBody}` or `{request, response, page_id}`)
+//! become `outgoing` events, and the Send API proxy forwards the bot's call to Graph verbatim
+//! and records the send the same way. Page tokens are dropped on receipt: never stored or logged.
+
+use crate::event::{Event, EventData, EventId, EventKind, Outgoing, Source};
+use crate::ingest::messenger::web_urls;
+use crate::ingest::{AppState, BadItem, IngestError, ReportItems, item_object, store};
+use crate::sinks::graph_error::GraphError;
+use crate::store::now_ms;
+use crate::telemetry::metric;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::{HeaderMap, HeaderName, StatusCode, Uri, header};
+use axum::response::Response;
+use serde_json::{Map, Value};
+
+/// Keys whose values are credentials: removed from a reported request (and never read from
+/// `qs`, which is not kept at all).
+const TOKEN_KEYS: [&str; 4] = [
+    "access_token",
+    "appsecret_proof",
+    "appsecret_time",
+    "apiKey",
+];
+
+/// Request headers the proxy passes on to Graph.
+const FORWARDED_REQUEST_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::AUTHORIZATION];
+
+/// Graph's response headers the proxy hands back: the content type, and the rate-limit usage
+/// and trace headers a bot may act on.
+const FORWARDED_RESPONSE_HEADERS: [&str; 6] = [
+    "content-type",
+    "x-app-usage",
+    "x-page-usage",
+    "x-business-use-case-usage",
+    "x-fb-trace-id",
+    "retry-after",
+];
+
+/// The field names of one of the two item shapes, for error messages.
+struct Shape {
+    request: &'static str,
+    response: &'static str,
+}
+
+/// What `dashbot.logOutgoing(requestData, responseBody)` bots build.
+const DASHBOT: Shape = Shape {
+    request: "json",
+    response: "responseBody",
+};
+
+/// `{request, response, page_id?}`.
+const REPORT: Shape = Shape {
+    request: "request",
+    response: "response",
+};
+
+/// Turns a `/outgoing` body into events, one per item, or names the first bad item.
+pub fn normalize(
+    items: &ReportItems<'_>,
+    received_at_ms: i64,
+    app_id: Option<&str>,
+) -> Result<Vec<Event>, BadItem> {
+    items
+        .iter()
+        .map(|(label, raw)| {
+            let fields = item_object(label, raw)?;
+            report_event(&fields, received_at_ms, app_id)
+                .map_err(|problem| BadItem::new(label, problem))
+        })
+        .collect()
+}
+
+/// One item in either shape → its event; `Err` names the bad field.
+fn report_event(
+    item: &Map<String, Value>,
+    received_at_ms: i64,
+    app_id: Option<&str>,
+) -> Result<Event, String> {
+    let shape = if item.contains_key("request") || item.contains_key("response") {
+        &REPORT
+    } else if ["json", "responseBody", "url", "uri"]
+        .iter()
+        .any(|key| item.contains_key(*key))
+    {
+        &DASHBOT
+    } else {
+        return Err("json is missing (or request, in the {request, response} shape)".to_owned());
+    };
+    let mut request = object(item, shape.request)?;
+    for key in TOKEN_KEYS {
+        request.remove(key);
+    }
+    let response = object(item, shape.response)?;
+
+    let recipient = match request.get("recipient") {
+        Some(Value::Object(recipient)) => recipient,
+        None | Some(Value::Null) => return Err(format!("{}.recipient is missing", shape.request)),
+        Some(_) => return Err(format!("{}.recipient must be an object", shape.request)),
+    };
+    let recipient_field = |name: &str| {
+        id_field(recipient.get(name), || {
+            format!("{}.recipient.{name}", shape.request)
+        })
+    };
+    let response_recipient = id_field(response.get("recipient_id"), || {
+        format!("{}.recipient_id", shape.response)
+    })?;
+    let user_id = recipient_field("id")?
+        .or(recipient_field("user_ref")?)
+        .or_else(|| response_recipient.clone())
+        .ok_or_else(|| format!("{}.recipient.id is missing", shape.request))?;
+    let message = match request.get("message") {
+        None | Some(Value::Null) => Value::Null,
+        Some(message @ Value::Object(_)) => message.clone(),
+        Some(_) => return Err(format!("{}.message must be an object", shape.request)),
+    };
+    let message_id = match response.get("message_id") {
+        Some(Value::String(id)) if !id.is_empty() => Some(id.clone()),
+        None | Some(Value::Null) => None,
+        Some(_) => {
+            return Err(format!(
+                "{}.message_id must be a non-empty string",
+                shape.response
+            ));
+        }
+    };
+
+    let page_id = match id_field(item.get("page_id"), || "page_id".to_owned())? {
+        Some(page) => Some(page),
+        None => {
+            let mut page = None;
+            for name in ["url", "uri"] {
+                match item.get(name) {
+                    None | Some(Value::Null) => {}
+                    Some(Value::String(url)) => {
+                        page = page_in_url(url);
+                        break;
+                    }
+                    Some(_) => return Err(format!("{name} must be a string")),
+                }
+            }
+            page
+        }
+    };
+    let passed = |name: &str| item.get(name).filter(|value| !value.is_null()).cloned();
+
+    let request = Value::Object(request);
+    let response = Value::Object(response);
+    let id = match &message_id {
+        Some(message_id) => EventId::outgoing(message_id),
+        // A refused send: no id of Graph's to share; identical reports still collapse.
+        None => EventId::derive(&[
+            b"outgoing-unsent",
+            request.to_string().as_bytes(),
+            response.to_string().as_bytes(),
+        ]),
+    };
+    Ok(Event {
+        id,
+        source: Source::Outgoing,
+        kind: EventKind::Outgoing,
+        page_id,
+        user_id: Some(user_id.clone()),
+        timestamp_ms: received_at_ms,
+        data: EventData::Outgoing(Outgoing {
+            succeeded: message_id.is_some(),
+            message_id,
+            recipient_id: response_recipient.or(Some(user_id)),
+            web_urls: web_urls(&message),
+            request,
+            response,
+            app_id: app_id.map(str::to_owned),
+            from_echo: false,
+            intent: passed("intent"),
+            platform_user_json: passed("platformUserJson"),
+        }),
+        webhook: None,
+    })
+}
+
+/// A required object field, cloned.
+fn object(item: &Map<String, Value>, name: &str) -> Result<Map<String, Value>, String> {
+    match item.get(name) {
+        Some(Value::Object(fields)) => Ok(fields.clone()),
+        None | Some(Value::Null) => Err(format!("{name} is missing")),
+        Some(_) => Err(format!("{name} must be an object")),
+    }
+}
+
+/// An optional id: a non-empty string, or a number (ids may come as numbers).
+fn id_field(
+    value: Option<&Value>,
+    name: impl FnOnce() -> String,
+) -> Result<Option<String>, String> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(id)) if !id.is_empty() => Ok(Some(id.clone())),
+        Some(Value::Number(id)) => Ok(Some(id.to_string())),
+        Some(_) => Err(format!("{} must be a non-empty string", name())),
+    }
+}
+
+/// The page of a Send API URL: `.../<version>/<page_or_me>/messages`; `me` (or no such path)
+/// gives `None`. Absolute URLs and bare paths both work; the query is ignored.
+fn page_in_url(url: &str) -> Option<String> {
+    let without_query = url.split(['?', '#']).next().unwrap_or_default();
+    let path = match without_query.split_once("://") {
+        Some((_, rest)) => rest.split_once('/').map_or("", |(_, path)| path),
+        None => without_query,
+    };
+    let segments: Vec<&str> = path
+        .split('/')
+        .filter(|segment| !segment.is_empty())
+        .collect();
+    match segments.as_slice() {
+        [.., page, "messages"] if *page != "me" => Some((*page).to_owned()),
+        _ => None,
+    }
+}
+
+/// The event for a send that went through the proxy, exactly as if the bot had POSTed
+/// `{request, response, page_id}` to `/outgoing`. `Err` says why nothing is recorded (Graph
+/// refused the send, or the request is not a Send API body we can read).
+pub fn proxied_send(
+    request_body: &[u8],
+    form_encoded: bool,
+    response_body: &[u8],
+    page_or_me: &str,
+    received_at_ms: i64,
+    app_id: Option<&str>,
+) -> Result<Event, String> {
+    let response: Value = serde_json::from_slice(response_body)
+        .map_err(|_| "Graph's answer is not JSON".to_owned())?;
+    if response.get("message_id").and_then(Value::as_str).is_none() {
+        return Err("Graph's answer has no message_id".to_owned());
+    }
+    let request = if form_encoded {
+        // Graph also takes form fields, each value JSON (`recipient={"id":"…"}`) or plain.
+        let fields = url::form_urlencoded::parse(request_body)
+            .map(|(key, value)| {
+                let value =
+                    serde_json::from_str(&value).unwrap_or(Value::String(value.into_owned()));
+                (key.into_owned(), value)
+            })
+            .collect();
+        Value::Object(fields)
+    } else {
+        serde_json::from_slice(request_body)
+            .map_err(|_| "the request body is not JSON".to_owned())?
+    };
+    let mut item = Map::new();
+    item.insert("request".into(), request);
+    item.insert("response".into(), response);
+    if page_or_me != "me" {
+        item.insert("page_id".into(), Value::String(page_or_me.to_owned()));
+    }
+    report_event(&item, received_at_ms, app_id)
+}
+
+/// A path segment of the proxy route that is safe to put into Graph's URL as it is.
+fn plain_segment(segment: &str) -> bool {
+    !segment.is_empty()
+        && segment != "."
+        && segment != ".."
+        && segment
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || matches!(byte, b'.' | b'_' | b'-'))
+}
+
+/// `POST /graph/{version}/{page_or_me}/messages`: forwards the bot's Send API call to
+/// `{graph.base_url}/{version}/{page_or_me}/messages` with its query string (the page token
+/// included) and body unchanged, answers with Graph's status, content type and body, and records
+/// a successful send as an outgoing event. The query string is never logged or stored.
+pub async fn proxy(
+    State(state): State<AppState>,
+    uri: Uri,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Response, IngestError> {
+    let body = body.map_err(|rejection| {
+        IngestError::from_body(rejection, state.config.server.max_body_bytes)
+    })?;
+    let segments: Vec<&str> = uri.path().trim_start_matches('/').split('/').collect();
+    let [_graph, version, page_or_me, _messages] = segments.as_slice() else {
+        return Err(IngestError::BadRequest("unexpected path".to_owned()));
+    };
+    if !plain_segment(version) || !plain_segment(page_or_me) {
+        return Err(IngestError::BadRequest(
+            "version and page must be plain path segments".to_owned(),
+        ));
+    }
+    let graph = &state.config.graph;
+    let target = format!(
+        "{}/{version}/{page_or_me}/messages{}",
+        graph.base_url.as_str().trim_end_matches('/'),
+        uri.query()
+            .map(|query| format!("?{query}"))
+            .unwrap_or_default(),
+    );
+    let mut forward = state
+        .client
+        .http()
+        .post(target)
+        .timeout(graph.timeout)
+        .body(body.clone());
+    for name in FORWARDED_REQUEST_HEADERS {
+        if let Some(value) = headers.get(&name) {
+            forward = forward.header(name, value.clone());
+        }
+    }
+    let answer = match forward.send().await {
+        Ok(answer) => answer,
+        Err(error) => return Err(unreachable(error, graph.timeout)),
+    };
+    let status = answer.status();
+    let answer_headers = answer.headers().clone();
+    let answer_body = answer
+        .bytes()
+        .await
+        .map_err(|error| unreachable(error, graph.timeout))?;
+
+    let outcome = if status.is_success() {
+        "sent"
+    } else {
+        match GraphError::parse(&answer_body) {
+            Some(error) => {
+                tracing::info!(status = status.as_u16(), error = %error.describe(), "Graph refused a proxied send");
+                if error.is_transient() {
+                    "graph_error_transient"
+                } else {
+                    "graph_error_permanent"
+                }
+            }
+            None => {
+                tracing::info!(
+                    status = status.as_u16(),
+                    "Graph answered a proxied send with a non-Graph error"
+                );
+                "http_error"
+            }
+        }
+    };
+    metrics::counter!(metric::PROXY_REQUESTS, "outcome" => outcome).increment(1);
+
+    if status.is_success() {
+        record(&state, &headers, &body, &answer_body, page_or_me).await;
+    }
+
+    let mut response = Response::new(Body::from(answer_body));
+    *response.status_mut() =
+        StatusCode::from_u16(status.as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
+    for name in FORWARDED_RESPONSE_HEADERS {
+        for value in answer_headers.get_all(name) {
+            response.headers_mut().append(name, value.clone());
+        }
+    }
+    Ok(response)
+}
+
+/// Records a proxied send that Graph accepted. The bot's send happened whatever the store
+/// says: a failure here is logged, and Graph's answer still goes back to the bot.
+async fn record(
+    state: &AppState,
+    headers: &HeaderMap,
+    request_body: &[u8],
+    answer_body: &[u8],
+    page_or_me: &str,
+) {
+    let form_encoded = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/x-www-form-urlencoded"));
+    let now = now_ms();
+    match proxied_send(
+        request_body,
+        form_encoded,
+        answer_body,
+        page_or_me,
+        now,
+        state.config.messenger.app_id.as_deref(),
+    ) {
+        Ok(event) => {
+            if let Err(error) = store(state, vec![event], now).await {
+                tracing::error!(%error, "Proxied send succeeded but its outgoing event was not stored");
+            }
+        }
+        Err(reason) => tracing::debug!(%reason, "Proxied send not recorded"),
+    }
+}
+
+/// Maps a transport failure to a 502, logging the detail without the URL (it holds the token).
+fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestError {
+    let timed_out = error.is_timeout();
+    let error = error.without_url();
+    tracing::warn!(%error, timed_out, "Send API proxy got no answer from Graph");
+    metrics::counter!(metric::PROXY_REQUESTS, "outcome" => if timed_out { "timeout" } else { "unreachable" })
+        .increment(1);
+    IngestError::GraphUnreachable { timed_out, timeout }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    type TestResult = Result<(), Box<dyn std::error::Error>>;
+
+    fn one(body: &Value) -> Result<Vec<Event>, BadItem> {
+        let bytes = body.to_string();
+        let items = ReportItems::parse(bytes.as_bytes())
+            .map_err(|error| BadItem::new(None, error.to_string()))?;
+        normalize(&items, 1_700_000_000_000, Some("42"))
+    }
+
+    fn outgoing(event: &Event) -> Option<&Outgoing> {
+        match &event.data {
+            EventData::Outgoing(outgoing) => Some(outgoing),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn dashbot_shape_drops_the_token_and_takes_the_page_from_the_url() -> TestResult {
+        let events = one(&json!({
+            "url": "https://graph.facebook.com/v20.0/111/messages",
+            "qs": {"access_token": "PAGE-TOKEN"},
+            "method": "POST",
+            "json": {"recipient": {"id": "U1"}, "message": {"text": "hi"}, "access_token": "PAGE-TOKEN"},
+            "responseBody": {"recipient_id": "U1", "message_id": "m_1"},
+            "intent": {"name": "greet"},
+            "platformUserJson": {"first_name": "A"}
+        }))?;
+        let [event] = events.as_slice() else {
+            return Err("one event".into());
+        };
+        assert_eq!(event.id, EventId::outgoing("m_1"));
+        assert_eq!(
+            (event.source, event.kind),
+            (Source::Outgoing, EventKind::Outgoing)
+        );
+        assert_eq!(event.page_id.as_deref(), Some("111"));
+        assert_eq!(event.user_id.as_deref(), Some("U1"));
+        assert_eq!(event.timestamp_ms, 1_700_000_000_000);
+        let sent = outgoing(event).ok_or("outgoing data")?;
+        assert!(sent.succeeded && !sent.from_echo);
+        assert_eq!(sent.app_id.as_deref(), Some("42"));
+        assert_eq!(sent.intent, Some(json!({"name": "greet"})));
+        assert_eq!(sent.platform_user_json, Some(json!({"first_name": "A"})));
+        assert!(!serde_json::to_string(event)?.contains("PAGE-TOKEN"));
+        Ok(())
+    }
+
+    #[test]
+    fn report_shape_with_page_id_and_web_urls() -> TestResult {
+        let events = one(&json!([{
+            "request": {"recipient": {"id": 5}, "message": {"attachment": {"type": "template", "payload": {
+                "template_type": "button", "text": "t",
+                "buttons": [{"type": "web_url", "url": "https://smart.link/x", "title": "Go"}]}}}},
+            "response": {"message_id": "m_2"},
+            "page_id": 222
+        }]))?;
+        let [event] = events.as_slice() else {
+            return Err("one event".into());
+        };
+        assert_eq!(event.page_id.as_deref(), Some("222"));
+        assert_eq!(event.user_id.as_deref(), Some("5"));
+        let sent = outgoing(event).ok_or("outgoing data")?;
+        assert_eq!(sent.web_urls, vec!["https://smart.link/x".to_owned()]);
+        assert_eq!(sent.recipient_id.as_deref(), Some("5"));
+        Ok(())
+    }
+
+    #[test]
+    fn a_graph_error_is_a_failed_send_with_a_stable_id() -> TestResult {
+        let body = json!({
+            "uri": "https://graph.facebook.com/v2.6/me/messages",
+            "json": {"recipient": {"id": "U1"}, "message": {"text": "hi"}},
+            "responseBody": {"error": {"code": 551, "message": "This person isn't available"}}
+        });
+        let first = one(&body)?;
+        let again = one(&body)?;
+        let [event] = first.as_slice() else {
+            return Err("one event".into());
+        };
+        assert_eq!(event.page_id, None);
+        assert!(!outgoing(event).ok_or("outgoing data")?.succeeded);
+        assert_eq!(Some(&event.id), again.first().map(|event| &event.id));
+        Ok(())
+    }
+
+    #[test]
+    fn bad_items_are_named_with_their_field() {
+        let cases = [
+            (
+                json!([{"json": {"recipient": {"id": "U"}}, "responseBody": {}}, {"json": {"recipient": {}}, "responseBody": {}}]),
+                "item 1: json.recipient.id is missing",
+            ),
+            (
+                json!({"json": {"message": {}}, "responseBody": {}}),
+                "json.recipient is missing",
+            ),
+            (
+                json!({"request": {"recipient": {"id": "U"}}}),
+                "response is missing",
+            ),
+            (
+                json!({"request": {"recipient": {"id": "U"}}, "response": {"message_id": 7}}),
+                "response.message_id must be a non-empty string",
+            ),
+            (
+                json!({"url": 3, "json": {"recipient": {"id": "U"}}, "responseBody": {}}),
+                "url must be a string",
+            ),
+            (
+                json!({"text": "hi"}),
+                "json is missing (or request, in the {request, response} shape)",
+            ),
+            (json!([1]), "item 0: must be a JSON object"),
+        ];
+        for (body, expected) in cases {
+            assert_eq!(
+                one(&body).err().map(|error| error.to_string()).as_deref(),
+                Some(expected),
+                "{body}"
+            );
+        }
+    }
+
+    #[test]
+    fn pages_in_send_api_urls() {
+        assert_eq!(
+            page_in_url("https://graph.facebook.com/v20.0/111/messages?access_token=x").as_deref(),
+            Some("111")
+        );
+        assert_eq!(page_in_url("/v2.6/me/messages"), None);
+        assert_eq!(
+            page_in_url("https://graph.facebook.com/v2.6/me/messages"),
+            None
+        );
+        assert_eq!(page_in_url("https://graph.facebook.com/"), None);
+        assert_eq!(page_in_url("v20.0/222/messages").as_deref(), Some("222"));
+    }
+
+    #[test]
+    fn proxied_sends_are_recorded_only_when_graph_gave_a_message_id() -> TestResult {
+        let request = br#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#;
+        let event = proxied_send(
+            request,
+            false,
+            br#"{"recipient_id":"U1","message_id":"m_9"}"#,
+            "333",
+            5,
+            None,
+        )?;
+        assert_eq!(event.id, EventId::outgoing("m_9"));
+        assert_eq!(event.page_id.as_deref(), Some("333"));
+        assert!(
+            proxied_send(request, false, br#"{"error":{"code":190}}"#, "333", 5, None).is_err()
+        );
+        let form = b"recipient=%7B%22id%22%3A%22U2%22%7D&message=%7B%22text%22%3A%22yo%22%7D&access_token=SECRET";
+        let event = proxied_send(form, true, br#"{"message_id":"m_10"}"#, "me", 5, None)?;
+        assert_eq!(event.user_id.as_deref(), Some("U2"));
+        assert_eq!(event.page_id, None);
+        assert!(!serde_json::to_string(&event)?.contains("SECRET"));
+        Ok(())
+    }
+
+    #[test]
+    fn only_plain_segments_are_forwarded() {
+        assert!(plain_segment("v20.0") && plain_segment("me") && plain_segment("1234"));
+        assert!(!plain_segment("..") && !plain_segment("") && !plain_segment("a%2Fb"));
+    }
+}

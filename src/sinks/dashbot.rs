@@ -1,0 +1,315 @@
+//! The `[sinks.dashbot]` sink (SPEC §4.3): Dashbot's REST `track` API. Incoming webhook items
+//! go as `type=incoming` single-item webhook bodies, bot sends as `type=outgoing` records,
+//! custom events as `type=event` objects. Pure; the API key appears only in the query string.
+
+use crate::delivery::{Method, Request};
+use crate::event::{Custom, Event, EventData, EventKind, Outgoing};
+use crate::sinks::bot::single_item_body;
+use crate::sinks::{EncodeError, event_name, require_user};
+use bytes::Bytes;
+use secrecy::{ExposeSecret, SecretString};
+use serde_json::{Map, Value, json};
+use std::collections::BTreeMap;
+use url::Url;
+
+/// The client version tag Dashbot's REST docs use.
+const VERSION: &str = "11.1.0-rest";
+
+/// Dashbot's record of a send always names this endpoint; the real one is the bot's business.
+const SEND_API_URI: &str = "https://graph.facebook.com/v2.6/me/messages";
+
+/// Fields of a Dashbot event object that are ours to set, never copied from `extra`.
+const OWN_FIELDS: [&str; 8] = [
+    "name",
+    "type",
+    "userId",
+    "conversationId",
+    "pageId",
+    "amount",
+    "currency",
+    "referenceNumber",
+];
+
+#[derive(Debug, Clone)]
+pub struct Dashbot {
+    pub url: Url,
+    pub api_key: SecretString,
+    /// `[sinks.dashbot.names]`: overrides the `name` of `type=event` objects per kind.
+    pub names: BTreeMap<EventKind, String>,
+}
+
+impl Dashbot {
+    /// `POST {url}?platform=facebook&v=11.1.0-rest&type=<t>&apiKey=<key>` (any query the
+    /// configured URL has is kept), `content-type: application/json`.
+    pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
+        let (track_type, body) = match (&event.data, &event.webhook) {
+            (EventData::Custom(custom), _) => {
+                ("event", event_body(self, event, custom)?.to_string())
+            }
+            (EventData::Outgoing(outgoing), _) => {
+                ("outgoing", outgoing_body(event, outgoing).to_string())
+            }
+            (EventData::Echo { .. }, Some(_)) => {
+                return Err(EncodeError::Skip(
+                    "echoes reach Dashbot as outgoing events".to_owned(),
+                ));
+            }
+            (_, Some(origin)) => ("incoming", single_item_body(origin)?),
+            (_, None) => {
+                return Err(EncodeError::Skip(format!(
+                    "{} event did not come in on the webhook",
+                    event.kind
+                )));
+            }
+        };
+        let mut url = self.url.clone();
+        url.query_pairs_mut()
+            .append_pair("platform", "facebook")
+            .append_pair("v", VERSION)
+            .append_pair("type", track_type)
+            .append_pair("apiKey", self.api_key.expose_secret());
+        Ok(Request {
+            method: Method::Post,
+            url: url.into(),
+            headers: vec![("content-type", "application/json".to_owned())],
+            body: Some(Bytes::from(body)),
+        })
+    }
+}
+
+/// What `dashbot.logOutgoing(requestData, responseBody)` sends, without the page token.
+fn outgoing_body(event: &Event, outgoing: &Outgoing) -> Value {
+    let response_field = |name: &str| {
+        outgoing
+            .response
+            .get(name)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let recipient_id = outgoing
+        .recipient_id
+        .clone()
+        .or_else(|| response_field("recipient_id"))
+        .or_else(|| event.user_id.clone());
+    let message_id = outgoing
+        .message_id
+        .clone()
+        .or_else(|| response_field("message_id"));
+    let mut body = json!({
+        "qs": {"access_token": ""},
+        "uri": SEND_API_URI,
+        "method": "POST",
+        "json": outgoing.request,
+        "responseBody": {"recipient_id": recipient_id, "message_id": message_id},
+    });
+    if let Some(fields) = body.as_object_mut() {
+        if let Some(intent) = &outgoing.intent {
+            fields.insert("intent".into(), intent.clone());
+        }
+        if let Some(user) = &outgoing.platform_user_json {
+            fields.insert("platformUserJson".into(), user.clone());
+        }
+    }
+    body
+}
+
+/// The Dashbot event object: `{name, type, userId, conversationId?, …the type's own fields}`.
+fn event_body(dashbot: &Dashbot, event: &Event, custom: &Custom) -> Result<Value, EncodeError> {
+    let user = require_user(event)?;
+    // Dashbot has no lead type: a lead (sent only when `lead` is in `kinds`) is a custom event.
+    let event_type = match custom.event_type.as_str() {
+        "leadEvent" => "customEvent",
+        other => other,
+    };
+    let mut body = Map::new();
+    body.insert(
+        "name".into(),
+        json!(event_name(&dashbot.names, event.kind, &custom.name)),
+    );
+    body.insert("type".into(), json!(event_type));
+    body.insert("userId".into(), json!(user));
+    if let Some(conversation) = &custom.conversation_id {
+        body.insert("conversationId".into(), json!(conversation));
+    }
+    if event.kind == EventKind::Revenue || custom.event_type == "revenueEvent" {
+        let amount = custom
+            .amount
+            .ok_or_else(|| EncodeError::Invalid("revenue event has no amount".to_owned()))?;
+        body.insert("amount".into(), json!(amount));
+        body.insert(
+            "currency".into(),
+            json!(custom.currency.as_deref().unwrap_or("USD")),
+        );
+        if let Some(reference) = &custom.reference_number {
+            body.insert("referenceNumber".into(), json!(reference));
+        }
+    }
+    for (key, value) in &custom.extra {
+        if !OWN_FIELDS.contains(&key.as_str()) {
+            body.insert(key.clone(), value.clone());
+        }
+    }
+    Ok(Value::Object(body))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sinks::testing::*;
+    use insta::assert_snapshot;
+
+    fn dashbot(url: &str) -> Result<Dashbot, url::ParseError> {
+        Ok(Dashbot {
+            url: Url::parse(url)?,
+            api_key: SecretString::from("DASHBOT-API-KEY"),
+            names: BTreeMap::new(),
+        })
+    }
+
+    #[test]
+    fn snapshots_of_every_kind() -> TestResult {
+        let sink = dashbot("https://tracker.dashbot.io/track")?;
+        let cases = [
+            (
+                "incoming-message",
+                fixture_event("message-text-quick-reply", EventKind::Message)?,
+            ),
+            (
+                "incoming-postback",
+                fixture_event("messaging-postbacks", EventKind::Postback)?,
+            ),
+            (
+                "incoming-referral",
+                fixture_event("messaging-referrals-shortlink", EventKind::Referral)?,
+            ),
+            (
+                "incoming-optin",
+                fixture_event("messaging-optins-plugin", EventKind::Optin)?,
+            ),
+            (
+                "incoming-reaction",
+                fixture_event("message-reactions", EventKind::Reaction)?,
+            ),
+            ("outgoing", outgoing()),
+            (
+                "outgoing-from-echo",
+                fixture_event("message-echo", EventKind::Outgoing)?,
+            ),
+            (
+                "event-custom",
+                custom(
+                    EventKind::Custom,
+                    "customEvent",
+                    "trackMeEvent",
+                    json!({"extraInfo": {"start": 1500504070512_i64, "difference": 374, "end": 1500504070886_i64}}),
+                ),
+            ),
+            ("event-revenue", revenue()),
+            (
+                "event-share",
+                custom(
+                    EventKind::Share,
+                    "shareEvent",
+                    "shared_coupon",
+                    json!({"sharedMessage": {"text": "20% off"}}),
+                ),
+            ),
+            (
+                "event-page-launch",
+                custom(
+                    EventKind::PageLaunch,
+                    "pageLaunchEvent",
+                    "opened_webview",
+                    json!({"extraInfo": {"url": "https://shop.test/"}}),
+                ),
+            ),
+            (
+                "event-referral",
+                custom(
+                    EventKind::Referral,
+                    "referralEvent",
+                    "ad_click",
+                    json!({"ref": "spring", "source": "ADS", "ad_id": "6045246247433"}),
+                ),
+            ),
+            (
+                "event-lead",
+                custom(EventKind::Lead, "leadEvent", "lead_submitted", json!({})),
+            ),
+        ];
+        for (name, event) in cases {
+            assert_snapshot!(format!("dashbot-{name}"), render(&sink.encode(&event)?));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn incoming_is_the_bot_sinks_single_item_body_byte_for_byte() -> TestResult {
+        let event = fixture_event("message-reactions", EventKind::Reaction)?;
+        let request = dashbot("https://tracker.dashbot.io/track")?.encode(&event)?;
+        let origin = event.webhook.as_ref().ok_or("no origin")?;
+        assert_eq!(
+            request.body.as_deref(),
+            Some(single_item_body(origin)?.as_bytes())
+        );
+        // Meta's escapes survive: the emoji is still `\u2764\ufe0f`.
+        let raw = String::from_utf8_lossy(request.body.as_deref().unwrap_or_default()).into_owned();
+        assert!(raw.contains(r#""emoji": "\u2764\ufe0f""#), "{raw}");
+        Ok(())
+    }
+
+    #[test]
+    fn api_key_only_in_the_query_and_the_configured_query_is_kept() -> TestResult {
+        let sink = dashbot("https://dashbot.test/track?region=eu")?;
+        for event in [
+            fixture_event("message-text-quick-reply", EventKind::Message)?,
+            outgoing(),
+            revenue(),
+        ] {
+            let request = sink.encode(&event)?;
+            let url = Url::parse(&request.url)?;
+            let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
+            assert_eq!(pairs[0], ("region".into(), "eu".into()));
+            assert!(pairs.contains(&("apiKey".into(), "DASHBOT-API-KEY".into())));
+            assert!(pairs.contains(&("platform".into(), "facebook".into())));
+            assert!(pairs.contains(&("v".into(), "11.1.0-rest".into())));
+            let body =
+                String::from_utf8_lossy(request.body.as_deref().unwrap_or_default()).into_owned();
+            assert!(!body.contains("DASHBOT-API-KEY"));
+            assert!(
+                request
+                    .headers
+                    .iter()
+                    .all(|(_, value)| !value.contains("DASHBOT-API-KEY"))
+            );
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn outgoing_access_token_is_always_empty() -> TestResult {
+        let sink = dashbot("https://tracker.dashbot.io/track")?;
+        for event in [
+            outgoing(),
+            fixture_event("message-echo", EventKind::Outgoing)?,
+        ] {
+            let body = body_json(&sink.encode(&event)?);
+            assert_eq!(body["qs"], json!({"access_token": ""}));
+            assert_eq!(body["method"], "POST");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn names_override_event_names_and_echoes_or_foreign_events_are_skipped() -> TestResult {
+        let mut sink = dashbot("https://tracker.dashbot.io/track")?;
+        sink.names.insert(EventKind::Revenue, "purchase".into());
+        assert_eq!(body_json(&sink.encode(&revenue())?)["name"], "purchase");
+        let echo = fixture_event("message-echo", EventKind::Echo)?;
+        assert!(matches!(sink.encode(&echo), Err(EncodeError::Skip(_))));
+        let mut anonymous = revenue();
+        anonymous.user_id = None;
+        assert!(matches!(sink.encode(&anonymous), Err(EncodeError::Skip(_))));
+        Ok(())
+    }
+}
