@@ -19,8 +19,14 @@ use std::time::{Duration, Instant};
 const USERS: u64 = 1000;
 
 fn main() {
-    let events: u64 = std::env::var("BENCH_EVENTS").ok().and_then(|s| s.parse().ok()).unwrap_or(30_000);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let events: u64 = std::env::var("BENCH_EVENTS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30_000);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         println!("botrelay fan-out benchmark: {events} deliveries, {USERS} users, one sink on loopback");
         let dir = tempfile::tempdir().unwrap();

@@ -15,8 +15,14 @@ const CONNECTIONS: u64 = 64;
 const RATE: u64 = 2000;
 
 fn main() {
-    let seconds: u64 = std::env::var("BENCH_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(5);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let seconds: u64 = std::env::var("BENCH_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(5);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     runtime.block_on(async move {
         let phase = Duration::from_secs(seconds);
         // The bot sink is enabled (so every event also gets its delivery row) but parked on a

@@ -1,9 +1,6 @@
 //! The admin listener (`admin.listen`): Prometheus metrics, dead letters and their replay, the
-//! paused users, and each sink's status. `/admin/*` requires `Authorization: Bearer
-//! <admin.token>` when the token is set; `/metrics` and `/healthz` never do.
-//!
-//! [`AdminError`] and its one mapping to HTTP live here. The request and response types are
-//! public so that the CLI (`botrelay dead-letters …`) reads and writes the same JSON.
+//! paused users, sink status. `/admin/*` needs `Authorization: Bearer <admin.token>` when set.
+//! [`AdminError`] has the one mapping to HTTP; the JSON types are public so the CLI shares them.
 
 use crate::config::{Config, SinkName};
 use crate::dispatch::Paused;

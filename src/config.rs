@@ -566,7 +566,10 @@ impl Checker {
         match text.parse() {
             Ok(address) => address,
             Err(_) => {
-                self.problem(key, format!("`{text}` is not an address like \"0.0.0.0:8080\""));
+                self.problem(
+                    key,
+                    format!("`{text}` is not an address like \"0.0.0.0:8080\""),
+                );
                 SocketAddr::from(([127, 0, 0, 1], 0))
             }
         }
@@ -598,7 +601,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     let mut check = Checker::default();
 
     let server = ServerConfig {
-        listen: check.socket_addr("server.listen", raw.server.listen.as_deref(), "0.0.0.0:8080"),
+        listen: check.socket_addr(
+            "server.listen",
+            raw.server.listen.as_deref(),
+            "0.0.0.0:8080",
+        ),
         max_body_bytes: match raw.server.max_body_bytes {
             None => 1024 * 1024,
             Some(0) => {
@@ -615,7 +622,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     };
 
     let admin = AdminConfig {
-        listen: check.socket_addr("admin.listen", raw.admin.listen.as_deref(), "127.0.0.1:9091"),
+        listen: check.socket_addr(
+            "admin.listen",
+            raw.admin.listen.as_deref(),
+            "127.0.0.1:9091",
+        ),
         token: secret(raw.admin.token),
     };
 
@@ -625,7 +636,10 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             Some("pretty") => Some(LogFormat::Pretty),
             Some("json") => Some(LogFormat::Json),
             Some(other) => {
-                check.problem("log.format", format!("`{other}` is neither \"pretty\" nor \"json\""));
+                check.problem(
+                    "log.format",
+                    format!("`{other}` is neither \"pretty\" nor \"json\""),
+                );
                 None
             }
         },
@@ -635,7 +649,9 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
                 if tracing_subscriber::EnvFilter::try_new(&level).is_err() {
                     check.problem(
                         "log.level",
-                        format!("`{level}` is not a level or filter like \"info\" or \"botrelay=debug\""),
+                        format!(
+                            "`{level}` is not a level or filter like \"info\" or \"botrelay=debug\""
+                        ),
                     );
                 }
                 level
@@ -671,7 +687,11 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
         raw.graph.base_url.as_deref(),
         Some("https://graph.facebook.com"),
     );
-    let graph_timeout = check.duration("graph.timeout", raw.graph.timeout.as_deref(), Duration::from_secs(30));
+    let graph_timeout = check.duration(
+        "graph.timeout",
+        raw.graph.timeout.as_deref(),
+        Duration::from_secs(30),
+    );
 
     if raw.store.url.is_some() {
         check.problem(
@@ -681,8 +701,16 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
     }
     let day = Duration::from_secs(24 * 3600);
     let store = StoreConfig {
-        path: PathBuf::from(raw.store.path.unwrap_or_else(|| "data/botrelay.db".to_owned())),
-        dedupe_window: check.duration("store.dedupe_window", raw.store.dedupe_window.as_deref(), 7 * day),
+        path: PathBuf::from(
+            raw.store
+                .path
+                .unwrap_or_else(|| "data/botrelay.db".to_owned()),
+        ),
+        dedupe_window: check.duration(
+            "store.dedupe_window",
+            raw.store.dedupe_window.as_deref(),
+            7 * day,
+        ),
         retention: check.duration("store.retention", raw.store.retention.as_deref(), 7 * day),
         dead_letter_retention: check.duration(
             "store.dead_letter_retention",
@@ -787,7 +815,11 @@ fn sink(
             Some(value) => u32::try_from(value).unwrap_or(u32::MAX),
         },
         backoff: check.duration(&key("backoff"), table.backoff.as_deref(), defaults.backoff),
-        max_backoff: check.duration(&key("max_backoff"), table.max_backoff.as_deref(), defaults.max_backoff),
+        max_backoff: check.duration(
+            &key("max_backoff"),
+            table.max_backoff.as_deref(),
+            defaults.max_backoff,
+        ),
         ttl: check.duration(&key("ttl"), table.ttl.as_deref(), defaults.ttl),
     };
     if delivery.max_backoff < delivery.backoff {
@@ -839,12 +871,19 @@ fn sink(
                 Some("https://control.kochava.com/track/json"),
             );
             let app_id = secret(table.app_id).ok_or("sinks.kochava.app_id is not set")?;
-            for (field, template) in [("impression_url", &table.impression_url), ("click_url", &table.click_url)] {
+            for (field, template) in [
+                ("impression_url", &table.impression_url),
+                ("click_url", &table.click_url),
+            ] {
                 if let Some(template) = template {
                     if !template.contains("{fb_user_id}") {
                         check.problem(key(field), "must contain the placeholder {fb_user_id}");
                     }
-                    check.url(&key(field), Some(&template.replace("{fb_user_id}", "x")), None);
+                    check.url(
+                        &key(field),
+                        Some(&template.replace("{fb_user_id}", "x")),
+                        None,
+                    );
                 }
             }
             let Some(url) = url else { return Ok(None) };
@@ -858,7 +897,10 @@ fn sink(
                         impression_url: table.impression_url,
                         click_url: table.click_url,
                         smartlink_prefix: table.smartlink_prefix,
-                        click_payloads: table.click_payloads.map(StringList::into_vec).unwrap_or_default(),
+                        click_payloads: table
+                            .click_payloads
+                            .map(StringList::into_vec)
+                            .unwrap_or_default(),
                     },
                 });
             }
@@ -869,7 +911,11 @@ fn sink(
             }
         }
         SinkName::Dashbot => {
-            let url = check.url(&key("url"), table.url.as_deref(), Some("https://tracker.dashbot.io/track"));
+            let url = check.url(
+                &key("url"),
+                table.url.as_deref(),
+                Some("https://tracker.dashbot.io/track"),
+            );
             let api_key = secret(table.api_key).ok_or("sinks.dashbot.api_key is not set")?;
             let Some(url) = url else { return Ok(None) };
             SinkSettings::Dashbot { url, api_key }
@@ -893,8 +939,14 @@ fn sink(
                 return Err("sinks.page_activities.page_tokens is empty".to_owned());
             }
             let logging_target = table.logging_target.unwrap_or_else(|| "page".to_owned());
-            if !matches!(logging_target.to_ascii_lowercase().as_str(), "page" | "app" | "app_and_page") {
-                check.problem(key("logging_target"), "must be \"page\", \"app\" or \"app_and_page\"");
+            if !matches!(
+                logging_target.to_ascii_lowercase().as_str(),
+                "page" | "app" | "app_and_page"
+            ) {
+                check.problem(
+                    key("logging_target"),
+                    "must be \"page\", \"app\" or \"app_and_page\"",
+                );
             }
             SinkSettings::PageActivities {
                 app_id,
@@ -954,7 +1006,10 @@ fn api_version(check: &mut Checker, key: &str, raw: Option<String>, default: &st
                 && minor.chars().all(|c| c.is_ascii_digit())
         });
     if !valid {
-        check.problem(key, format!("`{version}` is not a Graph API version like \"v20.0\""));
+        check.problem(
+            key,
+            format!("`{version}` is not a Graph API version like \"v20.0\""),
+        );
     }
     version
 }
@@ -996,7 +1051,9 @@ mod tests {
     fn problems(text: &str, environment: &[(&str, &str)]) -> Vec<String> {
         match Config::from_sources(text, env(environment)) {
             Ok(_) => Vec::new(),
-            Err(ConfigError::Invalid(problems)) => problems.iter().map(ToString::to_string).collect(),
+            Err(ConfigError::Invalid(problems)) => {
+                problems.iter().map(ToString::to_string).collect()
+            }
             Err(other) => vec![other.to_string()],
         }
     }
@@ -1008,11 +1065,17 @@ mod tests {
         assert_eq!(config.server.max_body_bytes, 1024 * 1024);
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9091");
-        assert_eq!(config.graph.base_url.as_str(), "https://graph.facebook.com/");
+        assert_eq!(
+            config.graph.base_url.as_str(),
+            "https://graph.facebook.com/"
+        );
         assert_eq!(config.graph.timeout, Duration::from_secs(30));
         assert_eq!(config.store.path, PathBuf::from("data/botrelay.db"));
         assert_eq!(config.store.dedupe_window, Duration::from_secs(7 * 86400));
-        assert_eq!(config.store.dead_letter_retention, Duration::from_secs(30 * 86400));
+        assert_eq!(
+            config.store.dead_letter_retention,
+            Duration::from_secs(30 * 86400)
+        );
         assert!(!config.messenger.accept_sha1);
         assert!(config.sinks.is_empty());
         Ok(())
@@ -1022,7 +1085,10 @@ mod tests {
     fn missing_app_secret_is_named() {
         let found = problems("", &[("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")]);
         assert_eq!(found.len(), 1, "{found:?}");
-        assert!(found[0].starts_with("messenger.app_secret: is required"), "{found:?}");
+        assert!(
+            found[0].starts_with("messenger.app_secret: is required"),
+            "{found:?}"
+        );
     }
 
     #[test]
@@ -1044,7 +1110,9 @@ mod tests {
         assert_eq!(config.messenger.app_secret.expose_secret(), "from-env");
         assert_eq!(config.messenger.verify_token.expose_secret(), "0042");
         assert!(config.messenger.accept_sha1);
-        let bot = config.sink(SinkName::Bot).ok_or_else(|| ConfigError::Invalid(vec![]))?;
+        let bot = config
+            .sink(SinkName::Bot)
+            .ok_or_else(|| ConfigError::Invalid(vec![]))?;
         assert_eq!(bot.delivery.max_attempts, 3);
         assert_eq!(bot.delivery.ttl, Duration::from_secs(3600));
         assert_eq!(bot.kinds, vec![EventKind::Message, EventKind::Postback]);
@@ -1057,7 +1125,10 @@ mod tests {
             "[server]\nlisten = \"nope\"\nshutdown_grace = \"soon\"\n[log]\nformat = \"xml\"\n\
              [bot]\nurl = \"ftp://x\"\nbackoff = \"10s\"\nmax_backoff = \"1s\"\nkinds = [\"message\", \"gossip\"]\n\
              api_key = \"k\"\n",
-            &[("BOTRELAY__MESSENGER__APP_SECRET", "s"), ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")],
+            &[
+                ("BOTRELAY__MESSENGER__APP_SECRET", "s"),
+                ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v"),
+            ],
         );
         let keys: Vec<&str> = found.iter().filter_map(|p| p.split(':').next()).collect();
         for expected in [
@@ -1069,7 +1140,10 @@ mod tests {
             "bot.kinds",
             "bot.api_key",
         ] {
-            assert!(keys.contains(&expected), "{expected} missing from {found:?}");
+            assert!(
+                keys.contains(&expected),
+                "{expected} missing from {found:?}"
+            );
         }
     }
 
@@ -1083,11 +1157,17 @@ mod tests {
     #[test]
     fn sinks_without_credentials_are_disabled_with_a_reason() -> Result<(), ConfigError> {
         let config = Config::from_sources(
-            &format!("{MINIMAL}[sinks.kochava]\ninclude_text = true\n[sinks.dashbot]\napi_key = \"\"\n"),
+            &format!(
+                "{MINIMAL}[sinks.kochava]\ninclude_text = true\n[sinks.dashbot]\napi_key = \"\"\n"
+            ),
             HashMap::new(),
         )?;
         assert!(config.sinks.is_empty());
-        let disabled: Vec<SinkName> = config.disabled_sinks.iter().map(|(name, _)| *name).collect();
+        let disabled: Vec<SinkName> = config
+            .disabled_sinks
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
         assert_eq!(disabled, vec![SinkName::Kochava, SinkName::Dashbot]);
         Ok(())
     }
@@ -1103,7 +1183,10 @@ mod tests {
         )?;
         let secrets = config.secrets();
         for expected in ["s", "v", "dash-key", "page-tok"] {
-            assert!(secrets.iter().any(|secret| secret == expected), "{expected}");
+            assert!(
+                secrets.iter().any(|secret| secret == expected),
+                "{expected}"
+            );
         }
         let debug = format!("{config:?}");
         assert!(!debug.contains("dash-key") && !debug.contains("page-tok"));
@@ -1115,7 +1198,10 @@ mod tests {
         let text = include_str!("../config/botrelay.example.toml");
         let config = Config::from_sources(
             text,
-            env(&[("BOTRELAY__MESSENGER__APP_SECRET", "s"), ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v")]),
+            env(&[
+                ("BOTRELAY__MESSENGER__APP_SECRET", "s"),
+                ("BOTRELAY__MESSENGER__VERIFY_TOKEN", "v"),
+            ]),
         )?;
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
         Ok(())

@@ -102,7 +102,10 @@ impl Client {
         };
         let mut builder = self.http.request(method, &request.url).timeout(timeout);
         for (name, value) in &request.headers {
-            let (Ok(name), Ok(value)) = (HeaderName::try_from(*name), HeaderValue::try_from(value.as_str())) else {
+            let (Ok(name), Ok(value)) = (
+                HeaderName::try_from(*name),
+                HeaderValue::try_from(value.as_str()),
+            ) else {
                 return Outcome::Permanent {
                     status: None,
                     error: format!("invalid header {name}"),
@@ -208,7 +211,11 @@ fn transport_failure(error: &reqwest::Error) -> Outcome {
 mod tests {
     use super::*;
 
-    fn response(status: u16, headers: &[(&'static str, &str)], body: &'static [u8]) -> (HeaderMap, u16, &'static [u8]) {
+    fn response(
+        status: u16,
+        headers: &[(&'static str, &str)],
+        body: &'static [u8],
+    ) -> (HeaderMap, u16, &'static [u8]) {
         let mut map = HeaderMap::new();
         for (name, value) in headers {
             if let Ok(value) = HeaderValue::from_str(value) {
@@ -220,7 +227,14 @@ mod tests {
 
     fn classify(status: u16, headers: &[(&'static str, &str)], body: &'static [u8]) -> Outcome {
         let (headers, status, body) = response(status, headers, body);
-        classify_status(&Response { status, headers: &headers, body }, SystemTime::UNIX_EPOCH)
+        classify_status(
+            &Response {
+                status,
+                headers: &headers,
+                body,
+            },
+            SystemTime::UNIX_EPOCH,
+        )
     }
 
     #[test]
@@ -229,10 +243,19 @@ mod tests {
             assert_eq!(classify(status, &[], b""), Outcome::Delivered { status });
         }
         for status in [408, 429, 500, 502, 503, 504, 599] {
-            assert!(matches!(classify(status, &[], b""), Outcome::Retry { after: None, .. }), "{status}");
+            assert!(
+                matches!(
+                    classify(status, &[], b""),
+                    Outcome::Retry { after: None, .. }
+                ),
+                "{status}"
+            );
         }
         for status in [300, 301, 400, 401, 403, 404, 410, 422] {
-            assert!(matches!(classify(status, &[], b""), Outcome::Permanent { .. }), "{status}");
+            assert!(
+                matches!(classify(status, &[], b""), Outcome::Permanent { .. }),
+                "{status}"
+            );
         }
     }
 
@@ -240,10 +263,21 @@ mod tests {
     fn retry_after_seconds_and_http_date() {
         assert_eq!(
             classify(429, &[("retry-after", "7")], b""),
-            Outcome::Retry { status: Some(429), after: Some(Duration::from_secs(7)), error: "HTTP 429".into() }
+            Outcome::Retry {
+                status: Some(429),
+                after: Some(Duration::from_secs(7)),
+                error: "HTTP 429".into()
+            }
         );
-        let (headers, ..) = response(503, &[("retry-after", "Thu, 01 Jan 1970 00:01:40 GMT")], b"");
-        assert_eq!(retry_after(&headers, SystemTime::UNIX_EPOCH), Some(Duration::from_secs(100)));
+        let (headers, ..) = response(
+            503,
+            &[("retry-after", "Thu, 01 Jan 1970 00:01:40 GMT")],
+            b"",
+        );
+        assert_eq!(
+            retry_after(&headers, SystemTime::UNIX_EPOCH),
+            Some(Duration::from_secs(100))
+        );
         let later = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         assert_eq!(retry_after(&headers, later), Some(Duration::ZERO));
         let (garbage, ..) = response(503, &[("retry-after", "soon")], b"");
@@ -254,7 +288,9 @@ mod tests {
     fn describe_keeps_a_bounded_excerpt() {
         let long: &'static [u8] = Box::leak(vec![b'x'; 4000].into_boxed_slice());
         match classify(400, &[], long) {
-            Outcome::Permanent { error, .. } => assert_eq!(error.len(), "HTTP 400: ".len() + EXCERPT_BYTES),
+            Outcome::Permanent { error, .. } => {
+                assert_eq!(error.len(), "HTTP 400: ".len() + EXCERPT_BYTES)
+            }
             other => panic!("unexpected {other:?}"),
         }
     }

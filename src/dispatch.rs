@@ -39,7 +39,10 @@ impl Paused {
     }
 
     pub fn contains(&self, user: &str) -> bool {
-        self.users.read().map(|users| users.contains(user)).unwrap_or(false)
+        self.users
+            .read()
+            .map(|users| users.contains(user))
+            .unwrap_or(false)
     }
 
     pub fn set(&self, user: &str, paused: bool) {
@@ -72,12 +75,21 @@ impl Dispatcher {
         let mut loops = JoinSet::new();
         for route in self.sinks.routes() {
             let notify = wakers.for_sink(route.name);
-            loops.spawn(self.clone().run_sink(route.clone(), notify, shutdown.clone(), grace));
+            loops.spawn(
+                self.clone()
+                    .run_sink(route.clone(), notify, shutdown.clone(), grace),
+            );
         }
         while loops.join_next().await.is_some() {}
     }
 
-    async fn run_sink(self, route: Arc<Route>, notify: Arc<Notify>, shutdown: CancellationToken, grace: Duration) {
+    async fn run_sink(
+        self,
+        route: Arc<Route>,
+        notify: Arc<Notify>,
+        shutdown: CancellationToken,
+        grace: Duration,
+    ) {
         let permits = Arc::new(Semaphore::new(route.delivery.concurrency));
         let lease = route.delivery.timeout + LEASE_MARGIN;
         let mut attempts = JoinSet::new();
@@ -120,7 +132,10 @@ impl Dispatcher {
         let in_flight = attempts.len();
         if in_flight > 0 {
             tracing::info!(sink = %route.name, in_flight, "Letting in-flight deliveries finish");
-            let drained = tokio::time::timeout(grace, async { while attempts.join_next().await.is_some() {} }).await;
+            let drained = tokio::time::timeout(grace, async {
+                while attempts.join_next().await.is_some() {}
+            })
+            .await;
             if drained.is_err() {
                 tracing::warn!(sink = %route.name, unfinished = attempts.len(), "Grace period over; unfinished deliveries will be sent again after restart");
                 attempts.abort_all();
@@ -145,18 +160,32 @@ impl Dispatcher {
                     status: None,
                     error: self.redactor.redact(&reason),
                 },
-                Ok(_) if route.name == crate::config::SinkName::Bot
-                    && delivery.event.user_id.as_deref().is_some_and(|user| self.paused.contains(user)) =>
+                Ok(_)
+                    if route.name == crate::config::SinkName::Bot
+                        && delivery
+                            .event
+                            .user_id
+                            .as_deref()
+                            .is_some_and(|user| self.paused.contains(user)) =>
                 {
                     Settle::Skipped {
                         reason: "user is paused".to_owned(),
                     }
                 }
                 Ok(request) => {
-                    let outcome = self.client.send(&request, route.delivery.timeout, route.classifier()).await;
+                    let outcome = self
+                        .client
+                        .send(&request, route.delivery.timeout, route.classifier())
+                        .await;
                     metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
                         .record(started.elapsed().as_secs_f64());
-                    let mut settle = schedule(&route.delivery, &delivery, outcome, now_ms(), rand::random::<f64>());
+                    let mut settle = schedule(
+                        &route.delivery,
+                        &delivery,
+                        outcome,
+                        now_ms(),
+                        rand::random::<f64>(),
+                    );
                     if let Settle::Retry { error, .. } | Settle::Dead { error, .. } = &mut settle {
                         *error = self.redactor.redact(error);
                     }
@@ -173,7 +202,9 @@ impl Dispatcher {
                     }
                 }
             }
-            tracing::error!("Delivery outcome not recorded; the lease will run out and it will be sent again");
+            tracing::error!(
+                "Delivery outcome not recorded; the lease will run out and it will be sent again"
+            );
         }
         .instrument(span)
         .await
@@ -186,7 +217,12 @@ fn record(route: &Route, settle: &Settle) {
             tracing::debug!(status, "Delivered");
             "delivered"
         }
-        Settle::Retry { due_at, counted, status, error } => {
+        Settle::Retry {
+            due_at,
+            counted,
+            status,
+            error,
+        } => {
             tracing::info!(?status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
             "retried"
         }
@@ -199,7 +235,9 @@ fn record(route: &Route, settle: &Settle) {
             "skipped"
         }
     };
-    metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome).increment(1);
+    metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome)
+        .increment(1);
+    crate::telemetry::sink_status().record(route.name, settle);
 }
 
 /// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.
@@ -209,7 +247,13 @@ fn record(route: &Route, settle: &Settle) {
 ///   after the n-th counted failure.
 /// - Past `max_attempts` counted failures, or when the next attempt would fall after
 ///   `created_at + ttl`, the delivery is dead.
-pub fn schedule(policy: &DeliveryPolicy, delivery: &Claimed, outcome: Outcome, now: Millis, jitter: f64) -> Settle {
+pub fn schedule(
+    policy: &DeliveryPolicy,
+    delivery: &Claimed,
+    outcome: Outcome,
+    now: Millis,
+    jitter: f64,
+) -> Settle {
     let expires = delivery.created_at.saturating_add(millis(policy.ttl));
     match outcome {
         Outcome::Delivered { status } => Settle::Delivered { status },
@@ -223,7 +267,10 @@ pub fn schedule(policy: &DeliveryPolicy, delivery: &Claimed, outcome: Outcome, n
             if due_at > expires {
                 Settle::Dead {
                     status,
-                    error: format!("ttl of {} exceeded; last error: {error}", humantime::format_duration(policy.ttl)),
+                    error: format!(
+                        "ttl of {} exceeded; last error: {error}",
+                        humantime::format_duration(policy.ttl)
+                    ),
                 }
             } else {
                 Settle::Retry {
@@ -234,7 +281,11 @@ pub fn schedule(policy: &DeliveryPolicy, delivery: &Claimed, outcome: Outcome, n
                 }
             }
         }
-        Outcome::Retry { status, after: None, error } => {
+        Outcome::Retry {
+            status,
+            after: None,
+            error,
+        } => {
             let failures = delivery.attempts.saturating_sub(delivery.throttled) + 1;
             if failures >= policy.max_attempts {
                 return Settle::Dead {
@@ -252,7 +303,10 @@ pub fn schedule(policy: &DeliveryPolicy, delivery: &Claimed, outcome: Outcome, n
             if due_at > expires {
                 Settle::Dead {
                     status,
-                    error: format!("ttl of {} exceeded; last error: {error}", humantime::format_duration(policy.ttl)),
+                    error: format!(
+                        "ttl of {} exceeded; last error: {error}",
+                        humantime::format_duration(policy.ttl)
+                    ),
                 }
             } else {
                 Settle::Retry {
@@ -316,41 +370,105 @@ mod tests {
         let cases = [(0, 1000), (1, 2000), (2, 4000)];
         for (attempts, ceiling) in cases {
             let at_top = schedule(&policy(), &claimed(attempts, 0), retry(None), 0, 1.0);
-            assert!(matches!(at_top, Settle::Retry { due_at, counted: true, .. } if due_at == ceiling), "{at_top:?}");
+            assert!(
+                matches!(at_top, Settle::Retry { due_at, counted: true, .. } if due_at == ceiling),
+                "{at_top:?}"
+            );
             let at_bottom = schedule(&policy(), &claimed(attempts, 0), retry(None), 0, 0.0);
             assert!(matches!(at_bottom, Settle::Retry { due_at: 0, .. }));
         }
-        let capped = DeliveryPolicy { max_attempts: 100, ..policy() };
+        let capped = DeliveryPolicy {
+            max_attempts: 100,
+            ..policy()
+        };
         let late = schedule(&capped, &claimed(20, 0), retry(None), 0, 1.0);
-        assert!(matches!(late, Settle::Retry { due_at: 5000, .. }), "{late:?}");
+        assert!(
+            matches!(late, Settle::Retry { due_at: 5000, .. }),
+            "{late:?}"
+        );
     }
 
     #[test]
     fn max_attempts_counts_only_failures_without_retry_after() {
-        assert!(matches!(schedule(&policy(), &claimed(3, 0), retry(None), 0, 0.5), Settle::Dead { .. }));
-        assert!(matches!(schedule(&policy(), &claimed(5, 3), retry(None), 0, 0.5), Settle::Retry { .. }));
+        assert!(matches!(
+            schedule(&policy(), &claimed(3, 0), retry(None), 0, 0.5),
+            Settle::Dead { .. }
+        ));
+        assert!(matches!(
+            schedule(&policy(), &claimed(5, 3), retry(None), 0, 0.5),
+            Settle::Retry { .. }
+        ));
     }
 
     #[test]
     fn retry_after_is_honoured_and_not_counted() {
-        let settle = schedule(&policy(), &claimed(3, 0), retry(Some(Duration::from_secs(7))), 100, 0.5);
-        assert!(matches!(settle, Settle::Retry { due_at: 7100, counted: false, .. }), "{settle:?}");
+        let settle = schedule(
+            &policy(),
+            &claimed(3, 0),
+            retry(Some(Duration::from_secs(7))),
+            100,
+            0.5,
+        );
+        assert!(
+            matches!(
+                settle,
+                Settle::Retry {
+                    due_at: 7100,
+                    counted: false,
+                    ..
+                }
+            ),
+            "{settle:?}"
+        );
     }
 
     #[test]
     fn ttl_ends_retries() {
-        let short = DeliveryPolicy { ttl: Duration::from_secs(2), ..policy() };
-        let settle = schedule(&short, &claimed(0, 0), retry(Some(Duration::from_secs(3))), 0, 0.5);
+        let short = DeliveryPolicy {
+            ttl: Duration::from_secs(2),
+            ..policy()
+        };
+        let settle = schedule(
+            &short,
+            &claimed(0, 0),
+            retry(Some(Duration::from_secs(3))),
+            0,
+            0.5,
+        );
         assert!(matches!(settle, Settle::Dead { .. }));
         let settle = schedule(&short, &claimed(1, 0), retry(None), 1500, 1.0);
-        assert!(matches!(settle, Settle::Dead { ref error, .. } if error.starts_with("ttl of 2s exceeded")), "{settle:?}");
+        assert!(
+            matches!(settle, Settle::Dead { ref error, .. } if error.starts_with("ttl of 2s exceeded")),
+            "{settle:?}"
+        );
     }
 
     #[test]
     fn permanent_is_dead_and_success_is_delivered() {
-        let dead = schedule(&policy(), &claimed(0, 0), Outcome::Permanent { status: Some(400), error: "bad".into() }, 0, 0.5);
-        assert_eq!(dead, Settle::Dead { status: Some(400), error: "bad".into() });
-        let delivered = schedule(&policy(), &claimed(0, 0), Outcome::Delivered { status: 204 }, 0, 0.5);
+        let dead = schedule(
+            &policy(),
+            &claimed(0, 0),
+            Outcome::Permanent {
+                status: Some(400),
+                error: "bad".into(),
+            },
+            0,
+            0.5,
+        );
+        assert_eq!(
+            dead,
+            Settle::Dead {
+                status: Some(400),
+                error: "bad".into()
+            }
+        );
+        let delivered = schedule(
+            &policy(),
+            &claimed(0, 0),
+            Outcome::Delivered { status: 204 },
+            0,
+            0.5,
+        );
         assert_eq!(delivered, Settle::Delivered { status: 204 });
     }
 }

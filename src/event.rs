@@ -372,7 +372,8 @@ mod tests {
     }
 
     #[test]
-    fn every_kind_of_data_round_trips_through_the_store_encoding() -> Result<(), serde_json::Error> {
+    fn every_kind_of_data_round_trips_through_the_store_encoding() -> Result<(), serde_json::Error>
+    {
         let referral = Referral {
             source: Some("ADS".into()),
             referral_type: Some("OPEN_THREAD".into()),
@@ -382,8 +383,16 @@ mod tests {
         };
         let samples = [
             EventData::Referral(referral.clone()),
-            EventData::Postback { mid: None, title: None, payload: None, referral: Some(referral) },
-            EventData::Delivery { watermark: Some(5), mids: vec!["m".into()] },
+            EventData::Postback {
+                mid: None,
+                title: None,
+                payload: None,
+                referral: Some(referral),
+            },
+            EventData::Delivery {
+                watermark: Some(5),
+                mids: vec!["m".into()],
+            },
             EventData::Custom(Custom {
                 name: "n".into(),
                 event_type: "revenueEvent".into(),
@@ -422,7 +431,10 @@ mod tests {
         };
         let stored = serde_json::to_string(&event)?;
         let back: Event = serde_json::from_str(&stored)?;
-        assert_eq!(back.webhook.map(|w| w.item.get().to_owned()).as_deref(), Some(item));
+        assert_eq!(
+            back.webhook.map(|w| w.item.get().to_owned()).as_deref(),
+            Some(item)
+        );
         Ok(())
     }
 }

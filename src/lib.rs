@@ -12,8 +12,8 @@ pub mod store;
 pub mod dispatch;
 pub mod sinks;
 pub mod delivery;
-pub mod telemetry;
 pub mod admin;
+pub mod telemetry;
 
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Paused};
@@ -36,7 +36,11 @@ pub struct Listeners {
 }
 
 /// Opens the configured store and runs the relay until `shutdown` completes.
-pub async fn run(config: Config, listeners: Listeners, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)
         .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
     run_with_store(config, store, listeners, shutdown).await
@@ -55,7 +59,8 @@ pub async fn run_with_store(
     for (name, reason) in &config.disabled_sinks {
         tracing::warn!(sink = %name, %reason, "Sink disabled");
     }
-    let active_sinks: Vec<config::SinkName> = sinks.routes().iter().map(|route| route.name).collect();
+    let active_sinks: Vec<config::SinkName> =
+        sinks.routes().iter().map(|route| route.name).collect();
     let active: Vec<&str> = active_sinks.iter().map(|sink| sink.as_str()).collect();
     tracing::info!(sinks = ?active, "Active sinks");
     telemetry::register_metrics(&active_sinks);
@@ -123,8 +128,13 @@ pub async fn run_with_store(
     shutdown.await;
     tracing::info!("Shutting down: no new requests; finishing in-flight work");
     stop.cancel();
-    let (public_result, admin_result, _, _, _) =
-        tokio::join!(public_server, admin_server, dispatching, purging, metrics_upkeep);
+    let (public_result, admin_result, _, _, _) = tokio::join!(
+        public_server,
+        admin_server,
+        dispatching,
+        purging,
+        metrics_upkeep
+    );
     public_result.context("public listener task failed")??;
     admin_result.context("admin listener task failed")??;
     tracing::info!("Stopped");
@@ -144,7 +154,11 @@ async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken)
     loop {
         match store.purge(retention, now_ms()).await {
             Ok(purged) if purged.deliveries + purged.events > 0 => {
-                tracing::info!(deliveries = purged.deliveries, events = purged.events, "Purged old rows");
+                tracing::info!(
+                    deliveries = purged.deliveries,
+                    events = purged.events,
+                    "Purged old rows"
+                );
             }
             Ok(_) => {}
             Err(error) => tracing::warn!(%error, "Purge failed"),

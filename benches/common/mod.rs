@@ -15,7 +15,11 @@ use std::time::{Duration, Instant};
 pub const SECRET: &str = "bench_app_secret";
 
 /// Starts the relay on `store` with a `[bot]` sink at `bot_url` and `bot_extra` keys.
-pub async fn start_relay(store: Store, bot_url: &str, bot_extra: &str) -> (String, tokio::sync::oneshot::Sender<()>) {
+pub async fn start_relay(
+    store: Store,
+    bot_url: &str,
+    bot_extra: &str,
+) -> (String, tokio::sync::oneshot::Sender<()>) {
     let toml = format!(
         "[messenger]\napp_secret = \"{SECRET}\"\nverify_token = \"v\"\n[log]\nlevel = \"warn\"\n\
          [bot]\nurl = \"{bot_url}\"\n{bot_extra}"
@@ -25,9 +29,14 @@ pub async fn start_relay(store: Store, bot_url: &str, bot_extra: &str) -> (Strin
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", public.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(botrelay::run_with_store(config, store, botrelay::Listeners { public, admin }, async move {
-        let _ = stopped.await;
-    }));
+    tokio::spawn(botrelay::run_with_store(
+        config,
+        store,
+        botrelay::Listeners { public, admin },
+        async move {
+            let _ = stopped.await;
+        },
+    ));
     (url, stop)
 }
 
@@ -130,25 +139,44 @@ pub fn ms(micros: u64) -> f64 {
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap()
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(1024)
+        .build()
+        .unwrap()
 }
 
 /// `connections` workers, each sending the next request as soon as the last was answered.
-pub async fn closed_loop(url: &str, connections: u64, duration: Duration, first_id: u64) -> LoadResult {
+pub async fn closed_loop(
+    url: &str,
+    connections: u64,
+    duration: Duration,
+    first_id: u64,
+) -> LoadResult {
     let client = client();
     let next = Arc::new(AtomicU64::new(first_id));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
     for _ in 0..connections {
-        let (client, next, stop, url) = (client.clone(), next.clone(), stop.clone(), format!("{url}/webhook"));
+        let (client, next, stop, url) = (
+            client.clone(),
+            next.clone(),
+            stop.clone(),
+            format!("{url}/webhook"),
+        );
         workers.spawn(async move {
             let mut latency = Histogram::<u64>::new(3).unwrap();
             let (mut requests, mut errors) = (0, 0);
             while !stop.load(Ordering::Relaxed) {
-                let (body, signature, _) = signed_message(next.fetch_add(1, Ordering::Relaxed), 1000);
+                let (body, signature, _) =
+                    signed_message(next.fetch_add(1, Ordering::Relaxed), 1000);
                 let sent = Instant::now();
-                let response = client.post(&url).header("x-hub-signature-256", signature).body(body).send().await;
+                let response = client
+                    .post(&url)
+                    .header("x-hub-signature-256", signature)
+                    .body(body)
+                    .send()
+                    .await;
                 match response {
                     Ok(response) if response.status() == 200 => {
                         let _ = response.bytes().await;
@@ -182,7 +210,13 @@ pub async fn closed_loop(url: &str, connections: u64, duration: Duration, first_
 
 /// Requests at a fixed `rate` for `duration`; latency is measured from each request's
 /// scheduled time, so a stall is not hidden by the generator waiting (no coordinated omission).
-pub async fn open_loop(url: &str, rate: u64, duration: Duration, first_id: u64, record_acks: bool) -> LoadResult {
+pub async fn open_loop(
+    url: &str,
+    rate: u64,
+    duration: Duration,
+    first_id: u64,
+    record_acks: bool,
+) -> LoadResult {
     let client = client();
     let total = rate * duration.as_secs();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -194,7 +228,12 @@ pub async fn open_loop(url: &str, rate: u64, duration: Duration, first_id: u64, 
         let (client, url) = (client.clone(), format!("{url}/webhook"));
         let (body, signature, mid) = signed_message(first_id + index, 1000);
         requests.spawn(async move {
-            let response = client.post(&url).header("x-hub-signature-256", signature).body(body).send().await;
+            let response = client
+                .post(&url)
+                .header("x-hub-signature-256", signature)
+                .body(body)
+                .send()
+                .await;
             let ok = matches!(&response, Ok(response) if response.status() == 200);
             if let Ok(response) = response {
                 let _ = response.bytes().await;
@@ -213,7 +252,10 @@ pub async fn open_loop(url: &str, rate: u64, duration: Duration, first_id: u64, 
         let (ok, scheduled, acked, mid) = request.unwrap();
         if ok {
             result.requests += 1;
-            result.latency.record(acked.duration_since(scheduled).as_micros() as u64).unwrap();
+            result
+                .latency
+                .record(acked.duration_since(scheduled).as_micros() as u64)
+                .unwrap();
             if record_acks {
                 result.acks.insert(mid, (scheduled, acked));
             }

@@ -107,12 +107,18 @@ pub fn handshake<'a>(
 
 /// `sha256=<hex>` as Meta signs the bot-sink bodies, computed over exactly `body`.
 pub fn sign_sha256(app_secret: &[u8], body: &[u8]) -> String {
-    format!("sha256={}", hex::encode(hmac_bytes::<Hmac<Sha256>>(app_secret, body)))
+    format!(
+        "sha256={}",
+        hex::encode(hmac_bytes::<Hmac<Sha256>>(app_secret, body))
+    )
 }
 
 /// `sha1=<hex>`: the legacy webhook header, and Dashbot's pause signature.
 pub fn sign_sha1(secret: &[u8], body: &[u8]) -> String {
-    format!("sha1={}", hex::encode(hmac_bytes::<Hmac<Sha1>>(secret, body)))
+    format!(
+        "sha1={}",
+        hex::encode(hmac_bytes::<Hmac<Sha1>>(secret, body))
+    )
 }
 
 /// Lowercase hex HMAC-SHA256 of a page token keyed by the app secret (Graph's `appsecret_proof`).
@@ -151,7 +157,8 @@ fn check_hmac<M: Mac + hmac::digest::KeyInit>(
         <M as hmac::digest::KeyInit>::new_from_slice(key).map_err(|_| VerifyError::Mismatch)?;
     mac.update(message);
     // `verify_slice` compares in constant time.
-    mac.verify_slice(expected).map_err(|_| VerifyError::Mismatch)
+    mac.verify_slice(expected)
+        .map_err(|_| VerifyError::Mismatch)
 }
 
 #[cfg(test)]
@@ -169,13 +176,24 @@ mod tests {
     fn fixture_vector_from_the_issue_verifies() {
         let header = "sha256=fe7199be257da51b7f02fe68841ebdbb1c2c400167ab9a3e68cfa63231bddefc";
         assert_eq!(sign_sha256(SECRET, LEGACY), header);
-        let verified = verify_webhook(SECRET, false, headers(Some(header)), Bytes::from_static(LEGACY));
-        assert_eq!(verified.map(|body| body.as_bytes().len()).ok(), Some(LEGACY.len()));
+        let verified = verify_webhook(
+            SECRET,
+            false,
+            headers(Some(header)),
+            Bytes::from_static(LEGACY),
+        );
+        assert_eq!(
+            verified.map(|body| body.as_bytes().len()).ok(),
+            Some(LEGACY.len())
+        );
     }
 
     #[test]
     fn legacy_sha1_vector_matches_the_reference() {
-        assert_eq!(sign_sha1(SECRET, LEGACY), "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407");
+        assert_eq!(
+            sign_sha1(SECRET, LEGACY),
+            "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407"
+        );
     }
 
     #[test]
@@ -213,14 +231,27 @@ mod tests {
 
     #[test]
     fn uppercase_hex_is_accepted_like_lowercase() {
-        let header = sign_sha256(SECRET, LEGACY).to_uppercase().replace("SHA256=", "sha256=");
-        assert!(verify_webhook(SECRET, false, headers(Some(&header)), Bytes::from_static(LEGACY)).is_ok());
+        let header = sign_sha256(SECRET, LEGACY)
+            .to_uppercase()
+            .replace("SHA256=", "sha256=");
+        assert!(
+            verify_webhook(
+                SECRET,
+                false,
+                headers(Some(&header)),
+                Bytes::from_static(LEGACY)
+            )
+            .is_ok()
+        );
     }
 
     #[test]
     fn sha1_is_accepted_only_when_enabled() {
         let sha1 = sign_sha1(SECRET, LEGACY);
-        let only_sha1 = SignatureHeaders { sha256: None, sha1: Some(&sha1) };
+        let only_sha1 = SignatureHeaders {
+            sha256: None,
+            sha1: Some(&sha1),
+        };
         let body = Bytes::from_static(LEGACY);
         assert_eq!(
             verify_webhook(SECRET, false, only_sha1, body.clone()).err(),
@@ -233,7 +264,15 @@ mod tests {
     fn escaped_bytes_are_verified_as_sent_not_as_reparsed() {
         let body: &[u8] = br#"{"object":"page","entry":[{"id":"1","url":"https:\/\/x","t":"\u00e4\u00f6\u00e5"}]}"#;
         let header = sign_sha256(SECRET, body);
-        assert!(verify_webhook(SECRET, false, headers(Some(&header)), Bytes::from_static(body)).is_ok());
+        assert!(
+            verify_webhook(
+                SECRET,
+                false,
+                headers(Some(&header)),
+                Bytes::from_static(body)
+            )
+            .is_ok()
+        );
         let reparsed: serde_json::Value = serde_json::from_slice(body).unwrap_or_default();
         let compact = serde_json::to_vec(&reparsed).unwrap_or_default();
         assert_ne!(sign_sha256(SECRET, &compact), header);
@@ -242,13 +281,33 @@ mod tests {
     #[test]
     fn handshake_needs_subscribe_and_the_exact_token() {
         let token = b"verify-me";
-        assert_eq!(handshake(token, Some("subscribe"), Some("verify-me"), Some("1158201444")), Some("1158201444"));
-        assert_eq!(handshake(token, Some("subscribe"), Some("verify-mE"), Some("1")), None);
-        assert_eq!(handshake(token, Some("subscribe"), Some("verify-me-too"), Some("1")), None);
-        assert_eq!(handshake(token, Some("unsubscribe"), Some("verify-me"), Some("1")), None);
+        assert_eq!(
+            handshake(
+                token,
+                Some("subscribe"),
+                Some("verify-me"),
+                Some("1158201444")
+            ),
+            Some("1158201444")
+        );
+        assert_eq!(
+            handshake(token, Some("subscribe"), Some("verify-mE"), Some("1")),
+            None
+        );
+        assert_eq!(
+            handshake(token, Some("subscribe"), Some("verify-me-too"), Some("1")),
+            None
+        );
+        assert_eq!(
+            handshake(token, Some("unsubscribe"), Some("verify-me"), Some("1")),
+            None
+        );
         assert_eq!(handshake(token, None, Some("verify-me"), Some("1")), None);
         assert_eq!(handshake(token, Some("subscribe"), None, Some("1")), None);
-        assert_eq!(handshake(token, Some("subscribe"), Some("verify-me"), None), None);
+        assert_eq!(
+            handshake(token, Some("subscribe"), Some("verify-me"), None),
+            None
+        );
     }
 
     #[test]
@@ -264,7 +323,10 @@ mod tests {
             verify_dashbot(b"other", Some(&over_raw), spaced).err(),
             Some(VerifyError::Mismatch)
         );
-        assert_eq!(verify_dashbot(secret, None, spaced).err(), Some(VerifyError::Missing));
+        assert_eq!(
+            verify_dashbot(secret, None, spaced).err(),
+            Some(VerifyError::Missing)
+        );
     }
 
     #[test]

@@ -19,10 +19,9 @@ pub struct Bot {
 
 impl Bot {
     pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
-        let origin = event
-            .webhook
-            .as_ref()
-            .ok_or_else(|| EncodeError::Skip(format!("{} did not come in on the webhook", event.kind)))?;
+        let origin = event.webhook.as_ref().ok_or_else(|| {
+            EncodeError::Skip(format!("{} did not come in on the webhook", event.kind))
+        })?;
         let body = single_item_body(origin)?;
         let signature = sign_sha256(self.app_secret.expose_secret().as_bytes(), body.as_bytes());
         Ok(Request {
@@ -83,7 +82,8 @@ mod tests {
     }
 
     #[test]
-    fn body_is_a_single_item_webhook_signed_over_the_exact_bytes() -> Result<(), Box<dyn std::error::Error>> {
+    fn body_is_a_single_item_webhook_signed_over_the_exact_bytes()
+    -> Result<(), Box<dyn std::error::Error>> {
         let bot = Bot {
             url: Url::parse("http://bot.test/webhook")?,
             app_secret: SecretString::from("test_app_secret"),
@@ -100,7 +100,10 @@ mod tests {
             .iter()
             .find(|(name, _)| *name == "x-hub-signature-256")
             .map(|(_, value)| value.clone());
-        assert_eq!(signature, Some(sign_sha256(b"test_app_secret", expected.as_bytes())));
+        assert_eq!(
+            signature,
+            Some(sign_sha256(b"test_app_secret", expected.as_bytes()))
+        );
         assert_eq!(request.url, "http://bot.test/webhook");
         assert_eq!(request.method, Method::Post);
         Ok(())
@@ -108,7 +111,10 @@ mod tests {
 
     #[test]
     fn events_from_elsewhere_are_skipped() -> Result<(), Box<dyn std::error::Error>> {
-        let bot = Bot { url: Url::parse("http://bot.test/")?, app_secret: SecretString::from("s") };
+        let bot = Bot {
+            url: Url::parse("http://bot.test/")?,
+            app_secret: SecretString::from("s"),
+        };
         let mut outgoing = event(Channel::Messaging, "{}", None)?;
         outgoing.webhook = None;
         assert!(matches!(bot.encode(&outgoing), Err(EncodeError::Skip(_))));

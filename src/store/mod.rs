@@ -231,7 +231,11 @@ impl Store {
 
     /// Stores events and their deliveries durably; returns after the commit.
     /// Idempotent on event id: a known event is counted as a duplicate and gets no deliveries.
-    pub async fn enqueue(&self, events: Vec<NewEvent>, now: Millis) -> Result<EnqueueReport, StoreError> {
+    pub async fn enqueue(
+        &self,
+        events: Vec<NewEvent>,
+        now: Millis,
+    ) -> Result<EnqueueReport, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.enqueue(events, now).await,
             Backend::Discard => Ok(EnqueueReport {
@@ -242,7 +246,13 @@ impl Store {
     }
 
     /// Leases up to `limit` due deliveries of `sink` (the head of each user's lane only).
-    pub async fn claim(&self, sink: SinkName, limit: usize, now: Millis, lease: Duration) -> Result<ClaimBatch, StoreError> {
+    pub async fn claim(
+        &self,
+        sink: SinkName,
+        limit: usize,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<ClaimBatch, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.claim(sink, limit, now, lease).await,
             Backend::Discard => Ok(ClaimBatch::default()),
@@ -250,7 +260,12 @@ impl Store {
     }
 
     /// Records the end of an attempt; a delivery that is done lets the next in its lane go.
-    pub async fn settle(&self, delivery: &Claimed, settle: Settle, now: Millis) -> Result<(), StoreError> {
+    pub async fn settle(
+        &self,
+        delivery: &Claimed,
+        settle: Settle,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.settle(delivery, settle, now).await,
             Backend::Discard => Ok(()),
@@ -265,7 +280,10 @@ impl Store {
         }
     }
 
-    pub async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+    pub async fn dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.dead_letters(filter).await,
             Backend::Discard => Ok(Vec::new()),
@@ -287,7 +305,12 @@ impl Store {
         }
     }
 
-    pub async fn set_paused(&self, user: &str, paused: bool, now: Millis) -> Result<(), StoreError> {
+    pub async fn set_paused(
+        &self,
+        user: &str,
+        paused: bool,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await,
             Backend::Discard => Ok(()),

@@ -92,10 +92,18 @@ pub(super) struct SqliteStore {
 }
 
 impl SqliteStore {
-    pub(super) fn open(path: &Path, max_bytes: Option<u64>, wakers: Arc<Wakers>) -> Result<SqliteStore, StoreError> {
-        if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|error| StoreError::Database(format!("cannot create {}: {error}", parent.display())))?;
+    pub(super) fn open(
+        path: &Path,
+        max_bytes: Option<u64>,
+        wakers: Arc<Wakers>,
+    ) -> Result<SqliteStore, StoreError> {
+        if let Some(parent) = path
+            .parent()
+            .filter(|parent| !parent.as_os_str().is_empty())
+        {
+            std::fs::create_dir_all(parent).map_err(|error| {
+                StoreError::Database(format!("cannot create {}: {error}", parent.display()))
+            })?;
         }
         let lock = lock_file(path)?;
         let writer = Connection::open(path).map_err(database)?;
@@ -139,7 +147,9 @@ impl SqliteStore {
         std::thread::Builder::new()
             .name("botrelay-checkpoint".into())
             .spawn(move || checkpoint_loop(&checkpointer, &checkpoints_stopped))
-            .map_err(|error| StoreError::Database(format!("cannot start the checkpoint thread: {error}")))?;
+            .map_err(|error| {
+                StoreError::Database(format!("cannot start the checkpoint thread: {error}"))
+            })?;
 
         let (writes, receiver) = mpsc::channel::<Write>(8192);
         std::thread::Builder::new()
@@ -149,7 +159,9 @@ impl SqliteStore {
                 write_loop(writer, receiver, &wakers);
                 stop_checkpoints.store(true, std::sync::atomic::Ordering::Relaxed);
             })
-            .map_err(|error| StoreError::Database(format!("cannot start the writer thread: {error}")))?;
+            .map_err(|error| {
+                StoreError::Database(format!("cannot start the writer thread: {error}"))
+            })?;
         Ok(SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
@@ -169,7 +181,10 @@ impl SqliteStore {
                 let _ = sender.send(committed.and(result));
             })
         });
-        self.writes.send(job).await.map_err(|_| StoreError::Unavailable)?;
+        self.writes
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable)?;
         receiver.await.map_err(|_| StoreError::Unavailable)?
     }
 
@@ -187,7 +202,11 @@ impl SqliteStore {
         .map_err(|_| StoreError::Unavailable)?
     }
 
-    pub(super) async fn enqueue(&self, events: Vec<NewEvent>, now: Millis) -> Result<EnqueueReport, StoreError> {
+    pub(super) async fn enqueue(
+        &self,
+        events: Vec<NewEvent>,
+        now: Millis,
+    ) -> Result<EnqueueReport, StoreError> {
         self.write(move |connection, touched| {
             let mut report = EnqueueReport::default();
             let mut insert_event = connection
@@ -251,7 +270,13 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn claim(&self, sink: SinkName, limit: usize, now: Millis, lease: Duration) -> Result<ClaimBatch, StoreError> {
+    pub(super) async fn claim(
+        &self,
+        sink: SinkName,
+        limit: usize,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<ClaimBatch, StoreError> {
         let lease_end = now.saturating_add(millis(lease));
         self.write(move |connection, _| {
             let mut claim = connection
@@ -331,7 +356,12 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn settle(&self, delivery: &Claimed, settle: Settle, now: Millis) -> Result<(), StoreError> {
+    pub(super) async fn settle(
+        &self,
+        delivery: &Claimed,
+        settle: Settle,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let id = delivery.id;
         let sink = delivery.sink;
         let lane = delivery.event.user_id.clone();
@@ -398,15 +428,25 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn replay(&self, filter: DeadLetterFilter, now: Millis) -> Result<usize, StoreError> {
+    pub(super) async fn replay(
+        &self,
+        filter: DeadLetterFilter,
+        now: Millis,
+    ) -> Result<usize, StoreError> {
         self.write(move |connection, touched| {
             let (condition, values) = dead_letter_condition(&filter);
             let mut select = connection
-                .prepare(&format!("SELECT id, sink, lane FROM deliveries d WHERE {condition} ORDER BY id"))
+                .prepare(&format!(
+                    "SELECT id, sink, lane FROM deliveries d WHERE {condition} ORDER BY id"
+                ))
                 .map_err(database)?;
             let rows = select
                 .query_map(rusqlite::params_from_iter(values.iter()), |row| {
-                    Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?, row.get::<_, Option<String>>(2)?))
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, String>(1)?,
+                        row.get::<_, Option<String>>(2)?,
+                    ))
                 })
                 .map_err(database)?
                 .collect::<Result<Vec<_>, _>>()
@@ -447,7 +487,10 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn dead_letters(&self, filter: DeadLetterFilter) -> Result<Vec<DeadLetter>, StoreError> {
+    pub(super) async fn dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
         self.read(move |connection| {
             let (condition, values) = dead_letter_condition(&filter);
             let limit = filter.limit.unwrap_or(100).min(10_000);
@@ -510,7 +553,11 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn purge(&self, retention: Retention, now: Millis) -> Result<Purged, StoreError> {
+    pub(super) async fn purge(
+        &self,
+        retention: Retention,
+        now: Millis,
+    ) -> Result<Purged, StoreError> {
         self.write(move |connection, _| {
             let delivered_before = now.saturating_sub(millis(retention.delivered));
             let dead_before = now.saturating_sub(millis(retention.dead));
@@ -540,7 +587,12 @@ impl SqliteStore {
         .await
     }
 
-    pub(super) async fn set_paused(&self, user: String, paused: bool, now: Millis) -> Result<(), StoreError> {
+    pub(super) async fn set_paused(
+        &self,
+        user: String,
+        paused: bool,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         self.write(move |connection, _| {
             if paused {
                 connection
@@ -588,8 +640,12 @@ impl SqliteStore {
                 .query_row("PRAGMA freelist_count", [], |row| row.get(0))
                 .map_err(database)?;
             let (count, max): (i64, i64) = (
-                connection.query_row("PRAGMA page_count", [], |row| row.get(0)).map_err(database)?,
-                connection.query_row("PRAGMA max_page_count", [], |row| row.get(0)).map_err(database)?,
+                connection
+                    .query_row("PRAGMA page_count", [], |row| row.get(0))
+                    .map_err(database)?,
+                connection
+                    .query_row("PRAGMA max_page_count", [], |row| row.get(0))
+                    .map_err(database)?,
             );
             if free == 0 && count >= max {
                 return Err(StoreError::Full);
@@ -605,7 +661,12 @@ impl SqliteStore {
 ///
 /// Both queries name every open state so that SQLite uses the partial `deliveries_lane` index
 /// (a narrower `state = 'waiting'` alone would not imply the index's condition and would scan).
-fn promote(connection: &Connection, sink: SinkName, lane: Option<&str>, now: Millis) -> Result<bool, StoreError> {
+fn promote(
+    connection: &Connection,
+    sink: SinkName,
+    lane: Option<&str>,
+    now: Millis,
+) -> Result<bool, StoreError> {
     let Some(lane) = lane else { return Ok(false) };
     let busy = connection
         .prepare_cached(
@@ -632,7 +693,9 @@ fn promote(connection: &Connection, sink: SinkName, lane: Option<&str>, now: Mil
         .map_err(database)?;
     let Some(next) = next else { return Ok(false) };
     connection
-        .prepare_cached("UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1")
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1",
+        )
         .map_err(database)?
         .execute(params![next, now])
         .map_err(database)?;
@@ -709,7 +772,9 @@ fn write_loop(mut connection: Connection, mut receiver: mpsc::Receiver<Write>, w
         batches_since_checkpoint += 1;
         if batches_since_checkpoint >= BATCHES_PER_WAL_RESTART {
             batches_since_checkpoint = 0;
-            if let Err(error) = connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+            if let Err(error) =
+                connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
+            {
                 tracing::debug!(%error, "Checkpoint did not run");
             }
         }
@@ -727,17 +792,19 @@ fn checkpoint_loop(connection: &Connection, stop: &std::sync::atomic::AtomicBool
     }
 }
 
-
-
 /// Runs one write under a savepoint so that its failure undoes only itself.
 fn in_savepoint<T>(
     connection: &Connection,
     write: impl FnOnce(&Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    connection.execute_batch("SAVEPOINT write").map_err(database)?;
+    connection
+        .execute_batch("SAVEPOINT write")
+        .map_err(database)?;
     match write(connection) {
         Ok(value) => {
-            connection.execute_batch("RELEASE write").map_err(database)?;
+            connection
+                .execute_batch("RELEASE write")
+                .map_err(database)?;
             Ok(value)
         }
         Err(error) => {
@@ -763,10 +830,17 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         .truncate(false)
         .write(true)
         .open(&lock_path)
-        .map_err(|error| StoreError::Database(format!("cannot open {}: {error}", Path::new(&lock_path).display())))?;
+        .map_err(|error| {
+            StoreError::Database(format!(
+                "cannot open {}: {error}",
+                Path::new(&lock_path).display()
+            ))
+        })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(StoreError::Locked(path.display().to_string())),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::Locked(path.display().to_string()))
+        }
         Err(std::fs::TryLockError::Error(error)) => Err(StoreError::Database(format!(
             "cannot lock {}: {error}",
             Path::new(&lock_path).display()

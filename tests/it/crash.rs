@@ -26,7 +26,10 @@ fn start_relay(config: &Path) -> TestResult<(Child, String)> {
         let line = lines.next().ok_or("the relay exited before listening")??;
         let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
         if entry["message"] == "Listening" {
-            break entry["public"].as_str().ok_or("no public address in the log")?.to_owned();
+            break entry["public"]
+                .as_str()
+                .ok_or("no public address in the log")?
+                .to_owned();
         }
     };
     // Keep draining the log so the relay never blocks on a full pipe.
@@ -66,10 +69,19 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
         posting.spawn(async move {
             let mut acked = 0;
             for index in (worker..COUNT).step_by(10) {
-                let body = text_message("PAGE", &format!("user-{}", index % 25), &format!("m.crash.{index}"), "hi", 1_700_000_000_000);
+                let body = text_message(
+                    "PAGE",
+                    &format!("user-{}", index % 25),
+                    &format!("m.crash.{index}"),
+                    "hi",
+                    1_700_000_000_000,
+                );
                 let response = http
                     .post(&url)
-                    .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), &body))
+                    .header(
+                        "x-hub-signature-256",
+                        sign_sha256(APP_SECRET.as_bytes(), &body),
+                    )
                     .body(body)
                     .send()
                     .await?;
@@ -95,9 +107,16 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     // Count what the bot accepted (answered 200), per mid.
     let accepted = |bot: &MockSink| {
         let mut accepted: HashMap<String, usize> = HashMap::new();
-        for request in bot.received().iter().filter(|request| request.replied == 200) {
+        for request in bot
+            .received()
+            .iter()
+            .filter(|request| request.replied == 200)
+        {
             let item = &request.json()["entry"][0]["messaging"][0];
-            let mid = item["message"]["mid"].as_str().unwrap_or_default().to_owned();
+            let mid = item["message"]["mid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned();
             *accepted.entry(mid).or_default() += 1;
         }
         accepted
@@ -107,13 +126,24 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let accepted = accepted(&bot);
-    let losses = (0..COUNT).filter(|index| !accepted.contains_key(&format!("m.crash.{index}"))).count();
+    let losses = (0..COUNT)
+        .filter(|index| !accepted.contains_key(&format!("m.crash.{index}")))
+        .count();
     let duplicates: usize = accepted.values().map(|count| count - 1).sum();
-    println!("crash test: acked {acked}, delivered {}, losses {losses}, duplicates {duplicates}", accepted.len());
-    assert_eq!(losses, 0, "every acked webhook reached the bot after the restart");
+    println!(
+        "crash test: acked {acked}, delivered {}, losses {losses}, duplicates {duplicates}",
+        accepted.len()
+    );
+    assert_eq!(
+        losses, 0,
+        "every acked webhook reached the bot after the restart"
+    );
 
     // SIGTERM: graceful shutdown, exit 0.
-    Command::new("kill").arg("-TERM").arg(relay.id().to_string()).status()?;
+    Command::new("kill")
+        .arg("-TERM")
+        .arg(relay.id().to_string())
+        .status()?;
     let status = relay.wait()?;
     assert!(status.success(), "exit status after SIGTERM: {status}");
     Ok(())

@@ -17,7 +17,8 @@ fn bot_config(bot: &MockSink, extra: &str) -> String {
 }
 
 fn verifies(received: &crate::support::Received) -> bool {
-    received.header("x-hub-signature-256") == Some(sign_sha256(APP_SECRET.as_bytes(), &received.body).as_str())
+    received.header("x-hub-signature-256")
+        == Some(sign_sha256(APP_SECRET.as_bytes(), &received.body).as_str())
 }
 
 #[tokio::test]
@@ -29,14 +30,25 @@ async fn bot_answering_500_500_200_gets_one_delivery_after_three_attempts() -> T
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
 
     let received = bot.wait_for(3, Duration::from_secs(10)).await?;
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 3", 1, Duration::from_secs(5))
-        .await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 3",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(bot.received().len(), 3, "exactly three attempts, the last one successful");
+    assert_eq!(
+        bot.received().len(),
+        3,
+        "exactly three attempts, the last one successful"
+    );
     for attempt in &received {
         assert_eq!(attempt.method, "POST");
         assert_eq!(attempt.uri, "/webhook");
-        assert!(verifies(attempt), "the signature must verify with the app secret");
+        assert!(
+            verifies(attempt),
+            "the signature must verify with the app secret"
+        );
         assert_eq!(attempt.header("content-type"), Some("application/json"));
     }
     // The body is a single-item webhook carrying the raw item byte for byte.
@@ -56,17 +68,36 @@ async fn standby_items_are_forwarded_under_standby() -> TestResult {
     let body = fixture("messenger/standby.json");
     let sent: serde_json::Value = serde_json::from_slice(&body)?;
     let items = |channel: &str| -> usize {
-        sent["entry"].as_array().into_iter().flatten().map(|entry| entry[channel].as_array().map_or(0, Vec::len)).sum()
+        sent["entry"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|entry| entry[channel].as_array().map_or(0, Vec::len))
+            .sum()
     };
     let (standby, messaging) = (items("standby"), items("messaging"));
     assert!(standby >= 2);
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
-    let received = bot.wait_for(standby + messaging, Duration::from_secs(10)).await?;
-    let forwarded = |channel: &str| received.iter().filter(|request| request.json()["entry"][0][channel].is_array()).count();
-    assert_eq!((forwarded("standby"), forwarded("messaging")), (standby, messaging));
+    let received = bot
+        .wait_for(standby + messaging, Duration::from_secs(10))
+        .await?;
+    let forwarded = |channel: &str| {
+        received
+            .iter()
+            .filter(|request| request.json()["entry"][0][channel].is_array())
+            .count()
+    };
+    assert_eq!(
+        (forwarded("standby"), forwarded("messaging")),
+        (standby, messaging)
+    );
     for request in &received {
         let entry = &request.json()["entry"][0];
-        assert!(entry["standby"].is_array() != entry["messaging"].is_array(), "{}", request.text());
+        assert!(
+            entry["standby"].is_array() != entry["messaging"].is_array(),
+            "{}",
+            request.text()
+        );
         assert!(verifies(request));
     }
     app.stop().await
@@ -78,40 +109,86 @@ async fn retry_after_delays_the_next_attempt_and_does_not_use_an_attempt() -> Te
     bot.script([Reply::status(429).with_header("retry-after", "1")]);
     // One attempt allowed: if the 429 counted, the delivery would be dead.
     let app = spawn_app(&bot_config(&bot, "max_attempts = 1\n")).await?;
-    assert_eq!(app.post_webhook(&fixture("messenger/message-attachment.json")).await?.status(), 200);
+    assert_eq!(
+        app.post_webhook(&fixture("messenger/message-attachment.json"))
+            .await?
+            .status(),
+        200
+    );
     let received = bot.wait_for(2, Duration::from_secs(10)).await?;
     let gap = received[1].at.duration_since(received[0].at);
-    assert!(gap >= Duration::from_millis(990), "second attempt came after {gap:?}");
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND throttled = 1", 1, Duration::from_secs(5))
-        .await?;
+    assert!(
+        gap >= Duration::from_millis(990),
+        "second attempt came after {gap:?}"
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND throttled = 1",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     app.stop().await
 }
 
 #[tokio::test]
 async fn permanent_4xx_dead_letters_at_once_and_replay_delivers_again() -> TestResult {
     let bot = MockSink::start().await?;
-    bot.script([Reply::json(400, serde_json::json!({"error": "nope", "access_token": "leaked-token"}))]);
+    bot.script([Reply::json(
+        400,
+        serde_json::json!({"error": "nope", "access_token": "leaked-token"}),
+    )]);
     let app = spawn_app(&bot_config(&bot, "")).await?;
-    assert_eq!(app.post_webhook(&fixture("messenger/message-reply-to.json")).await?.status(), 200);
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'", 1, Duration::from_secs(5)).await?;
-    assert_eq!(bot.received().len(), 1, "a permanent failure is not retried");
+    assert_eq!(
+        app.post_webhook(&fixture("messenger/message-reply-to.json"))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(
+        bot.received().len(),
+        1,
+        "a permanent failure is not retried"
+    );
 
     let letters = app.store.dead_letters(DeadLetterFilter::default()).await?;
     assert_eq!(letters.len(), 1);
     let letter = &letters[0];
-    assert_eq!((letter.sink.as_str(), letter.kind.as_str(), letter.attempts), ("bot", "message", 1));
+    assert_eq!(
+        (letter.sink.as_str(), letter.kind.as_str(), letter.attempts),
+        ("bot", "message", 1)
+    );
     assert_eq!(letter.last_status, Some(400));
     let error = letter.last_error.clone().unwrap_or_default();
     assert!(error.starts_with("HTTP 400: "), "{error}");
-    assert!(!error.contains("leaked-token"), "the stored excerpt is redacted: {error}");
+    assert!(
+        !error.contains("leaked-token"),
+        "the stored excerpt is redacted: {error}"
+    );
 
     let replayed = app
         .store
-        .replay(DeadLetterFilter { sink: Some(SinkName::Bot), ..DeadLetterFilter::default() }, now_ms())
+        .replay(
+            DeadLetterFilter {
+                sink: Some(SinkName::Bot),
+                ..DeadLetterFilter::default()
+            },
+            now_ms(),
+        )
         .await?;
     assert_eq!(replayed, 1);
     bot.wait_for(2, Duration::from_secs(5)).await?;
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'", 1, Duration::from_secs(5)).await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     app.stop().await
 }
 
@@ -120,10 +197,21 @@ async fn max_attempts_and_ttl_end_in_dead_letters() -> TestResult {
     let bot = MockSink::start().await?;
     bot.set_default(Reply::status(503));
     let app = spawn_app(&bot_config(&bot, "max_attempts = 3\n")).await?;
-    assert_eq!(app.post_webhook(&fixture("messenger/message-attachment.json")).await?.status(), 200);
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 3", 1, Duration::from_secs(10))
-        .await?;
-    let error: String = app.db()?.query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    assert_eq!(
+        app.post_webhook(&fixture("messenger/message-attachment.json"))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 3",
+        1,
+        Duration::from_secs(10),
+    )
+    .await?;
+    let error: String = app
+        .db()?
+        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
     assert!(error.starts_with("gave up after 3 attempts"), "{error}");
     assert_eq!(bot.received().len(), 3);
     app.stop().await?;
@@ -136,10 +224,22 @@ async fn max_attempts_and_ttl_end_in_dead_letters() -> TestResult {
     ))
     .await?;
     let started = Instant::now();
-    assert_eq!(app.post_webhook(&fixture("messenger/message-attachment.json")).await?.status(), 200);
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'", 1, Duration::from_secs(10)).await?;
+    assert_eq!(
+        app.post_webhook(&fixture("messenger/message-attachment.json"))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        Duration::from_secs(10),
+    )
+    .await?;
     assert!(started.elapsed() < Duration::from_secs(5));
-    let error: String = app.db()?.query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    let error: String = app
+        .db()?
+        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
     assert!(error.starts_with("ttl of 400ms exceeded"), "{error}");
     app.stop().await
 }
@@ -153,7 +253,9 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
     let seen = std::sync::Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
     let first_attempts = seen.clone();
     bot.decide(move |request| {
-        let mid = request.json()["entry"][0]["messaging"][0]["message"]["mid"].as_str()?.to_owned();
+        let mid = request.json()["entry"][0]["messaging"][0]["message"]["mid"]
+            .as_str()?
+            .to_owned();
         let first = first_attempts.lock().ok()?.insert(mid.clone());
         let unlucky = mid.bytes().map(u32::from).sum::<u32>() % 5 == 0;
         (first && unlucky).then(|| Reply::status(503))
@@ -167,10 +269,19 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
         let url = format!("{}/webhook", app.url);
         posting.spawn(async move {
             for index in 0..MESSAGES {
-                let body = text_message("PAGE", &format!("user-{user}"), &format!("m.{user}.{index}"), "hi", 1_700_000_000_000 + index as i64);
+                let body = text_message(
+                    "PAGE",
+                    &format!("user-{user}"),
+                    &format!("m.{user}.{index}"),
+                    "hi",
+                    1_700_000_000_000 + index as i64,
+                );
                 let response = http
                     .post(&url)
-                    .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), &body))
+                    .header(
+                        "x-hub-signature-256",
+                        sign_sha256(APP_SECRET.as_bytes(), &body),
+                    )
                     .body(body)
                     .send()
                     .await?;
@@ -182,8 +293,12 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
     while let Some(result) = posting.join_next().await {
         result??;
     }
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'", (USERS * MESSAGES) as i64, Duration::from_secs(30))
-        .await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        (USERS * MESSAGES) as i64,
+        Duration::from_secs(30),
+    )
+    .await?;
 
     let mut by_user: HashMap<String, Vec<usize>> = HashMap::new();
     let retried = seen.lock().map(|set| set.len()).unwrap_or(0);
@@ -201,10 +316,17 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
         let mut delivered: Vec<usize> = indexes.clone();
         delivered.dedup();
         failures += indexes.len() - delivered.len();
-        assert_eq!(delivered, (0..MESSAGES).collect::<Vec<_>>(), "{user}: {indexes:?}");
+        assert_eq!(
+            delivered,
+            (0..MESSAGES).collect::<Vec<_>>(),
+            "{user}: {indexes:?}"
+        );
     }
     assert_eq!(retried, USERS * MESSAGES);
-    assert!(failures > 10, "the test meant ~20% failed first attempts, got {failures}");
+    assert!(
+        failures > 10,
+        "the test meant ~20% failed first attempts, got {failures}"
+    );
     app.stop().await
 }
 
@@ -212,20 +334,40 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
 async fn a_failing_user_does_not_block_another_user() -> TestResult {
     let bot = MockSink::start().await?;
     bot.decide(|request| {
-        (request.json()["entry"][0]["messaging"][0]["sender"]["id"] == "stuck").then(|| Reply::status(500))
+        (request.json()["entry"][0]["messaging"][0]["sender"]["id"] == "stuck")
+            .then(|| Reply::status(500))
     });
     let app = spawn_app(&bot_config(&bot, "max_attempts = 1000\n")).await?;
     for index in 0..5 {
-        let body = text_message("PAGE", "stuck", &format!("m.stuck.{index}"), "hi", 1_700_000_000_000);
+        let body = text_message(
+            "PAGE",
+            "stuck",
+            &format!("m.stuck.{index}"),
+            "hi",
+            1_700_000_000_000,
+        );
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
     for index in 0..5 {
-        let body = text_message("PAGE", "fine", &format!("m.fine.{index}"), "hi", 1_700_000_000_000);
+        let body = text_message(
+            "PAGE",
+            "fine",
+            &format!("m.fine.{index}"),
+            "hi",
+            1_700_000_000_000,
+        );
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
-    app.wait_for_count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND lane = 'fine'", 5, Duration::from_secs(10))
-        .await?;
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND lane = 'fine'",
+        5,
+        Duration::from_secs(10),
+    )
+    .await?;
     // The stuck user's head keeps failing; the four behind it wait their turn.
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries WHERE lane = 'stuck' AND state = 'waiting'")?, 4);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE lane = 'stuck' AND state = 'waiting'")?,
+        4
+    );
     app.stop().await
 }

@@ -17,7 +17,9 @@ pub const APP_SECRET: &str = "test_app_secret";
 pub const VERIFY_TOKEN: &str = "test_verify_token";
 
 pub fn fixture(name: &str) -> Vec<u8> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data").join(name);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/data")
+        .join(name);
     std::fs::read(&path).unwrap_or_else(|error| panic!("fixture {}: {error}", path.display()))
 }
 
@@ -50,7 +52,9 @@ pub async fn spawn_app_with_env(extra: &str, env: &[(&str, &str)]) -> TestResult
         .iter()
         .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
         .collect();
-    environment.entry("BOTRELAY__SERVER__SHUTDOWN_GRACE".into()).or_insert("2s".into());
+    environment
+        .entry("BOTRELAY__SERVER__SHUTDOWN_GRACE".into())
+        .or_insert("2s".into());
     let config = Config::from_sources(&toml, environment)?;
     let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)?;
     let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -85,7 +89,10 @@ impl TestApp {
             .http
             .post(format!("{}/webhook", self.url))
             .header("content-type", "application/json")
-            .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), body))
+            .header(
+                "x-hub-signature-256",
+                sign_sha256(APP_SECRET.as_bytes(), body),
+            )
             .body(body.to_vec())
             .send()
             .await?)
@@ -272,7 +279,10 @@ impl MockSink {
     }
 
     pub fn received(&self) -> Vec<Received> {
-        self.state.lock().map(|state| state.received.clone()).unwrap_or_default()
+        self.state
+            .lock()
+            .map(|state| state.received.clone())
+            .unwrap_or_default()
     }
 
     /// Waits until at least `count` requests arrived; returns them all.
@@ -285,7 +295,11 @@ impl MockSink {
                 return Ok(received);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
-                return Err(format!("mock got {} requests, expected {count}", self.received().len()).into());
+                return Err(format!(
+                    "mock got {} requests, expected {count}",
+                    self.received().len()
+                )
+                .into());
             }
         }
     }
@@ -293,14 +307,25 @@ impl MockSink {
     async fn handle(&self, request: axum::extract::Request) -> axum::response::Response {
         use axum::response::IntoResponse;
         let (parts, body) = request.into_parts();
-        let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+        let body = axum::body::to_bytes(body, usize::MAX)
+            .await
+            .unwrap_or_default();
         let received = Received {
             method: parts.method.to_string(),
-            uri: parts.uri.path_and_query().map(ToString::to_string).unwrap_or_default(),
+            uri: parts
+                .uri
+                .path_and_query()
+                .map(ToString::to_string)
+                .unwrap_or_default(),
             headers: parts
                 .headers
                 .iter()
-                .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or_default().to_owned()))
+                .map(|(name, value)| {
+                    (
+                        name.to_string(),
+                        value.to_str().unwrap_or_default().to_owned(),
+                    )
+                })
                 .collect(),
             body: body.to_vec(),
             at: Instant::now(),
@@ -326,7 +351,8 @@ impl MockSink {
             std::future::pending::<()>().await;
         }
         let mut response = (
-            axum::http::StatusCode::from_u16(reply.status).unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
+            axum::http::StatusCode::from_u16(reply.status)
+                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
             reply.body,
         )
             .into_response();

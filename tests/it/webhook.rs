@@ -17,7 +17,11 @@ async fn handshake_echoes_the_challenge_only_for_the_right_token() -> TestResult
         .send()
         .await?;
     assert_eq!(ok.status(), 200);
-    assert!(ok.headers()["content-type"].to_str()?.starts_with("text/plain"));
+    assert!(
+        ok.headers()["content-type"]
+            .to_str()?
+            .starts_with("text/plain")
+    );
     assert_eq!(ok.text().await?, "1158201444");
 
     for query in [
@@ -27,7 +31,11 @@ async fn handshake_echoes_the_challenge_only_for_the_right_token() -> TestResult
         "hub.mode=subscribe&hub.challenge=1",
         "",
     ] {
-        let refused = app.http.get(format!("{}/webhook?{query}", app.url)).send().await?;
+        let refused = app
+            .http
+            .get(format!("{}/webhook?{query}", app.url))
+            .send()
+            .await?;
         assert_eq!(refused.status(), 403, "{query}");
         assert_eq!(refused.text().await?, "", "{query}");
     }
@@ -42,10 +50,19 @@ async fn signed_batch_is_stored_before_the_ack_with_one_delivery_per_sink() -> T
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await?, "EVENT_RECEIVED");
     // The ack came after the commit: the rows are there the moment it arrives.
-    assert_eq!(app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?, 1);
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?, 1);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?,
+        1
+    );
     let (user, page): (String, String) =
-        app.db()?.query_row("SELECT user_id, page_id FROM events", [], |row| Ok((row.get(0)?, row.get(1)?)))?;
+        app.db()?
+            .query_row("SELECT user_id, page_id FROM events", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
     assert_eq!((user.as_str(), page.as_str()), ("USER_ID", "111111"));
     app.stop().await
 }
@@ -70,7 +87,10 @@ async fn missing_or_bad_signatures_get_401_and_store_nothing() -> TestResult {
     let tampered_body = app
         .http
         .post(&url)
-        .header("x-hub-signature-256", sign_sha256(APP_SECRET.as_bytes(), &body))
+        .header(
+            "x-hub-signature-256",
+            sign_sha256(APP_SECRET.as_bytes(), &body),
+        )
         .body(tampered)
         .send()
         .await?;
@@ -99,12 +119,17 @@ async fn missing_or_bad_signatures_get_401_and_store_nothing() -> TestResult {
 
 #[tokio::test]
 async fn legacy_sha1_signature_is_accepted_when_enabled() -> TestResult {
-    let app = crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__MESSENGER__ACCEPT_SHA1", "true")]).await?;
+    let app =
+        crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__MESSENGER__ACCEPT_SHA1", "true")])
+            .await?;
     let body = fixture("messenger/message-text-legacy-seq.json");
     let response = app
         .http
         .post(format!("{}/webhook", app.url))
-        .header("x-hub-signature", "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407")
+        .header(
+            "x-hub-signature",
+            "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407",
+        )
         .body(body)
         .send()
         .await?;
@@ -169,26 +194,49 @@ async fn escaped_bodies_verify_and_the_raw_item_is_stored_verbatim() -> TestResu
     assert_eq!(app.post_webhook(&reactions).await?.status(), 200);
     let escaped = br#"{"object":"page","entry":[{"id":"42","time":1,"messaging":[{"sender":{"id":"7"},"recipient":{"id":"42"},"timestamp":1700000000000,"message":{"mid":"m.esc","text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a"}}]}]}"#;
     assert_eq!(app.post_webhook(escaped).await?.status(), 200);
-    let payload: String =
-        app.db()?.query_row("SELECT payload FROM events WHERE kind = 'message'", [], |row| row.get(0))?;
+    let payload: String = app.db()?.query_row(
+        "SELECT payload FROM events WHERE kind = 'message'",
+        [],
+        |row| row.get(0),
+    )?;
     assert!(
         payload.contains(r#""text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a""#),
         "{payload}"
     );
-    let reaction: String =
-        app.db()?.query_row("SELECT payload FROM events WHERE kind = 'reaction'", [], |row| row.get(0))?;
-    assert!(reaction.contains(r#""emoji": "\u2764\ufe0f""#), "{reaction}");
+    let reaction: String = app.db()?.query_row(
+        "SELECT payload FROM events WHERE kind = 'reaction'",
+        [],
+        |row| row.get(0),
+    )?;
+    assert!(
+        reaction.contains(r#""emoji": "\u2764\ufe0f""#),
+        "{reaction}"
+    );
     app.stop().await
 }
 
 #[tokio::test]
 async fn full_store_answers_503_and_readyz_follows() -> TestResult {
     // A store capped at a few pages: the schema fits, a couple of hundred messages do not.
-    let app = crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__STORE__MAX_BYTES", "90000")]).await?;
-    assert_eq!(app.http.get(format!("{}/readyz", app.url)).send().await?.status(), 200);
+    let app =
+        crate::support::spawn_app_with_env(BOT, &[("BOTRELAY__STORE__MAX_BYTES", "90000")]).await?;
+    assert_eq!(
+        app.http
+            .get(format!("{}/readyz", app.url))
+            .send()
+            .await?
+            .status(),
+        200
+    );
     let mut saw_503 = false;
     for index in 0..200 {
-        let body = text_message("1", &format!("u{index}"), &format!("m.{index}"), &"x".repeat(900), 1_700_000_000_000);
+        let body = text_message(
+            "1",
+            &format!("u{index}"),
+            &format!("m.{index}"),
+            &"x".repeat(900),
+            1_700_000_000_000,
+        );
         let status = app.post_webhook(&body).await?.status();
         if status == 503 {
             saw_503 = true;
@@ -197,8 +245,22 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
         assert_eq!(status, 200);
     }
     assert!(saw_503, "the capped store never filled up");
-    assert_eq!(app.http.get(format!("{}/readyz", app.url)).send().await?.status(), 503);
-    assert_eq!(app.http.get(format!("{}/healthz", app.url)).send().await?.status(), 200);
+    assert_eq!(
+        app.http
+            .get(format!("{}/readyz", app.url))
+            .send()
+            .await?
+            .status(),
+        503
+    );
+    assert_eq!(
+        app.http
+            .get(format!("{}/healthz", app.url))
+            .send()
+            .await?
+            .status(),
+        200
+    );
     app.stop().await
 }
 
