@@ -327,7 +327,12 @@ pub async fn proxy(
     } else {
         match GraphError::parse(&answer_body) {
             Some(error) => {
-                tracing::info!(status = status.as_u16(), error = %error.describe(), "Graph refused a proxied send");
+                // Graph may quote the token it refused ("Malformed access token EAA…"), and the
+                // bot's token is not in the config: mask this request's own credentials.
+                let own_secrets = request_credentials(uri.query(), &headers);
+                let described =
+                    crate::telemetry::Redactor::new(own_secrets).redact(&error.describe());
+                tracing::info!(status = status.as_u16(), error = %described, "Graph refused a proxied send");
                 if error.is_transient() {
                     "graph_error_transient"
                 } else {
@@ -573,4 +578,21 @@ mod tests {
         assert!(plain_segment("v20.0") && plain_segment("me") && plain_segment("1234"));
         assert!(!plain_segment("..") && !plain_segment("") && !plain_segment("a%2Fb"));
     }
+}
+
+/// The credentials a proxied request carries (query `access_token`, `appsecret_proof`, and the
+/// `Authorization` header), so that nothing logged about it can repeat them.
+fn request_credentials(query: Option<&str>, headers: &HeaderMap) -> Vec<String> {
+    let mut secrets: Vec<String> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .filter(|(name, _)| matches!(name.as_ref(), "access_token" | "appsecret_proof"))
+            .map(|(_, value)| value.into_owned())
+            .collect();
+    if let Some(authorization) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    {
+        secrets.extend(authorization.split_whitespace().last().map(str::to_owned));
+    }
+    secrets
 }

@@ -6,4 +6,5 @@ mod admin;
 mod crash;
 mod delivery;
 mod reports;
+mod sinks;
 mod webhook;
