@@ -406,6 +406,23 @@ fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestErr
     IngestError::GraphUnreachable { timed_out, timeout }
 }
 
+/// The credentials a proxied request carries (query `access_token`, `appsecret_proof`, and the
+/// `Authorization` header), so that nothing logged about it can repeat them.
+fn request_credentials(query: Option<&str>, headers: &HeaderMap) -> Vec<String> {
+    let mut secrets: Vec<String> =
+        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
+            .filter(|(name, _)| matches!(name.as_ref(), "access_token" | "appsecret_proof"))
+            .map(|(_, value)| value.into_owned())
+            .collect();
+    if let Some(authorization) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    {
+        secrets.extend(authorization.split_whitespace().last().map(str::to_owned));
+    }
+    secrets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -578,21 +595,4 @@ mod tests {
         assert!(plain_segment("v20.0") && plain_segment("me") && plain_segment("1234"));
         assert!(!plain_segment("..") && !plain_segment("") && !plain_segment("a%2Fb"));
     }
-}
-
-/// The credentials a proxied request carries (query `access_token`, `appsecret_proof`, and the
-/// `Authorization` header), so that nothing logged about it can repeat them.
-fn request_credentials(query: Option<&str>, headers: &HeaderMap) -> Vec<String> {
-    let mut secrets: Vec<String> =
-        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .filter(|(name, _)| matches!(name.as_ref(), "access_token" | "appsecret_proof"))
-            .map(|(_, value)| value.into_owned())
-            .collect();
-    if let Some(authorization) = headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-    {
-        secrets.extend(authorization.split_whitespace().last().map(str::to_owned));
-    }
-    secrets
 }
