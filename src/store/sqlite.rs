@@ -207,6 +207,15 @@ impl SqliteStore {
         events: Vec<NewEvent>,
         now: Millis,
     ) -> Result<EnqueueReport, StoreError> {
+        // Encoding runs here, on the caller's thread, to keep the one writer thread short.
+        let encoded = events
+            .into_iter()
+            .map(|new| {
+                serde_json::to_string(&new.event)
+                    .map(|payload| (new, payload))
+                    .map_err(|error| StoreError::Database(format!("cannot encode event: {error}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         self.write(move |connection, touched| {
             let mut report = EnqueueReport::default();
             let mut insert_event = connection
@@ -227,9 +236,7 @@ impl SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
                 )
                 .map_err(database)?;
-            for NewEvent { event, sinks } in events {
-                let payload = serde_json::to_string(&event)
-                    .map_err(|error| StoreError::Database(format!("cannot encode event: {error}")))?;
+            for (NewEvent { event, sinks }, payload) in encoded {
                 let inserted = insert_event
                     .execute(params![
                         event.id.as_str(),
@@ -314,13 +321,13 @@ impl SqliteStore {
                     .query_row([&event_id], |row| row.get(0))
                     .optional()
                     .map_err(database)?;
-                let event = stored
-                    .as_deref()
-                    .map(serde_json::from_str::<Event>)
-                    .transpose()
-                    .map_err(|error| StoreError::Database(format!("event {event_id} is unreadable: {error}")))?;
+                let event = match stored.as_deref().map(serde_json::from_str::<Event>) {
+                    Some(Ok(event)) => Ok(event),
+                    Some(Err(error)) => Err(format!("the stored event is unreadable: {error}")),
+                    None => Err("the event is missing from the store".to_owned()),
+                };
                 match event {
-                    Some(event) => batch.deliveries.push(Claimed {
+                    Ok(event) => batch.deliveries.push(Claimed {
                         id,
                         sink,
                         event,
@@ -328,14 +335,15 @@ impl SqliteStore {
                         throttled,
                         created_at,
                     }),
-                    // Cannot happen while purge keeps events with open deliveries; if a row
-                    // lost its event anyway, dead-letter it so its lane can move on.
-                    None => {
+                    // Cannot happen while purge keeps events with open deliveries and the
+                    // encoding is ours; if it does, dead-letter the row so that neither its
+                    // lane nor the sink's claims get stuck on it.
+                    Err(reason) => {
                         connection
                             .execute(
-                                "UPDATE deliveries SET state = 'dead', updated_at = ?2,
-                                 last_error = 'the event is missing from the store' WHERE id = ?1",
-                                params![id, now],
+                                "UPDATE deliveries SET state = 'dead', updated_at = ?2, last_error = ?3
+                                 WHERE id = ?1",
+                                params![id, now, reason],
                             )
                             .map_err(database)?;
                         promote(connection, sink, None, now)?;
