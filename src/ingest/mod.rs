@@ -25,14 +25,13 @@ use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde_json::Value;
 use serde_json::value::RawValue;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
-use subtle::ConstantTimeEq;
 
 /// What every public handler shares.
 #[derive(Clone)]
@@ -319,30 +318,10 @@ fn bearer_body(
             endpoint,
             key: "ingest.token",
         })?;
-    if !bearer_matches(token, headers) {
+    if !crate::ingest::verify::bearer_matches(token, headers) {
         return Err(IngestError::BadBearer);
     }
     body.map_err(|rejection| IngestError::from_body(rejection, state.config.server.max_body_bytes))
-}
-
-/// `Authorization: Bearer <token>`, the token compared in constant time.
-fn bearer_matches(expected: &SecretString, headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, presented)) = value.trim().split_once(' ') else {
-        return false;
-    };
-    scheme.eq_ignore_ascii_case("bearer")
-        && bool::from(
-            presented
-                .trim()
-                .as_bytes()
-                .ct_eq(expected.expose_secret().as_bytes()),
-        )
 }
 
 /// `POST /dashbot/pause`: Dashbot's live-person takeover (SPEC §2.6). The pause is stored

@@ -1,14 +1,17 @@
 //! Authentication of what reaches the public listener: Meta's subscribe handshake, the
 //! `X-Hub-Signature-256` (and legacy `X-Hub-Signature`) HMAC over the raw body, and Dashbot's
-//! `x-dashbot-signature`. Pure and synchronous: bytes in, a verdict out.
+//! `x-dashbot-signature`, and the bearer tokens of `/outgoing`, `/events` and the admin API.
+//! Pure and synchronous: bytes in, a verdict out.
 //!
 //! A [`VerifiedBody`] can only be made here, so code that parses a webhook cannot forget to
 //! check its signature first. Every comparison is constant-time.
 
+use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 /// Why a signed request was not accepted.
@@ -103,6 +106,24 @@ pub fn handshake<'a>(
     (mode == Some("subscribe") && token_matches)
         .then_some(challenge)
         .flatten()
+}
+
+/// `Authorization: Bearer <token>`. The digests are compared in constant time, so that neither
+/// the token's bytes nor its length leak through timing.
+pub fn bearer_matches(expected: &SecretString, headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, presented)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let presented = Sha256::digest(presented.trim().as_bytes());
+    let expected = Sha256::digest(expected.expose_secret().as_bytes());
+    scheme.eq_ignore_ascii_case("bearer")
+        && bool::from(presented.as_slice().ct_eq(expected.as_slice()))
 }
 
 /// `sha256=<hex>` as Meta signs the bot-sink bodies, computed over exactly `body`.
@@ -327,6 +348,30 @@ mod tests {
             verify_dashbot(secret, None, spaced).err(),
             Some(VerifyError::Missing)
         );
+    }
+
+    #[test]
+    fn the_bearer_token_must_match_exactly() {
+        let token = SecretString::from("s3cret-admin");
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = axum::http::HeaderValue::from_str(value) {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            headers
+        };
+        assert!(bearer_matches(&token, &headers("Bearer s3cret-admin")));
+        assert!(bearer_matches(&token, &headers("bearer  s3cret-admin ")));
+        for wrong in [
+            "",
+            "Bearer",
+            "Bearer s3cret",
+            "Bearer s3cret-admin2",
+            "Basic s3cret-admin",
+            "s3cret-admin",
+        ] {
+            assert!(!bearer_matches(&token, &headers(wrong)), "{wrong}");
+        }
     }
 
     #[test]
