@@ -93,11 +93,18 @@ impl Dispatcher {
         let permits = Arc::new(Semaphore::new(route.delivery.concurrency));
         let lease = route.delivery.timeout + LEASE_MARGIN;
         let mut attempts = JoinSet::new();
+        // Claims go through the store's one writer, so they are batched: after an attempt
+        // finishes, the loop claims again only once a quarter of the permits are free (or none
+        // is in use). A wake-up for new rows or a due retry claims at once, so a sink whose
+        // attempts hang can still take new events with the permits it has left.
+        let batch_threshold = route.delivery.concurrency.div_ceil(4);
+        let mut next_due: Option<Millis> = None;
+        let mut woken_by_completion = false;
         loop {
             while attempts.try_join_next().is_some() {}
             let free = permits.available_permits();
-            let mut next_due = None;
-            if free > 0 {
+            let claim_now = !woken_by_completion || free >= batch_threshold || attempts.is_empty();
+            if free > 0 && claim_now {
                 match self.store.claim(route.name, free, now_ms(), lease).await {
                     Ok(batch) => {
                         next_due = batch.next_due;
@@ -122,11 +129,12 @@ impl Dispatcher {
             let wait = next_due
                 .map(|due| Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)))
                 .unwrap_or(Duration::from_secs(3600));
+            woken_by_completion = false;
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = notify.notified() => {}
                 () = tokio::time::sleep(wait) => {}
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => woken_by_completion = true,
             }
         }
         let in_flight = attempts.len();

@@ -371,3 +371,60 @@ async fn a_failing_user_does_not_block_another_user() -> TestResult {
     );
     app.stop().await
 }
+
+#[tokio::test]
+async fn purge_drops_delivered_rows_and_forgotten_events_and_keeps_dead_letters() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.decide(|request| {
+        (request.json()["entry"][0]["messaging"][0]["sender"]["id"] == "refused")
+            .then(|| Reply::status(400))
+    });
+    let app = spawn_app(&bot_config(&bot, "")).await?;
+    let delivered = text_message("PAGE", "fine", "m.purge.ok", "hi", 1_700_000_000_000);
+    let refused = text_message("PAGE", "refused", "m.purge.dead", "hi", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&delivered).await?.status(), 200);
+    assert_eq!(app.post_webhook(&refused).await?.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state IN ('delivered', 'dead')",
+        2,
+        Duration::from_secs(5),
+    )
+    .await?;
+
+    // Delivered rows and the dedupe memory expire at once; dead letters are kept for an hour.
+    let retention = botrelay::store::Retention {
+        delivered: Duration::ZERO,
+        dead: Duration::from_secs(3600),
+        dedupe_window: Duration::ZERO,
+    };
+    let purged = app.store.purge(retention, now_ms() + 1).await?;
+    assert_eq!((purged.deliveries, purged.events), (1, 1));
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'")?,
+        1
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 1);
+    // The dead letter's event stays: a replay needs it.
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE user_id = 'refused'")?,
+        1
+    );
+    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+
+    // Past the dedupe window the same webhook counts as new and is delivered again.
+    assert_eq!(app.post_webhook(&delivered).await?.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(
+        bot.received()
+            .iter()
+            .filter(|request| request.replied == 200)
+            .count(),
+        2
+    );
+    app.stop().await
+}
