@@ -38,6 +38,8 @@ pub struct AdminState {
     /// The active sinks, in config order.
     pub active: Vec<SinkName>,
     pub redactor: Redactor,
+    /// The dispatcher's record of each sink's last success and last error.
+    pub status: telemetry::SinkStatus,
 }
 
 /// Everything an admin request can fail with, and the status each one maps to.
@@ -297,6 +299,7 @@ async fn list_dead_letters(
             .transpose()?,
         ids: None,
         limit: Some(limit),
+        newest_first: false,
     };
     let letters = state.store.dead_letters(filter).await?;
     Ok(axum::Json(
@@ -357,6 +360,7 @@ async fn replay(
         },
         ids: request.ids,
         limit: None,
+        newest_first: false,
     };
     let replayed = state.store.replay(filter, now).await?;
     tracing::info!(
@@ -423,7 +427,6 @@ async fn list_sinks(
     State(state): State<AdminState>,
 ) -> Result<axum::Json<Vec<SinkView>>, AdminError> {
     let depth = state.store.depth().await?;
-    let now = now_ms();
     let disabled: HashMap<SinkName, &str> = state
         .config
         .disabled_sinks
@@ -440,7 +443,7 @@ async fn list_sinks(
     for sink in sinks_to_show(&state.active, &disabled_order, &depth) {
         let figures = depth.get(&sink).cloned().unwrap_or_default();
         let enabled = state.active.contains(&sink);
-        let activity = telemetry::sink_status().get(sink);
+        let activity = state.status.get(sink);
         let last_error = match activity.last_error {
             Some(error) => Some(LastErrorView {
                 at: rfc3339(error.at),
@@ -449,7 +452,7 @@ async fn list_sinks(
                 dead: error.dead,
                 source: "live".into(),
             }),
-            None if figures.dead > 0 => newest_dead_letter(&state, sink, now).await?,
+            None if figures.dead > 0 => newest_dead_letter(&state, sink).await?,
             None => None,
         };
         views.push(SinkView {
@@ -489,48 +492,28 @@ fn sinks_to_show(
 }
 
 /// The newest dead letter of `sink`, as its last error when nothing failed since the start.
-/// Listings are oldest first and capped at 1000, so recent windows are tried first: the newest
-/// letter of the first window that has any (exact unless that window holds more than 1000).
 async fn newest_dead_letter(
     state: &AdminState,
     sink: SinkName,
-    now: Millis,
 ) -> Result<Option<LastErrorView>, AdminError> {
-    const WINDOWS: [Duration; 3] = [
-        Duration::from_secs(300),
-        Duration::from_secs(3600),
-        Duration::from_secs(86_400),
-    ];
-    let windows = WINDOWS
-        .into_iter()
-        .map(|window| Some(now.saturating_sub(millis(window))))
-        .chain([None]);
-    for since in windows {
-        let letters = state
-            .store
-            .dead_letters(DeadLetterFilter {
-                sink: Some(sink),
-                since,
-                limit: Some(1000),
-                ..DeadLetterFilter::default()
-            })
-            .await?;
-        let newest = letters
-            .into_iter()
-            .max_by_key(|letter| (letter.last_attempt_at.unwrap_or(0), letter.id));
-        if let Some(letter) = newest {
-            return Ok(Some(LastErrorView {
-                at: rfc3339(letter.last_attempt_at.unwrap_or(0)),
-                status: letter.last_status,
-                message: state
-                    .redactor
-                    .redact(letter.last_error.as_deref().unwrap_or_default()),
-                dead: true,
-                source: "dead_letters".into(),
-            }));
-        }
-    }
-    Ok(None)
+    let newest = state
+        .store
+        .dead_letters(DeadLetterFilter {
+            sink: Some(sink),
+            limit: Some(1),
+            newest_first: true,
+            ..DeadLetterFilter::default()
+        })
+        .await?;
+    Ok(newest.into_iter().next().map(|letter| LastErrorView {
+        at: rfc3339(letter.last_attempt_at.unwrap_or(0)),
+        status: letter.last_status,
+        message: state
+            .redactor
+            .redact(letter.last_error.as_deref().unwrap_or_default()),
+        dead: true,
+        source: "dead_letters".into(),
+    }))
 }
 
 fn parse_sink(sink: Option<&str>) -> Result<Option<SinkName>, AdminError> {

@@ -12,7 +12,7 @@ use crate::config::DeliveryPolicy;
 use crate::delivery::{Client, Outcome};
 use crate::sinks::{EncodeError, Route, Sinks};
 use crate::store::{Claimed, Millis, Settle, Store, millis, now_ms};
-use crate::telemetry::{Redactor, metric};
+use crate::telemetry::{Redactor, SinkStatus, metric};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -64,6 +64,8 @@ pub struct Dispatcher {
     pub client: Client,
     pub redactor: Redactor,
     pub paused: Paused,
+    /// Each sink's last success and last error, for `GET /admin/sinks`.
+    pub status: SinkStatus,
 }
 
 impl Dispatcher {
@@ -162,24 +164,25 @@ impl Dispatcher {
         );
         async {
             let started = Instant::now();
-            let settle = match route.encode(&delivery.event) {
+            // Pause is decided at dispatch time, before any encoding: a paused user's events
+            // are not forwarded to the bot while the pause lasts (analytics still get them).
+            let paused = route.name == crate::config::SinkName::Bot
+                && delivery
+                    .event
+                    .user_id
+                    .as_deref()
+                    .is_some_and(|user| self.paused.contains(user));
+            let encoded = if paused {
+                Err(EncodeError::Skip("user is paused".to_owned()))
+            } else {
+                route.encode(&delivery.event)
+            };
+            let settle = match encoded {
                 Err(EncodeError::Skip(reason)) => Settle::Skipped { reason },
                 Err(EncodeError::Invalid(reason)) => Settle::Dead {
                     status: None,
                     error: self.redactor.redact(&reason),
                 },
-                Ok(_)
-                    if route.name == crate::config::SinkName::Bot
-                        && delivery
-                            .event
-                            .user_id
-                            .as_deref()
-                            .is_some_and(|user| self.paused.contains(user)) =>
-                {
-                    Settle::Skipped {
-                        reason: "user is paused".to_owned(),
-                    }
-                }
                 Ok(request) => {
                     let outcome = self
                         .client
@@ -201,6 +204,7 @@ impl Dispatcher {
                 }
             };
             record(route, &settle);
+            self.status.record(route.name, &settle);
             for retry in 0..5u32 {
                 match self.store.settle(&delivery, settle.clone(), now_ms()).await {
                     Ok(()) => return,
@@ -245,7 +249,6 @@ fn record(route: &Route, settle: &Settle) {
     };
     metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome)
         .increment(1);
-    crate::telemetry::sink_status().record(route.name, settle);
 }
 
 /// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.

@@ -91,6 +91,7 @@ pub async fn run_with_store(
         paused: paused.clone(),
     };
 
+    let status = telemetry::SinkStatus::default();
     let stop = CancellationToken::new();
     let admin = with_request_ids(admin::router(admin::AdminState {
         config: state.config.clone(),
@@ -98,6 +99,7 @@ pub async fn run_with_store(
         paused: paused.clone(),
         active: active_sinks,
         redactor: redactor.clone(),
+        status: status.clone(),
     }));
     let public = with_request_ids(ingest::router(state));
 
@@ -120,6 +122,7 @@ pub async fn run_with_store(
         client,
         redactor,
         paused,
+        status,
     };
     let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace));
     let purging = tokio::spawn(purge_loop(store, retention, stop.clone()));

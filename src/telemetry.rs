@@ -404,10 +404,11 @@ pub struct SinkActivity {
 }
 
 /// The in-memory record of each sink's last success and last error, fed by the dispatcher
-/// (one call per settled attempt) and read by `GET /admin/sinks`.
-#[derive(Debug, Default)]
+/// (one call per settled attempt) and read by `GET /admin/sinks`. A cheap `Clone` handle: one
+/// per relay, made in `run_with_store`.
+#[derive(Debug, Clone, Default)]
 pub struct SinkStatus {
-    by_sink: RwLock<HashMap<SinkName, SinkActivity>>,
+    by_sink: Arc<RwLock<HashMap<SinkName, SinkActivity>>>,
 }
 
 /// Longest error message kept per sink.
@@ -446,12 +447,6 @@ impl SinkStatus {
             .and_then(|by_sink| by_sink.get(&sink).cloned())
             .unwrap_or_default()
     }
-}
-
-/// The process-wide sink status (see [`SinkStatus`]).
-pub fn sink_status() -> &'static SinkStatus {
-    static STATUS: OnceLock<SinkStatus> = OnceLock::new();
-    STATUS.get_or_init(SinkStatus::default)
 }
 
 #[cfg(test)]

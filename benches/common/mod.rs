@@ -117,6 +117,16 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    fn empty() -> LoadResult {
+        LoadResult {
+            requests: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency: Histogram::new(3).unwrap(),
+            acks: HashMap::new(),
+        }
+    }
+
     pub fn rate(&self) -> f64 {
         self.requests as f64 / self.elapsed.as_secs_f64()
     }
@@ -191,13 +201,7 @@ pub async fn closed_loop(
     }
     tokio::time::sleep(duration).await;
     stop.store(true, Ordering::Relaxed);
-    let mut result = LoadResult {
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: Histogram::new(3).unwrap(),
-        acks: HashMap::new(),
-    };
+    let mut result = LoadResult::empty();
     while let Some(worker) = workers.join_next().await {
         let (latency, requests, errors) = worker.unwrap();
         result.latency.add(latency).unwrap();
@@ -241,13 +245,7 @@ pub async fn open_loop(
             (ok, scheduled, Instant::now(), mid)
         });
     }
-    let mut result = LoadResult {
-        requests: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency: Histogram::new(3).unwrap(),
-        acks: HashMap::new(),
-    };
+    let mut result = LoadResult::empty();
     while let Some(request) = requests.join_next().await {
         let (ok, scheduled, acked, mid) = request.unwrap();
         if ok {

@@ -116,6 +116,8 @@ pub struct DeadLetterFilter {
     pub since: Option<Millis>,
     pub ids: Option<Vec<i64>>,
     pub limit: Option<u32>,
+    /// List the most recently failed first (default: oldest first).
+    pub newest_first: bool,
 }
 
 /// A dead letter as the admin API lists it.

@@ -503,12 +503,17 @@ impl SqliteStore {
         self.read(move |connection| {
             let (condition, values) = dead_letter_condition(&filter);
             let limit = filter.limit.unwrap_or(100).min(10_000);
+            let order = if filter.newest_first {
+                "d.updated_at DESC, d.id DESC"
+            } else {
+                "d.id"
+            };
             let mut select = connection
                 .prepare(&format!(
                     "SELECT d.id, d.event_id, d.sink, COALESCE(e.kind, ''), d.lane, d.attempts,
                             d.last_status, d.last_error, d.first_attempt_at, d.last_attempt_at
                      FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
-                     WHERE {condition} ORDER BY d.id LIMIT {limit}"
+                     WHERE {condition} ORDER BY {order} LIMIT {limit}"
                 ))
                 .map_err(database)?;
             select

@@ -400,9 +400,8 @@ async fn sinks_show_depth_dead_letters_last_error_and_disabled_sinks() -> TestRe
     );
     let last_error = bot_view.last_error.as_ref().ok_or("no last error")?;
     assert!(humantime::parse_rfc3339(&last_error.at).is_ok());
-    // Until the dispatcher reports to `telemetry::sink_status`, the newest dead letter stands
-    // in; once it does, the error is "live" (and, in this shared test process, may be another
-    // test's bot).
+    // The dispatcher reports each attempt, so the error is "live"; the newest dead letter
+    // stands in only after a restart, before any attempt failed again.
     if last_error.source == "dead_letters" {
         assert_eq!(last_error.status, Some(400));
         assert!(last_error.message.starts_with("HTTP 400"), "{last_error:?}");

@@ -1,8 +1,9 @@
 //! Crash safety of the real binary: what was acked survives `kill -9` and is delivered after
 //! the restart, and SIGTERM shuts down cleanly with exit 0.
 
-use crate::support::{APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, text_message};
-use botrelay::ingest::verify::sign_sha256;
+use crate::support::{
+    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, post_signed, text_message,
+};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
@@ -65,7 +66,7 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     let mut posting = tokio::task::JoinSet::new();
     for worker in 0..10 {
         let http = http.clone();
-        let url = format!("{url}/webhook");
+        let url = url.clone();
         posting.spawn(async move {
             let mut acked = 0;
             for index in (worker..COUNT).step_by(10) {
@@ -76,15 +77,7 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
                     "hi",
                     1_700_000_000_000,
                 );
-                let response = http
-                    .post(&url)
-                    .header(
-                        "x-hub-signature-256",
-                        sign_sha256(APP_SECRET.as_bytes(), &body),
-                    )
-                    .body(body)
-                    .send()
-                    .await?;
+                let response = post_signed(&http, &url, &body).await?;
                 if response.status() == 200 {
                     acked += 1;
                 }

@@ -1,7 +1,9 @@
 //! The delivery engine end to end: retry, `Retry-After`, dead letters and replay, per-user
 //! order, isolation between users and between sinks, forwarding to the bot.
 
-use crate::support::{APP_SECRET, MockSink, Reply, TestResult, fixture, spawn_app, text_message};
+use crate::support::{
+    APP_SECRET, MockSink, Reply, TestResult, fixture, post_signed, spawn_app, text_message,
+};
 use botrelay::config::SinkName;
 use botrelay::ingest::verify::sign_sha256;
 use botrelay::store::{DeadLetterFilter, now_ms};
@@ -266,7 +268,7 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
     let mut posting = tokio::task::JoinSet::new();
     for user in 0..USERS {
         let http = app.http.clone();
-        let url = format!("{}/webhook", app.url);
+        let url = app.url.clone();
         posting.spawn(async move {
             for index in 0..MESSAGES {
                 let body = text_message(
@@ -276,15 +278,7 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
                     "hi",
                     1_700_000_000_000 + index as i64,
                 );
-                let response = http
-                    .post(&url)
-                    .header(
-                        "x-hub-signature-256",
-                        sign_sha256(APP_SECRET.as_bytes(), &body),
-                    )
-                    .body(body)
-                    .send()
-                    .await?;
+                let response = post_signed(&http, &url, &body).await?;
                 assert_eq!(response.status(), 200);
             }
             Ok::<_, reqwest::Error>(())

@@ -2,17 +2,10 @@
 //! `/events`, the Send API proxy (against a mock Graph), echo/outgoing dedupe, and Dashbot's
 //! pause webhook, including a pause that survives a restart of the relay on the same store.
 
-use crate::support::{
-    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, fixture, spawn_app,
-    text_message,
-};
-use botrelay::config::Config;
+use crate::support::{MockSink, Reply, TestApp, TestResult, fixture, spawn_app, text_message};
 use botrelay::event::EventId;
 use botrelay::ingest::verify::sign_sha1;
-use botrelay::store::{Store, StoreError};
 use serde_json::{Value, json};
-use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "ingest-test-token";
@@ -730,70 +723,14 @@ async fn the_pause_webhook_checks_its_signature_and_body() -> TestResult {
     app.stop().await
 }
 
-/// A relay of our own on `path`, so that a second one can start on the same store file
-/// (`spawn_app` gives every relay a fresh temporary store).
-struct Relay {
-    url: String,
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<anyhow::Result<()>>,
-}
-
-async fn start_relay(path: &Path, extra: &str) -> TestResult<(Relay, Store)> {
-    let toml = format!(
-        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\n\
-         [store]\npath = \"{}\"\n{extra}",
-        path.display()
-    );
-    let environment = HashMap::from([(
-        "BOTRELAY__SERVER__SHUTDOWN_GRACE".to_owned(),
-        "2s".to_owned(),
-    )]);
-    let config = Config::from_sources(&toml, environment)?;
-    // The previous relay's writer thread lets go of the file lock just after it stops.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let store = loop {
-        match Store::open_sqlite(path, None) {
-            Err(StoreError::Locked(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => break other?,
-        }
-    };
-    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", public.local_addr()?);
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let task = tokio::spawn(botrelay::run_with_store(
-        config,
-        store.clone(),
-        botrelay::Listeners { public, admin },
-        async move {
-            let _ = stopped.await;
-        },
-    ));
-    Ok((Relay { url, stop, task }, store))
-}
-
-impl Relay {
-    async fn stop(self) -> TestResult {
-        let _ = self.stop.send(());
-        self.task.await??;
-        Ok(())
-    }
-}
-
 #[tokio::test]
 async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
-    let dir = tempfile::tempdir()?;
-    let path = dir.path().join("botrelay.db");
     let bot = MockSink::start().await?;
-    let extra = config(&bot, "http://127.0.0.1:9");
-    let http = reqwest::Client::new();
-
-    let (first, store) = start_relay(&path, &extra).await?;
+    let app = spawn_app(&config(&bot, "http://127.0.0.1:9")).await?;
     let body = r#"{"userId":"U1","paused":true}"#;
-    let paused = http
-        .post(format!("{}/dashbot/pause", first.url))
+    let paused = app
+        .http
+        .post(format!("{}/dashbot/pause", app.url))
         .header(
             "x-dashbot-signature",
             sign_sha1(DASHBOT_SECRET.as_bytes(), body.as_bytes()),
@@ -802,22 +739,15 @@ async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
         .send()
         .await?;
     assert_eq!(paused.status(), 200);
-    first.stop().await?;
-    drop(store);
-
     // The durable row, read the way an operator's sqlite3 would.
-    let on_disk: i64 =
-        rusqlite::Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)?
-            .query_row(
-            "SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'",
-            [],
-            |row| row.get(0),
-        )?;
-    assert_eq!(on_disk, 1);
-
-    let (second, store) = start_relay(&path, &extra).await?;
     assert_eq!(
-        store
+        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'")?,
+        1
+    );
+
+    let app = app.restart().await?;
+    assert_eq!(
+        app.store
             .paused_users()
             .await?
             .into_iter()
@@ -827,46 +757,22 @@ async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
     );
     for (user, mid) in [("U1", "m_after_restart_1"), ("U2", "m_after_restart_2")] {
         let body = text_message("111", user, mid, "hi", 1);
-        let response = http
-            .post(format!("{}/webhook", second.url))
-            .header(
-                "x-hub-signature-256",
-                botrelay::ingest::verify::sign_sha256(APP_SECRET.as_bytes(), &body),
-            )
-            .body(body)
-            .send()
-            .await?;
-        assert_eq!(response.status(), 200);
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
     let received = bot.wait_for(1, Duration::from_secs(5)).await?;
     assert!(received[0].text().contains("m_after_restart_2"));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let skipped =
-        |path: &Path| -> TestResult<i64> {
-            Ok(rusqlite::Connection::open_with_flags(
-                path,
-                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-            )?
-            .query_row(
-                "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
-             WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
-                [],
-                |row| row.get(0),
-            )?)
-        };
-    while skipped(&path)? != 1 {
-        if Instant::now() > deadline {
-            return Err("U1's delivery was not skipped after the restart".into());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
+         WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         bot.received().len(),
         1,
         "the paused user stays paused after the restart"
     );
-    second.stop().await?;
-    drop(store);
-    Ok(())
+    app.stop().await
 }

@@ -32,7 +32,10 @@ pub struct TestApp {
     pub http: reqwest::Client,
     shutdown: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
-    _dir: tempfile::TempDir,
+    /// What it was started with, so that `restart` can start it again on the same store.
+    extra: String,
+    env: HashMap<String, String>,
+    dir: Option<tempfile::TempDir>,
 }
 
 /// Starts the relay with `[messenger]` secrets set and `extra` TOML appended.
@@ -41,13 +44,6 @@ pub async fn spawn_app(extra: &str) -> TestResult<TestApp> {
 }
 
 pub async fn spawn_app_with_env(extra: &str, env: &[(&str, &str)]) -> TestResult<TestApp> {
-    let dir = tempfile::tempdir()?;
-    let store_path = dir.path().join("botrelay.db");
-    let toml = format!(
-        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\napp_id = \"1517776481860111\"\n\
-         [store]\npath = \"{}\"\n{extra}",
-        store_path.display()
-    );
     let mut environment: HashMap<String, String> = env
         .iter()
         .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
@@ -55,8 +51,33 @@ pub async fn spawn_app_with_env(extra: &str, env: &[(&str, &str)]) -> TestResult
     environment
         .entry("BOTRELAY__SERVER__SHUTDOWN_GRACE".into())
         .or_insert("2s".into());
-    let config = Config::from_sources(&toml, environment)?;
-    let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)?;
+    start(tempfile::tempdir()?, extra.to_owned(), environment).await
+}
+
+/// Starts a relay whose store lives in `dir`.
+async fn start(
+    dir: tempfile::TempDir,
+    extra: String,
+    env: HashMap<String, String>,
+) -> TestResult<TestApp> {
+    let store_path = dir.path().join("botrelay.db");
+    let toml = format!(
+        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\napp_id = \"1517776481860111\"\n\
+         [store]\npath = \"{}\"\n{extra}",
+        store_path.display()
+    );
+    let config = Config::from_sources(&toml, env.clone())?;
+    // After a restart, the previous relay's writer thread lets go of the file lock just after
+    // its last handle is dropped.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let store = loop {
+        match Store::open_sqlite(&config.store.path, config.store.max_bytes) {
+            Err(botrelay::store::StoreError::Locked(_)) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => break other?,
+        }
+    };
     let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", public.local_addr()?);
@@ -78,24 +99,16 @@ pub async fn spawn_app_with_env(extra: &str, env: &[(&str, &str)]) -> TestResult
         http: reqwest::Client::new(),
         shutdown: Some(shutdown),
         task: Some(task),
-        _dir: dir,
+        extra,
+        env,
+        dir: Some(dir),
     })
 }
 
 impl TestApp {
     /// POSTs `body` to /webhook signed with the test app secret.
     pub async fn post_webhook(&self, body: &[u8]) -> TestResult<reqwest::Response> {
-        Ok(self
-            .http
-            .post(format!("{}/webhook", self.url))
-            .header("content-type", "application/json")
-            .header(
-                "x-hub-signature-256",
-                sign_sha256(APP_SECRET.as_bytes(), body),
-            )
-            .body(body.to_vec())
-            .send()
-            .await?)
+        Ok(post_signed(&self.http, &self.url, body).await?)
     }
 
     /// Opens the store file read-only, as an operator's `sqlite3` would.
@@ -127,6 +140,23 @@ impl TestApp {
 
     /// Stops the relay gracefully and waits for it.
     pub async fn stop(mut self) -> TestResult {
+        self.stop_in_place().await
+    }
+
+    /// Stops the relay gracefully and starts a new one on the same store file and config.
+    pub async fn restart(mut self) -> TestResult<TestApp> {
+        self.stop_in_place().await?;
+        let dir = self.dir.take().ok_or("the store directory is gone")?;
+        let (extra, env) = (
+            std::mem::take(&mut self.extra),
+            std::mem::take(&mut self.env),
+        );
+        // Drops the last store handle, so that its writer thread releases the file lock.
+        drop(self);
+        start(dir, extra, env).await
+    }
+
+    async fn stop_in_place(&mut self) -> TestResult {
         if let Some(shutdown) = self.shutdown.take() {
             let _ = shutdown.send(());
         }
@@ -382,4 +412,21 @@ pub fn text_message(page: &str, user: &str, mid: &str, text: &str, timestamp: i6
     })
     .to_string()
     .into_bytes()
+}
+
+/// POSTs `body` to `{url}/webhook` signed with the test app secret (usable from spawned tasks).
+pub async fn post_signed(
+    http: &reqwest::Client,
+    url: &str,
+    body: &[u8],
+) -> reqwest::Result<reqwest::Response> {
+    http.post(format!("{url}/webhook"))
+        .header("content-type", "application/json")
+        .header(
+            "x-hub-signature-256",
+            sign_sha256(APP_SECRET.as_bytes(), body),
+        )
+        .body(body.to_vec())
+        .send()
+        .await
 }
