@@ -1095,3 +1095,122 @@ async fn json_logs_carry_request_ids_and_delivery_spans_and_no_secret() -> TestR
     }
     Ok(())
 }
+
+/// `botrelay check-config` on `toml`, with only the two required secrets in the environment.
+fn check_config(toml: &str) -> TestResult<(i32, String, String)> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("botrelay.toml");
+    std::fs::write(&path, toml)?;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .arg("--config")
+        .arg(&path)
+        .arg("check-config")
+        .env_clear()
+        .env("BOTRELAY__MESSENGER__APP_SECRET", "s3cret-app")
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
+        .output()?;
+    Ok((
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
+}
+
+#[test]
+fn check_config_lists_active_and_disabled_sinks() -> TestResult {
+    let (code, stdout, _) = check_config(
+        "[bot]\nurl = \"http://127.0.0.1:3000/webhook\"\n\
+         [sinks.dashbot]\napi_key = \"dash-key\"\n[sinks.kochava]\ninclude_text = true\n",
+    )?;
+    assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.contains("active sink bot"), "{stdout}");
+    assert!(stdout.contains("active sink dashbot"), "{stdout}");
+    let disabled = stdout
+        .lines()
+        .find(|line| line.contains("disabled sink kochava"))
+        .ok_or(stdout.clone())?;
+    assert!(
+        disabled.contains("sinks.kochava.app_id is not set"),
+        "{disabled}"
+    );
+    assert!(!stdout.contains("dash-key") && !stdout.contains("s3cret-app"));
+    Ok(())
+}
+
+#[test]
+fn check_config_reports_every_problem_by_key_and_exits_2() -> TestResult {
+    let (code, stdout, stderr) = check_config(
+        "[server]\nlisten = \"nowhere\"\n[log]\nformat = \"xml\"\n\
+         [bot]\nurl = \"http://127.0.0.1:3000/\"\nbackoff = \"soon\"\nkinds = [\"gossip\"]\n",
+    )?;
+    assert_eq!(code, 2, "{stdout}{stderr}");
+    for key in [
+        "server.listen:",
+        "log.format:",
+        "bot.backoff:",
+        "bot.kinds:",
+    ] {
+        assert!(stderr.contains(key), "{key} missing from {stderr}");
+    }
+    // Without the app secret the relay refuses to start, and says which key.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("botrelay.toml");
+    std::fs::write(&path, "")?;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .arg("--config")
+        .arg(&path)
+        .env_clear()
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
+        .output()?;
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("messenger.app_secret: is required"));
+    Ok(())
+}
+
+#[test]
+fn a_sink_without_credentials_is_named_in_one_log_line_at_start() -> TestResult {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("botrelay.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n\
+             [store]\npath = \"{}\"\n[sinks.dashbot]\nurl = \"http://127.0.0.1:9/track\"\n",
+            dir.path().join("botrelay.db").display()
+        ),
+    )?;
+    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .arg("--config")
+        .arg(&path)
+        .env("BOTRELAY__MESSENGER__APP_SECRET", "s3cret-app")
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
+        .env_remove("RUST_LOG")
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let stdout = relay.stdout.take().ok_or("no stdout")?;
+    let mut start_up = Vec::new();
+    for line in BufReader::new(stdout).lines() {
+        let entry: Value = serde_json::from_str(&line?).unwrap_or_default();
+        let listening = entry["message"] == "Listening";
+        start_up.push(entry);
+        if listening {
+            break;
+        }
+    }
+    relay.kill()?;
+    relay.wait()?;
+    let disabled: Vec<&Value> = start_up
+        .iter()
+        .filter(|entry| entry["message"] == "Sink disabled")
+        .collect();
+    assert_eq!(disabled.len(), 1, "{start_up:?}");
+    assert_eq!(disabled[0]["sink"], "dashbot");
+    assert_eq!(disabled[0]["reason"], "sinks.dashbot.api_key is not set");
+    let active = start_up
+        .iter()
+        .find(|entry| entry["message"] == "Active sinks")
+        .ok_or("no Active sinks line")?;
+    assert_eq!(active["sinks"], "[]");
+    Ok(())
+}

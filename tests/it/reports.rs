@@ -776,3 +776,88 @@ async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
     );
     app.stop().await
 }
+
+#[tokio::test]
+async fn an_echo_and_its_report_reach_each_analytics_sink_once() -> TestResult {
+    let bot = MockSink::start().await?;
+    let kochava = MockSink::start().await?;
+    let dashbot = MockSink::start().await?;
+    let app = spawn_app(&format!(
+        "{}[sinks.kochava]\nurl = \"{}\"\napp_id = \"ko-app\"\nbackoff = \"10ms\"\n\
+         [sinks.dashbot]\nurl = \"{}\"\napi_key = \"dash-key\"\nbackoff = \"10ms\"\n",
+        config(&bot, "http://127.0.0.1:9"),
+        kochava.url("/track/json"),
+        dashbot.url("/track"),
+    ))
+    .await?;
+    // Echo, then report, of one send; report, then echo, of another; and Meta's retry of the
+    // first echo.
+    let first = echo_webhook("111", "U1", "m_echo_first");
+    assert_eq!(app.post_webhook(&first).await?.status(), 200);
+    let reported = post(
+        &app,
+        "/outgoing",
+        Some(TOKEN),
+        &report("U1", "m_echo_first", "111"),
+    )
+    .await?;
+    assert_eq!(reported.status(), 202);
+    let reported = post(
+        &app,
+        "/outgoing",
+        Some(TOKEN),
+        &report("U2", "m_report_first", "111"),
+    )
+    .await?;
+    assert_eq!(reported.status(), 202);
+    let second = echo_webhook("111", "U2", "m_report_first");
+    assert_eq!(app.post_webhook(&second).await?.status(), 200);
+    assert_eq!(app.post_webhook(&first).await?.status(), 200);
+
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state IN ('waiting', 'pending', 'in_flight')",
+        0,
+        Duration::from_secs(10),
+    )
+    .await?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let kochava_sends: Vec<String> = kochava
+        .received()
+        .iter()
+        .filter(|request| request.json()["data"]["event_name"] == "message_sent")
+        .map(|request| {
+            request.json()["data"]["event_data"]["mid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let mut sorted = kochava_sends.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec!["m_echo_first", "m_report_first"],
+        "{kochava_sends:?}"
+    );
+    let dashbot_sends: Vec<String> = dashbot
+        .received()
+        .iter()
+        .filter(|request| request.uri.contains("type=outgoing"))
+        .map(|request| {
+            request.json()["responseBody"]["message_id"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect();
+    let mut sorted = dashbot_sends.clone();
+    sorted.sort();
+    assert_eq!(
+        sorted,
+        vec!["m_echo_first", "m_report_first"],
+        "{dashbot_sends:?}"
+    );
+    // The bot still gets each echo Meta sent once (the retry is deduplicated).
+    assert_eq!(bot.received().len(), 2);
+    app.stop().await
+}
