@@ -915,12 +915,11 @@ fn write_loop(
         // The callers have their answers. When the WAL is long, finish the checkpoint the
         // checkpointer has mostly done already (the last few frames), so that the next commit
         // starts the WAL over instead of growing the file.
-        if wal.frames.load(Ordering::Relaxed) >= WAL_RESTART_FRAMES {
-            if let Err(error) =
+        if wal.frames.load(Ordering::Relaxed) >= WAL_RESTART_FRAMES
+            && let Err(error) =
                 connection.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))
-            {
-                tracing::debug!(%error, "Checkpoint did not run");
-            }
+        {
+            tracing::debug!(%error, "Checkpoint did not run");
         }
     }
 }
