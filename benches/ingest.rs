@@ -11,7 +11,7 @@ use botrelay::store::Store;
 use common::{SinkMode, closed_loop, open_loop, start_relay, start_sink};
 use std::time::Duration;
 
-const CONNECTIONS: u64 = 64;
+const CONNECTIONS_DEFAULT: u64 = 64;
 const RATE: u64 = 2000;
 
 fn main() {
@@ -19,6 +19,10 @@ fn main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(5);
+    let connections: u64 = std::env::var("BENCH_CONNECTIONS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(CONNECTIONS_DEFAULT);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -35,12 +39,12 @@ fn main() {
         let (noop_url, _stop_noop) = start_relay(Store::discarding(), &parked_bot, bot_keys).await;
 
         println!("botrelay ingest benchmark: signed ~400-byte webhooks over loopback, {seconds}s per phase");
-        closed_loop(&noop_url, CONNECTIONS, Duration::from_secs(1), 0).await; // warm-up
-        closed_loop(&durable_url, CONNECTIONS, Duration::from_secs(1), 10_000_000).await;
+        closed_loop(&noop_url, connections, Duration::from_secs(1), 0).await; // warm-up
+        closed_loop(&durable_url, connections, Duration::from_secs(1), 10_000_000).await;
 
-        let noop = closed_loop(&noop_url, CONNECTIONS, phase, 20_000_000).await;
-        let durable = closed_loop(&durable_url, CONNECTIONS, phase, 30_000_000).await;
-        println!("closed loop, {CONNECTIONS} connections:");
+        let noop = closed_loop(&noop_url, connections, phase, 20_000_000).await;
+        let durable = closed_loop(&durable_url, connections, phase, 30_000_000).await;
+        println!("closed loop, {connections} connections:");
         println!("  no-op store      {}", noop.summary());
         println!("  durable store    {}", durable.summary());
         println!("  ratio durable/no-op: {:.2}", durable.rate() / noop.rate());

@@ -12,6 +12,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// The allocator the `botrelay` binary uses (see `src/main.rs`), so that the relay measured
+/// here runs as it does in production.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 pub const SECRET: &str = "bench_app_secret";
 
 /// Starts the relay on `store` with a `[bot]` sink at `bot_url` and `bot_extra` keys.
