@@ -9,7 +9,7 @@
 
 FROM rust:1.95-slim-bookworm AS builder
 WORKDIR /src
-# The bundled SQLite is C: the slim image has gcc via build-essential only when asked.
+# The bundled SQLite and mimalloc are C: the slim image has gcc via build-essential only when asked.
 RUN apt-get update && apt-get install -y --no-install-recommends build-essential && rm -rf /var/lib/apt/lists/*
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
