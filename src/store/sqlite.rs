@@ -193,14 +193,10 @@ impl SqliteStore {
         max_bytes: Option<u64>,
         wakers: Arc<Wakers>,
     ) -> Result<SqliteStore, StoreError> {
-        if let Some(parent) = path
-            .parent()
-            .filter(|parent| !parent.as_os_str().is_empty())
-        {
-            std::fs::create_dir_all(parent).map_err(|error| {
-                StoreError::Database(format!("cannot create {}: {error}", parent.display()))
-            })?;
-        }
+        let directory = directory_of(path);
+        std::fs::create_dir_all(directory).map_err(|error| {
+            StoreError::Database(format!("cannot create {}: {error}", directory.display()))
+        })?;
         let lock = lock_file(path)?;
         let mut writer = Connection::open(path).map_err(database)?;
         // `synchronous = NORMAL` only because the syncer thread fsyncs the WAL itself after
@@ -1150,9 +1146,7 @@ fn sync_loop(
 /// Opens the store's WAL for the syncer, and makes its directory entry durable once (with
 /// `synchronous = NORMAL`, SQLite itself would not until the first checkpoint).
 fn open_wal(path: &Path) -> Result<File, StoreError> {
-    let mut wal_path = path.as_os_str().to_owned();
-    wal_path.push("-wal");
-    let wal_path = std::path::PathBuf::from(wal_path);
+    let wal_path = sibling(path, "-wal");
     let cannot = |what: &str, file: &Path, error: std::io::Error| {
         StoreError::Database(format!("cannot {what} {}: {error}", file.display()))
     };
@@ -1161,14 +1155,26 @@ fn open_wal(path: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&wal_path)
         .map_err(|error| cannot("open", &wal_path, error))?;
-    let directory = match path.parent() {
-        Some(parent) if !parent.as_os_str().is_empty() => parent,
-        _ => Path::new("."),
-    };
+    let directory = directory_of(path);
     File::open(directory)
         .and_then(|directory| directory.sync_all())
         .map_err(|error| cannot("sync", directory, error))?;
     Ok(wal_file)
+}
+
+/// The directory the store file is in (`.` for a bare file name).
+fn directory_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(parent) if !parent.as_os_str().is_empty() => parent,
+        _ => Path::new("."),
+    }
+}
+
+/// `<path><suffix>`: the files SQLite and the relay keep beside the store (`-wal`, `.lock`).
+fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
+    let mut sibling = path.as_os_str().to_owned();
+    sibling.push(suffix);
+    sibling.into()
 }
 
 /// How far the WAL is: written by the writer's WAL hook and by the checkpointer.
@@ -1203,12 +1209,7 @@ fn checkpoint_loop(connection: &Connection, wal: &WalProgress) {
 
 /// Runs one job under a savepoint so that its failure undoes only itself.
 fn run_in_savepoint(connection: &Connection, job: &mut dyn Job, touched: &mut Touched) {
-    let run = |sql: &str| {
-        connection
-            .prepare_cached(sql)
-            .and_then(|mut statement| statement.execute([]))
-            .map_err(database)
-    };
+    let run = |sql: &str| statement(connection, sql);
     if let Err(error) = run("SAVEPOINT write") {
         job.fail(error);
         return;
@@ -1216,7 +1217,7 @@ fn run_in_savepoint(connection: &Connection, job: &mut dyn Job, touched: &mut To
     let released = if job.run(connection, touched) {
         run("RELEASE write")
     } else {
-        Ok(0)
+        Ok(())
     };
     if let Err(error) = released {
         job.fail(error);
@@ -1236,18 +1237,14 @@ fn database(error: rusqlite::Error) -> StoreError {
 
 /// Takes an exclusive lock on `<path>.lock` so that two relays never share one store file.
 fn lock_file(path: &Path) -> Result<File, StoreError> {
-    let mut lock_path = path.as_os_str().to_owned();
-    lock_path.push(".lock");
+    let lock_path = sibling(path, ".lock");
     let file = File::options()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&lock_path)
         .map_err(|error| {
-            StoreError::Database(format!(
-                "cannot open {}: {error}",
-                Path::new(&lock_path).display()
-            ))
+            StoreError::Database(format!("cannot open {}: {error}", lock_path.display()))
         })?;
     match file.try_lock() {
         Ok(()) => Ok(file),
@@ -1256,7 +1253,7 @@ fn lock_file(path: &Path) -> Result<File, StoreError> {
         }
         Err(std::fs::TryLockError::Error(error)) => Err(StoreError::Database(format!(
             "cannot lock {}: {error}",
-            Path::new(&lock_path).display()
+            lock_path.display()
         ))),
     }
 }
@@ -1310,7 +1307,7 @@ mod tests {
             let store = store.clone();
             tokio::spawn(async move { insert_meta(&store, format!("key-{n}"), n % 4 == 0).await })
         });
-        let results = futures_join(writes).await;
+        let results = join_all(writes).await;
         for (n, result) in results.iter().enumerate() {
             assert_eq!(result.is_ok(), n % 4 != 0, "write {n}: {result:?}");
         }
@@ -1335,7 +1332,7 @@ mod tests {
         assert_eq!(stored, expected);
     }
 
-    async fn futures_join<T: Send + 'static>(
+    async fn join_all<T: Send + 'static>(
         handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
     ) -> Vec<T> {
         let mut results = Vec::new();
