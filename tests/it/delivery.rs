@@ -2,7 +2,8 @@
 //! order, isolation between users and between sinks, forwarding to the bot.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestResult, fixture, post_signed, spawn_app, text_message,
+    APP_SECRET, MockSink, Reply, TestResult, fixture, post_signed, spawn_app, spawn_app_with_env,
+    text_message,
 };
 use botrelay::config::SinkName;
 use botrelay::ingest::verify::sign_sha256;
@@ -420,5 +421,63 @@ async fn purge_drops_delivered_rows_and_forgotten_events_and_keeps_dead_letters(
             .count(),
         2
     );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn shutdown_lets_an_attempt_in_flight_finish_within_the_grace_period() -> TestResult {
+    let bot = MockSink::start().await?;
+    // The bot takes 500 ms to answer; the grace period (2 s in tests) is longer.
+    bot.script([Reply::status(200).after(Duration::from_millis(500))]);
+    let app = spawn_app(&bot_config(&bot, "")).await?;
+    let body = text_message("PAGE", "U1", "m_in_flight", "hello", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    bot.wait_for(1, Duration::from_secs(5)).await?;
+
+    // Stop while the bot is still answering: the attempt finishes and is recorded.
+    let app = app.restart().await?;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 1")?,
+        1,
+        "the attempt in flight at shutdown finished and was settled"
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        bot.received().len(),
+        1,
+        "nothing is sent again after the restart"
+    );
+    app.stop().await
+}
+
+#[tokio::test]
+async fn an_attempt_cut_off_by_the_grace_period_is_sent_again_after_restart() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::hang()]);
+    let app = spawn_app_with_env(
+        &bot_config(&bot, ""),
+        &[("BOTRELAY__SERVER__SHUTDOWN_GRACE", "200ms")],
+    )
+    .await?;
+    let body = text_message("PAGE", "U1", "m_cut_off", "hello", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    bot.wait_for(1, Duration::from_secs(5)).await?;
+
+    let stopping = Instant::now();
+    let app = app.restart().await?;
+    assert!(
+        stopping.elapsed() < Duration::from_secs(2),
+        "shutdown waited {:?}, beyond its 200 ms grace",
+        stopping.elapsed()
+    );
+    // The new relay releases the old lease at once and sends the event again.
+    let received = bot.wait_for(2, Duration::from_secs(5)).await?;
+    assert_eq!(received[0].body, received[1].body);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
     app.stop().await
 }

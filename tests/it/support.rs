@@ -210,6 +210,8 @@ pub struct Reply {
     pub body: String,
     /// Never answer (the relay's timeout must fire).
     pub hang: bool,
+    /// Answer only after this long.
+    pub delay: Duration,
 }
 
 impl Reply {
@@ -219,6 +221,7 @@ impl Reply {
             headers: Vec::new(),
             body: String::new(),
             hang: false,
+            delay: Duration::ZERO,
         }
     }
 
@@ -228,6 +231,7 @@ impl Reply {
             headers: vec![("content-type", "application/json".into())],
             body: body.to_string(),
             hang: false,
+            delay: Duration::ZERO,
         }
     }
 
@@ -236,6 +240,11 @@ impl Reply {
             hang: true,
             ..Reply::status(200)
         }
+    }
+
+    pub fn after(mut self, delay: Duration) -> Reply {
+        self.delay = delay;
+        self
     }
 
     pub fn with_header(mut self, name: &'static str, value: &str) -> Reply {
@@ -380,6 +389,7 @@ impl MockSink {
         if reply.hang {
             std::future::pending::<()>().await;
         }
+        tokio::time::sleep(reply.delay).await;
         let mut response = (
             axum::http::StatusCode::from_u16(reply.status)
                 .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR),
