@@ -1156,10 +1156,26 @@ fn open_wal(path: &Path) -> Result<File, StoreError> {
         .open(&wal_path)
         .map_err(|error| cannot("open", &wal_path, error))?;
     let directory = directory_of(path);
-    File::open(directory)
-        .and_then(|directory| directory.sync_all())
-        .map_err(|error| cannot("sync", directory, error))?;
+    match File::open(directory).and_then(|directory| directory.sync_all()) {
+        Ok(()) => {}
+        // Some filesystems cannot fsync a directory at all (EINVAL); SQLite ignores that too.
+        // The WAL's entry then becomes durable with the filesystem's own next sync.
+        Err(error) if directory_sync_unsupported(&error) => tracing::warn!(
+            directory = %directory.display(),
+            %error,
+            "This filesystem cannot sync a directory; the store's files are synced, their directory entries are not"
+        ),
+        Err(error) => return Err(cannot("sync", directory, error)),
+    }
     Ok(wal_file)
+}
+
+/// Whether a directory fsync failed only because the filesystem does not do it.
+fn directory_sync_unsupported(error: &std::io::Error) -> bool {
+    matches!(
+        error.kind(),
+        std::io::ErrorKind::InvalidInput | std::io::ErrorKind::Unsupported
+    )
 }
 
 /// The directory the store file is in (`.` for a bare file name).
@@ -1282,6 +1298,19 @@ mod tests {
                 Ok(())
             })
             .await
+    }
+
+    #[test]
+    fn only_a_filesystem_without_directory_sync_is_tolerated() {
+        use std::io::{Error, ErrorKind};
+        assert!(directory_sync_unsupported(&Error::from_raw_os_error(22))); // EINVAL
+        assert!(directory_sync_unsupported(&Error::from(
+            ErrorKind::Unsupported
+        )));
+        assert!(!directory_sync_unsupported(&Error::from_raw_os_error(5))); // EIO
+        assert!(!directory_sync_unsupported(&Error::from(
+            ErrorKind::PermissionDenied
+        )));
     }
 
     #[tokio::test]
