@@ -253,7 +253,9 @@ fn record(route: &Route, settle: &Settle) {
 
 /// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.
 ///
-/// - `Retry-After` sets the next attempt and does not count against `max_attempts`.
+/// - `Retry-After` sets the next attempt and does not count against `max_attempts`. One shorter
+///   than `backoff` (`0`, or a date in the past) is treated as absent: otherwise a sink that
+///   always answers `Retry-After: 0` would be retried at once, uncounted, until the ttl.
 /// - Otherwise the wait is full jitter: uniform in `[0, min(max_backoff, backoff * 2^(n-1))]`
 ///   after the n-th counted failure.
 /// - Past `max_attempts` counted failures, or when the next attempt would fall after
@@ -266,6 +268,18 @@ pub fn schedule(
     jitter: f64,
 ) -> Settle {
     let expires = delivery.created_at.saturating_add(millis(policy.ttl));
+    let outcome = match outcome {
+        Outcome::Retry {
+            status,
+            after: Some(after),
+            error,
+        } if after < policy.backoff => Outcome::Retry {
+            status,
+            after: None,
+            error,
+        },
+        outcome => outcome,
+    };
     match outcome {
         Outcome::Delivered { status } => Settle::Delivered { status },
         Outcome::Permanent { status, error } => Settle::Dead { status, error },
@@ -431,6 +445,35 @@ mod tests {
             ),
             "{settle:?}"
         );
+    }
+
+    #[test]
+    fn a_retry_after_shorter_than_the_backoff_counts_as_a_failure() {
+        for after in [Duration::ZERO, Duration::from_millis(999)] {
+            let settle = schedule(&policy(), &claimed(1, 0), retry(Some(after)), 100, 1.0);
+            assert!(
+                matches!(
+                    settle,
+                    Settle::Retry {
+                        due_at: 2100,
+                        counted: true,
+                        ..
+                    }
+                ),
+                "{after:?}: {settle:?}"
+            );
+        }
+        // At the limit of counted failures it is dead, like any other failure.
+        assert!(matches!(
+            schedule(
+                &policy(),
+                &claimed(3, 0),
+                retry(Some(Duration::ZERO)),
+                0,
+                0.5
+            ),
+            Settle::Dead { .. }
+        ));
     }
 
     #[test]

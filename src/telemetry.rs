@@ -76,6 +76,7 @@ impl Redactor {
             if out.contains(secret.as_str()) {
                 out = out.replace(secret.as_str(), MASK);
             }
+            out = mask_cut_secret(&out, secret);
         }
         for key in SECRET_KEYS {
             out = mask_after(&out, &format!("{key}="), |c| {
@@ -88,6 +89,36 @@ impl Redactor {
         }
         out
     }
+}
+
+/// Below this length a secret is masked only whole: a shorter start of it could be any word.
+const SECRET_START: usize = 16;
+
+/// Masks a secret that a length limit cut short (an error excerpt of 200 characters that ends
+/// inside a quoted token): wherever the secret's first `SECRET_START` bytes appear, the mask
+/// covers as much of the secret as follows.
+fn mask_cut_secret(text: &str, secret: &str) -> String {
+    let Some(start) = secret.get(..SECRET_START) else {
+        return text.to_owned();
+    };
+    if !text.contains(start) {
+        return text.to_owned();
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(position) = rest.find(start) {
+        out.push_str(&rest[..position]);
+        out.push_str(MASK);
+        let matched = rest[position..]
+            .bytes()
+            .zip(secret.bytes())
+            .take_while(|(a, b)| a == b)
+            .count();
+        // `matched` ends on a character boundary: it is a prefix of both strings.
+        rest = &rest[position + matched..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Replaces what follows each `marker` up to the first `end` character with the mask.
@@ -464,6 +495,22 @@ mod tests {
             redactor.redact("failed with s3cr3t-app and page-token-1 (ab)"),
             "failed with [redacted] and [redacted] (ab)"
         );
+    }
+
+    #[test]
+    fn a_secret_cut_short_by_an_excerpt_is_masked_too() {
+        let token = "EAAGm0PX4ZCpsBAKZCfq1Ztoken0123456789abcdefghijklmnop";
+        let redactor = Redactor::new(vec![token.into(), "short-secret".into()]);
+        // Graph quoting a token, cut at 40 characters by the error excerpt.
+        let cut = format!("Malformed access token {}", &token[..40]);
+        assert_eq!(redactor.redact(&cut), "Malformed access token [redacted]");
+        // Cut in the middle of a longer text, and twice.
+        let twice = format!("{} and {}: end", &token[..20], &token[..30]);
+        assert_eq!(redactor.redact(&twice), "[redacted] and [redacted]: end");
+        // Fewer than 16 characters of a token, or the start of a short secret, stay: they
+        // could be any word.
+        assert_eq!(redactor.redact(&token[..15]), token[..15]);
+        assert_eq!(redactor.redact("short-sec"), "short-sec");
     }
 
     #[test]

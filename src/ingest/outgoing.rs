@@ -329,7 +329,7 @@ pub async fn proxy(
             Some(error) => {
                 // Graph may quote the token it refused ("Malformed access token EAA…"), and the
                 // bot's token is not in the config: mask this request's own credentials.
-                let own_secrets = request_credentials(uri.query(), &headers);
+                let own_secrets = request_credentials(uri.query(), &headers, &body);
                 let described =
                     crate::telemetry::Redactor::new(own_secrets).redact(&error.describe());
                 tracing::info!(status = status.as_u16(), error = %described, "Graph refused a proxied send");
@@ -406,14 +406,25 @@ fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestErr
     IngestError::GraphUnreachable { timed_out, timeout }
 }
 
-/// The credentials a proxied request carries (query `access_token`, `appsecret_proof`, and the
-/// `Authorization` header), so that nothing logged about it can repeat them.
-fn request_credentials(query: Option<&str>, headers: &HeaderMap) -> Vec<String> {
-    let mut secrets: Vec<String> =
-        url::form_urlencoded::parse(query.unwrap_or_default().as_bytes())
-            .filter(|(name, _)| matches!(name.as_ref(), "access_token" | "appsecret_proof"))
+/// The credentials a proxied request carries (`access_token` and `appsecret_proof` in the query
+/// or the body, JSON or form, and the `Authorization` header), so that nothing logged about it
+/// can repeat them.
+fn request_credentials(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Vec<String> {
+    const KEYS: [&str; 2] = ["access_token", "appsecret_proof"];
+    let form = |bytes: &[u8]| -> Vec<String> {
+        url::form_urlencoded::parse(bytes)
+            .filter(|(name, _)| KEYS.contains(&name.as_ref()))
             .map(|(_, value)| value.into_owned())
-            .collect();
+            .collect()
+    };
+    let mut secrets = form(query.unwrap_or_default().as_bytes());
+    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
+        Ok(object) => secrets.extend(
+            KEYS.iter()
+                .filter_map(|key| object.get(*key)?.as_str().map(str::to_owned)),
+        ),
+        Err(_) => secrets.extend(form(body)),
+    }
     if let Some(authorization) = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
@@ -427,6 +438,27 @@ fn request_credentials(query: Option<&str>, headers: &HeaderMap) -> Vec<String> 
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_proxied_request_s_credentials_are_found_in_query_header_and_body() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            axum::http::header::AUTHORIZATION,
+            axum::http::HeaderValue::from_static("Bearer EAAheader"),
+        );
+        let json_body =
+            br#"{"recipient":{"id":"1"},"access_token":"EAAjson","appsecret_proof":"proof1"}"#;
+        assert_eq!(
+            request_credentials(Some("access_token=EAAquery&x=1"), &headers, json_body),
+            ["EAAquery", "EAAjson", "proof1", "EAAheader"]
+        );
+        let form_body = b"recipient=%7B%22id%22%3A%221%22%7D&access_token=EAA%2Bform";
+        assert_eq!(
+            request_credentials(None, &HeaderMap::new(), form_body),
+            ["EAA+form"]
+        );
+        assert!(request_credentials(None, &HeaderMap::new(), br#"{"message":{}}"#).is_empty());
+    }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;
 

@@ -2,7 +2,7 @@
 //! request, and the SmartLink impression and click pings, a delivery target of their own
 //! (`kochava_smartlink`). Pure: an event in, a request out.
 
-use crate::delivery::{Method, Request};
+use crate::delivery::{Method, Outcome, Request, Response};
 use crate::event::{Event, EventData, EventKind, Referral};
 use crate::sinks::{EncodeError, event_name, require_user, seconds};
 use bytes::Bytes;
@@ -229,6 +229,17 @@ impl Smartlink {
             _ => None,
         }
     }
+}
+
+/// The SmartLink route's reading of a response: a ping is recorded once Kochava answers, and a
+/// click-tracking URL answers a click with a redirect to the app's store page (302), which the
+/// relay does not follow. So 3xx is delivered too; everything else goes to the status table.
+pub fn classify_ping(response: &Response<'_>) -> Option<Outcome> {
+    (200..400)
+        .contains(&response.status)
+        .then_some(Outcome::Delivered {
+            status: response.status,
+        })
 }
 
 /// Percent-encodes everything but RFC 3986's unreserved characters, so that the id is safe in a

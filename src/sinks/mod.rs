@@ -71,9 +71,8 @@ impl Sink {
 
     fn classifier(&self) -> Classify {
         match self {
-            Sink::Bot(_) | Sink::Kochava(_) | Sink::KochavaSmartlink(_) | Sink::Dashbot(_) => {
-                |_| None
-            }
+            Sink::Bot(_) | Sink::Kochava(_) | Sink::Dashbot(_) => |_| None,
+            Sink::KochavaSmartlink(_) => kochava::classify_ping,
             Sink::PageActivities(_) | Sink::Conversions(_) => graph_error::classify,
         }
     }

@@ -133,6 +133,29 @@ async fn retry_after_delays_the_next_attempt_and_does_not_use_an_attempt() -> Te
     app.stop().await
 }
 
+/// A sink that always answers `Retry-After: 0` is not retried at once forever: a wait shorter
+/// than `backoff` counts as an ordinary failure, so `max_attempts` ends it.
+#[tokio::test]
+async fn retry_after_zero_is_an_ordinary_counted_failure() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::status(503).with_header("retry-after", "0"));
+    let app = spawn_app(&bot_config(&bot, "max_attempts = 3\n")).await?;
+    assert_eq!(
+        app.post_webhook(&fixture("messenger/message-attachment.json"))
+            .await?
+            .status(),
+        200
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 3 AND throttled = 0",
+        1,
+        Duration::from_secs(10),
+    )
+    .await?;
+    assert_eq!(bot.received().len(), 3);
+    app.stop().await
+}
+
 #[tokio::test]
 async fn permanent_4xx_dead_letters_at_once_and_replay_delivers_again() -> TestResult {
     let bot = MockSink::start().await?;
