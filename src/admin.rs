@@ -399,8 +399,10 @@ async fn set_paused(
             "the user must be a PSID of 1 to {MAX_USER_LEN} characters"
         )));
     }
-    state.store.set_paused(&user, paused, now_ms()).await?;
-    state.paused.set(&user, paused);
+    state
+        .paused
+        .change(&state.store, &user, paused, now_ms())
+        .await?;
     tracing::info!(paused, "Pause state set through the admin API");
     Ok(axum::Json(PauseState { user, paused }))
 }

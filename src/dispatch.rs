@@ -11,7 +11,7 @@
 use crate::config::DeliveryPolicy;
 use crate::delivery::{Client, Outcome};
 use crate::sinks::{EncodeError, Route, Sinks};
-use crate::store::{Claimed, Millis, Settle, Store, millis, now_ms};
+use crate::store::{Claimed, Millis, Settle, Store, StoreError, millis, now_ms};
 use crate::telemetry::{Redactor, SinkStatus, metric};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
@@ -29,13 +29,31 @@ const LEASE_MARGIN: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Default)]
 pub struct Paused {
     users: Arc<RwLock<HashSet<String>>>,
+    /// One change at a time, store first: so that two changes for one user that cross
+    /// (a pause and an unpause) end in memory as they ended in the store.
+    changes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Paused {
     pub fn new(users: impl IntoIterator<Item = String>) -> Paused {
         Paused {
             users: Arc::new(RwLock::new(users.into_iter().collect())),
+            changes: Arc::default(),
         }
+    }
+
+    /// Stores the pause state durably, then applies it to the dispatcher's view.
+    pub async fn change(
+        &self,
+        store: &Store,
+        user: &str,
+        paused: bool,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let _one_at_a_time = self.changes.lock().await;
+        store.set_paused(user, paused, now).await?;
+        self.set(user, paused);
+        Ok(())
     }
 
     pub fn contains(&self, user: &str) -> bool {
@@ -98,15 +116,18 @@ impl Dispatcher {
         // Claims go through the store's one writer, so they are batched: after an attempt
         // finishes, the loop claims again only once a quarter of the permits are free (or none
         // is in use). A wake-up for new rows or a due retry claims at once, so a sink whose
-        // attempts hang can still take new events with the permits it has left.
+        // attempts hang can still take new events with the permits it has left; one that
+        // comes while every permit is busy is kept until a permit is free. While none is, the
+        // loop waits for an attempt to finish, not for a due time it could not act on.
         let batch_threshold = route.delivery.concurrency.div_ceil(4);
         let mut next_due: Option<Millis> = None;
-        let mut woken_by_completion = false;
+        let mut wake_pending = true;
         loop {
             while attempts.try_join_next().is_some() {}
             let free = permits.available_permits();
-            let claim_now = !woken_by_completion || free >= batch_threshold || attempts.is_empty();
+            let claim_now = wake_pending || free >= batch_threshold || attempts.is_empty();
             if free > 0 && claim_now {
+                wake_pending = false;
                 match self.store.claim(route.name, free, now_ms(), lease).await {
                     Ok(batch) => {
                         next_due = batch.next_due;
@@ -128,15 +149,14 @@ impl Dispatcher {
                     }
                 }
             }
-            let wait = next_due
-                .map(|due| Duration::from_millis(u64::try_from(due - now_ms()).unwrap_or(0)))
-                .unwrap_or(Duration::from_secs(3600));
-            woken_by_completion = false;
+            let timer = due_timer(permits.available_permits(), next_due, now_ms());
             tokio::select! {
                 () = shutdown.cancelled() => break,
-                () = notify.notified() => {}
-                () = tokio::time::sleep(wait) => {}
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => woken_by_completion = true,
+                () = notify.notified() => wake_pending = true,
+                () = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {
+                    wake_pending = true;
+                }
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
             }
         }
         let in_flight = attempts.len();
@@ -249,6 +269,21 @@ fn record(route: &Route, settle: &Settle) {
     };
     metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome)
         .increment(1);
+}
+
+/// How long the dispatcher sleeps before it claims rows that come due: until `next_due` (an
+/// hour when nothing is scheduled), or not at all (`None`) while no permit is free. Then only
+/// a finished attempt or a wake-up can make progress, and a due time already past would
+/// otherwise fire at once, again and again (a spin of the loop).
+fn due_timer(free_permits: usize, next_due: Option<Millis>, now: Millis) -> Option<Duration> {
+    if free_permits == 0 {
+        return None;
+    }
+    Some(
+        next_due
+            .map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0)))
+            .unwrap_or(Duration::from_secs(3600)),
+    )
 }
 
 /// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.
@@ -474,6 +509,23 @@ mod tests {
             ),
             Settle::Dead { .. }
         ));
+    }
+
+    #[test]
+    fn a_sink_with_no_free_permit_sets_no_timer() {
+        // Saturated with a backlog already due: no timer, or the loop would spin.
+        assert_eq!(due_timer(0, Some(1_000), 5_000), None);
+        assert_eq!(due_timer(0, None, 5_000), None);
+        assert_eq!(
+            due_timer(2, Some(1_000), 5_000),
+            Some(Duration::ZERO),
+            "past due, a permit free: claim now"
+        );
+        assert_eq!(
+            due_timer(1, Some(5_250), 5_000),
+            Some(Duration::from_millis(250))
+        );
+        assert_eq!(due_timer(1, None, 5_000), Some(Duration::from_secs(3600)));
     }
 
     #[test]

@@ -351,8 +351,10 @@ async fn dashbot_pause(
         &body,
     )?;
     let (user, paused) = pause_request(&body)?;
-    state.store.set_paused(&user, paused, now_ms()).await?;
-    state.paused.set(&user, paused);
+    state
+        .paused
+        .change(&state.store, &user, paused, now_ms())
+        .await?;
     tracing::info!(%user, paused, "Dashbot pause applied");
     Ok("ok")
 }

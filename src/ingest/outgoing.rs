@@ -90,10 +90,45 @@ fn report_event(
         return Err("json is missing (or request, in the {request, response} shape)".to_owned());
     };
     let mut request = object(item, shape.request)?;
-    for key in TOKEN_KEYS {
-        request.remove(key);
+    // The credentials the bot sent with this call: dropped from the request, and masked
+    // wherever Graph's answer quotes them ("Malformed access token EAA…").
+    let mut credentials: Vec<String> = TOKEN_KEYS
+        .iter()
+        .filter_map(|key| match request.remove(*key) {
+            Some(Value::String(value)) => Some(value),
+            _ => None,
+        })
+        .collect();
+    if let Some(Value::Object(qs)) = item.get("qs") {
+        credentials.extend(
+            TOKEN_KEYS
+                .iter()
+                .filter_map(|key| qs.get(*key)?.as_str().map(str::to_owned)),
+        );
     }
-    let response = object(item, shape.response)?;
+    for name in ["url", "uri"] {
+        if let Some(query) = item
+            .get(name)
+            .and_then(Value::as_str)
+            .and_then(|url| url.split_once('?'))
+            .map(|(_, query)| query)
+        {
+            credentials.extend(
+                url::form_urlencoded::parse(query.as_bytes())
+                    .filter(|(key, _)| TOKEN_KEYS.contains(&key.as_ref()))
+                    .map(|(_, value)| value.into_owned()),
+            );
+        }
+    }
+    // A send the bot could not complete at all may come without an answer.
+    let mut response = match item.get(shape.response) {
+        None | Some(Value::Null) => Map::new(),
+        Some(_) => object(item, shape.response)?,
+    };
+    let redactor = crate::telemetry::Redactor::new(credentials);
+    for value in response.values_mut() {
+        redact_strings(value, &redactor);
+    }
 
     let recipient = match request.get("recipient") {
         Some(Value::Object(recipient)) => recipient,
@@ -108,10 +143,11 @@ fn report_event(
     let response_recipient = id_field(response.get("recipient_id"), || {
         format!("{}.recipient_id", shape.response)
     })?;
+    // A send by phone number or notification token names no user, and Graph answers it
+    // without a recipient_id: it is recorded with no user (sinks that need one skip it).
     let user_id = recipient_field("id")?
         .or(recipient_field("user_ref")?)
-        .or_else(|| response_recipient.clone())
-        .ok_or_else(|| format!("{}.recipient.id is missing", shape.request))?;
+        .or_else(|| response_recipient.clone());
     let message = match request.get("message") {
         None | Some(Value::Null) => Value::Null,
         Some(message @ Value::Object(_)) => message.clone(),
@@ -163,12 +199,12 @@ fn report_event(
         source: Source::Outgoing,
         kind: EventKind::Outgoing,
         page_id,
-        user_id: Some(user_id.clone()),
+        user_id: user_id.clone(),
         timestamp_ms: received_at_ms,
         data: EventData::Outgoing(Outgoing {
             succeeded: message_id.is_some(),
             message_id,
-            recipient_id: response_recipient.or(Some(user_id)),
+            recipient_id: response_recipient.or(user_id),
             web_urls: web_urls(&message),
             request,
             response,
@@ -179,6 +215,26 @@ fn report_event(
         }),
         webhook: None,
     })
+}
+
+/// Masks `redactor`'s secrets (and every `access_token`-like value) in each string of `value`.
+fn redact_strings(value: &mut Value, redactor: &crate::telemetry::Redactor) {
+    match value {
+        Value::String(text) => *text = redactor.redact(text),
+        Value::Array(items) => items
+            .iter_mut()
+            .for_each(|item| redact_strings(item, redactor)),
+        Value::Object(fields) => {
+            for (key, field) in fields.iter_mut() {
+                if TOKEN_KEYS.contains(&key.as_str()) && field.is_string() {
+                    *field = Value::String("[redacted]".to_owned());
+                } else {
+                    redact_strings(field, redactor);
+                }
+            }
+        }
+        _ => {}
+    }
 }
 
 /// A required object field, cloned.
@@ -546,19 +602,55 @@ mod tests {
     }
 
     #[test]
+    fn a_send_to_a_phone_number_is_recorded_without_a_user() -> TestResult {
+        let events = one(&json!({
+            "request": {"recipient": {"phone_number": "+15555550100"}, "message": {"text": "hi"}},
+            "response": {"message_id": "m_phone_1"}
+        }))?;
+        assert_eq!(events[0].user_id, None);
+        assert_eq!(events[0].id, EventId::outgoing("m_phone_1"));
+        // A call that got no answer at all is a failed send.
+        let unanswered =
+            one(&json!({"json": {"recipient": {"id": "U"}, "message": {"text": "x"}}}))?;
+        assert!(matches!(&unanswered[0].data, EventData::Outgoing(sent) if !sent.succeeded));
+        Ok(())
+    }
+
+    #[test]
+    fn a_token_that_graph_quotes_back_is_not_kept() -> TestResult {
+        let token = "EAABsbCS1iHgBAKZCZA4token1234567890";
+        let events = one(&json!({
+            "uri": format!("https://graph.facebook.com/v20.0/me/messages?access_token={token}"),
+            "qs": {"access_token": token},
+            "json": {"recipient": {"id": "U"}, "message": {"text": "x"}, "appsecret_proof": "pr00f-value"},
+            "responseBody": {"error": {"code": 190, "message": format!("Malformed access token {token}"),
+                             "access_token": "other"}}
+        }))?;
+        let stored = serde_json::to_string(&events[0])?;
+        for secret in [token, "pr00f-value", "other"] {
+            assert!(!stored.contains(secret), "{secret} kept: {stored}");
+        }
+        assert!(
+            stored.contains("Malformed access token [redacted]"),
+            "{stored}"
+        );
+        Ok(())
+    }
+
+    #[test]
     fn bad_items_are_named_with_their_field() {
         let cases = [
             (
-                json!([{"json": {"recipient": {"id": "U"}}, "responseBody": {}}, {"json": {"recipient": {}}, "responseBody": {}}]),
-                "item 1: json.recipient.id is missing",
+                json!([{"json": {"recipient": {"id": "U"}}, "responseBody": {}}, {"json": {"recipient": "U"}, "responseBody": {}}]),
+                "item 1: json.recipient must be an object",
             ),
             (
                 json!({"json": {"message": {}}, "responseBody": {}}),
                 "json.recipient is missing",
             ),
             (
-                json!({"request": {"recipient": {"id": "U"}}}),
-                "response is missing",
+                json!({"request": {"recipient": {"id": "U"}}, "response": []}),
+                "response must be an object",
             ),
             (
                 json!({"request": {"recipient": {"id": "U"}}, "response": {"message_id": 7}}),

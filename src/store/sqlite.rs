@@ -495,15 +495,21 @@ impl SqliteStore {
                         sink,
                         lane: row.lane,
                     };
-                    self.settle_row(
-                        unreadable,
-                        Settle::Dead {
-                            status: None,
-                            error: reason,
-                        },
-                        now,
-                    )
-                    .await?;
+                    // If even that fails, the row's lease frees it later; the rows claimed
+                    // with it go out now rather than wait for theirs.
+                    if let Err(error) = self
+                        .settle_row(
+                            unreadable,
+                            Settle::Dead {
+                                status: None,
+                                error: reason,
+                            },
+                            now,
+                        )
+                        .await
+                    {
+                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery whose event is unreadable");
+                    }
                     continue;
                 }
             };

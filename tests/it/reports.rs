@@ -256,28 +256,70 @@ async fn reports_and_pause_are_404_while_their_keys_are_unset() -> TestResult {
     app.stop().await
 }
 
+/// Sends Graph accepts without a user id (by phone number) are recorded with no user; a call
+/// that got no answer is a failed send; a token Graph quotes back in its error is not stored.
+#[tokio::test]
+async fn sends_without_a_user_id_and_quoted_tokens_are_recorded_safely() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let token = "EAABsbCS1iHgBAKZCZA4quoted0123456789";
+    let batch = json!([
+        {"request": {"recipient": {"phone_number": "+15555550100"}, "message": {"text": "hi"}},
+         "response": {"message_id": "m_phone_1"}},
+        {"json": {"recipient": {"id": "U9"}, "message": {"text": "lost"}}},
+        {"uri": format!("https://graph.facebook.com/v20.0/me/messages?access_token={token}"),
+         "qs": {"access_token": token},
+         "json": {"recipient": {"id": "U9"}, "message": {"text": "x"}},
+         "responseBody": {"error": {"code": 190, "type": "OAuthException",
+                          "message": format!("Malformed access token {token}")}}},
+    ]);
+    let response = post(&app, "/outgoing", Some(TOKEN), &batch).await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND user_id IS NULL")?,
+        1
+    );
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND user_id = 'U9'")?,
+        2
+    );
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE instr(payload, '{}') > 0",
+            &token[..16]
+        ))?,
+        0
+    );
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM events WHERE instr(payload, 'Malformed access token [redacted]') > 0"
+        )?,
+        1
+    );
+    app.stop().await
+}
+
 #[tokio::test]
 async fn a_bad_item_rejects_the_whole_batch_naming_the_field() -> TestResult {
     let (app, _bot) = app_with_bot().await?;
     let batch = json!([
         report("U1", "m_1", "111"),
         dashbot_outgoing("https://graph.facebook.com/v2.6/me/messages", "U2", "m_2"),
-        {"url": "https://graph.facebook.com/v2.6/me/messages", "json": {"recipient": {}, "message": {"text": "x"}},
+        {"url": "https://graph.facebook.com/v2.6/me/messages", "json": {"recipient": "U3", "message": {"text": "x"}},
          "responseBody": {"message_id": "m_3"}},
     ]);
     let response = post(&app, "/outgoing", Some(TOKEN), &batch).await?;
     assert_eq!(response.status(), 400);
     assert_eq!(
         json_body(response).await?,
-        json!({"error": "item 2: json.recipient.id is missing"})
+        json!({"error": "item 2: json.recipient must be an object"})
     );
 
-    let missing_response = json!({"request": {"recipient": {"id": "U"}}});
-    let response = post(&app, "/outgoing", Some(TOKEN), &missing_response).await?;
+    let bad_response = json!({"request": {"recipient": {"id": "U"}}, "response": "ok"});
+    let response = post(&app, "/outgoing", Some(TOKEN), &bad_response).await?;
     assert_eq!(response.status(), 400);
     assert_eq!(
         json_body(response).await?,
-        json!({"error": "response is missing"})
+        json!({"error": "response must be an object"})
     );
 
     let not_json = app
