@@ -38,6 +38,37 @@ use tokio::sync::{mpsc, oneshot};
 /// The most writes one transaction takes.
 const MAX_BATCH: usize = 512;
 
+/// The most rows one purge write deletes.
+const PURGE_CHUNK: u32 = 2000;
+
+// Queries on finished rows repeat `deliveries_finished`'s own condition: SQLite uses a partial
+// index only when the query's WHERE visibly implies the index's, and it does not see that
+// `state = 'dead'` implies `state IN ('delivered', 'dead', 'skipped')` (without it: a scan of
+// every delivery kept). `query_plans_use_the_indexes` checks each plan.
+const FINISHED: &str = "state IN ('delivered', 'dead', 'skipped')";
+
+const PURGE_DELIVERED: &str = "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state IN ('delivered', 'skipped')
+     AND updated_at < ?1 LIMIT ?2)";
+const PURGE_DEAD: &str = "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead'
+     AND updated_at < ?1 LIMIT ?2)";
+/// An event is kept while any delivery refers to it. Its deliveries were created in the same
+/// write with `created_at` = its `received_at`, so only deliveries created before the cut can
+/// refer to an event before it: an index range, not the whole table.
+const PURGE_EVENTS: &str = "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events
+     WHERE received_at < ?1
+     AND id NOT IN (SELECT event_id FROM deliveries WHERE created_at < ?1) LIMIT ?2)";
+
+/// Queue depth per sink and state, each state through its own partial index.
+const DEPTH: [&str; 3] = [
+    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state IN ('pending', 'in_flight')
+     GROUP BY sink, state",
+    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state = 'waiting' GROUP BY sink",
+    "SELECT sink, state, COUNT(*) FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead' GROUP BY sink",
+];
+
 /// The checkpointer copies committed WAL frames into the database file whenever this many new
 /// frames (pages) have been committed, and at least every `CHECKPOINT_EVERY`.
 const CHECKPOINT_FRAMES: u32 = 256;
@@ -101,6 +132,9 @@ CREATE INDEX IF NOT EXISTS deliveries_lane_waiting ON deliveries (sink, lane, id
     WHERE state = 'waiting';
 CREATE INDEX IF NOT EXISTS deliveries_finished ON deliveries (state, updated_at)
     WHERE state IN ('delivered', 'dead', 'skipped');
+-- For the purge: the deliveries old enough to refer to an event past the dedupe window. Written
+-- in time order, so it costs each group one page at its right edge.
+CREATE INDEX IF NOT EXISTS deliveries_created ON deliveries (created_at);
 -- No index on deliveries.event_id: it would be a random-order write on every enqueue, and only
 -- the once-a-minute purge needs that direction (it uses NOT IN over one scan instead).
 CREATE TABLE IF NOT EXISTS paused_users (
@@ -710,26 +744,29 @@ impl SqliteStore {
 
     pub(super) async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
         self.read(|connection| {
-            let mut select = connection
-                .prepare(
-                    "SELECT sink, state, COUNT(*) FROM deliveries
-                     WHERE state IN ('waiting', 'pending', 'in_flight', 'dead') GROUP BY sink, state",
-                )
-                .map_err(database)?;
-            let rows = select
-                .query_map([], |row| {
-                    Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?, u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0)))
-                })
-                .map_err(database)?;
             let mut depth: HashMap<SinkName, SinkDepth> = HashMap::new();
-            for row in rows {
-                let (sink, state, count) = row.map_err(database)?;
-                let Some(sink) = SinkName::parse(&sink) else { continue };
-                let entry = depth.entry(sink).or_default();
-                match state.as_str() {
-                    "in_flight" => entry.in_flight += count,
-                    "dead" => entry.dead += count,
-                    _ => entry.queued += count,
+            for sql in DEPTH {
+                let mut select = connection.prepare_cached(sql).map_err(database)?;
+                let rows = select
+                    .query_map([], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        ))
+                    })
+                    .map_err(database)?;
+                for row in rows {
+                    let (sink, state, count) = row.map_err(database)?;
+                    let Some(sink) = SinkName::parse(&sink) else {
+                        continue;
+                    };
+                    let entry = depth.entry(sink).or_default();
+                    match state.as_str() {
+                        "in_flight" => entry.in_flight += count,
+                        "dead" => entry.dead += count,
+                        _ => entry.queued += count,
+                    }
                 }
             }
             Ok(depth)
@@ -737,38 +774,45 @@ impl SqliteStore {
         .await
     }
 
+    /// Deletes what the retention bounds let go, in writes of at most `PURGE_CHUNK` rows, so
+    /// that a large purge (the first after a long stop, or a busy relay's minute) never holds
+    /// the writer, and with it every webhook's answer, for long.
     pub(super) async fn purge(
         &self,
         retention: Retention,
         now: Millis,
     ) -> Result<Purged, StoreError> {
-        self.write(move |connection, _| {
-            let delivered_before = now.saturating_sub(millis(retention.delivered));
-            let dead_before = now.saturating_sub(millis(retention.dead));
-            let forget_before = now.saturating_sub(millis(retention.dedupe_window));
-            let mut purged = Purged::default();
-            purged.deliveries += connection
-                .execute(
-                    "DELETE FROM deliveries WHERE state IN ('delivered', 'skipped') AND updated_at < ?1",
-                    [delivered_before],
-                )
-                .map_err(database)?;
-            purged.deliveries += connection
-                .execute(
-                    "DELETE FROM deliveries WHERE state = 'dead' AND updated_at < ?1",
-                    [dead_before],
-                )
-                .map_err(database)?;
-            purged.events += connection
-                .execute(
-                    "DELETE FROM events WHERE received_at < ?1
-                     AND id NOT IN (SELECT event_id FROM deliveries)",
-                    [forget_before],
-                )
-                .map_err(database)?;
-            Ok(purged)
-        })
-        .await
+        let delivered_before = now.saturating_sub(millis(retention.delivered));
+        let dead_before = now.saturating_sub(millis(retention.dead));
+        let forget_before = now.saturating_sub(millis(retention.dedupe_window));
+        let mut purged = Purged::default();
+        for (sql, before) in [
+            (PURGE_DELIVERED, delivered_before),
+            (PURGE_DEAD, dead_before),
+            (PURGE_EVENTS, forget_before),
+        ] {
+            loop {
+                let deleted = self
+                    .write(move |connection, _| {
+                        connection
+                            .prepare_cached(sql)
+                            .and_then(|mut statement| {
+                                statement.execute(params![before, PURGE_CHUNK])
+                            })
+                            .map_err(database)
+                    })
+                    .await?;
+                if sql == PURGE_EVENTS {
+                    purged.events += deleted;
+                } else {
+                    purged.deliveries += deleted;
+                }
+                if deleted < PURGE_CHUNK as usize {
+                    break;
+                }
+            }
+        }
+        Ok(purged)
     }
 
     pub(super) async fn set_paused(
@@ -888,7 +932,7 @@ fn promote(
 
 fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut condition = String::from("d.state = 'dead'");
+    let mut condition = format!("d.{FINISHED} AND d.state = 'dead'");
     let mut values = Vec::new();
     if let Some(sink) = filter.sink {
         values.push(Value::Text(sink.as_str().to_owned()));
@@ -1304,6 +1348,95 @@ mod tests {
                 Ok(())
             })
             .await
+    }
+
+    /// The purge, the queue depth and the dead-letter list run often on tables of millions of
+    /// rows: each must reach its rows through an index, never by a scan of the table.
+    #[tokio::test]
+    async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let _store = open(&dir);
+        let connection = Connection::open(dir.path().join("store.db"))?;
+        let (dead_letters, _) = dead_letter_condition(&DeadLetterFilter {
+            sink: Some(SinkName::Bot),
+            ..DeadLetterFilter::default()
+        });
+        let listing = format!(
+            "SELECT d.id FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
+             WHERE {dead_letters} ORDER BY d.id LIMIT 100"
+        );
+        let mut queries = vec![PURGE_DELIVERED, PURGE_DEAD, PURGE_EVENTS, listing.as_str()];
+        queries.extend(DEPTH);
+        for sql in queries {
+            let mut explain = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+            let parameters = explain.parameter_count();
+            let steps: Vec<String> = explain
+                .query_map(
+                    rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
+                    |row| row.get::<_, String>(3),
+                )?
+                .collect::<Result<_, _>>()?;
+            for step in &steps {
+                assert!(
+                    !step.starts_with("SCAN") || step.contains("USING"),
+                    "{sql}\n  scans a table: {steps:?}"
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// More rows than one purge write takes: the purge goes on in further writes until all
+    /// are gone, and keeps an old event whose delivery is still open.
+    #[tokio::test]
+    async fn a_purge_larger_than_one_chunk_removes_everything_it_may()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir);
+        let rows = i64::from(PURGE_CHUNK) * 2 + 7;
+        let day: Millis = 86_400_000;
+        {
+            let mut connection = Connection::open(dir.path().join("store.db"))?;
+            connection.busy_timeout(Duration::from_secs(5))?;
+            let transaction = connection.transaction()?;
+            for n in 0..=rows {
+                // Row `rows` is an old event whose delivery is still pending.
+                let state = if n == rows { "pending" } else { "delivered" };
+                transaction.execute(
+                    "INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+                     VALUES (?1, 'webhook', 'message', 0, ?2, '{}')",
+                    params![format!("e{n}"), n],
+                )?;
+                transaction.execute(
+                    "INSERT INTO deliveries (event_id, sink, state, due_at, created_at, updated_at)
+                     VALUES (?1, 'bot', ?2, ?3, ?3, ?3)",
+                    params![format!("e{n}"), state, n],
+                )?;
+            }
+            transaction.commit()?;
+        }
+        let retention = Retention {
+            delivered: Duration::from_secs(86_400),
+            dead: Duration::from_secs(86_400),
+            dedupe_window: Duration::from_secs(86_400),
+        };
+        let purged = store.purge(retention, 2 * day).await?;
+        let expected = usize::try_from(rows)?;
+        assert_eq!((purged.deliveries, purged.events), (expected, expected));
+        let reader = Connection::open(dir.path().join("store.db"))?;
+        let left: (String, String) = reader.query_row(
+            "SELECT e.id, d.state FROM events e JOIN deliveries d ON d.event_id = e.id",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        assert_eq!(left, (format!("e{rows}"), "pending".to_owned()));
+        let counts: (i64, i64) = reader.query_row(
+            "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM deliveries)",
+            [],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )?;
+        assert_eq!(counts, (1, 1));
+        Ok(())
     }
 
     #[test]
