@@ -39,7 +39,8 @@ pub mod metric {
     pub const PROXY_REQUESTS: &str = "botrelay_send_api_proxy_total";
 }
 
-const MASK: &str = "[redacted]";
+/// What a masked secret reads as.
+pub const MASK: &str = "[redacted]";
 
 /// Query and JSON keys whose values are always secret, whatever the config says.
 const SECRET_KEYS: [&str; 5] = [

@@ -92,32 +92,20 @@ fn report_event(
     let mut request = object(item, shape.request)?;
     // The credentials the bot sent with this call: dropped from the request, and masked
     // wherever Graph's answer quotes them ("Malformed access token EAA…").
-    let mut credentials: Vec<String> = TOKEN_KEYS
-        .iter()
-        .filter_map(|key| match request.remove(*key) {
-            Some(Value::String(value)) => Some(value),
-            _ => None,
-        })
-        .collect();
+    let mut credentials: Vec<String> = object_credentials(&request).collect();
+    for key in TOKEN_KEYS {
+        request.remove(key);
+    }
     if let Some(Value::Object(qs)) = item.get("qs") {
-        credentials.extend(
-            TOKEN_KEYS
-                .iter()
-                .filter_map(|key| qs.get(*key)?.as_str().map(str::to_owned)),
-        );
+        credentials.extend(object_credentials(qs));
     }
     for name in ["url", "uri"] {
-        if let Some(query) = item
+        if let Some((_, query)) = item
             .get(name)
             .and_then(Value::as_str)
             .and_then(|url| url.split_once('?'))
-            .map(|(_, query)| query)
         {
-            credentials.extend(
-                url::form_urlencoded::parse(query.as_bytes())
-                    .filter(|(key, _)| TOKEN_KEYS.contains(&key.as_ref()))
-                    .map(|(_, value)| value.into_owned()),
-            );
+            credentials.extend(form_credentials(query.as_bytes()));
         }
     }
     // A send the bot could not complete at all may come without an answer.
@@ -227,7 +215,7 @@ fn redact_strings(value: &mut Value, redactor: &crate::telemetry::Redactor) {
         Value::Object(fields) => {
             for (key, field) in fields.iter_mut() {
                 if TOKEN_KEYS.contains(&key.as_str()) && field.is_string() {
-                    *field = Value::String("[redacted]".to_owned());
+                    *field = Value::String(crate::telemetry::MASK.to_owned());
                 } else {
                     redact_strings(field, redactor);
                 }
@@ -462,24 +450,13 @@ fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestErr
     IngestError::GraphUnreachable { timed_out, timeout }
 }
 
-/// The credentials a proxied request carries (`access_token` and `appsecret_proof` in the query
-/// or the body, JSON or form, and the `Authorization` header), so that nothing logged about it
-/// can repeat them.
+/// The credentials a proxied request carries (`TOKEN_KEYS` in the query or the body, JSON or
+/// form, and the `Authorization` header), so that nothing logged about it can repeat them.
 fn request_credentials(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Vec<String> {
-    const KEYS: [&str; 2] = ["access_token", "appsecret_proof"];
-    let form = |bytes: &[u8]| -> Vec<String> {
-        url::form_urlencoded::parse(bytes)
-            .filter(|(name, _)| KEYS.contains(&name.as_ref()))
-            .map(|(_, value)| value.into_owned())
-            .collect()
-    };
-    let mut secrets = form(query.unwrap_or_default().as_bytes());
-    match serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(body) {
-        Ok(object) => secrets.extend(
-            KEYS.iter()
-                .filter_map(|key| object.get(*key)?.as_str().map(str::to_owned)),
-        ),
-        Err(_) => secrets.extend(form(body)),
+    let mut secrets: Vec<String> = form_credentials(query.unwrap_or_default().as_bytes()).collect();
+    match serde_json::from_slice::<Map<String, Value>>(body) {
+        Ok(object) => secrets.extend(object_credentials(&object)),
+        Err(_) => secrets.extend(form_credentials(body)),
     }
     if let Some(authorization) = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -488,6 +465,20 @@ fn request_credentials(query: Option<&str>, headers: &HeaderMap, body: &[u8]) ->
         secrets.extend(authorization.split_whitespace().last().map(str::to_owned));
     }
     secrets
+}
+
+/// The values of the credential keys (`TOKEN_KEYS`) in a query string or form body.
+fn form_credentials(form: &[u8]) -> impl Iterator<Item = String> + '_ {
+    url::form_urlencoded::parse(form)
+        .filter(|(name, _)| TOKEN_KEYS.contains(&name.as_ref()))
+        .map(|(_, value)| value.into_owned())
+}
+
+/// The string values of the credential keys (`TOKEN_KEYS`) among a JSON object's own fields.
+fn object_credentials(object: &Map<String, Value>) -> impl Iterator<Item = String> + '_ {
+    TOKEN_KEYS
+        .iter()
+        .filter_map(|key| object.get(*key)?.as_str().map(str::to_owned))
 }
 
 #[cfg(test)]

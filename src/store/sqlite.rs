@@ -785,34 +785,38 @@ impl SqliteStore {
         let delivered_before = now.saturating_sub(millis(retention.delivered));
         let dead_before = now.saturating_sub(millis(retention.dead));
         let forget_before = now.saturating_sub(millis(retention.dedupe_window));
-        let mut purged = Purged::default();
-        for (sql, before) in [
-            (PURGE_DELIVERED, delivered_before),
-            (PURGE_DEAD, dead_before),
-            (PURGE_EVENTS, forget_before),
-        ] {
-            loop {
-                let deleted = self
-                    .write(move |connection, _| {
-                        connection
-                            .prepare_cached(sql)
-                            .and_then(|mut statement| {
-                                statement.execute(params![before, PURGE_CHUNK])
-                            })
-                            .map_err(database)
-                    })
-                    .await?;
-                if sql == PURGE_EVENTS {
-                    purged.events += deleted;
-                } else {
-                    purged.deliveries += deleted;
-                }
-                if deleted < PURGE_CHUNK as usize {
-                    break;
-                }
+        // Deliveries first: an event goes only once no delivery refers to it.
+        Ok(Purged {
+            deliveries: self
+                .purge_in_chunks(PURGE_DELIVERED, delivered_before)
+                .await?
+                + self.purge_in_chunks(PURGE_DEAD, dead_before).await?,
+            events: self.purge_in_chunks(PURGE_EVENTS, forget_before).await?,
+        })
+    }
+
+    /// Runs one purge statement (`?1` = the cut, `?2` = the chunk) in writes of at most
+    /// `PURGE_CHUNK` rows until a write deletes fewer; returns the rows deleted.
+    async fn purge_in_chunks(
+        &self,
+        sql: &'static str,
+        before: Millis,
+    ) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .write(move |connection, _| {
+                    connection
+                        .prepare_cached(sql)
+                        .and_then(|mut statement| statement.execute(params![before, PURGE_CHUNK]))
+                        .map_err(database)
+                })
+                .await?;
+            total += deleted;
+            if deleted < PURGE_CHUNK as usize {
+                return Ok(total);
             }
         }
-        Ok(purged)
     }
 
     pub(super) async fn set_paused(

@@ -224,6 +224,14 @@ fn delivery_states(app: &TestApp) -> TestResult<BTreeMap<(String, String), i64>>
     Ok(states)
 }
 
+/// The count for `(sink, state)` in [`delivery_states`]' map (0 when absent).
+fn count_in(states: &BTreeMap<(String, String), i64>, sink: &str, state: &str) -> i64 {
+    states
+        .get(&(sink.to_owned(), state.to_owned()))
+        .copied()
+        .unwrap_or(0)
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. Every input reaches exactly the sinks that should get it, in the contract's bytes.
 
@@ -420,12 +428,7 @@ async fn every_input_reaches_exactly_its_sinks_in_the_contracts_bytes() -> TestR
         );
     }
     let states = delivery_states(&app)?;
-    let state = |sink: &str, state: &str| {
-        states
-            .get(&(sink.to_owned(), state.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let state = |sink: &str, state: &str| count_in(&states, sink, state);
     assert_eq!(state("conversions", "skipped"), 1, "{states:?}");
     for sink in [
         "bot",
@@ -1015,12 +1018,7 @@ async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult
     let within = Duration::from_secs(15);
     app.wait_for_count(PENDING, 0, within).await?;
     let states = delivery_states(&app)?;
-    let state = |sink: &str, state: &str| {
-        states
-            .get(&(sink.to_owned(), state.to_owned()))
-            .copied()
-            .unwrap_or(0)
-    };
+    let state = |sink: &str, state: &str| count_in(&states, sink, state);
     assert_eq!(state("kochava_smartlink", "delivered"), 1, "{states:?}");
     assert_eq!(state("kochava_smartlink", "dead"), 1, "{states:?}");
     assert_eq!(
