@@ -41,6 +41,9 @@ const MAX_BATCH: usize = 512;
 /// The most rows one purge write deletes.
 const PURGE_CHUNK: u32 = 2000;
 
+/// The most dead letters one write of a replay requeues (see `replay`).
+const REPLAY_CHUNK: usize = 2000;
+
 // Queries on finished rows repeat `deliveries_finished`'s own condition: SQLite uses a partial
 // index only when the query's WHERE visibly implies the index's, and it does not see that
 // `state = 'dead'` implies `state IN ('delivered', 'dead', 'skipped')` (without it: a scan of
@@ -641,63 +644,55 @@ impl SqliteStore {
         .await
     }
 
+    /// Requeues the matching dead letters, oldest first, in writes of at most `REPLAY_CHUNK`
+    /// rows, so that replaying a large dead-letter store never holds the writer (and with it
+    /// every webhook's answer) for long. The ids are read first, off the writer; a row that is
+    /// no longer dead when its write runs (replayed by another request, or purged) is left
+    /// alone, and a row that dies again during the replay is not picked up twice. Rows whose
+    /// sink this build does not know stay dead: no dispatcher could take them.
     pub(super) async fn replay(
         &self,
         filter: DeadLetterFilter,
         now: Millis,
     ) -> Result<usize, StoreError> {
-        self.write(move |connection, touched| {
-            let (condition, values) = dead_letter_condition(&filter);
-            let mut select = connection
-                .prepare(&format!(
-                    "SELECT id, sink, lane FROM deliveries d WHERE {condition} ORDER BY id"
-                ))
-                .map_err(database)?;
-            let rows = select
-                .query_map(rusqlite::params_from_iter(values.iter()), |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, String>(1)?,
-                        row.get::<_, Option<String>>(2)?,
-                    ))
-                })
-                .map_err(database)?
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(database)?;
-            // A replayed letter rejoins its lane at its original place (its id): it waits if
-            // the lane is busy, and is the next to go otherwise.
-            let mut lanes = Vec::new();
-            for (id, sink, lane) in &rows {
-                connection
-                    .execute(
-                        "UPDATE deliveries SET state = 'waiting', attempts = 0, throttled = 0,
-                         created_at = ?2, updated_at = ?2, due_at = ?2 WHERE id = ?1",
-                        params![id, now],
-                    )
+        let rows = self
+            .read(move |connection| {
+                let (condition, values) = dead_letter_condition(&filter);
+                let mut select = connection
+                    .prepare(&replay_select(&condition))
                     .map_err(database)?;
-                if let Some(sink) = SinkName::parse(sink) {
-                    lanes.push((sink, lane.clone(), *id));
-                }
+                select
+                    .query_map(rusqlite::params_from_iter(values.iter()), |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .map_err(database)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(database)
+            })
+            .await?;
+        let mut ids = Vec::with_capacity(rows.len());
+        let mut unknown = 0usize;
+        for (id, sink) in rows {
+            if SinkName::parse(&sink).is_some() {
+                ids.push(id);
+            } else {
+                unknown += 1;
             }
-            for (sink, lane, id) in lanes {
-                match lane {
-                    Some(lane) => {
-                        promote(connection, sink, Some(&lane), now)?;
-                    }
-                    None => {
-                        connection
-                            .execute(
-                                "UPDATE deliveries SET state = 'pending' WHERE id = ?1",
-                                [id],
-                            )
-                            .map_err(database)?;
-                    }
-                }
-                touched.insert(sink);
-            }
-            Ok(rows.len())
-        })
-        .await
+        }
+        if unknown > 0 {
+            tracing::warn!(
+                rows = unknown,
+                "Dead letters of a sink this version does not know were left dead"
+            );
+        }
+        let mut replayed = 0;
+        for chunk in ids.chunks(REPLAY_CHUNK) {
+            let chunk = chunk.to_vec();
+            replayed += self
+                .write(move |connection, touched| replay_chunk(connection, touched, &chunk, now))
+                .await?;
+        }
+        Ok(replayed)
     }
 
     pub(super) async fn dead_letters(
@@ -932,6 +927,59 @@ fn promote(
         .execute(params![next, now])
         .map_err(database)?;
     Ok(true)
+}
+
+/// The dead letters a replay takes, oldest first, for a `dead_letter_condition`.
+fn replay_select(condition: &str) -> String {
+    format!("SELECT d.id, d.sink FROM deliveries d WHERE {condition} ORDER BY d.id")
+}
+
+/// Requeues the dead letters among `ids` (ascending). A replayed letter rejoins its lane at its
+/// original place (its id): it waits if the lane is busy, and is the next to go otherwise.
+fn replay_chunk(
+    connection: &Connection,
+    touched: &mut Touched,
+    ids: &[i64],
+    now: Millis,
+) -> Result<usize, StoreError> {
+    let mut requeue = connection
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'waiting', attempts = 0, throttled = 0,
+             created_at = ?2, updated_at = ?2, due_at = ?2
+             WHERE id = ?1 AND state = 'dead' RETURNING sink, lane",
+        )
+        .map_err(database)?;
+    let mut requeued = Vec::with_capacity(ids.len());
+    for id in ids {
+        let row = requeue
+            .query_row(params![id, now], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
+            })
+            .optional()
+            .map_err(database)?;
+        if let Some((sink, lane)) = row {
+            // The read that chose `ids` kept only known sinks, and a row's sink never changes.
+            let sink = SinkName::parse(&sink).ok_or_else(|| {
+                StoreError::Database(format!("delivery {id} has an unknown sink {sink:?}"))
+            })?;
+            requeued.push((*id, sink, lane));
+        }
+    }
+    for (id, sink, lane) in &requeued {
+        match lane {
+            Some(lane) => {
+                promote(connection, *sink, Some(lane), now)?;
+            }
+            None => {
+                connection
+                    .prepare_cached("UPDATE deliveries SET state = 'pending' WHERE id = ?1")
+                    .and_then(|mut statement| statement.execute([id]))
+                    .map_err(database)?;
+            }
+        }
+        touched.insert(*sink);
+    }
+    Ok(requeued.len())
 }
 
 fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
@@ -1369,7 +1417,14 @@ mod tests {
             "SELECT d.id FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
              WHERE {dead_letters} ORDER BY d.id LIMIT 100"
         );
-        let mut queries = vec![PURGE_DELIVERED, PURGE_DEAD, PURGE_EVENTS, listing.as_str()];
+        let replay = replay_select(&dead_letters);
+        let mut queries = vec![
+            PURGE_DELIVERED,
+            PURGE_DEAD,
+            PURGE_EVENTS,
+            listing.as_str(),
+            replay.as_str(),
+        ];
         queries.extend(DEPTH);
         for sql in queries {
             let mut explain = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
@@ -1387,6 +1442,89 @@ mod tests {
                 );
             }
         }
+        Ok(())
+    }
+
+    /// More dead letters than one replay write takes: every one is requeued, each lane lets
+    /// only its oldest go, lane-less letters all go, and the letters of a sink this build does
+    /// not know stay dead and are not counted.
+    #[tokio::test]
+    async fn a_replay_larger_than_one_chunk_requeues_every_letter_in_lane_order()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir);
+        let known = REPLAY_CHUNK * 2 + 5;
+        {
+            let mut connection = Connection::open(dir.path().join("store.db"))?;
+            connection.busy_timeout(Duration::from_secs(5))?;
+            let transaction = connection.transaction()?;
+            for n in 0..known + 3 {
+                // Three lanes and lane-less letters; the last three belong to a sink "gone".
+                let lane = match n % 4 {
+                    3 => None,
+                    lane => Some(format!("u{lane}")),
+                };
+                let sink = if n < known { "bot" } else { "gone" };
+                transaction.execute(
+                    "INSERT INTO deliveries (event_id, sink, lane, state, attempts, due_at,
+                                             created_at, updated_at)
+                     VALUES (?1, ?2, ?3, 'dead', 5, 0, 0, ?4)",
+                    params![format!("e{n}"), sink, lane, i64::try_from(n)?],
+                )?;
+            }
+            transaction.commit()?;
+        }
+        let replayed = store.replay(DeadLetterFilter::default(), 1_000_000).await?;
+        assert_eq!(replayed, known);
+        let reader = Connection::open(dir.path().join("store.db"))?;
+        let mut states = reader.prepare(
+            "SELECT sink, COALESCE(lane, '-'), state, MIN(id), COUNT(*), SUM(attempts)
+             FROM deliveries GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )?;
+        let states: Vec<(String, String, String, i64, i64, i64)> = states
+            .query_map([], |row| {
+                Ok((
+                    row.get(0)?,
+                    row.get(1)?,
+                    row.get(2)?,
+                    row.get(3)?,
+                    row.get(4)?,
+                    row.get(5)?,
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        let row = |sink: &str, lane: &str, state: &str, first: i64, count: i64, attempts: i64| {
+            (
+                sink.into(),
+                lane.into(),
+                state.into(),
+                first,
+                count,
+                attempts,
+            )
+        };
+        // Rows 1..=4005 are the bot's: ids 1, 5, 9, ... are u0's (1,002 of them), 2, 6, ...
+        // u1's and 3, 7, ... u2's (1,001 each), 4, 8, ... lane-less (1,001).
+        assert_eq!(
+            states,
+            vec![
+                row("bot", "-", "pending", 4, 1001, 0),
+                row("bot", "u0", "pending", 1, 1, 0),
+                row("bot", "u0", "waiting", 5, 1001, 0),
+                row("bot", "u1", "pending", 2, 1, 0),
+                row("bot", "u1", "waiting", 6, 1000, 0),
+                row("bot", "u2", "pending", 3, 1, 0),
+                row("bot", "u2", "waiting", 7, 1000, 0),
+                row("gone", "-", "dead", 4008, 1, 5),
+                row("gone", "u1", "dead", 4006, 1, 5),
+                row("gone", "u2", "dead", 4007, 1, 5),
+            ]
+        );
+        // Nothing is dead any more, so a second replay finds nothing.
+        assert_eq!(
+            store.replay(DeadLetterFilter::default(), 1_000_001).await?,
+            0
+        );
         Ok(())
     }
 

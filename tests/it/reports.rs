@@ -539,8 +539,9 @@ async fn the_proxy_answers_502_within_the_timeout_when_graph_hangs() -> TestResu
         elapsed >= GRAPH_TIMEOUT - Duration::from_millis(50),
         "answered after {elapsed:?}"
     );
+    // Well short of the client's own 10 s: the relay's timeout answered, on a loaded machine too.
     assert!(
-        elapsed < GRAPH_TIMEOUT + Duration::from_millis(700),
+        elapsed < Duration::from_secs(5),
         "answered after {elapsed:?}"
     );
     let text = answer.text().await?;
@@ -558,7 +559,6 @@ async fn the_proxy_answers_502_when_graph_is_down() -> TestResult {
     let graph = format!("http://{}", closed.local_addr()?);
     drop(closed);
     let app = spawn_app(&config(&bot, &graph)).await?;
-    let started = Instant::now();
     let answer = app
         .http
         .post(format!(
@@ -568,8 +568,8 @@ async fn the_proxy_answers_502_when_graph_is_down() -> TestResult {
         .body(r#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#)
         .send()
         .await?;
+    // The body, not a stopwatch, tells a refused connection from a timeout (see the test above).
     assert_eq!(answer.status(), 502);
-    assert!(started.elapsed() < GRAPH_TIMEOUT + Duration::from_millis(700));
     let text = answer.text().await?;
     assert!(!text.contains(PAGE_TOKEN), "{text}");
     assert_eq!(
