@@ -192,35 +192,43 @@ impl Dispatcher {
                     .user_id
                     .as_deref()
                     .is_some_and(|user| self.paused.contains(user));
-            let encoded = if paused {
-                Err(EncodeError::Skip("user is paused".to_owned()))
-            } else {
-                route.encode(&delivery.event)
-            };
-            let settle = match encoded {
-                Err(EncodeError::Skip(reason)) => Settle::Skipped { reason },
-                Err(EncodeError::Invalid(reason)) => Settle::Dead {
+            let settle = if paused {
+                Settle::Skipped {
+                    reason: "user is paused".to_owned(),
+                }
+            } else if let Some(error) = expired(&route.delivery, &delivery, now_ms()) {
+                Settle::Dead {
                     status: None,
-                    error: self.redactor.redact(&reason),
-                },
-                Ok(request) => {
-                    let outcome = self
-                        .client
-                        .send(&request, route.delivery.timeout, route.classifier())
-                        .await;
-                    metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
-                        .record(started.elapsed().as_secs_f64());
-                    let mut settle = schedule(
-                        &route.delivery,
-                        &delivery,
-                        outcome,
-                        now_ms(),
-                        rand::random::<f64>(),
-                    );
-                    if let Settle::Retry { error, .. } | Settle::Dead { error, .. } = &mut settle {
-                        *error = self.redactor.redact(error);
+                    error,
+                }
+            } else {
+                match route.encode(&delivery.event) {
+                    Err(EncodeError::Skip(reason)) => Settle::Skipped { reason },
+                    Err(EncodeError::Invalid(reason)) => Settle::Dead {
+                        status: None,
+                        error: self.redactor.redact(&reason),
+                    },
+                    Ok(request) => {
+                        let outcome = self
+                            .client
+                            .send(&request, route.delivery.timeout, route.classifier())
+                            .await;
+                        metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
+                            .record(started.elapsed().as_secs_f64());
+                        let mut settle = schedule(
+                            &route.delivery,
+                            &delivery,
+                            outcome,
+                            now_ms(),
+                            rand::random::<f64>(),
+                        );
+                        if let Settle::Retry { error, .. } | Settle::Dead { error, .. } =
+                            &mut settle
+                        {
+                            *error = self.redactor.redact(error);
+                        }
+                        settle
                     }
-                    settle
                 }
             };
             record(route, &settle);
@@ -286,15 +294,29 @@ fn due_timer(free_permits: usize, next_due: Option<Millis>, now: Millis) -> Opti
     )
 }
 
+/// Why a delivery claimed after its ttl ran out is dead without an attempt, if it is: it
+/// waited that long behind its lane's head, or for the relay to come back. SPEC §4 sends
+/// deliveries past `ttl` to the dead letters (and a bot should not answer an hour-old message).
+pub fn expired(policy: &DeliveryPolicy, delivery: &Claimed, now: Millis) -> Option<String> {
+    let expires = delivery.ttl_from.saturating_add(millis(policy.ttl));
+    (now > expires).then(|| {
+        format!(
+            "ttl of {} ran out before this attempt",
+            humantime::format_duration(policy.ttl)
+        )
+    })
+}
+
 /// Decides what an outcome means for this delivery. `jitter` is uniform in `[0, 1)`.
 ///
 /// - `Retry-After` sets the next attempt and does not count against `max_attempts`. One shorter
-///   than `backoff` (`0`, or a date in the past) is treated as absent: otherwise a sink that
-///   always answers `Retry-After: 0` would be retried at once, uncounted, until the ttl.
+///   than `backoff` (`0`, or a date in the past) counts as an ordinary failure, so that a sink
+///   that always answers `Retry-After: 0` is not retried at once, uncounted, until the ttl; the
+///   next attempt still comes no sooner than the sink asked.
 /// - Otherwise the wait is full jitter: uniform in `[0, min(max_backoff, backoff * 2^(n-1))]`
 ///   after the n-th counted failure.
 /// - Past `max_attempts` counted failures, or when the next attempt would fall after
-///   `created_at + ttl`, the delivery is dead.
+///   `ttl_from + ttl`, the delivery is dead.
 pub fn schedule(
     policy: &DeliveryPolicy,
     delivery: &Claimed,
@@ -302,18 +324,21 @@ pub fn schedule(
     now: Millis,
     jitter: f64,
 ) -> Settle {
-    let expires = delivery.created_at.saturating_add(millis(policy.ttl));
-    let outcome = match outcome {
+    let expires = delivery.ttl_from.saturating_add(millis(policy.ttl));
+    let (outcome, not_before) = match outcome {
         Outcome::Retry {
             status,
             after: Some(after),
             error,
-        } if after < policy.backoff => Outcome::Retry {
-            status,
-            after: None,
-            error,
-        },
-        outcome => outcome,
+        } if after < policy.backoff => (
+            Outcome::Retry {
+                status,
+                after: None,
+                error,
+            },
+            after,
+        ),
+        outcome => (outcome, Duration::ZERO),
     };
     match outcome {
         Outcome::Delivered { status } => Settle::Delivered { status },
@@ -358,8 +383,9 @@ pub fn schedule(
                 .backoff
                 .saturating_mul(1u32 << exponent.min(31))
                 .min(policy.max_backoff);
-            let wait = ceiling.mul_f64(jitter.clamp(0.0, 1.0));
-            let due_at = now.saturating_add(millis(wait));
+            let wait = Duration::try_from_secs_f64(ceiling.as_secs_f64() * jitter.clamp(0.0, 1.0))
+                .unwrap_or(ceiling);
+            let due_at = now.saturating_add(millis(wait.max(not_before)));
             if due_at > expires {
                 Settle::Dead {
                     status,
@@ -413,7 +439,7 @@ mod tests {
             },
             attempts,
             throttled,
-            created_at: 0,
+            ttl_from: 0,
         }
     }
 
@@ -509,6 +535,48 @@ mod tests {
             ),
             Settle::Dead { .. }
         ));
+    }
+
+    /// A `Retry-After` shorter than `backoff` counts as a failure, yet the jittered wait never
+    /// brings the next attempt before the time the sink asked for.
+    #[test]
+    fn a_retry_after_shorter_than_the_backoff_is_still_honoured() {
+        let slow = DeliveryPolicy {
+            backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(60),
+            ..policy()
+        };
+        let asked = retry(Some(Duration::from_secs(3)));
+        assert!(matches!(
+            schedule(&slow, &claimed(0, 0), asked, 100, 0.0),
+            Settle::Retry {
+                due_at: 3100,
+                counted: true,
+                ..
+            }
+        ));
+        let asked = retry(Some(Duration::from_secs(3)));
+        assert!(matches!(
+            schedule(&slow, &claimed(0, 0), asked, 100, 0.9),
+            Settle::Retry {
+                due_at: 4600,
+                counted: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_delivery_is_attempted_until_its_ttl_and_not_after() {
+        let policy = policy(); // ttl 1h
+        let mut delivery = claimed(0, 0);
+        delivery.ttl_from = 1_000;
+        assert_eq!(expired(&policy, &delivery, 1_000), None);
+        assert_eq!(expired(&policy, &delivery, 3_601_000), None);
+        assert_eq!(
+            expired(&policy, &delivery, 3_601_001).as_deref(),
+            Some("ttl of 1h ran out before this attempt")
+        );
     }
 
     #[test]

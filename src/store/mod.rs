@@ -72,8 +72,9 @@ pub struct Claimed {
     pub attempts: u32,
     /// Attempts answered with `Retry-After`; they do not count against `max_attempts`.
     pub throttled: u32,
-    /// When the delivery was created (the event's receipt): `ttl` counts from here.
-    pub created_at: Millis,
+    /// Where `ttl` counts from: the delivery's creation (the event's receipt), or its last
+    /// replay from the dead letters.
+    pub ttl_from: Millis,
 }
 
 /// The deliveries a claim got, and when the sink's next one falls due.

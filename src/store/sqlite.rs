@@ -117,12 +117,13 @@ CREATE TABLE IF NOT EXISTS deliveries (
     attempts         INTEGER NOT NULL DEFAULT 0,
     throttled        INTEGER NOT NULL DEFAULT 0,
     due_at           INTEGER NOT NULL, -- pending: next attempt; in_flight: end of the lease
-    created_at       INTEGER NOT NULL,
+    created_at       INTEGER NOT NULL, -- = the event's received_at, always (the purge needs it)
     updated_at       INTEGER NOT NULL,
     first_attempt_at INTEGER,
     last_attempt_at  INTEGER,
     last_status      INTEGER,
-    last_error       TEXT              -- redacted
+    last_error       TEXT,             -- redacted
+    replayed_at      INTEGER           -- the last replay: the ttl counts from here (NULL: created_at)
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, due_at)
     WHERE state IN ('pending', 'in_flight');
@@ -204,7 +205,7 @@ struct ClaimedRow {
     event_id: String,
     attempts: u32,
     throttled: u32,
-    created_at: Millis,
+    ttl_from: Millis,
     lane: Option<String>,
     payload: Option<String>,
 }
@@ -264,6 +265,7 @@ impl SqliteStore {
             .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
             .map_err(database)?;
         writer.execute_batch(SCHEMA).map_err(database)?;
+        migrate(&writer)?;
         // This process holds the file lock, so every lease in the file belongs to a process
         // that is gone: release them now instead of waiting for them to run out.
         writer
@@ -471,7 +473,8 @@ impl SqliteStore {
                              SELECT id FROM deliveries
                              WHERE sink = ?1 AND state IN ('pending', 'in_flight') AND due_at <= ?2
                              ORDER BY due_at, id LIMIT ?4)
-                         RETURNING id, event_id, attempts, throttled, created_at, lane",
+                         RETURNING id, event_id, attempts, throttled,
+                                   COALESCE(replayed_at, created_at), lane",
                     )
                     .map_err(database)?;
                 let mut payload = connection
@@ -484,7 +487,7 @@ impl SqliteStore {
                             event_id: row.get(1)?,
                             attempts: row.get(2)?,
                             throttled: row.get(3)?,
-                            created_at: row.get(4)?,
+                            ttl_from: row.get(4)?,
                             lane: row.get(5)?,
                             payload: None,
                         })
@@ -556,7 +559,7 @@ impl SqliteStore {
                 event,
                 attempts: row.attempts,
                 throttled: row.throttled,
-                created_at: row.created_at,
+                ttl_from: row.ttl_from,
             });
         }
         Ok(batch)
@@ -883,6 +886,27 @@ impl SqliteStore {
     }
 }
 
+/// Brings a store written by an earlier version up to `SCHEMA` (which only creates what is
+/// missing). Each step checks for itself whether it is needed, so this runs at every start.
+fn migrate(connection: &Connection) -> Result<(), StoreError> {
+    // 0.1 replays reset `created_at` to start the ttl again; that column must stay the event's
+    // receipt time (the purge keeps an event while a delivery created before the cut exists).
+    let has_replayed_at: bool = connection
+        .query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'replayed_at'",
+            [],
+            |row| row.get::<_, i64>(0),
+        )
+        .map_err(database)?
+        > 0;
+    if !has_replayed_at {
+        connection
+            .execute_batch("ALTER TABLE deliveries ADD COLUMN replayed_at INTEGER")
+            .map_err(database)?;
+    }
+    Ok(())
+}
+
 /// The head of a lane: its one delivery that is pending or in flight, if any. Only the head of
 /// a lane is ever pending or in flight; the rows behind it wait (invariant kept by `promote`).
 const LANE_HEAD: &str = "SELECT 1 FROM deliveries
@@ -945,7 +969,7 @@ fn replay_chunk(
     let mut requeue = connection
         .prepare_cached(
             "UPDATE deliveries SET state = 'waiting', attempts = 0, throttled = 0,
-             created_at = ?2, updated_at = ?2, due_at = ?2
+             replayed_at = ?2, updated_at = ?2, due_at = ?2
              WHERE id = ?1 AND state = 'dead' RETURNING sink, lane",
         )
         .map_err(database)?;
@@ -1640,6 +1664,117 @@ mod tests {
             .collect();
         expected.sort();
         assert_eq!(stored, expected);
+    }
+
+    /// A dead letter older than the dedupe window, replayed, is still deliverable after the
+    /// next purge (the replay leaves `created_at`, which the purge relies on, alone), and its
+    /// ttl starts again at the replay.
+    #[tokio::test]
+    async fn a_replayed_old_dead_letter_keeps_its_event_through_a_purge()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use crate::event::{EventData, EventId, EventKind, Source};
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir);
+        let day: Millis = 86_400_000;
+        let t0: Millis = 100 * day;
+        let event = Event {
+            id: EventId::derive(&[b"review-replay"]),
+            source: Source::Webhook,
+            kind: EventKind::Message,
+            page_id: Some("p".into()),
+            user_id: Some("u".into()),
+            timestamp_ms: t0,
+            data: EventData::Other { key: None },
+            webhook: None,
+        };
+        let lease = Duration::from_secs(40);
+        store
+            .enqueue(
+                vec![NewEvent {
+                    event,
+                    sinks: vec![SinkName::Bot],
+                }],
+                t0,
+            )
+            .await?;
+        let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+        assert_eq!(first.deliveries.len(), 1);
+        store
+            .settle(
+                &first.deliveries[0],
+                Settle::Dead {
+                    status: Some(400),
+                    error: "HTTP 400".into(),
+                },
+                t0,
+            )
+            .await?;
+        // Eight days later (past the 7-day dedupe window, well within the 30-day dead-letter
+        // retention) the operator replays it; the minute's purge runs before it is sent.
+        let later = t0 + 8 * day;
+        assert_eq!(store.replay(DeadLetterFilter::default(), later).await?, 1);
+        let retention = Retention {
+            delivered: Duration::from_secs(7 * 86_400),
+            dead: Duration::from_secs(30 * 86_400),
+            dedupe_window: Duration::from_secs(7 * 86_400),
+        };
+        store.purge(retention, later).await?;
+        let again = store.claim(SinkName::Bot, 8, later, lease).await?;
+        let state: (String, Option<String>) = store
+            .read(|connection| {
+                connection
+                    .query_row("SELECT state, last_error FROM deliveries", [], |row| {
+                        Ok((row.get(0)?, row.get(1)?))
+                    })
+                    .map_err(database)
+            })
+            .await?;
+        assert_eq!(
+            again.deliveries.len(),
+            1,
+            "the replayed delivery must be claimable with its event; row is {state:?}"
+        );
+        assert_eq!(again.deliveries[0].ttl_from, later);
+        Ok(())
+    }
+
+    /// A store written before `replayed_at` existed gains the column when it is opened.
+    #[tokio::test]
+    async fn an_older_store_gains_the_replayed_at_column() -> Result<(), Box<dyn std::error::Error>>
+    {
+        // A dropped store lets its file lock go when its threads have finished.
+        async fn reopen(dir: &tempfile::TempDir) -> Result<(), Box<dyn std::error::Error>> {
+            let path = dir.path().join("store.db");
+            for _ in 0..500 {
+                match SqliteStore::open(&path, None, Arc::new(Wakers::new())) {
+                    Err(StoreError::Locked(_)) => {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    opened => {
+                        drop(opened?);
+                        return Ok(());
+                    }
+                }
+            }
+            Err("the store stayed locked".into())
+        }
+        let columns = |path: &std::path::Path| -> rusqlite::Result<i64> {
+            Connection::open(path)?.query_row(
+                "SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'replayed_at'",
+                [],
+                |row| row.get(0),
+            )
+        };
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("store.db");
+        reopen(&dir).await?;
+        Connection::open(&path)?.execute_batch("ALTER TABLE deliveries DROP COLUMN replayed_at")?;
+        assert_eq!(columns(&path)?, 0);
+        reopen(&dir).await?;
+        assert_eq!(columns(&path)?, 1);
+        reopen(&dir).await?; // and a second start finds nothing to do
+        assert_eq!(columns(&path)?, 1);
+        Ok(())
     }
 
     async fn join_all<T: Send + 'static>(

@@ -504,3 +504,106 @@ async fn an_attempt_cut_off_by_the_grace_period_is_sent_again_after_restart() ->
     .await?;
     app.stop().await
 }
+
+/// A dead letter replayed (through the admin API) after its event left the dedupe window still
+/// reaches the bot: the purge that runs meanwhile keeps the event of an open delivery.
+#[tokio::test]
+async fn a_replayed_dead_letter_survives_the_next_purge_and_is_delivered() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::status(400)]);
+    let config = format!(
+        "[bot]\nurl = \"{}\"\nbackoff = \"100ms\"\nmax_backoff = \"100ms\"\nmax_attempts = 1000\ntimeout = \"2s\"\n",
+        bot.url("/webhook")
+    );
+    let app = spawn_app(&config).await?;
+    let body = text_message(
+        "PAGE",
+        "u-replay",
+        "m.review.replay",
+        "hi",
+        1_700_000_000_000,
+    );
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    // The bot is still flaky when the operator replays; the minute's purge runs meanwhile
+    // (its cut falls after the event's receipt and no later than the replay, as when a
+    // letter older than the 7-day window is replayed and the purge runs a minute later).
+    bot.set_default(Reply::status(503));
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let replayed_at = now_ms();
+    let replayed: serde_json::Value = app
+        .http
+        .post(format!("{}/admin/dead-letters/replay", app.admin_url))
+        .header("content-type", "application/json")
+        .body("{}")
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?;
+    assert_eq!(replayed, serde_json::json!({"replayed": 1}));
+    bot.wait_for(2, Duration::from_secs(5)).await?;
+    let retention = botrelay::store::Retention {
+        delivered: Duration::from_secs(3600),
+        dead: Duration::from_secs(3600),
+        dedupe_window: Duration::ZERO,
+    };
+    app.store.purge(retention, replayed_at).await?;
+    bot.set_default(Reply::status(200));
+    let outcome = app
+        .wait_for_count(
+            "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+            1,
+            Duration::from_secs(5),
+        )
+        .await;
+    let row: (String, Option<String>) =
+        app.db()?
+            .query_row("SELECT state, last_error FROM deliveries", [], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })?;
+    assert!(outcome.is_ok(), "replayed delivery lost: {row:?}");
+    app.stop().await
+}
+
+/// A delivery that waited behind its lane's head until its ttl ran out is a dead letter
+/// without an attempt: the bot never gets a message older than its ttl.
+#[tokio::test]
+async fn a_delivery_past_its_ttl_behind_a_stuck_head_is_dead_without_an_attempt() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::hang()]);
+    let app = spawn_app(&format!(
+        "[bot]\nurl = \"{}\"\ntimeout = \"600ms\"\nttl = \"300ms\"\n",
+        bot.url("/webhook")
+    ))
+    .await?;
+    for mid in ["m.ttl.1", "m.ttl.2"] {
+        let body = text_message("PAGE", "u-ttl", mid, "hi", 1_700_000_000_000);
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    }
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        2,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let errors: Vec<String> = app
+        .db()?
+        .prepare("SELECT last_error FROM deliveries ORDER BY id")?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    assert!(
+        errors[0].starts_with("ttl of 300ms exceeded; last error: "),
+        "{errors:?}"
+    );
+    assert_eq!(errors[1], "ttl of 300ms ran out before this attempt");
+    let received = bot.received();
+    assert_eq!(received.len(), 1, "only the head was attempted");
+    assert!(String::from_utf8_lossy(&received[0].body).contains("m.ttl.1"));
+    app.stop().await
+}
