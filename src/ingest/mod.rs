@@ -214,7 +214,8 @@ async fn receive_webhook(
     let now = now_ms();
     let normalized = messenger::normalize(&verified, now).map_err(|error| {
         rejected("not_json");
-        IngestError::NotJson(error.to_string())
+        let messenger::NormalizeError::NotJson(cause) = error;
+        IngestError::NotJson(cause.to_string())
     })?;
     if !normalized.is_batch {
         tracing::info!(object = ?normalized.object, "Signed webhook is not an entry batch (a dashboard test?); acknowledged, nothing delivered");

@@ -159,6 +159,8 @@ trait Job: Send {
     /// Records a failure around the write (its savepoint could not be taken or released).
     fn fail(&mut self, error: StoreError);
     fn succeeded(&self) -> bool;
+    /// The write's error, when it failed.
+    fn error(&self) -> Option<StoreError>;
     /// Answers the caller once the transaction's fate is known.
     fn answer(self: Box<Self>, committed: Result<(), StoreError>);
 }
@@ -187,6 +189,13 @@ where
 
     fn succeeded(&self) -> bool {
         matches!(self.result, Some(Ok(_)))
+    }
+
+    fn error(&self) -> Option<StoreError> {
+        match &self.result {
+            Some(Err(error)) => Some(error.clone()),
+            _ => None,
+        }
     }
 
     fn answer(self: Box<Self>, committed: Result<(), StoreError>) {
@@ -1155,6 +1164,7 @@ impl Group {
         }
         if self.isolated {
             run_in_savepoint(connection, job.as_mut(), &mut self.touched);
+            self.broken = transaction_lost(connection, job.as_ref());
             self.jobs.push(job);
             return;
         }
@@ -1165,6 +1175,13 @@ impl Group {
         }
         self.isolated = true;
         self.touched.clear();
+        self.broken = self
+            .jobs
+            .last()
+            .and_then(|failed| transaction_lost(connection, failed.as_ref()));
+        if self.broken.is_some() {
+            return;
+        }
         if let Err(error) =
             statement(connection, "ROLLBACK").and_then(|_| statement(connection, "BEGIN"))
         {
@@ -1173,6 +1190,10 @@ impl Group {
         }
         for job in &mut self.jobs {
             run_in_savepoint(connection, job.as_mut(), &mut self.touched);
+            self.broken = transaction_lost(connection, job.as_ref());
+            if self.broken.is_some() {
+                return;
+            }
         }
     }
 
@@ -1192,6 +1213,17 @@ impl Group {
             result,
         }
     }
+}
+
+/// After `job` ran: when it failed and SQLite has rolled the whole transaction back by itself
+/// (it does on a full disk or an I/O error), the error that breaks the group, which is that
+/// write's own: whatever the group did is gone, and writes run outside a transaction would be
+/// committed one by one behind the group's back.
+fn transaction_lost(connection: &Connection, job: &dyn Job) -> Option<StoreError> {
+    if job.succeeded() || !connection.is_autocommit() {
+        return None;
+    }
+    Some(job.error().unwrap_or(StoreError::Unavailable))
 }
 
 /// Runs one parameterless statement (cached: these run for every group).
