@@ -682,15 +682,11 @@ impl SqliteStore {
                     .map_err(database)
             })
             .await?;
-        let mut ids = Vec::with_capacity(rows.len());
-        let mut unknown = 0usize;
-        for (id, sink) in rows {
-            if SinkName::parse(&sink).is_some() {
-                ids.push(id);
-            } else {
-                unknown += 1;
-            }
-        }
+        let letters: Vec<(i64, SinkName)> = rows
+            .iter()
+            .filter_map(|(id, sink)| Some((*id, SinkName::parse(sink)?)))
+            .collect();
+        let unknown = rows.len() - letters.len();
         if unknown > 0 {
             tracing::warn!(
                 rows = unknown,
@@ -698,7 +694,7 @@ impl SqliteStore {
             );
         }
         let mut replayed = 0;
-        for chunk in ids.chunks(REPLAY_CHUNK) {
+        for chunk in letters.chunks(REPLAY_CHUNK) {
             let chunk = chunk.to_vec();
             replayed += self
                 .write(move |connection, touched| replay_chunk(connection, touched, &chunk, now))
@@ -900,20 +896,20 @@ impl SqliteStore {
 fn migrate(connection: &Connection) -> Result<(), StoreError> {
     // 0.1 replays reset `created_at` to start the ttl again; that column must stay the event's
     // receipt time (the purge keeps an event while a delivery created before the cut exists).
-    let has_replayed_at: bool = connection
-        .query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'replayed_at'",
-            [],
-            |row| row.get::<_, i64>(0),
-        )
-        .map_err(database)?
-        > 0;
-    if !has_replayed_at {
+    if !has_column(connection, "deliveries", "replayed_at").map_err(database)? {
         connection
             .execute_batch("ALTER TABLE deliveries ADD COLUMN replayed_at INTEGER")
             .map_err(database)?;
     }
     Ok(())
+}
+
+fn has_column(connection: &Connection, table: &str, column: &str) -> rusqlite::Result<bool> {
+    connection.query_row(
+        "SELECT COUNT(*) > 0 FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |row| row.get(0),
+    )
 }
 
 /// The head of a lane: its one delivery that is pending or in flight, if any. Only the head of
@@ -967,52 +963,37 @@ fn replay_select(condition: &str) -> String {
     format!("SELECT d.id, d.sink FROM deliveries d WHERE {condition} ORDER BY d.id")
 }
 
-/// Requeues the dead letters among `ids` (ascending). A replayed letter rejoins its lane at its
-/// original place (its id): it waits if the lane is busy, and is the next to go otherwise.
+/// Requeues the dead letters among `letters` (ascending ids, known sinks). A replayed letter
+/// rejoins its lane at its original place (its id): it waits if the lane is busy, and is the
+/// next to go otherwise.
 fn replay_chunk(
     connection: &Connection,
     touched: &mut Touched,
-    ids: &[i64],
+    letters: &[(i64, SinkName)],
     now: Millis,
 ) -> Result<usize, StoreError> {
+    // A lane-less letter has no order to keep and goes at once; a lane's letter waits, and
+    // `promote` lets the lane's oldest go if the lane is free.
     let mut requeue = connection
         .prepare_cached(
-            "UPDATE deliveries SET state = 'waiting', attempts = 0, throttled = 0,
+            "UPDATE deliveries SET attempts = 0, throttled = 0,
+             state = CASE WHEN lane IS NULL THEN 'pending' ELSE 'waiting' END,
              replayed_at = ?2, updated_at = ?2, due_at = ?2
-             WHERE id = ?1 AND state = 'dead' RETURNING sink, lane",
+             WHERE id = ?1 AND state = 'dead' RETURNING lane",
         )
         .map_err(database)?;
-    let mut requeued = Vec::with_capacity(ids.len());
-    for id in ids {
-        let row = requeue
-            .query_row(params![id, now], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, Option<String>>(1)?))
-            })
+    let mut requeued = 0;
+    for (id, sink) in letters {
+        let lane: Option<Option<String>> = requeue
+            .query_row(params![id, now], |row| row.get(0))
             .optional()
             .map_err(database)?;
-        if let Some((sink, lane)) = row {
-            // The read that chose `ids` kept only known sinks, and a row's sink never changes.
-            let sink = SinkName::parse(&sink).ok_or_else(|| {
-                StoreError::Database(format!("delivery {id} has an unknown sink {sink:?}"))
-            })?;
-            requeued.push((*id, sink, lane));
-        }
-    }
-    for (id, sink, lane) in &requeued {
-        match lane {
-            Some(lane) => {
-                promote(connection, *sink, Some(lane), now)?;
-            }
-            None => {
-                connection
-                    .prepare_cached("UPDATE deliveries SET state = 'pending' WHERE id = ?1")
-                    .and_then(|mut statement| statement.execute([id]))
-                    .map_err(database)?;
-            }
-        }
+        let Some(lane) = lane else { continue };
+        promote(connection, *sink, lane.as_deref(), now)?;
         touched.insert(*sink);
+        requeued += 1;
     }
-    Ok(requeued.len())
+    Ok(requeued)
 }
 
 fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::types::Value>) {
@@ -1791,11 +1772,7 @@ mod tests {
             Err("the store stayed locked".into())
         }
         let columns = |path: &std::path::Path| -> rusqlite::Result<i64> {
-            Connection::open(path)?.query_row(
-                "SELECT COUNT(*) FROM pragma_table_info('deliveries') WHERE name = 'replayed_at'",
-                [],
-                |row| row.get(0),
-            )
+            has_column(&Connection::open(path)?, "deliveries", "replayed_at").map(i64::from)
         };
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("store.db");
