@@ -1140,12 +1140,17 @@ fn check_config_lists_active_and_disabled_sinks() -> TestResult {
 #[test]
 fn check_config_reports_every_problem_by_key_and_exits_2() -> TestResult {
     let (code, stdout, stderr) = check_config(
-        "[server]\nlisten = \"nowhere\"\n[log]\nformat = \"xml\"\n\
-         [bot]\nurl = \"http://127.0.0.1:3000/\"\nbackoff = \"soon\"\nkinds = [\"gossip\"]\n",
+        "[server]\nlisten = \"nowhere\"\nlisen = \"typo\"\n[log]\nformat = \"xml\"\n\
+         [bot]\nurl = \"http://127.0.0.1:3000/\"\nbackoff = \"soon\"\nkinds = [\"gossip\"]\n\
+         max_attempts = \"many\"\n[store]\nretension = \"3d\"\n",
     )?;
     assert_eq!(code, 2, "{stdout}{stderr}");
+    // Unknown and mistyped keys are listed with the rest, not only the first of them.
     for key in [
         "server.listen:",
+        "server.lisen: unknown key",
+        "store.retension: unknown key",
+        "bot.max_attempts: expected an integer",
         "log.format:",
         "bot.backoff:",
         "bot.kinds:",
