@@ -440,6 +440,7 @@ mod tests {
             attempts,
             throttled,
             ttl_from: 0,
+            lease_until: 0,
         }
     }
 

@@ -75,6 +75,10 @@ pub struct Claimed {
     /// Where `ttl` counts from: the delivery's creation (the event's receipt), or its last
     /// replay from the dead letters.
     pub ttl_from: Millis,
+    /// When this claim's lease ends. It identifies the claim: an outcome recorded after the
+    /// lease ran out and the delivery was claimed again changes nothing (the newer attempt's
+    /// outcome counts).
+    pub lease_until: Millis,
 }
 
 /// The deliveries a claim got, and when the sink's next one falls due.

@@ -224,6 +224,8 @@ struct SettleRow {
     id: i64,
     sink: SinkName,
     lane: Option<String>,
+    /// The claim's lease end, which the row still carries while the claim holds.
+    lease_until: Millis,
 }
 
 #[derive(Clone)]
@@ -543,6 +545,7 @@ impl SqliteStore {
                         id: row.id,
                         sink,
                         lane: row.lane,
+                        lease_until: lease_end,
                     };
                     // If even that fails, the row's lease frees it later; the rows claimed
                     // with it go out now rather than wait for theirs.
@@ -569,6 +572,7 @@ impl SqliteStore {
                 attempts: row.attempts,
                 throttled: row.throttled,
                 ttl_from: row.ttl_from,
+                lease_until: lease_end,
             });
         }
         Ok(batch)
@@ -584,6 +588,7 @@ impl SqliteStore {
             id: delivery.id,
             sink: delivery.sink,
             lane: delivery.event.user_id.clone(),
+            lease_until: delivery.lease_until,
         };
         self.settle_row(row, settle, now).await
     }
@@ -594,61 +599,85 @@ impl SqliteStore {
         settle: Settle,
         now: Millis,
     ) -> Result<(), StoreError> {
-        let SettleRow { id, sink, lane } = row;
+        let SettleRow {
+            id,
+            sink,
+            lane,
+            lease_until,
+        } = row;
         self.write(move |connection, touched| {
-            let done = match &settle {
+            // Each update applies only while the row is still under this claim's lease.
+            let (changed, done) = match &settle {
                 Settle::Delivered { status } => {
-                    connection
+                    let changed = connection
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
                              last_status = ?3, last_error = NULL, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight'",
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
                         )
-                        .and_then(|mut update| update.execute(params![id, now, status]))
+                        .and_then(|mut update| update.execute(params![id, now, status, lease_until]))
                         .map_err(database)?;
-                    true
+                    (changed, true)
                 }
                 Settle::Retry { due_at, counted, status, error } => {
-                    connection
+                    let changed = connection
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
                              throttled = throttled + ?3, due_at = ?4, last_status = ?5,
                              last_error = ?6, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight'",
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?7",
                         )
                         .and_then(|mut update| {
-                            update.execute(params![id, now, i64::from(!counted), due_at, status, error])
+                            update.execute(params![
+                                id,
+                                now,
+                                i64::from(!counted),
+                                due_at,
+                                status,
+                                error,
+                                lease_until
+                            ])
                         })
                         .map_err(database)?;
-                    touched.insert(sink);
-                    false
+                    (changed, false)
                 }
                 Settle::Dead { status, error } => {
-                    connection
+                    let changed = connection
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
                              last_status = ?3, last_error = ?4, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight'",
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
                         )
-                        .and_then(|mut update| update.execute(params![id, now, status, error]))
+                        .and_then(|mut update| {
+                            update.execute(params![id, now, status, error, lease_until])
+                        })
                         .map_err(database)?;
-                    true
+                    (changed, true)
                 }
                 Settle::Skipped { reason } => {
-                    connection
+                    let changed = connection
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight'",
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
                         )
-                        .and_then(|mut update| update.execute(params![id, now, reason]))
+                        .and_then(|mut update| update.execute(params![id, now, reason, lease_until]))
                         .map_err(database)?;
-                    true
+                    (changed, true)
                 }
             };
-            if done && promote(connection, sink, lane.as_deref(), now)? {
+            if changed == 0 {
+                // The lease ran out and the delivery was claimed again (or released by a
+                // restart): the newer claim's outcome is the one that counts.
+                tracing::warn!(
+                    delivery = id,
+                    "An attempt's outcome came after its lease ran out; it is not recorded"
+                );
+                return Ok(());
+            }
+            if !done || promote(connection, sink, lane.as_deref(), now)? {
                 touched.insert(sink);
             }
             Ok(())
@@ -1748,6 +1777,87 @@ mod tests {
             "the replayed delivery must be claimable with its event; row is {state:?}"
         );
         assert_eq!(again.deliveries[0].ttl_from, later);
+        Ok(())
+    }
+
+    /// An outcome that arrives after its lease ran out and the delivery was claimed again
+    /// changes nothing: not the row, not its lane. The newer claim's outcome counts.
+    #[tokio::test]
+    async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use crate::event::{EventData, EventId, EventKind, Source};
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir);
+        let t0: Millis = 1_000_000;
+        let event = |name: &[u8]| NewEvent {
+            event: Event {
+                id: EventId::derive(&[name]),
+                source: Source::Webhook,
+                kind: EventKind::Message,
+                page_id: Some("p".into()),
+                user_id: Some("u".into()),
+                timestamp_ms: t0,
+                data: EventData::Other { key: None },
+                webhook: None,
+            },
+            sinks: vec![SinkName::Bot],
+        };
+        store
+            .enqueue(vec![event(b"lease-first"), event(b"lease-second")], t0)
+            .await?;
+        let states = || async {
+            store
+                .read(|connection| {
+                    let mut select = connection
+                        .prepare("SELECT state, attempts FROM deliveries ORDER BY id")
+                        .map_err(database)?;
+                    let rows = select
+                        .query_map([], |row| {
+                            Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+                        })
+                        .map_err(database)?
+                        .collect::<Result<Vec<_>, _>>()
+                        .map_err(database)?;
+                    Ok(rows)
+                })
+                .await
+        };
+        let lease = Duration::from_secs(10);
+        let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+        assert_eq!(first.deliveries.len(), 1);
+        // The first attempt hangs past its lease; the delivery is claimed again.
+        let second = store.claim(SinkName::Bot, 8, t0 + 11_000, lease).await?;
+        assert_eq!(second.deliveries.len(), 1);
+        assert_eq!(second.deliveries[0].id, first.deliveries[0].id);
+
+        for late in [
+            Settle::Retry {
+                due_at: t0 + 12_000,
+                counted: true,
+                status: Some(500),
+                error: "HTTP 500".into(),
+            },
+            Settle::Delivered { status: 200 },
+        ] {
+            store
+                .settle(&first.deliveries[0], late, t0 + 12_000)
+                .await?;
+            assert_eq!(
+                states().await?,
+                [("in_flight".to_owned(), 0), ("waiting".to_owned(), 0)]
+            );
+        }
+        store
+            .settle(
+                &second.deliveries[0],
+                Settle::Delivered { status: 200 },
+                t0 + 12_000,
+            )
+            .await?;
+        assert_eq!(
+            states().await?,
+            [("delivered".to_owned(), 1), ("pending".to_owned(), 0)]
+        );
         Ok(())
     }
 
