@@ -508,7 +508,7 @@ async fn newest_dead_letter(
         })
         .await?;
     Ok(newest.into_iter().next().map(|letter| LastErrorView {
-        at: rfc3339(letter.last_attempt_at.unwrap_or(0)),
+        at: rfc3339(letter.last_attempt_at.unwrap_or(letter.dead_at)),
         status: letter.last_status,
         message: state
             .redactor

@@ -200,6 +200,7 @@ impl Dispatcher {
                 Settle::Dead {
                     status: None,
                     error,
+                    attempted: false,
                 }
             } else {
                 match route.encode(&delivery.event) {
@@ -207,6 +208,7 @@ impl Dispatcher {
                     Err(EncodeError::Invalid(reason)) => Settle::Dead {
                         status: None,
                         error: self.redactor.redact(&reason),
+                        attempted: false,
                     },
                     Ok(request) => {
                         let outcome = self
@@ -266,8 +268,12 @@ fn record(route: &Route, settle: &Settle) {
             tracing::info!(?status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
             "retried"
         }
-        Settle::Dead { status, error } => {
-            tracing::warn!(?status, %error, "Delivery failed for good; dead-lettered");
+        Settle::Dead {
+            status,
+            error,
+            attempted,
+        } => {
+            tracing::warn!(?status, %error, attempted, "Delivery failed for good; dead-lettered");
             "dead"
         }
         Settle::Skipped { reason } => {
@@ -342,7 +348,11 @@ pub fn schedule(
     };
     match outcome {
         Outcome::Delivered { status } => Settle::Delivered { status },
-        Outcome::Permanent { status, error } => Settle::Dead { status, error },
+        Outcome::Permanent { status, error } => Settle::Dead {
+            status,
+            error,
+            attempted: true,
+        },
         Outcome::Retry {
             status,
             after: Some(after),
@@ -356,6 +366,7 @@ pub fn schedule(
                         "ttl of {} exceeded; last error: {error}",
                         humantime::format_duration(policy.ttl)
                     ),
+                    attempted: true,
                 }
             } else {
                 Settle::Retry {
@@ -376,6 +387,7 @@ pub fn schedule(
                 return Settle::Dead {
                     status,
                     error: format!("gave up after {failures} attempts; last error: {error}"),
+                    attempted: true,
                 };
             }
             let exponent = failures.saturating_sub(1).min(40);
@@ -393,6 +405,7 @@ pub fn schedule(
                         "ttl of {} exceeded; last error: {error}",
                         humantime::format_duration(policy.ttl)
                     ),
+                    attempted: true,
                 }
             } else {
                 Settle::Retry {
@@ -634,7 +647,8 @@ mod tests {
             dead,
             Settle::Dead {
                 status: Some(400),
-                error: "bad".into()
+                error: "bad".into(),
+                attempted: true,
             }
         );
         let delivered = schedule(

@@ -460,7 +460,7 @@ impl SinkStatus {
         let activity = by_sink.entry(sink).or_default();
         match settle {
             Settle::Delivered { .. } => activity.last_success_at = Some(at),
-            Settle::Retry { status, error, .. } | Settle::Dead { status, error } => {
+            Settle::Retry { status, error, .. } | Settle::Dead { status, error, .. } => {
                 activity.last_error = Some(LastError {
                     at,
                     status: *status,
@@ -630,6 +630,7 @@ mod tests {
             &Settle::Dead {
                 status: None,
                 error: "x".repeat(900),
+                attempted: true,
             },
             13,
         );

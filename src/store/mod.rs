@@ -102,9 +102,12 @@ pub enum Settle {
         error: String,
     },
     /// Permanent failure, or past `max_attempts`/`ttl`: a dead letter. `error` is redacted.
+    /// `attempted` is false when it died before any request was made (its ttl had run out, or
+    /// the encoder found the event invalid): the attempt count and times stay as they were.
     Dead {
         status: Option<u16>,
         error: String,
+        attempted: bool,
     },
     /// Nothing to send (encoder declined, user paused): done without an attempt.
     Skipped {
@@ -138,6 +141,8 @@ pub struct DeadLetter {
     pub last_error: Option<String>,
     pub first_attempt_at: Option<Millis>,
     pub last_attempt_at: Option<Millis>,
+    /// When it became a dead letter.
+    pub dead_at: Millis,
 }
 
 /// Queue figures of one sink.

@@ -555,6 +555,7 @@ impl SqliteStore {
                             Settle::Dead {
                                 status: None,
                                 error: reason,
+                                attempted: false,
                             },
                             now,
                         )
@@ -643,12 +644,34 @@ impl SqliteStore {
                         .map_err(database)?;
                     (changed, false)
                 }
-                Settle::Dead { status, error } => {
+                Settle::Dead {
+                    status,
+                    error,
+                    attempted: true,
+                } => {
                     let changed = connection
                         .prepare_cached(
                             "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
                              last_status = ?3, last_error = ?4, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
+                        )
+                        .and_then(|mut update| {
+                            update.execute(params![id, now, status, error, lease_until])
+                        })
+                        .map_err(database)?;
+                    (changed, true)
+                }
+                // Dead before any request: the attempts and their times stay as they were.
+                Settle::Dead {
+                    status,
+                    error,
+                    attempted: false,
+                } => {
+                    let changed = connection
+                        .prepare_cached(
+                            "UPDATE deliveries SET state = 'dead', last_status = ?3,
+                             last_error = ?4, updated_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
                         )
                         .and_then(|mut update| {
@@ -747,7 +770,8 @@ impl SqliteStore {
             let mut select = connection
                 .prepare(&format!(
                     "SELECT d.id, d.event_id, d.sink, COALESCE(e.kind, ''), d.lane, d.attempts,
-                            d.last_status, d.last_error, d.first_attempt_at, d.last_attempt_at
+                            d.last_status, d.last_error, d.first_attempt_at, d.last_attempt_at,
+                            d.updated_at
                      FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
                      WHERE {condition} ORDER BY {order} LIMIT {limit}"
                 ))
@@ -765,6 +789,7 @@ impl SqliteStore {
                         last_error: row.get(7)?,
                         first_attempt_at: row.get(8)?,
                         last_attempt_at: row.get(9)?,
+                        dead_at: row.get(10)?,
                     })
                 })
                 .map_err(database)?
@@ -1747,6 +1772,7 @@ mod tests {
                 Settle::Dead {
                     status: Some(400),
                     error: "HTTP 400".into(),
+                    attempted: true,
                 },
                 t0,
             )

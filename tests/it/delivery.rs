@@ -602,6 +602,25 @@ async fn a_delivery_past_its_ttl_behind_a_stuck_head_is_dead_without_an_attempt(
         "{errors:?}"
     );
     assert_eq!(errors[1], "ttl of 300ms ran out before this attempt");
+    // The operator's listing shows that the second was never sent: no attempt, no attempt time.
+    let letters: Vec<botrelay::admin::DeadLetterView> = app
+        .http
+        .get(format!("{}/admin/dead-letters", app.admin_url))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let attempts: Vec<(u32, bool, bool)> = letters
+        .iter()
+        .map(|letter| {
+            (
+                letter.attempts,
+                letter.first_attempt_at.is_some(),
+                letter.last_attempt_at.is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(attempts, [(1, true, true), (0, false, false)]);
     let received = bot.received();
     assert_eq!(received.len(), 1, "only the head was attempted");
     assert!(String::from_utf8_lossy(&received[0].body).contains("m.ttl.1"));
