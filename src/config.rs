@@ -277,6 +277,17 @@ pub struct StoreConfig {
     pub max_bytes: Option<u64>,
 }
 
+/// The keys every sink table takes: its delivery policy and the kinds it receives.
+const DELIVERY_KEYS: [&str; 7] = [
+    "concurrency",
+    "timeout",
+    "max_attempts",
+    "backoff",
+    "max_backoff",
+    "ttl",
+    "kinds",
+];
+
 /// The closed set of sinks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum SinkName {
@@ -326,7 +337,7 @@ impl SinkName {
         }
     }
 
-    /// The sink-specific keys its table accepts (the delivery keys are accepted everywhere).
+    /// The sink-specific keys its table accepts (the `DELIVERY_KEYS` are accepted everywhere).
     fn own_keys(self) -> &'static [&'static str] {
         match self {
             SinkName::Bot => &["url"],
@@ -595,7 +606,18 @@ fn key_problem(
             let Some(table) = key.as_deref().filter(|key| !key.is_empty()) else {
                 return key_problem(error, tree);
             };
-            let inner = key_problem(error, tree)?;
+            let mut inner = key_problem(error, tree)?;
+            // The sink tables share one raw struct: name the keys this table takes.
+            if let Some(sink) = SinkName::ALL.into_iter().find(|sink| sink.table() == table)
+                && inner.message.starts_with("unknown key")
+            {
+                let keys: Vec<String> = DELIVERY_KEYS
+                    .iter()
+                    .chain(sink.own_keys())
+                    .map(|key| format!("`{key}`"))
+                    .collect();
+                inner.message = format!("unknown key; [{table}] takes {}", keys.join(", "));
+            }
             let key = if inner.key.is_empty() {
                 table.to_owned()
             } else {
@@ -1320,7 +1342,7 @@ mod tests {
             &format!(
                 "logs = 1\n{MINIMAL}[server]\nlisen = \"x\"\nmax_body_bytes = \"lots\"\n\
                  [store]\nretension = \"3d\"\n[bot]\nurl = \"http://127.0.0.1:1/\"\n\
-                 concurrency = \"many\"\nkinds = 5\nbackoff = \"soon\"\n[sinks.nope]\nx = 1\n"
+                 concurrency = \"many\"\nkinds = 5\nbackoff = \"soon\"\nretries = 3\n[sinks.nope]\nx = 1\n"
             ),
             &[
                 ("BOTRELAY__ADMIN__LISTEN_ON", "127.0.0.1:1"),
@@ -1333,6 +1355,7 @@ mod tests {
                 "admin.listen_on: unknown key; expected `listen` or `token` (from BOTRELAY__ADMIN__LISTEN_ON)",
                 "bot.concurrency: expected an integer, found string \"many\"",
                 "bot.kinds: expected a list of strings, or one comma-separated string",
+                "bot.retries: unknown key; [bot] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`",
                 "logs: unknown key; expected one of `server`, `admin`, `log`, `messenger`, `ingest`, `graph`, `dashbot`, `store`, `bot`, `sinks`",
                 "messenger.accept_sha1: expected a boolean, found string \"maybe\" (from BOTRELAY__MESSENGER__ACCEPT_SHA1)",
                 "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`",
