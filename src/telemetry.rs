@@ -92,16 +92,18 @@ impl Redactor {
     }
 }
 
-/// Below this length a secret is masked only whole: a shorter start of it could be any word.
+/// Below this many characters a secret is masked only whole: a shorter start of it could be
+/// any word.
 const SECRET_START: usize = 16;
 
 /// Masks a secret that a length limit cut short (an error excerpt of 200 characters that ends
-/// inside a quoted token): wherever the secret's first `SECRET_START` bytes appear, the mask
-/// covers as much of the secret as follows.
+/// inside a quoted token): wherever the secret's first `SECRET_START` characters appear, the
+/// mask covers as much of the secret as follows.
 fn mask_cut_secret(text: &str, secret: &str) -> String {
-    let Some(start) = secret.get(..SECRET_START) else {
+    let Some((end, _)) = secret.char_indices().nth(SECRET_START) else {
         return text.to_owned();
     };
+    let start = &secret[..end];
     if !text.contains(start) {
         return text.to_owned();
     }
@@ -110,12 +112,13 @@ fn mask_cut_secret(text: &str, secret: &str) -> String {
     while let Some(position) = rest.find(start) {
         out.push_str(&rest[..position]);
         out.push_str(MASK);
-        let matched = rest[position..]
-            .bytes()
-            .zip(secret.bytes())
+        // Whole characters only, so that the cut stays on a character boundary.
+        let matched: usize = rest[position..]
+            .chars()
+            .zip(secret.chars())
             .take_while(|(a, b)| a == b)
-            .count();
-        // `matched` ends on a character boundary: it is a prefix of both strings.
+            .map(|(a, _)| a.len_utf8())
+            .sum();
         rest = &rest[position + matched..];
     }
     out.push_str(rest);
@@ -512,6 +515,22 @@ mod tests {
         // could be any word.
         assert_eq!(redactor.redact(&token[..15]), token[..15]);
         assert_eq!(redactor.redact("short-sec"), "short-sec");
+    }
+
+    /// A secret with characters of more than one byte: the cut is counted in characters, and
+    /// two characters that share their first byte (é and è) do not end the mask mid-character.
+    #[test]
+    fn a_cut_secret_with_non_ascii_characters_is_masked_without_a_panic() {
+        let redactor = Redactor::new(vec!["0123456789abcdef-clé".to_owned()]);
+        assert_eq!(
+            redactor.redact("HTTP 400: bad key 0123456789abcdef-clè"),
+            "HTTP 400: bad key [redacted]è"
+        );
+        let accented = Redactor::new(vec!["éééééééééééééééé-and-more".to_owned()]);
+        assert_eq!(
+            accented.redact("token éééééééééééééééé-and cut"),
+            "token [redacted] cut"
+        );
     }
 
     #[test]
