@@ -126,9 +126,25 @@ impl Kochava {
                     _ => (custom.name.clone(), extra_data(&custom.extra)),
                 });
             }
+            // Off by default (SPEC §4.2); sent when the sink's `kinds` lists them.
+            EventData::Delivery { watermark, mids } => {
+                if let Some(watermark) = watermark {
+                    data.insert("watermark".into(), json!(watermark));
+                }
+                data.insert("mids".into(), json!(mids));
+                "message_delivered"
+            }
+            EventData::Read { watermark } => {
+                if let Some(watermark) = watermark {
+                    data.insert("watermark".into(), json!(watermark));
+                }
+                "message_read"
+            }
+            // Any other kind goes out only under a name the config gives it.
+            _ if self.names.contains_key(&event.kind) => "",
             _ => {
                 return Err(EncodeError::Skip(format!(
-                    "Kochava has no event for {}",
+                    "Kochava has no event for {} (name one in sinks.kochava.names)",
                     event.kind
                 )));
             }
@@ -340,6 +356,12 @@ mod tests {
                     serde_json::json!({"extraInfo": {"url": "https://shop.test/"}}),
                 ),
             ),
+            // Off by default; sent when `kinds` lists them.
+            (
+                "delivery",
+                fixture_event("message-deliveries", EventKind::Delivery)?,
+            ),
+            ("read", fixture_event("message-reads", EventKind::Read)?),
             ("revenue", revenue()),
             (
                 "lead",
@@ -354,6 +376,31 @@ mod tests {
         for (name, event) in cases {
             assert_snapshot!(format!("kochava-{name}"), render(&sink.encode(&event)?));
         }
+        Ok(())
+    }
+
+    /// A kind with no Kochava event of its own goes out only under a name from the config.
+    #[test]
+    fn other_kinds_are_sent_only_when_named() -> TestResult {
+        let reaction = fixture_event("message-reactions", EventKind::Reaction)?;
+        let unnamed = kochava(false)?.encode(&reaction);
+        assert!(
+            matches!(&unnamed, Err(EncodeError::Skip(reason)) if reason.contains("sinks.kochava.names")),
+            "{unnamed:?}"
+        );
+        let mut named = kochava(false)?;
+        named
+            .names
+            .insert(EventKind::Reaction, "message_reacted".into());
+        named.names.insert(EventKind::Delivery, "delivered".into());
+        let body = body_json(&named.encode(&reaction)?);
+        assert_eq!(body["data"]["event_name"], "message_reacted");
+        assert_eq!(body["data"]["event_data"], serde_json::json!({}));
+        let delivery = fixture_event("message-deliveries", EventKind::Delivery)?;
+        assert_eq!(
+            body_json(&named.encode(&delivery)?)["data"]["event_name"],
+            "delivered"
+        );
         Ok(())
     }
 
@@ -408,8 +455,8 @@ mod tests {
         let sink = kochava(false)?;
         let app_roles = fixture_event("handovers-app-roles", EventKind::Handover)?;
         assert!(matches!(sink.encode(&app_roles), Err(EncodeError::Skip(_))));
-        let read = fixture_event("message-reads", EventKind::Read)?;
-        assert!(matches!(sink.encode(&read), Err(EncodeError::Skip(_))));
+        let reaction = fixture_event("message-reactions", EventKind::Reaction)?;
+        assert!(matches!(sink.encode(&reaction), Err(EncodeError::Skip(_))));
         let mut anonymous = revenue();
         anonymous.user_id = None;
         assert!(matches!(sink.encode(&anonymous), Err(EncodeError::Skip(_))));

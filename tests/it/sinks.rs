@@ -1045,6 +1045,58 @@ async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult
     app.stop().await
 }
 
+/// Deliveries and reads are off for Kochava by default (SPEC §4.2); a `kinds` list that names
+/// them turns them on, under their default names or those of `[sinks.kochava.names]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kochava_sends_deliveries_and_reads_when_its_kinds_list_them() -> TestResult {
+    const USER: &str = "7301928465019377";
+    let kochava = MockSink::start().await?;
+    let config = format!(
+        "[sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n\
+         kinds = [\"message\", \"delivery\", \"read\"]\n{FAST}[sinks.kochava.names]\nread = \"message_seen\"\n",
+        kochava = kochava.url("/track/json"),
+    );
+    let app = spawn_app(&config).await?;
+    for name in [
+        "messenger/message-deliveries.json",
+        "messenger/message-reads.json",
+    ] {
+        let body = fixture_with(name, &[("<PAGE_ID>", PAGE), ("<PSID>", USER)])?;
+        assert_eq!(app.post_webhook(&body).await?.status(), 200, "{name}");
+    }
+    app.wait_for_count(PENDING, 0, Duration::from_secs(15))
+        .await?;
+    let received = kochava.received();
+    let delivered = only(&received, "delivery", |request| {
+        kochava_event_name(request) == "message_delivered"
+    })?;
+    assert_json_post(
+        delivered,
+        "/track/json",
+        &kochava_body(
+            USER,
+            "message_delivered",
+            json!({"watermark": 1_458_668_856_253_i64, "mids": ["mid.1458668856218:ed81099e15d3f4f233"]}),
+            1_458_668_856,
+        ),
+    );
+    let read = only(&received, "read", |request| {
+        kochava_event_name(request) == "message_seen"
+    })?;
+    assert_json_post(
+        read,
+        "/track/json",
+        &kochava_body(
+            USER,
+            "message_seen",
+            json!({"watermark": 1_458_668_856_253_i64}),
+            1_458_668_856,
+        ),
+    );
+    assert_eq!(received.len(), 2, "{}", describe(&received));
+    app.stop().await
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. A sink that never answers holds up no other sink.
 
