@@ -13,6 +13,11 @@ use std::time::{Duration, SystemTime};
 /// How much of a failed response body is kept for the dead-letter store (before redaction).
 const EXCERPT_BYTES: usize = 512;
 
+/// How much of an answer's body is read: enough for any error a sink sends (Graph's error
+/// object, an excerpt). The rest is not read, so a sink that answers with a huge or endless
+/// body costs neither memory nor the attempt's timeout.
+const MAX_ANSWER_BYTES: usize = 64 * 1024;
+
 /// A request to a sink, fully encoded. Pure data: no client, no clock.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
@@ -116,16 +121,23 @@ impl Client {
         if let Some(body) = &request.body {
             builder = builder.body(body.clone());
         }
-        let response = match builder.send().await {
+        let mut response = match builder.send().await {
             Ok(response) => response,
             Err(error) => return transport_failure(&error),
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
-        let body = match response.bytes().await {
-            Ok(body) => body,
-            Err(error) => return transport_failure(&error),
-        };
+        let mut body = Vec::new();
+        while body.len() < MAX_ANSWER_BYTES {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_ANSWER_BYTES - body.len();
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                }
+                Ok(None) => break,
+                Err(error) => return transport_failure(&error),
+            }
+        }
         let response = Response {
             status,
             headers: &headers,

@@ -626,3 +626,43 @@ async fn a_delivery_past_its_ttl_behind_a_stuck_head_is_dead_without_an_attempt(
     assert!(String::from_utf8_lossy(&received[0].body).contains("m.ttl.1"));
     app.stop().await
 }
+
+/// A sink that answers 200 with an endless body: the relay reads only the start of an answer,
+/// so the attempt counts as delivered at once instead of running into its timeout (and the
+/// body never fills the relay's memory).
+#[tokio::test]
+async fn an_answer_with_an_endless_body_is_read_only_in_part() -> TestResult {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/webhook", listener.local_addr()?);
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                let _ = socket.read(&mut request).await;
+                let head = "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ntransfer-encoding: chunked\r\n\r\n";
+                if socket.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                // 16 KiB chunks, about 16 MB/s, until the relay hangs up.
+                let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
+                while socket.write_all(chunk.as_bytes()).await.is_ok() {
+                    tokio::time::sleep(Duration::from_millis(1)).await;
+                }
+            });
+        }
+    });
+    let app = spawn_app(&format!(
+        "[bot]\nurl = \"{url}\"\ntimeout = \"1s\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
+    ))
+    .await?;
+    let body = text_message("PAGE", "u-endless", "m.endless", "hi", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 1 AND last_status = 200",
+        1,
+        Duration::from_secs(10),
+    )
+    .await?;
+    app.stop().await
+}
