@@ -266,11 +266,11 @@ fn page_in_url(url: &str) -> Option<String> {
 }
 
 /// The event for a send that went through the proxy, exactly as if the bot had POSTed
-/// `{request, response, page_id}` to `/outgoing`. `Err` says why nothing is recorded (Graph
-/// refused the send, or the request is not a Send API body we can read).
+/// `{request, response, page_id}` to `/outgoing`. `request` holds the call's Send API fields
+/// (see `request_fields`). `Err` says why nothing is recorded (Graph refused the send, or did
+/// not say which message it sent).
 pub fn proxied_send(
-    request_body: &[u8],
-    form_encoded: bool,
+    request: Map<String, Value>,
     response_body: &[u8],
     page_or_me: &str,
     received_at_ms: i64,
@@ -281,20 +281,7 @@ pub fn proxied_send(
     if response.get("message_id").and_then(Value::as_str).is_none() {
         return Err("Graph's answer has no message_id".to_owned());
     }
-    let request = if form_encoded {
-        // Graph also takes form fields, each value JSON (`recipient={"id":"…"}`) or plain.
-        let fields = url::form_urlencoded::parse(request_body)
-            .map(|(key, value)| {
-                let value =
-                    serde_json::from_str(&value).unwrap_or(Value::String(value.into_owned()));
-                (key.into_owned(), value)
-            })
-            .collect();
-        Value::Object(fields)
-    } else {
-        serde_json::from_slice(request_body)
-            .map_err(|_| "the request body is not JSON".to_owned())?
-    };
+    let request = Value::Object(request);
     let mut item = Map::new();
     item.insert("request".into(), request);
     item.insert("response".into(), response);
@@ -395,7 +382,7 @@ pub async fn proxy(
     metrics::counter!(metric::PROXY_REQUESTS, "outcome" => outcome).increment(1);
 
     if status.is_success() {
-        record(&state, &headers, &body, &answer_body, page_or_me).await;
+        record(&state, &uri, &headers, &body, &answer_body, page_or_me).await;
     }
 
     let mut response = Response::new(Body::from(answer_body));
@@ -409,28 +396,127 @@ pub async fn proxy(
     Ok(response)
 }
 
+/// How a proxied call's body carries its Send API fields.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Json,
+    /// `application/x-www-form-urlencoded`.
+    Form,
+    /// `multipart/form-data`: an attachment sent from a file (`filedata`).
+    Multipart,
+}
+
+impl BodyFormat {
+    pub fn of(content_type: Option<&str>) -> BodyFormat {
+        let media = content_type
+            .and_then(|value| value.split(';').next())
+            .map(|media| media.trim().to_ascii_lowercase());
+        match media.as_deref() {
+            Some("application/x-www-form-urlencoded") => BodyFormat::Form,
+            Some("multipart/form-data") => BodyFormat::Multipart,
+            _ => BodyFormat::Json,
+        }
+    }
+}
+
+/// The Send API fields of a proxied call, as Graph reads them: those of its query string, and
+/// over them those of its body (a JSON object, form fields, or the text parts of multipart form
+/// data; the file part is not read). A form or query value is JSON where it parses as JSON
+/// (`recipient={"id":"…"}`), else a string. Credentials (`TOKEN_KEYS`) are left out.
+pub async fn request_fields(
+    query: Option<&str>,
+    content_type: Option<&str>,
+    body: &Bytes,
+) -> Result<Map<String, Value>, String> {
+    let mut fields = form_fields(query.unwrap_or_default().as_bytes());
+    match BodyFormat::of(content_type) {
+        BodyFormat::Json if body.iter().all(u8::is_ascii_whitespace) => {}
+        BodyFormat::Json => {
+            let object: Map<String, Value> = serde_json::from_slice(body)
+                .map_err(|_| "the request body is not a JSON object".to_owned())?;
+            fields.extend(object);
+        }
+        BodyFormat::Form => fields.extend(form_fields(body)),
+        BodyFormat::Multipart => fields.extend(multipart_fields(content_type, body).await?),
+    }
+    for key in TOKEN_KEYS {
+        fields.remove(key);
+    }
+    Ok(fields)
+}
+
+/// Form (or query string) fields, each value JSON where it parses as JSON.
+fn form_fields(form: &[u8]) -> Map<String, Value> {
+    url::form_urlencoded::parse(form)
+        .filter(|(name, _)| !TOKEN_KEYS.contains(&name.as_ref()))
+        .map(|(name, value)| {
+            let value = serde_json::from_str(&value).unwrap_or(Value::String(value.into_owned()));
+            (name.into_owned(), value)
+        })
+        .collect()
+}
+
+/// The text parts of a multipart body (`recipient`, `message`, `messaging_type`, …), each value
+/// JSON where it parses as JSON; parts that carry a file are skipped.
+async fn multipart_fields(
+    content_type: Option<&str>,
+    body: &Bytes,
+) -> Result<Map<String, Value>, String> {
+    use axum::extract::{FromRequest, Multipart};
+    let request = axum::http::Request::builder()
+        .header(header::CONTENT_TYPE, content_type.unwrap_or_default())
+        .body(Body::from(body.clone()))
+        .map_err(|error| format!("multipart body: {error}"))?;
+    let mut multipart = Multipart::from_request(request, &())
+        .await
+        .map_err(|rejection| format!("multipart body: {}", rejection.body_text()))?;
+    let mut fields = Map::new();
+    loop {
+        let field = match multipart.next_field().await {
+            Ok(Some(field)) => field,
+            Ok(None) => return Ok(fields),
+            Err(error) => return Err(format!("multipart body: {}", error.body_text())),
+        };
+        let Some(name) = field.name().map(str::to_owned) else {
+            continue;
+        };
+        if field.file_name().is_some() || TOKEN_KEYS.contains(&name.as_str()) {
+            continue;
+        }
+        let text = field
+            .text()
+            .await
+            .map_err(|error| format!("multipart field {name}: {}", error.body_text()))?;
+        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        fields.insert(name, value);
+    }
+}
+
 /// Records a proxied send that Graph accepted. The bot's send happened whatever the store
 /// says: a failure here is logged, and Graph's answer still goes back to the bot.
 async fn record(
     state: &AppState,
+    uri: &Uri,
     headers: &HeaderMap,
-    request_body: &[u8],
+    request_body: &Bytes,
     answer_body: &[u8],
     page_or_me: &str,
 ) {
-    let form_encoded = headers
+    let content_type = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/x-www-form-urlencoded"));
+        .and_then(|value| value.to_str().ok());
     let now = now_ms();
-    match proxied_send(
-        request_body,
-        form_encoded,
-        answer_body,
-        page_or_me,
-        now,
-        state.config.messenger.app_id.as_deref(),
-    ) {
+    let event = match request_fields(uri.query(), content_type, request_body).await {
+        Ok(request) => proxied_send(
+            request,
+            answer_body,
+            page_or_me,
+            now,
+            state.config.messenger.app_id.as_deref(),
+        ),
+        Err(reason) => Err(reason),
+    };
+    match event {
         Ok(event) => {
             if let Err(error) = store(state, vec![event], now).await {
                 tracing::error!(%error, "Proxied send succeeded but its outgoing event was not stored");
@@ -681,12 +767,19 @@ mod tests {
         assert_eq!(page_in_url("v20.0/222/messages").as_deref(), Some("222"));
     }
 
+    fn json_object(value: Value) -> Map<String, Value> {
+        match value {
+            Value::Object(object) => object,
+            _ => Map::new(),
+        }
+    }
+
     #[test]
     fn proxied_sends_are_recorded_only_when_graph_gave_a_message_id() -> TestResult {
-        let request = br#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#;
+        let request =
+            json_object(serde_json::json!({"recipient": {"id": "U1"}, "message": {"text": "hi"}}));
         let event = proxied_send(
-            request,
-            false,
+            request.clone(),
             br#"{"recipient_id":"U1","message_id":"m_9"}"#,
             "333",
             5,
@@ -694,14 +787,57 @@ mod tests {
         )?;
         assert_eq!(event.id, EventId::outgoing("m_9"));
         assert_eq!(event.page_id.as_deref(), Some("333"));
-        assert!(
-            proxied_send(request, false, br#"{"error":{"code":190}}"#, "333", 5, None).is_err()
+        assert!(proxied_send(request, br#"{"error":{"code":190}}"#, "333", 5, None).is_err());
+        Ok(())
+    }
+
+    /// Graph reads a send's fields from a JSON body, form fields, the text parts of multipart
+    /// form data (an attachment sent from a file), or the query string; never the credentials.
+    #[tokio::test]
+    async fn a_proxied_calls_fields_come_from_its_query_and_any_body_format() -> TestResult {
+        let json = Bytes::from_static(br#"{"recipient":{"id":"U1"},"message":{"text":"hi"}}"#);
+        let fields =
+            request_fields(Some("access_token=SECRET"), Some("application/json"), &json).await?;
+        assert_eq!(
+            Value::Object(fields),
+            serde_json::json!({"recipient": {"id": "U1"}, "message": {"text": "hi"}})
         );
-        let form = b"recipient=%7B%22id%22%3A%22U2%22%7D&message=%7B%22text%22%3A%22yo%22%7D&access_token=SECRET";
-        let event = proxied_send(form, true, br#"{"message_id":"m_10"}"#, "me", 5, None)?;
+
+        let form = Bytes::from_static(b"recipient=%7B%22id%22%3A%22U2%22%7D&message=%7B%22text%22%3A%22yo%22%7D&access_token=SECRET");
+        let fields = request_fields(None, Some("application/x-www-form-urlencoded"), &form).await?;
+        let event = proxied_send(fields, br#"{"message_id":"m_10"}"#, "me", 5, None)?;
         assert_eq!(event.user_id.as_deref(), Some("U2"));
         assert_eq!(event.page_id, None);
         assert!(!serde_json::to_string(&event)?.contains("SECRET"));
+
+        let query = "recipient=%7B%22id%22%3A%22U3%22%7D&messaging_type=RESPONSE&message=%7B%22text%22%3A%22q%22%7D&access_token=SECRET&appsecret_proof=PROOF";
+        let fields = request_fields(Some(query), None, &Bytes::new()).await?;
+        assert_eq!(
+            Value::Object(fields),
+            serde_json::json!({"recipient": {"id": "U3"}, "messaging_type": "RESPONSE", "message": {"text": "q"}})
+        );
+
+        let multipart = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{\"id\":\"U4\"}\r\n\
+              --XyZ\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{\"attachment\":{\"type\":\"image\",\"payload\":{\"is_reusable\":true}}}\r\n\
+              --XyZ\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"shirt.png\"\r\nContent-Type: image/png\r\n\r\n\x89PNG\r\n\
+              --XyZ--\r\n",
+        );
+        let fields = request_fields(
+            Some("access_token=SECRET"),
+            Some("multipart/form-data; boundary=XyZ"),
+            &multipart,
+        )
+        .await?;
+        assert_eq!(
+            Value::Object(fields),
+            serde_json::json!({"recipient": {"id": "U4"}, "message": {"attachment": {"type": "image", "payload": {"is_reusable": true}}}})
+        );
+        assert!(
+            request_fields(None, Some("application/json"), &Bytes::from_static(b"[1]"))
+                .await
+                .is_err()
+        );
         Ok(())
     }
 

@@ -482,6 +482,84 @@ async fn a_proxied_send_reaches_graph_verbatim_and_is_recorded() -> TestResult {
     app.stop().await
 }
 
+/// Sends whose fields are not in a JSON body are recorded too: an attachment sent from a file
+/// (multipart form data, as in Meta's `curl -F filedata=@…` example) and a call with every field
+/// in the query string. The multipart body reaches Graph byte for byte.
+#[tokio::test]
+async fn proxied_multipart_and_query_string_sends_are_recorded() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    graph.script([
+        Reply {
+            body: r#"{"recipient_id":"U8","message_id":"m_upload","attachment_id":"1857777774821032"}"#
+                .to_owned(),
+            ..Reply::status(200)
+        },
+        Reply {
+            body: r#"{"recipient_id":"U9","message_id":"m_query"}"#.to_owned(),
+            ..Reply::status(200)
+        },
+    ]);
+    let app = spawn_app(&config(&bot, &graph.url(""))).await?;
+
+    let boundary = "----botrelay7MA4YWxkTrZu0gW";
+    let multipart = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{{\"id\":\"U8\"}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n\
+         {{\"attachment\":{{\"type\":\"image\",\"payload\":{{\"is_reusable\":true}}}}}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"shirt.png\"\r\n\
+         Content-Type: image/png\r\n\r\nPNG-BYTES\r\n--{boundary}--\r\n"
+    );
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(multipart.clone())
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+
+    let query = format!(
+        "recipient=%7B%22id%22%3A%22U9%22%7D&messaging_type=RESPONSE\
+         &message=%7B%22text%22%3A%22hi%22%7D&access_token={PAGE_TOKEN}"
+    );
+    let answer = app
+        .http
+        .post(format!("{}/graph/v20.0/111/messages?{query}", app.url))
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+
+    let received = graph.received();
+    assert_eq!(received.len(), 2);
+    assert_eq!(received[0].body, multipart.as_bytes());
+    assert_eq!(received[1].uri, format!("/v20.0/111/messages?{query}"));
+    for (mid, user) in [("m_upload", "U8"), ("m_query", "U9")] {
+        app.wait_for_count(
+            &format!(
+                "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND user_id = '{user}'",
+                outgoing_id(mid)
+            ),
+            1,
+            Duration::from_secs(2),
+        )
+        .await?;
+    }
+    assert_eq!(
+        app.count(&format!(
+            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%' OR payload LIKE '%PNG-BYTES%'"
+        ))?,
+        0
+    );
+    app.stop().await
+}
+
 #[tokio::test]
 async fn graph_errors_pass_through_the_proxy_and_record_nothing() -> TestResult {
     let bot = MockSink::start().await?;
