@@ -140,7 +140,14 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
             continue;
         };
         for raw_item in items {
-            match serde_json::from_str::<Value>(raw_item.get()) {
+            // An item whose text was cut inside a surrogate pair (`"\ud83d"`) is valid enough to
+            // keep (its raw bytes go on verbatim) but not for serde_json's `Value`: read it with
+            // U+FFFD in place of each unpaired half.
+            let parsed = serde_json::from_str::<Value>(raw_item.get()).or_else(|error| {
+                serde_json::from_str::<Value>(&replace_lone_surrogates(raw_item.get()))
+                    .map_err(|_| error)
+            });
+            match parsed {
                 Ok(Value::Object(item)) => {
                     normalize_item(&context, channel, raw_item, &item, received_at_ms, out);
                 }
@@ -156,6 +163,45 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
     if !produced_anything {
         out.ignored += 1;
     }
+}
+
+/// `json` with every `\uXXXX` escape of an unpaired UTF-16 surrogate replaced by `\ufffd`.
+/// `json` is valid JSON syntax, so a backslash is always an escape inside a string.
+fn replace_lone_surrogates(json: &str) -> String {
+    fn escaped_unit(text: &str) -> Option<u16> {
+        let hex = text.strip_prefix("\\u")?.get(..4)?;
+        u16::from_str_radix(hex, 16).ok()
+    }
+    let mut out = String::with_capacity(json.len());
+    let mut rest = json;
+    while let Some(position) = rest.find('\\') {
+        out.push_str(&rest[..position]);
+        rest = &rest[position..];
+        let Some(unit) = escaped_unit(rest) else {
+            // Any other escape: two characters (`\\`, `\"`, `\n`, …), copied as they are.
+            let end = rest
+                .char_indices()
+                .nth(2)
+                .map_or(rest.len(), |(end, _)| end);
+            out.push_str(&rest[..end]);
+            rest = &rest[end..];
+            continue;
+        };
+        let paired = (0xD800..=0xDBFF).contains(&unit)
+            && escaped_unit(&rest[6..]).is_some_and(|low| (0xDC00..=0xDFFF).contains(&low));
+        if paired {
+            out.push_str(&rest[..12]);
+            rest = &rest[12..];
+        } else if (0xD800..=0xDFFF).contains(&unit) {
+            out.push_str("\\ufffd");
+            rest = &rest[6..];
+        } else {
+            out.push_str(&rest[..6]);
+            rest = &rest[6..];
+        }
+    }
+    out.push_str(rest);
+    out
 }
 
 /// How an item was classified: its kind and the key that decided it.
@@ -591,6 +637,39 @@ mod tests {
             serde_json::to_string_pretty(&normalized.events)?
         );
         insta::assert_snapshot!(name, snapshot);
+        Ok(())
+    }
+
+    #[test]
+    fn lone_surrogate_escapes_become_replacement_characters() {
+        assert_eq!(
+            replace_lone_surrogates(
+                r#"{"a":"cut \ud83d","b":"\ud83d\ude00 \u00e9 \\ud83d \udc00x \"\n"}"#
+            ),
+            r#"{"a":"cut \ufffd","b":"\ud83d\ude00 \u00e9 \\ud83d \ufffdx \"\n"}"#
+        );
+        assert_eq!(replace_lone_surrogates("plain é"), "plain é");
+    }
+
+    /// A message whose text was cut inside an emoji is stored and forwarded, not dropped.
+    #[test]
+    fn an_item_with_a_lone_surrogate_is_kept_with_its_raw_bytes() -> TestResult {
+        let body = br#"{"object":"page","entry":[{"id":"111","time":1700000000000,"messaging":[{"sender":{"id":"U1"},"recipient":{"id":"111"},"timestamp":1700000000000,"message":{"mid":"m.cut","text":"cut \ud83d"}}]}]}"#;
+        let normalized = normalize(&verified(body)?, RECEIVED_AT)?;
+        assert_eq!(normalized.ignored, 0);
+        let [event] = normalized.events.as_slice() else {
+            return Err(format!("{} events", normalized.events.len()).into());
+        };
+        assert_eq!(event.kind, EventKind::Message);
+        let raw = event
+            .webhook
+            .as_ref()
+            .map(|webhook| webhook.item.get().to_owned());
+        assert!(raw.is_some_and(|raw| raw.contains(r"cut \ud83d")));
+        match &event.data {
+            EventData::Message { text, .. } => assert_eq!(text.as_deref(), Some("cut \u{fffd}")),
+            other => return Err(format!("{other:?}").into()),
+        }
         Ok(())
     }
 

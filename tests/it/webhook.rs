@@ -282,3 +282,39 @@ async fn health_endpoints_answer() -> TestResult {
     assert_eq!(ready.status(), 200);
     app.stop().await
 }
+
+/// A message whose text was cut inside an emoji (`"\ud83d"`, an unpaired surrogate) passes the
+/// body's JSON check, so it is acked: it must then be stored and reach the bot byte for byte,
+/// not be dropped.
+#[tokio::test]
+async fn an_item_with_a_lone_surrogate_is_stored_and_forwarded_verbatim() -> TestResult {
+    let bot = crate::support::MockSink::start().await?;
+    let app = spawn_app(&format!(
+        "[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\n",
+        bot.url("/webhook")
+    ))
+    .await?;
+    let item = r#"{"sender":{"id":"U1"},"recipient":{"id":"111"},"timestamp":1700000000000,"message":{"mid":"m.cut","text":"cut \ud83d"}}"#;
+    let body = format!(
+        r#"{{"object":"page","entry":[{{"id":"111","time":1700000000000,"messaging":[{item}]}}]}}"#
+    );
+    assert_eq!(app.post_webhook(body.as_bytes()).await?.status(), 200);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        1,
+        std::time::Duration::from_secs(5),
+    )
+    .await?;
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?,
+        1
+    );
+    let received = bot.received();
+    assert_eq!(received.len(), 1);
+    assert!(
+        String::from_utf8_lossy(&received[0].body).contains(item),
+        "{}",
+        String::from_utf8_lossy(&received[0].body)
+    );
+    app.stop().await
+}
