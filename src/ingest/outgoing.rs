@@ -528,7 +528,8 @@ async fn record(
 
 /// Maps a transport failure to a 502, logging the detail without the URL (it holds the token).
 fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestError {
-    let timed_out = error.is_timeout();
+    // A connection that could not be made in time is "cannot reach", not a slow answer.
+    let timed_out = error.is_timeout() && !error.is_connect();
     let error = error.without_url();
     tracing::warn!(%error, timed_out, "Send API proxy got no answer from Graph");
     metrics::counter!(metric::PROXY_REQUESTS, "outcome" => if timed_out { "timeout" } else { "unreachable" })
