@@ -23,6 +23,7 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 
@@ -145,12 +146,24 @@ pub async fn run_with_store(
 }
 
 /// Gives every request an `x-request-id` (kept when the caller sent one), echoes it in the
-/// response, and runs the request in a span that carries it (`telemetry::request_span`).
+/// response, and runs the request in a span that carries it (`telemetry::request_span`). A
+/// handler that panics (a bug) answers 500 with a JSON error rather than dropping the
+/// connection; the panic itself is logged by the panic hook.
 fn with_request_ids(router: axum::Router) -> axum::Router {
     router
+        .layer(CatchPanicLayer::custom(panicked))
         .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {
+    use axum::response::IntoResponse;
+    (
+        axum::http::StatusCode::INTERNAL_SERVER_ERROR,
+        axum::Json(serde_json::json!({"error": "internal error"})),
+    )
+        .into_response()
 }
 
 async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken) {
@@ -170,5 +183,30 @@ async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken)
             () = stop.cancelled() => return,
             () = tokio::time::sleep(PURGE_EVERY) => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::ServiceExt;
+
+    /// A handler that panics answers 500 with a JSON error (and its request id); the server
+    /// does not just drop the connection.
+    #[tokio::test]
+    async fn a_panicking_handler_answers_500_with_a_json_error()
+    -> Result<(), Box<dyn std::error::Error>> {
+        async fn boom() -> &'static str {
+            panic!("a bug")
+        }
+        let router = with_request_ids(axum::Router::new().route("/boom", axum::routing::get(boom)));
+        let response = router
+            .oneshot(axum::http::Request::get("/boom").body(axum::body::Body::empty())?)
+            .await?;
+        assert_eq!(response.status(), 500);
+        assert!(response.headers().contains_key("x-request-id"));
+        let body = axum::body::to_bytes(response.into_body(), 1024).await?;
+        assert_eq!(&body[..], br#"{"error":"internal error"}"#);
+        Ok(())
     }
 }

@@ -209,6 +209,25 @@ where
 /// JSON or pretty lines on stdout, every line redacted.
 pub fn init(log: &LogConfig, redactor: Redactor) {
     init_with_writer(log, redactor, io::stdout);
+    // A panic's message can quote the data it choked on: it goes through the log, and so
+    // through its redaction, instead of straight to stderr.
+    std::panic::set_hook(Box::new(|info| {
+        let location = info
+            .location()
+            .map(|location| format!("{}:{}", location.file(), location.line()))
+            .unwrap_or_default();
+        let payload = info.payload();
+        let message = payload
+            .downcast_ref::<&str>()
+            .copied()
+            .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+            .unwrap_or("(no message)");
+        tracing::error!(
+            panic = message,
+            %location,
+            "A task panicked"
+        );
+    }));
 }
 
 /// Like [`init`], with another writer (tests capture logs with it). A second call is a no-op.
