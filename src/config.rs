@@ -676,37 +676,41 @@ fn origin_note(key: &str, origin: Option<&str>) -> String {
     }
 }
 
-/// The value at a dotted key (`server.listen`); a `[n]` index counts as its array.
+/// The value at a dotted key (`server.listen`); a `[n]` index counts as its array. A key may
+/// itself contain dots (`page_tokens = { "1.2" = … }`): at each level the longest name that
+/// is there wins.
 fn lookup<'a>(
     tree: &'a config::Map<String, config::Value>,
     key: &str,
 ) -> Option<&'a config::Value> {
     let key = key.split('[').next().unwrap_or(key);
-    let mut segments = key.split('.');
-    let mut value = tree.get(segments.next()?)?;
-    for segment in segments {
-        match &value.kind {
-            config::ValueKind::Table(table) => value = table.get(segment)?,
-            _ => return None,
-        }
+    if let Some(value) = tree.get(key) {
+        return Some(value);
     }
-    Some(value)
+    key.match_indices('.')
+        .rev()
+        .find_map(|(dot, _)| match &tree.get(&key[..dot])?.kind {
+            config::ValueKind::Table(inner) => lookup(inner, &key[dot + 1..]),
+            _ => None,
+        })
 }
 
-/// Takes the value at a dotted key out of the tree; false when there is none.
+/// Takes the value at a dotted key (as [`lookup`] finds it) out of the tree; false when there
+/// is none.
 fn remove_key(tree: &mut config::Map<String, config::Value>, key: &str) -> bool {
     let key = key.split('[').next().unwrap_or(key);
-    let Some((parents, last)) = key.rsplit_once('.') else {
-        return tree.remove(key).is_some();
-    };
-    let mut table = tree;
-    for segment in parents.split('.') {
-        match table.get_mut(segment).map(|value| &mut value.kind) {
-            Some(config::ValueKind::Table(inner)) => table = inner,
-            _ => return false,
+    if tree.remove(key).is_some() {
+        return true;
+    }
+    for (dot, _) in key.match_indices('.').collect::<Vec<_>>().into_iter().rev() {
+        if let Some(config::ValueKind::Table(inner)) =
+            tree.get_mut(&key[..dot]).map(|value| &mut value.kind)
+            && remove_key(inner, &key[dot + 1..])
+        {
+            return true;
         }
     }
-    table.remove(last).is_some()
+    false
 }
 
 /// Collects problems while turning raw values into typed ones.
@@ -1365,6 +1369,33 @@ mod tests {
                 "bot.backoff: `soon` is not a duration like \"250ms\", \"30s\", \"15m\", \"3d\" (expected number at 0)",
             ]
         );
+    }
+
+    /// A bad key whose own name has a dot is reported, taken out, and the rest still checked.
+    #[test]
+    fn a_bad_key_with_a_dot_in_its_name_hides_no_other_problem() {
+        for (bad, key) in [
+            (
+                "[server]\n\"shutdown.grace\" = \"5s\"\n",
+                "server.shutdown.grace: unknown key",
+            ),
+            (
+                "[sinks.page_activities]\napp_id = \"1\"\npage_tokens = { \"1.2\" = [1] }\n",
+                "sinks.page_activities.page_tokens.1.2: expected a string",
+            ),
+        ] {
+            let found = problems(&format!("[messenger]\napp_secret = \"s\"\n{bad}"), &[]);
+            assert!(
+                found.iter().any(|problem| problem.starts_with(key)),
+                "{found:?}"
+            );
+            assert!(
+                found
+                    .iter()
+                    .any(|problem| problem.starts_with("messenger.verify_token: is required")),
+                "{found:?}"
+            );
+        }
     }
 
     #[test]

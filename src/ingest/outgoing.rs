@@ -360,7 +360,7 @@ pub async fn proxy(
             Some(error) => {
                 // Graph may quote the token it refused ("Malformed access token EAA…"), and the
                 // bot's token is not in the config: mask this request's own credentials.
-                let own_secrets = request_credentials(uri.query(), &headers, &body);
+                let own_secrets = request_credentials(uri.query(), &headers, &body).await;
                 let described =
                     crate::telemetry::Redactor::new(own_secrets).redact(&error.describe());
                 tracing::info!(status = status.as_u16(), error = %described, "Graph refused a proxied send");
@@ -462,33 +462,45 @@ async fn multipart_fields(
     content_type: Option<&str>,
     body: &Bytes,
 ) -> Result<Map<String, Value>, String> {
-    use axum::extract::{FromRequest, Multipart};
-    let request = axum::http::Request::builder()
-        .header(header::CONTENT_TYPE, content_type.unwrap_or_default())
-        .body(Body::from(body.clone()))
+    Ok(multipart_text_parts(content_type, body)
+        .await?
+        .into_iter()
+        .filter(|(name, _)| !TOKEN_KEYS.contains(&name.as_str()))
+        .map(|(name, text)| {
+            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            (name, value)
+        })
+        .collect())
+}
+
+/// The named parts of a multipart body that are not files, as text.
+async fn multipart_text_parts(
+    content_type: Option<&str>,
+    body: &Bytes,
+) -> Result<Vec<(String, String)>, String> {
+    let boundary = multer::parse_boundary(content_type.unwrap_or_default())
         .map_err(|error| format!("multipart body: {error}"))?;
-    let mut multipart = Multipart::from_request(request, &())
-        .await
-        .map_err(|rejection| format!("multipart body: {}", rejection.body_text()))?;
-    let mut fields = Map::new();
+    // The body is in memory already, bounded by `server.max_body_bytes`: no limit of multer's.
+    let whole = futures_util::stream::iter([Ok::<Bytes, std::convert::Infallible>(body.clone())]);
+    let mut multipart = multer::Multipart::new(whole, boundary);
+    let mut parts = Vec::new();
     loop {
         let field = match multipart.next_field().await {
             Ok(Some(field)) => field,
-            Ok(None) => return Ok(fields),
-            Err(error) => return Err(format!("multipart body: {}", error.body_text())),
+            Ok(None) => return Ok(parts),
+            Err(error) => return Err(format!("multipart body: {error}")),
         };
         let Some(name) = field.name().map(str::to_owned) else {
             continue;
         };
-        if field.file_name().is_some() || TOKEN_KEYS.contains(&name.as_str()) {
+        if field.file_name().is_some() {
             continue;
         }
         let text = field
             .text()
             .await
-            .map_err(|error| format!("multipart field {name}: {}", error.body_text()))?;
-        let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        fields.insert(name, value);
+            .map_err(|error| format!("multipart field {name}: {error}"))?;
+        parts.push((name, text));
     }
 }
 
@@ -537,13 +549,32 @@ fn unreachable(error: reqwest::Error, timeout: std::time::Duration) -> IngestErr
     IngestError::GraphUnreachable { timed_out, timeout }
 }
 
-/// The credentials a proxied request carries (`TOKEN_KEYS` in the query or the body, JSON or
-/// form, and the `Authorization` header), so that nothing logged about it can repeat them.
-fn request_credentials(query: Option<&str>, headers: &HeaderMap, body: &[u8]) -> Vec<String> {
+/// The credentials a proxied request carries (`TOKEN_KEYS` in the query or the body, JSON,
+/// form or multipart, and the `Authorization` header), so that nothing logged about it can
+/// repeat them.
+async fn request_credentials(
+    query: Option<&str>,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> Vec<String> {
     let mut secrets: Vec<String> = form_credentials(query.unwrap_or_default().as_bytes()).collect();
-    match serde_json::from_slice::<Map<String, Value>>(body) {
-        Ok(object) => secrets.extend(object_credentials(&object)),
-        Err(_) => secrets.extend(form_credentials(body)),
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok());
+    if BodyFormat::of(content_type) == BodyFormat::Multipart {
+        secrets.extend(
+            multipart_text_parts(content_type, body)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(name, _)| TOKEN_KEYS.contains(&name.as_str()))
+                .map(|(_, value)| value),
+        );
+    } else {
+        match serde_json::from_slice::<Map<String, Value>>(body) {
+            Ok(object) => secrets.extend(object_credentials(&object)),
+            Err(_) => secrets.extend(form_credentials(body)),
+        }
     }
     if let Some(authorization) = headers
         .get(axum::http::header::AUTHORIZATION)
@@ -573,25 +604,47 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    #[test]
-    fn a_proxied_request_s_credentials_are_found_in_query_header_and_body() {
+    #[tokio::test]
+    async fn a_proxied_request_s_credentials_are_found_in_query_header_and_body() {
         let mut headers = HeaderMap::new();
         headers.insert(
             axum::http::header::AUTHORIZATION,
             axum::http::HeaderValue::from_static("Bearer EAAheader"),
         );
-        let json_body =
-            br#"{"recipient":{"id":"1"},"access_token":"EAAjson","appsecret_proof":"proof1"}"#;
+        let json_body = Bytes::from_static(
+            br#"{"recipient":{"id":"1"},"access_token":"EAAjson","appsecret_proof":"proof1"}"#,
+        );
         assert_eq!(
-            request_credentials(Some("access_token=EAAquery&x=1"), &headers, json_body),
+            request_credentials(Some("access_token=EAAquery&x=1"), &headers, &json_body).await,
             ["EAAquery", "EAAjson", "proof1", "EAAheader"]
         );
-        let form_body = b"recipient=%7B%22id%22%3A%221%22%7D&access_token=EAA%2Bform";
+        let form_body =
+            Bytes::from_static(b"recipient=%7B%22id%22%3A%221%22%7D&access_token=EAA%2Bform");
         assert_eq!(
-            request_credentials(None, &HeaderMap::new(), form_body),
+            request_credentials(None, &HeaderMap::new(), &form_body).await,
             ["EAA+form"]
         );
-        assert!(request_credentials(None, &HeaderMap::new(), br#"{"message":{}}"#).is_empty());
+        let mut multipart_headers = HeaderMap::new();
+        multipart_headers.insert(
+            header::CONTENT_TYPE,
+            axum::http::HeaderValue::from_static("multipart/form-data; boundary=XyZ"),
+        );
+        let multipart_body = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"access_token\"\r\n\r\nEAAmultipart\r\n--XyZ--\r\n",
+        );
+        assert_eq!(
+            request_credentials(None, &multipart_headers, &multipart_body).await,
+            ["EAAmultipart"]
+        );
+        assert!(
+            request_credentials(
+                None,
+                &HeaderMap::new(),
+                &Bytes::from_static(br#"{"message":{}}"#)
+            )
+            .await
+            .is_empty()
+        );
     }
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;

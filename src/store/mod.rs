@@ -102,8 +102,9 @@ pub enum Settle {
         error: String,
     },
     /// Permanent failure, or past `max_attempts`/`ttl`: a dead letter. `error` is redacted.
-    /// `attempted` is false when it died before any request was made (its ttl had run out, or
-    /// the encoder found the event invalid): the attempt count and times stay as they were.
+    /// `attempted` is false when it died before this claim's request was made (its ttl had run
+    /// out, or the encoder found the event invalid): the attempt count and times, and the last
+    /// status of an earlier attempt, stay as they were; `error` goes in front of its error.
     Dead {
         status: Option<u16>,
         error: String,

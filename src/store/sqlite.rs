@@ -662,7 +662,8 @@ impl SqliteStore {
                         .map_err(database)?;
                     (changed, true)
                 }
-                // Dead before any request: the attempts and their times stay as they were.
+                // Dead before this claim's request: the attempts, their times and the last
+                // answer (of an earlier attempt) stay, the reason goes in front of its error.
                 Settle::Dead {
                     status,
                     error,
@@ -670,8 +671,11 @@ impl SqliteStore {
                 } => {
                     let changed = connection
                         .prepare_cached(
-                            "UPDATE deliveries SET state = 'dead', last_status = ?3,
-                             last_error = ?4, updated_at = ?2
+                            "UPDATE deliveries SET state = 'dead',
+                             last_status = COALESCE(?3, last_status),
+                             last_error = CASE WHEN last_error IS NULL THEN ?4
+                                 ELSE ?4 || '; last error: ' || last_error END,
+                             updated_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
                         )
                         .and_then(|mut update| {
@@ -1884,6 +1888,75 @@ mod tests {
             states().await?,
             [("delivered".to_owned(), 1), ("pending".to_owned(), 0)]
         );
+        Ok(())
+    }
+
+    /// A delivery retried after a 503 whose ttl then runs out before its next attempt (the
+    /// relay was down): its dead letter keeps the one attempt made, its status and its error.
+    #[tokio::test]
+    async fn dead_without_an_attempt_keeps_the_last_answer()
+    -> Result<(), Box<dyn std::error::Error>> {
+        use crate::event::{EventData, EventId, EventKind, Source};
+        let dir = tempfile::tempdir()?;
+        let store = open(&dir);
+        let t0: Millis = 1_000_000;
+        store
+            .enqueue(
+                vec![NewEvent {
+                    event: Event {
+                        id: EventId::derive(&[b"ttl-after-503"]),
+                        source: Source::Webhook,
+                        kind: EventKind::Message,
+                        page_id: Some("p".into()),
+                        user_id: Some("u".into()),
+                        timestamp_ms: t0,
+                        data: EventData::Other { key: None },
+                        webhook: None,
+                    },
+                    sinks: vec![SinkName::Bot],
+                }],
+                t0,
+            )
+            .await?;
+        let lease = Duration::from_secs(10);
+        let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+        store
+            .settle(
+                &first.deliveries[0],
+                Settle::Retry {
+                    due_at: t0 + 1_000,
+                    counted: true,
+                    status: Some(503),
+                    error: "HTTP 503: busy".into(),
+                },
+                t0,
+            )
+            .await?;
+        let later = t0 + 10_000_000;
+        let second = store.claim(SinkName::Bot, 8, later, lease).await?;
+        store
+            .settle(
+                &second.deliveries[0],
+                Settle::Dead {
+                    status: None,
+                    error: "ttl of 1h ran out before this attempt".into(),
+                    attempted: false,
+                },
+                later,
+            )
+            .await?;
+        let letters = store.dead_letters(DeadLetterFilter::default()).await?;
+        let [letter] = letters.as_slice() else {
+            return Err(format!("{} dead letters", letters.len()).into());
+        };
+        assert_eq!(letter.attempts, 1);
+        assert_eq!(letter.last_status, Some(503));
+        assert_eq!(
+            letter.last_error.as_deref(),
+            Some("ttl of 1h ran out before this attempt; last error: HTTP 503: busy")
+        );
+        assert_eq!(letter.last_attempt_at, Some(t0));
+        assert_eq!(letter.dead_at, later);
         Ok(())
     }
 

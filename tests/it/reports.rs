@@ -560,6 +560,58 @@ async fn proxied_multipart_and_query_string_sends_are_recorded() -> TestResult {
     app.stop().await
 }
 
+/// A real attachment is megabytes: with `server.max_body_bytes` raised for it, an upload of
+/// 3 MiB through the proxy is recorded like any other send (no smaller limit of its own).
+#[tokio::test]
+async fn a_proxied_upload_of_several_megabytes_is_recorded() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    graph.script([Reply {
+        body: r#"{"recipient_id":"U10","message_id":"m_big_upload"}"#.to_owned(),
+        ..Reply::status(200)
+    }]);
+    let app = spawn_app(&format!(
+        "{}[server]\nmax_body_bytes = 8388608\n",
+        config(&bot, &graph.url(""))
+    ))
+    .await?;
+    let boundary = "botrelayBigUpload";
+    let mut multipart = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{{\"id\":\"U10\"}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n\
+         {{\"attachment\":{{\"type\":\"video\",\"payload\":{{}}}}}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"clip.mp4\"\r\n\
+         Content-Type: video/mp4\r\n\r\n"
+    )
+    .into_bytes();
+    multipart.extend(std::iter::repeat_n(b'v', 3 * 1024 * 1024));
+    multipart.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(multipart)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    app.wait_for_count(
+        &format!(
+            "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND user_id = 'U10'",
+            outgoing_id("m_big_upload")
+        ),
+        1,
+        Duration::from_secs(2),
+    )
+    .await?;
+    app.stop().await
+}
+
 #[tokio::test]
 async fn graph_errors_pass_through_the_proxy_and_record_nothing() -> TestResult {
     let bot = MockSink::start().await?;
