@@ -79,7 +79,7 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawServer {
     listen: Option<String>,
-    max_body_bytes: Option<u64>,
+    max_body_bytes: Option<Count>,
     shutdown_grace: Option<String>,
 }
 
@@ -133,7 +133,7 @@ struct RawStore {
     dedupe_window: Option<String>,
     retention: Option<String>,
     dead_letter_retention: Option<String>,
-    max_bytes: Option<u64>,
+    max_bytes: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -150,9 +150,9 @@ struct RawSinks {
 #[serde(deny_unknown_fields)]
 struct RawSink {
     // Delivery keys, valid in every sink.
-    concurrency: Option<u64>,
+    concurrency: Option<Count>,
     timeout: Option<String>,
-    max_attempts: Option<u64>,
+    max_attempts: Option<Count>,
     backoff: Option<String>,
     max_backoff: Option<String>,
     ttl: Option<String>,
@@ -174,6 +174,43 @@ struct RawSink {
     dataset_ids: Option<BTreeMap<String, String>>,
     access_token: Option<String>,
     partner_agent: Option<String>,
+}
+
+/// A whole number (bytes, attempts, workers): a TOML integer, or digits from the environment.
+/// A fraction (`1.5`) or a negative number is refused, where the `config` crate would round it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Count(u64);
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Count, D::Error> {
+        use serde::de::{Error, Unexpected};
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a whole number")
+            }
+            fn visit_u64<E: Error>(self, value: u64) -> Result<Count, E> {
+                Ok(Count(value))
+            }
+            fn visit_i64<E: Error>(self, value: i64) -> Result<Count, E> {
+                u64::try_from(value)
+                    .map(Count)
+                    .map_err(|_| E::invalid_value(Unexpected::Signed(value), &self))
+            }
+            fn visit_f64<E: Error>(self, value: f64) -> Result<Count, E> {
+                Err(E::invalid_type(Unexpected::Float(value), &self))
+            }
+            fn visit_str<E: Error>(self, value: &str) -> Result<Count, E> {
+                value
+                    .trim()
+                    .parse()
+                    .map(Count)
+                    .map_err(|_| E::invalid_value(Unexpected::Str(value), &self))
+            }
+        }
+        deserializer.deserialize_any(Visitor)
+    }
 }
 
 /// A list given as a TOML array or, from the environment, as a comma-separated string.
@@ -653,6 +690,12 @@ fn message_problem(message: &str) -> Problem {
     }
     let message = if message.contains("untagged enum StringList") {
         "expected a list of strings, or one comma-separated string".to_owned()
+    } else if let Some((found, expected)) = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.split_once(", expected "))
+    {
+        format!("expected {expected}, found {found}")
     } else {
         message.to_owned()
     };
@@ -788,7 +831,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.server.listen.as_deref(),
             "0.0.0.0:8080",
         ),
-        max_body_bytes: match raw.server.max_body_bytes {
+        max_body_bytes: match raw.server.max_body_bytes.map(|Count(bytes)| bytes) {
             None => 1024 * 1024,
             Some(0) => {
                 check.problem("server.max_body_bytes", "must be greater than 0");
@@ -899,7 +942,7 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.store.dead_letter_retention.as_deref(),
             30 * day,
         ),
-        max_bytes: raw.store.max_bytes,
+        max_bytes: raw.store.max_bytes.map(|Count(bytes)| bytes),
     };
 
     let mut sinks = Vec::new();
@@ -979,7 +1022,7 @@ fn sink(
         },
     };
     let delivery = DeliveryPolicy {
-        concurrency: match table.concurrency {
+        concurrency: match table.concurrency.map(|Count(count)| count) {
             None => defaults.concurrency,
             Some(0) => {
                 check.problem(key("concurrency"), "must be at least 1");
@@ -988,7 +1031,7 @@ fn sink(
             Some(value) => usize::try_from(value.min(10_000)).unwrap_or(10_000),
         },
         timeout: check.duration(&key("timeout"), table.timeout.as_deref(), defaults.timeout),
-        max_attempts: match table.max_attempts {
+        max_attempts: match table.max_attempts.map(|Count(count)| count) {
             None => defaults.max_attempts,
             Some(0) => {
                 check.problem(key("max_attempts"), "must be at least 1");
@@ -1357,13 +1400,13 @@ mod tests {
             found,
             [
                 "admin.listen_on: unknown key; expected `listen` or `token` (from BOTRELAY__ADMIN__LISTEN_ON)",
-                "bot.concurrency: expected an integer, found string \"many\"",
+                "bot.concurrency: expected a whole number, found string \"many\"",
                 "bot.kinds: expected a list of strings, or one comma-separated string",
                 "bot.retries: unknown key; [bot] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`",
                 "logs: unknown key; expected one of `server`, `admin`, `log`, `messenger`, `ingest`, `graph`, `dashbot`, `store`, `bot`, `sinks`",
                 "messenger.accept_sha1: expected a boolean, found string \"maybe\" (from BOTRELAY__MESSENGER__ACCEPT_SHA1)",
                 "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`",
-                "server.max_body_bytes: expected an integer, found string \"lots\"",
+                "server.max_body_bytes: expected a whole number, found string \"lots\"",
                 "sinks.nope: unknown key; expected one of `kochava`, `dashbot`, `page_activities`, `conversions`",
                 "store.retension: unknown key; expected one of `path`, `url`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",
                 "bot.backoff: `soon` is not a duration like \"250ms\", \"30s\", \"15m\", \"3d\" (expected number at 0)",
@@ -1396,6 +1439,25 @@ mod tests {
                 "{found:?}"
             );
         }
+    }
+
+    /// The `config` crate would round `1.5` workers to 2: a count must be a whole number.
+    #[test]
+    fn counts_are_whole_numbers_not_rounded() {
+        let found = problems(
+            &format!(
+                "{MINIMAL}[bot]\nurl = \"http://127.0.0.1:1/\"\nconcurrency = 1.5\nmax_attempts = -2\n"
+            ),
+            &[("BOTRELAY__STORE__MAX_BYTES", "1e9")],
+        );
+        assert_eq!(
+            found,
+            [
+                "bot.concurrency: expected a whole number, found floating point `1.5`",
+                "bot.max_attempts: expected a whole number, found integer `-2`",
+                "store.max_bytes: expected a whole number, found string \"1e9\" (from BOTRELAY__STORE__MAX_BYTES)",
+            ]
+        );
     }
 
     #[test]

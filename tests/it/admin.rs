@@ -1150,7 +1150,7 @@ fn check_config_reports_every_problem_by_key_and_exits_2() -> TestResult {
         "server.listen:",
         "server.lisen: unknown key",
         "store.retension: unknown key",
-        "bot.max_attempts: expected an integer",
+        "bot.max_attempts: expected a whole number",
         "log.format:",
         "bot.backoff:",
         "bot.kinds:",
