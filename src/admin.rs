@@ -349,6 +349,22 @@ async fn replay(
             "at most {MAX_LIMIT} ids per replay"
         )));
     }
+    // An empty filter would widen the replay to everything: a caller's unset variable, not a
+    // wish (`{}` says "everything" on purpose).
+    for (field, empty) in [
+        ("sink", request.sink.as_deref() == Some("")),
+        ("user", request.user.as_deref() == Some("")),
+        (
+            "since",
+            matches!(&request.since, Some(Since::Text(text)) if text.is_empty()),
+        ),
+    ] {
+        if empty {
+            return Err(AdminError::BadRequest(format!(
+                "{field} is empty: leave it out to replay regardless of it"
+            )));
+        }
+    }
     let sink = parse_sink(request.sink.as_deref())?;
     let filter = DeadLetterFilter {
         sink,
@@ -560,8 +576,9 @@ pub fn parse_since(text: &str, now: Millis) -> Result<Millis, AdminError> {
     })
 }
 
-/// RFC 3339 with `Z` or a numeric offset.
+/// RFC 3339 with `Z` or a numeric offset (`T` and `Z` in either case, as RFC 3339 allows).
 fn parse_rfc3339(text: &str) -> Option<Millis> {
+    let text = &text.to_ascii_uppercase();
     let to_millis = |time: SystemTime| {
         time.duration_since(UNIX_EPOCH)
             .ok()
@@ -582,6 +599,10 @@ fn parse_rfc3339(text: &str) -> Option<Millis> {
         _ => return None,
     };
     let (hours, minutes) = offset.get(1..)?.split_once(':')?;
+    let two_digits = |part: &str| part.len() == 2 && part.bytes().all(|byte| byte.is_ascii_digit());
+    if !two_digits(hours) || !two_digits(minutes) {
+        return None;
+    }
     let (hours, minutes): (i64, i64) = (hours.parse().ok()?, minutes.parse().ok()?);
     if hours > 23 || minutes > 59 {
         return None;
@@ -593,6 +614,26 @@ fn parse_rfc3339(text: &str) -> Option<Millis> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn since_takes_rfc3339_in_either_case_and_refuses_signed_offset_hours() {
+        let now = 1_700_000_000_000;
+        assert_eq!(
+            parse_since("2024-01-01t00:00:00z", now).ok(),
+            Some(1_704_067_200_000)
+        );
+        assert_eq!(
+            parse_since("2024-01-01T02:00:00+02:00", now).ok(),
+            Some(1_704_067_200_000)
+        );
+        for bad in [
+            "2024-01-01T00:00:00+-1:00",
+            "2024-01-01T00:00:00++1:00",
+            "2024-01-01T00:00:00+1:000",
+        ] {
+            assert!(parse_since(bad, now).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn since_takes_durations_rfc3339_and_millis() -> Result<(), AdminError> {

@@ -609,7 +609,7 @@ fn deserialize_every_key(
             }
             Err(error) => error,
         };
-        let Some(problem) = key_problem(&error, &tree) else {
+        let Some(problem) = key_problem(&error, &tree).map(hide_secret_value) else {
             return Err(ConfigError::Load(error));
         };
         let removed = remove_key(&mut tree, &problem.key);
@@ -668,6 +668,40 @@ fn key_problem(
         }
         config::ConfigError::Message(message) => Some(message_problem(message)),
         _ => None,
+    }
+}
+
+/// Config keys whose values are secrets (page tokens are a table of them; Kochava's app id is
+/// treated as a credential too).
+const SECRET_KEYS: [&str; 8] = [
+    "messenger.app_secret",
+    "messenger.verify_token",
+    "admin.token",
+    "ingest.token",
+    "dashbot.secret",
+    "sinks.kochava.app_id",
+    "sinks.dashbot.api_key",
+    "sinks.conversions.access_token",
+];
+
+/// A problem with a secret's key does not quote the value it found (a token set in the wrong
+/// place, or as a string where a table was expected, would be printed otherwise).
+fn hide_secret_value(problem: Problem) -> Problem {
+    let key = problem.key.split('[').next().unwrap_or(&problem.key);
+    let secret =
+        SECRET_KEYS.contains(&key) || key.split('.').any(|segment| segment == "page_tokens");
+    match problem.message.split_once(", found ") {
+        Some((expected, found)) if secret => {
+            let origin = found
+                .rfind(" (from BOTRELAY__")
+                .map(|at| &found[at..])
+                .unwrap_or_default();
+            Problem {
+                message: format!("{expected}; the value is not shown, it is a secret{origin}"),
+                key: problem.key,
+            }
+        }
+        _ => problem,
     }
 }
 
@@ -1456,6 +1490,27 @@ mod tests {
                 "bot.concurrency: expected a whole number, found floating point `1.5`",
                 "bot.max_attempts: expected a whole number, found integer `-2`",
                 "store.max_bytes: expected a whole number, found string \"1e9\" (from BOTRELAY__STORE__MAX_BYTES)",
+            ]
+        );
+    }
+
+    /// A token in the wrong shape is reported by key, without the token.
+    #[test]
+    fn a_mistyped_secret_is_reported_without_its_value() {
+        let found = problems(
+            &format!(
+                "{MINIMAL}[sinks.page_activities]\napp_id = \"1\"\n[sinks.conversions]\naccess_token = [\"EAAlisted\"]\n"
+            ),
+            &[(
+                "BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS",
+                "EAAenvPageToken",
+            )],
+        );
+        assert_eq!(
+            found,
+            [
+                "sinks.conversions.access_token: expected a string; the value is not shown, it is a secret",
+                "sinks.page_activities.page_tokens: expected a map; the value is not shown, it is a secret (from BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS)",
             ]
         );
     }

@@ -623,6 +623,21 @@ async fn replay(
     chunk: usize,
     json: bool,
 ) -> Result<(), CliError> {
+    // `--user "$PSID"` with the variable unset must not turn into "every dead letter".
+    for (flag, value) in [
+        ("--sink", &filter.sink),
+        ("--user", &filter.user),
+        ("--since", &filter.since),
+    ] {
+        if value
+            .as_deref()
+            .is_some_and(|value| value.trim().is_empty())
+        {
+            return Err(CliError::Usage(format!(
+                "{flag} is empty: name what to replay, or pass --all for every dead letter"
+            )));
+        }
+    }
     let filtered =
         filter.sink.is_some() || filter.user.is_some() || filter.since.is_some() || !ids.is_empty();
     if !filtered && !all {

@@ -1219,3 +1219,75 @@ fn a_sink_without_credentials_is_named_in_one_log_line_at_start() -> TestResult 
     assert_eq!(active["sinks"], "[]");
     Ok(())
 }
+
+/// `--user "$PSID"` with the variable unset must not replay every dead letter: an empty filter
+/// is a usage error on the CLI (exit 2) and a 400 on the API; only `--all` / `{}` replay all.
+#[tokio::test]
+async fn a_replay_with_an_empty_filter_replays_nothing() -> TestResult {
+    let (app, _bot) = app_with_dead_letters(&[("hank", "m-h1"), ("ivy", "m-i1")]).await?;
+    let url = app.admin_url.clone();
+    let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
+    for flag in ["--user", "--sink", "--since"] {
+        let output = botrelay(
+            &["dead-letters", "replay", "--admin-url", &url, flag, ""],
+            &token,
+        )
+        .await?;
+        assert_eq!(output.status.code(), Some(2), "{flag}: {}", stdout(&output));
+        assert!(
+            stderr(&output).contains(&format!("{flag} is empty")),
+            "{}",
+            stderr(&output)
+        );
+    }
+    for body in [
+        json!({"user": ""}),
+        json!({"sink": ""}),
+        json!({"since": ""}),
+    ] {
+        let (status, answer) = post_json(&app, "/admin/dead-letters/replay", body.clone()).await?;
+        assert_eq!(status, 400, "{body}: {answer}");
+    }
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM deliveries WHERE replayed_at IS NOT NULL")?,
+        0
+    );
+    app.stop().await
+}
+
+/// A page token set where a table belongs (an env var is always a string) is reported by key,
+/// and neither `check-config` nor `serve` prints the token.
+#[tokio::test]
+async fn config_errors_never_print_a_page_token() -> TestResult {
+    let page_token = "EAAGm0PX4ZCpsBAKZCfq1ZreviewPageToken";
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[messenger]\napp_secret = \"s3cret-app\"\nverify_token = \"v3rify-token\"\n\
+         [sinks.page_activities]\napp_id = \"1\"\n",
+    )?;
+    let config = path.display().to_string();
+    for command in [
+        &["--config", &config, "check-config"][..],
+        &["--config", &config][..],
+    ] {
+        let output = botrelay(
+            command,
+            &[("BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS", page_token)],
+        )
+        .await?;
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(
+            stderr(&output).contains("sinks.page_activities.page_tokens: expected a map"),
+            "{}",
+            stderr(&output)
+        );
+        assert!(
+            !stderr(&output).contains(page_token) && !stdout(&output).contains(page_token),
+            "{command:?} printed the page token: {}",
+            stderr(&output)
+        );
+    }
+    Ok(())
+}
