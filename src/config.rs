@@ -753,41 +753,57 @@ fn origin_note(key: &str, origin: Option<&str>) -> String {
     }
 }
 
-/// The value at a dotted key (`server.listen`); a `[n]` index counts as its array. A key may
-/// itself contain dots (`page_tokens = { "1.2" = … }`): at each level the longest name that
-/// is there wins.
+/// The names along a dotted key (`server.listen` → `server`, `listen`); a `[n]` index counts
+/// as its array. A name may itself contain dots (`page_tokens = { "1.2" = … }`): at each level
+/// the longest name that is there wins. `None` when the tree has no such value.
+fn key_path<'k>(tree: &config::Map<String, config::Value>, key: &'k str) -> Option<Vec<&'k str>> {
+    let key = key.split('[').next().unwrap_or(key);
+    if tree.contains_key(key) {
+        return Some(vec![key]);
+    }
+    key.match_indices('.').rev().find_map(|(dot, _)| {
+        let config::ValueKind::Table(inner) = &tree.get(&key[..dot])?.kind else {
+            return None;
+        };
+        let mut path = key_path(inner, &key[dot + 1..])?;
+        path.insert(0, &key[..dot]);
+        Some(path)
+    })
+}
+
+/// The value at a dotted key (see [`key_path`]).
 fn lookup<'a>(
     tree: &'a config::Map<String, config::Value>,
     key: &str,
 ) -> Option<&'a config::Value> {
-    let key = key.split('[').next().unwrap_or(key);
-    if let Some(value) = tree.get(key) {
-        return Some(value);
+    let path = key_path(tree, key)?;
+    let (last, parents) = path.split_last()?;
+    let mut table = tree;
+    for name in parents {
+        let config::ValueKind::Table(inner) = &table.get(*name)?.kind else {
+            return None;
+        };
+        table = inner;
     }
-    key.match_indices('.')
-        .rev()
-        .find_map(|(dot, _)| match &tree.get(&key[..dot])?.kind {
-            config::ValueKind::Table(inner) => lookup(inner, &key[dot + 1..]),
-            _ => None,
-        })
+    table.get(*last)
 }
 
-/// Takes the value at a dotted key (as [`lookup`] finds it) out of the tree; false when there
-/// is none.
+/// Takes the value at a dotted key (see [`key_path`]) out of the tree; false when there is none.
 fn remove_key(tree: &mut config::Map<String, config::Value>, key: &str) -> bool {
-    let key = key.split('[').next().unwrap_or(key);
-    if tree.remove(key).is_some() {
-        return true;
-    }
-    for (dot, _) in key.match_indices('.').collect::<Vec<_>>().into_iter().rev() {
-        if let Some(config::ValueKind::Table(inner)) =
-            tree.get_mut(&key[..dot]).map(|value| &mut value.kind)
-            && remove_key(inner, &key[dot + 1..])
-        {
-            return true;
+    let Some(path) = key_path(tree, key) else {
+        return false;
+    };
+    let Some((last, parents)) = path.split_last() else {
+        return false;
+    };
+    let mut table = tree;
+    for name in parents {
+        match table.get_mut(*name).map(|value| &mut value.kind) {
+            Some(config::ValueKind::Table(inner)) => table = inner,
+            _ => return false,
         }
     }
-    false
+    table.remove(*last).is_some()
 }
 
 /// Collects problems while turning raw values into typed ones.

@@ -355,10 +355,33 @@ pub fn schedule(
         },
         Outcome::Retry {
             status,
-            after: Some(after),
+            after,
             error,
         } => {
-            let due_at = now.saturating_add(millis(after));
+            let (due_at, counted) = match after {
+                Some(after) => (now.saturating_add(millis(after)), false),
+                None => {
+                    let failures = delivery.attempts.saturating_sub(delivery.throttled) + 1;
+                    if failures >= policy.max_attempts {
+                        return Settle::Dead {
+                            status,
+                            error: format!(
+                                "gave up after {failures} attempts; last error: {error}"
+                            ),
+                            attempted: true,
+                        };
+                    }
+                    let exponent = failures.saturating_sub(1).min(40);
+                    let ceiling = policy
+                        .backoff
+                        .saturating_mul(1u32 << exponent.min(31))
+                        .min(policy.max_backoff);
+                    let wait =
+                        Duration::try_from_secs_f64(ceiling.as_secs_f64() * jitter.clamp(0.0, 1.0))
+                            .unwrap_or(ceiling);
+                    (now.saturating_add(millis(wait.max(not_before))), true)
+                }
+            };
             if due_at > expires {
                 Settle::Dead {
                     status,
@@ -371,46 +394,7 @@ pub fn schedule(
             } else {
                 Settle::Retry {
                     due_at,
-                    counted: false,
-                    status,
-                    error,
-                }
-            }
-        }
-        Outcome::Retry {
-            status,
-            after: None,
-            error,
-        } => {
-            let failures = delivery.attempts.saturating_sub(delivery.throttled) + 1;
-            if failures >= policy.max_attempts {
-                return Settle::Dead {
-                    status,
-                    error: format!("gave up after {failures} attempts; last error: {error}"),
-                    attempted: true,
-                };
-            }
-            let exponent = failures.saturating_sub(1).min(40);
-            let ceiling = policy
-                .backoff
-                .saturating_mul(1u32 << exponent.min(31))
-                .min(policy.max_backoff);
-            let wait = Duration::try_from_secs_f64(ceiling.as_secs_f64() * jitter.clamp(0.0, 1.0))
-                .unwrap_or(ceiling);
-            let due_at = now.saturating_add(millis(wait.max(not_before)));
-            if due_at > expires {
-                Settle::Dead {
-                    status,
-                    error: format!(
-                        "ttl of {} exceeded; last error: {error}",
-                        humantime::format_duration(policy.ttl)
-                    ),
-                    attempted: true,
-                }
-            } else {
-                Settle::Retry {
-                    due_at,
-                    counted: true,
+                    counted,
                     status,
                     error,
                 }

@@ -398,7 +398,7 @@ pub async fn proxy(
 
 /// How a proxied call's body carries its Send API fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFormat {
+enum BodyFormat {
     Json,
     /// `application/x-www-form-urlencoded`.
     Form,
@@ -407,7 +407,7 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
-    pub fn of(content_type: Option<&str>) -> BodyFormat {
+    fn of(content_type: Option<&str>) -> BodyFormat {
         let media = content_type
             .and_then(|value| value.split(';').next())
             .map(|media| media.trim().to_ascii_lowercase());
@@ -423,7 +423,7 @@ impl BodyFormat {
 /// over them those of its body (a JSON object, form fields, or the text parts of multipart form
 /// data; the file part is not read). A form or query value is JSON where it parses as JSON
 /// (`recipient={"id":"…"}`), else a string. Credentials (`TOKEN_KEYS`) are left out.
-pub async fn request_fields(
+async fn request_fields(
     query: Option<&str>,
     content_type: Option<&str>,
     body: &Bytes,

@@ -609,91 +609,85 @@ impl SqliteStore {
         self.write(move |connection, touched| {
             // Each update applies only while the row is still under this claim's lease.
             let (changed, done) = match &settle {
-                Settle::Delivered { status } => {
-                    let changed = connection
-                        .prepare_cached(
-                            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+                Settle::Delivered { status } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
                              last_status = ?3, last_error = NULL, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
-                        )
-                        .and_then(|mut update| update.execute(params![id, now, status, lease_until]))
-                        .map_err(database)?;
-                    (changed, true)
-                }
-                Settle::Retry { due_at, counted, status, error } => {
-                    let changed = connection
-                        .prepare_cached(
-                            "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                        params![id, now, status, lease_until],
+                    )?,
+                    true,
+                ),
+                Settle::Retry {
+                    due_at,
+                    counted,
+                    status,
+                    error,
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
                              throttled = throttled + ?3, due_at = ?4, last_status = ?5,
                              last_error = ?6, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?7",
-                        )
-                        .and_then(|mut update| {
-                            update.execute(params![
-                                id,
-                                now,
-                                i64::from(!counted),
-                                due_at,
-                                status,
-                                error,
-                                lease_until
-                            ])
-                        })
-                        .map_err(database)?;
-                    (changed, false)
-                }
+                        params![
+                            id,
+                            now,
+                            i64::from(!counted),
+                            due_at,
+                            status,
+                            error,
+                            lease_until
+                        ],
+                    )?,
+                    false,
+                ),
                 Settle::Dead {
                     status,
                     error,
                     attempted: true,
-                } => {
-                    let changed = connection
-                        .prepare_cached(
-                            "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
                              last_status = ?3, last_error = ?4, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
-                        )
-                        .and_then(|mut update| {
-                            update.execute(params![id, now, status, error, lease_until])
-                        })
-                        .map_err(database)?;
-                    (changed, true)
-                }
+                        params![id, now, status, error, lease_until],
+                    )?,
+                    true,
+                ),
                 // Dead before this claim's request: the attempts, their times and the last
                 // answer (of an earlier attempt) stay, the reason goes in front of its error.
                 Settle::Dead {
                     status,
                     error,
                     attempted: false,
-                } => {
-                    let changed = connection
-                        .prepare_cached(
-                            "UPDATE deliveries SET state = 'dead',
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'dead',
                              last_status = COALESCE(?3, last_status),
                              last_error = CASE WHEN last_error IS NULL THEN ?4
                                  ELSE ?4 || '; last error: ' || last_error END,
                              updated_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
-                        )
-                        .and_then(|mut update| {
-                            update.execute(params![id, now, status, error, lease_until])
-                        })
-                        .map_err(database)?;
-                    (changed, true)
-                }
-                Settle::Skipped { reason } => {
-                    let changed = connection
-                        .prepare_cached(
-                            "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
+                        params![id, now, status, error, lease_until],
+                    )?,
+                    true,
+                ),
+                Settle::Skipped { reason } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
                              WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
-                        )
-                        .and_then(|mut update| update.execute(params![id, now, reason, lease_until]))
-                        .map_err(database)?;
-                    (changed, true)
-                }
+                        params![id, now, reason, lease_until],
+                    )?,
+                    true,
+                ),
             };
             if changed == 0 {
                 // The lease ran out and the delivery was claimed again (or released by a
@@ -866,12 +860,7 @@ impl SqliteStore {
         let mut total = 0;
         loop {
             let deleted = self
-                .write(move |connection, _| {
-                    connection
-                        .prepare_cached(sql)
-                        .and_then(|mut statement| statement.execute(params![before, PURGE_CHUNK]))
-                        .map_err(database)
-                })
+                .write(move |connection, _| execute(connection, sql, params![before, PURGE_CHUNK]))
                 .await?;
             total += deleted;
             if deleted < PURGE_CHUNK as usize {
@@ -1267,10 +1256,18 @@ fn transaction_lost(connection: &Connection, job: &dyn Job) -> Option<StoreError
 
 /// Runs one parameterless statement (cached: these run for every group).
 fn statement(connection: &Connection, sql: &str) -> Result<(), StoreError> {
+    execute(connection, sql, []).map(|_| ())
+}
+
+/// Runs one cached statement with `params`; the number of rows it changed.
+fn execute(
+    connection: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<usize, StoreError> {
     connection
         .prepare_cached(sql)
-        .and_then(|mut statement| statement.execute([]))
-        .map(|_| ())
+        .and_then(|mut statement| statement.execute(params))
         .map_err(database)
 }
 
@@ -1479,6 +1476,24 @@ mod tests {
     fn open(dir: &tempfile::TempDir) -> SqliteStore {
         SqliteStore::open(&dir.path().join("store.db"), None, Arc::new(Wakers::new()))
             .expect("open the store")
+    }
+
+    /// A message of user `u` at `at` for the bot sink, its id derived from `name`.
+    fn bot_message(name: &[u8], at: Millis) -> NewEvent {
+        use crate::event::{EventData, EventId, EventKind, Source};
+        NewEvent {
+            event: Event {
+                id: EventId::derive(&[name]),
+                source: Source::Webhook,
+                kind: EventKind::Message,
+                page_id: Some("p".into()),
+                user_id: Some("u".into()),
+                timestamp_ms: at,
+                data: EventData::Other { key: None },
+                webhook: None,
+            },
+            sinks: vec![SinkName::Bot],
+        }
     }
 
     async fn insert_meta(store: &SqliteStore, key: String, fail: bool) -> Result<(), StoreError> {
@@ -1743,30 +1758,13 @@ mod tests {
     #[tokio::test]
     async fn a_replayed_old_dead_letter_keeps_its_event_through_a_purge()
     -> Result<(), Box<dyn std::error::Error>> {
-        use crate::event::{EventData, EventId, EventKind, Source};
         let dir = tempfile::tempdir()?;
         let store = open(&dir);
         let day: Millis = 86_400_000;
         let t0: Millis = 100 * day;
-        let event = Event {
-            id: EventId::derive(&[b"review-replay"]),
-            source: Source::Webhook,
-            kind: EventKind::Message,
-            page_id: Some("p".into()),
-            user_id: Some("u".into()),
-            timestamp_ms: t0,
-            data: EventData::Other { key: None },
-            webhook: None,
-        };
         let lease = Duration::from_secs(40);
         store
-            .enqueue(
-                vec![NewEvent {
-                    event,
-                    sinks: vec![SinkName::Bot],
-                }],
-                t0,
-            )
+            .enqueue(vec![bot_message(b"review-replay", t0)], t0)
             .await?;
         let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
         assert_eq!(first.deliveries.len(), 1);
@@ -1815,25 +1813,17 @@ mod tests {
     #[tokio::test]
     async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
     -> Result<(), Box<dyn std::error::Error>> {
-        use crate::event::{EventData, EventId, EventKind, Source};
         let dir = tempfile::tempdir()?;
         let store = open(&dir);
         let t0: Millis = 1_000_000;
-        let event = |name: &[u8]| NewEvent {
-            event: Event {
-                id: EventId::derive(&[name]),
-                source: Source::Webhook,
-                kind: EventKind::Message,
-                page_id: Some("p".into()),
-                user_id: Some("u".into()),
-                timestamp_ms: t0,
-                data: EventData::Other { key: None },
-                webhook: None,
-            },
-            sinks: vec![SinkName::Bot],
-        };
         store
-            .enqueue(vec![event(b"lease-first"), event(b"lease-second")], t0)
+            .enqueue(
+                vec![
+                    bot_message(b"lease-first", t0),
+                    bot_message(b"lease-second", t0),
+                ],
+                t0,
+            )
             .await?;
         let states = || async {
             store
@@ -1896,27 +1886,11 @@ mod tests {
     #[tokio::test]
     async fn dead_without_an_attempt_keeps_the_last_answer()
     -> Result<(), Box<dyn std::error::Error>> {
-        use crate::event::{EventData, EventId, EventKind, Source};
         let dir = tempfile::tempdir()?;
         let store = open(&dir);
         let t0: Millis = 1_000_000;
         store
-            .enqueue(
-                vec![NewEvent {
-                    event: Event {
-                        id: EventId::derive(&[b"ttl-after-503"]),
-                        source: Source::Webhook,
-                        kind: EventKind::Message,
-                        page_id: Some("p".into()),
-                        user_id: Some("u".into()),
-                        timestamp_ms: t0,
-                        data: EventData::Other { key: None },
-                        webhook: None,
-                    },
-                    sinks: vec![SinkName::Bot],
-                }],
-                t0,
-            )
+            .enqueue(vec![bot_message(b"ttl-after-503", t0)], t0)
             .await?;
         let lease = Duration::from_secs(10);
         let first = store.claim(SinkName::Bot, 8, t0, lease).await?;

@@ -482,6 +482,40 @@ async fn a_proxied_send_reaches_graph_verbatim_and_is_recorded() -> TestResult {
     app.stop().await
 }
 
+/// POSTs a Send API call with an attachment from a file through the proxy, as multipart form
+/// data (`recipient`, `message`, `filedata`); returns the body sent and the answer.
+async fn post_attachment(
+    app: &TestApp,
+    user: &str,
+    message: &str,
+    (file_name, file_type, file): (&str, &str, &[u8]),
+) -> TestResult<(Vec<u8>, reqwest::Response)> {
+    let boundary = "----botrelay7MA4YWxkTrZu0gW";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{{\"id\":\"{user}\"}}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{message}\r\n\
+         --{boundary}\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"{file_name}\"\r\n\
+         Content-Type: {file_type}\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(file);
+    body.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .header(
+            "content-type",
+            format!("multipart/form-data; boundary={boundary}"),
+        )
+        .body(body.clone())
+        .send()
+        .await?;
+    Ok((body, answer))
+}
+
 /// Sends whose fields are not in a JSON body are recorded too: an attachment sent from a file
 /// (multipart form data, as in Meta's `curl -F filedata=@…` example) and a call with every field
 /// in the query string. The multipart body reaches Graph byte for byte.
@@ -502,27 +536,13 @@ async fn proxied_multipart_and_query_string_sends_are_recorded() -> TestResult {
     ]);
     let app = spawn_app(&config(&bot, &graph.url(""))).await?;
 
-    let boundary = "----botrelay7MA4YWxkTrZu0gW";
-    let multipart = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{{\"id\":\"U8\"}}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n\
-         {{\"attachment\":{{\"type\":\"image\",\"payload\":{{\"is_reusable\":true}}}}}}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"shirt.png\"\r\n\
-         Content-Type: image/png\r\n\r\nPNG-BYTES\r\n--{boundary}--\r\n"
-    );
-    let answer = app
-        .http
-        .post(format!(
-            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
-            app.url
-        ))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(multipart.clone())
-        .send()
-        .await?;
+    let (multipart, answer) = post_attachment(
+        &app,
+        "U8",
+        r#"{"attachment":{"type":"image","payload":{"is_reusable":true}}}"#,
+        ("shirt.png", "image/png", b"PNG-BYTES"),
+    )
+    .await?;
     assert_eq!(answer.status(), 200);
 
     let query = format!(
@@ -538,7 +558,7 @@ async fn proxied_multipart_and_query_string_sends_are_recorded() -> TestResult {
 
     let received = graph.received();
     assert_eq!(received.len(), 2);
-    assert_eq!(received[0].body, multipart.as_bytes());
+    assert_eq!(received[0].body, multipart);
     assert_eq!(received[1].uri, format!("/v20.0/111/messages?{query}"));
     for (mid, user) in [("m_upload", "U8"), ("m_query", "U9")] {
         app.wait_for_count(
@@ -575,30 +595,13 @@ async fn a_proxied_upload_of_several_megabytes_is_recorded() -> TestResult {
         config(&bot, &graph.url(""))
     ))
     .await?;
-    let boundary = "botrelayBigUpload";
-    let mut multipart = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{{\"id\":\"U10\"}}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n\
-         {{\"attachment\":{{\"type\":\"video\",\"payload\":{{}}}}}}\r\n\
-         --{boundary}\r\nContent-Disposition: form-data; name=\"filedata\"; filename=\"clip.mp4\"\r\n\
-         Content-Type: video/mp4\r\n\r\n"
+    let (_, answer) = post_attachment(
+        &app,
+        "U10",
+        r#"{"attachment":{"type":"video","payload":{}}}"#,
+        ("clip.mp4", "video/mp4", &vec![b'v'; 3 * 1024 * 1024]),
     )
-    .into_bytes();
-    multipart.extend(std::iter::repeat_n(b'v', 3 * 1024 * 1024));
-    multipart.extend(format!("\r\n--{boundary}--\r\n").into_bytes());
-    let answer = app
-        .http
-        .post(format!(
-            "{}/graph/v20.0/me/messages?access_token={PAGE_TOKEN}",
-            app.url
-        ))
-        .header(
-            "content-type",
-            format!("multipart/form-data; boundary={boundary}"),
-        )
-        .body(multipart)
-        .send()
-        .await?;
+    .await?;
     assert_eq!(answer.status(), 200);
     app.wait_for_count(
         &format!(
