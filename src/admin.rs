@@ -17,7 +17,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -51,6 +51,10 @@ pub enum AdminError {
     UnknownSink(String),
     #[error("{0}")]
     BadRequest(String),
+    #[error(
+        "sink `{sink}` is not enabled ({reason}): its dead letters stay dead until it is; enable it, then replay them"
+    )]
+    SinkNotEnabled { sink: &'static str, reason: String },
     #[error("no such admin endpoint")]
     NotFound,
     #[error("the store is unavailable: {0}")]
@@ -67,6 +71,7 @@ impl AdminError {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
             AdminError::UnknownSink(_) | AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound => StatusCode::NOT_FOUND,
+            AdminError::SinkNotEnabled { .. } => StatusCode::CONFLICT,
             AdminError::Store(StoreError::Database(_)) => StatusCode::INTERNAL_SERVER_ERROR,
             AdminError::Store(_) => StatusCode::SERVICE_UNAVAILABLE,
         }
@@ -154,9 +159,13 @@ pub enum Since {
 }
 
 /// The answer to a replay.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Replayed {
     pub replayed: usize,
+    /// Matching dead letters left dead because their sink is not enabled now, by sink (absent
+    /// when there are none). Requeued, they would only wait for a dispatcher that is not running.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub left_dead: BTreeMap<String, usize>,
 }
 
 /// The answer to a pause or an unpause.
@@ -366,6 +375,12 @@ async fn replay(
         }
     }
     let sink = parse_sink(request.sink.as_deref())?;
+    if let Some(sink) = sink.filter(|sink| !state.active.contains(sink)) {
+        return Err(AdminError::SinkNotEnabled {
+            sink: sink.as_str(),
+            reason: disabled_reason(&state, sink),
+        });
+    }
     let filter = DeadLetterFilter {
         sink,
         user: non_empty(request.user),
@@ -378,13 +393,22 @@ async fn replay(
         limit: None,
         newest_first: false,
     };
-    let replayed = state.store.replay(filter, now).await?;
+    let outcome = state.store.replay(filter, &state.active, now).await?;
     tracing::info!(
-        replayed,
+        replayed = outcome.replayed,
         sink = sink.map(SinkName::as_str),
         "Dead letters replayed through the admin API"
     );
-    Ok(axum::Json(Replayed { replayed }))
+    if !outcome.left_dead.is_empty() {
+        tracing::warn!(
+            left_dead = ?outcome.left_dead,
+            "Dead letters of sinks that are not enabled were left dead"
+        );
+    }
+    Ok(axum::Json(Replayed {
+        replayed: outcome.replayed,
+        left_dead: outcome.left_dead,
+    }))
 }
 
 /// `POST /admin/users/{psid}/pause`: nothing from this user reaches the bot until unpaused.
@@ -445,12 +469,6 @@ async fn list_sinks(
     State(state): State<AdminState>,
 ) -> Result<axum::Json<Vec<SinkView>>, AdminError> {
     let depth = state.store.depth().await?;
-    let disabled: HashMap<SinkName, &str> = state
-        .config
-        .disabled_sinks
-        .iter()
-        .map(|(name, reason)| (*name, reason.as_str()))
-        .collect();
     let disabled_order: Vec<SinkName> = state
         .config
         .disabled_sinks
@@ -476,11 +494,7 @@ async fn list_sinks(
         views.push(SinkView {
             sink: sink.as_str().to_owned(),
             enabled,
-            disabled_reason: match disabled.get(&sink) {
-                _ if enabled => None,
-                Some(reason) => Some((*reason).to_owned()),
-                None => Some("no table in the config; rows left from an earlier run".into()),
-            },
+            disabled_reason: (!enabled).then(|| disabled_reason(&state, sink)),
             queued: figures.queued,
             in_flight: figures.in_flight,
             dead: figures.dead,
@@ -489,6 +503,19 @@ async fn list_sinks(
         });
     }
     Ok(axum::Json(views))
+}
+
+/// Why `sink`, not active, is not enabled.
+fn disabled_reason(state: &AdminState, sink: SinkName) -> String {
+    state
+        .config
+        .disabled_sinks
+        .iter()
+        .find(|(name, _)| *name == sink)
+        .map_or_else(
+            || "no table in the config; rows left from an earlier run".to_owned(),
+            |(_, reason)| reason.clone(),
+        )
 }
 
 /// Active sinks in order, then `also` in order, then any other sink with rows in the store.

@@ -11,7 +11,7 @@ use botrelay::config::{Config, ConfigError, DEFAULT_PATH};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -654,6 +654,7 @@ async fn replay(
         ids: None,
     };
     let mut replayed = 0usize;
+    let mut left_dead: BTreeMap<String, usize> = BTreeMap::new();
     let mut total = 0usize;
     let mut seen: HashSet<i64> = HashSet::new();
     let mut explicit_ids = (!ids.is_empty()).then_some(ids);
@@ -692,6 +693,9 @@ async fn replay(
                 )
                 .await?;
             replayed += answer.replayed;
+            for (sink, count) in answer.left_dead {
+                *left_dead.entry(sink).or_default() += count;
+            }
             if !json && (chunks > 1 || more) {
                 eprintln!("replayed {replayed}/{total}");
             }
@@ -701,10 +705,19 @@ async fn replay(
         }
     }
     if json {
-        print_json(&Replayed { replayed })
+        print_json(&Replayed {
+            replayed,
+            left_dead,
+        })
     } else {
-        let plural = if replayed == 1 { "" } else { "s" };
-        println!("replayed {replayed} dead letter{plural}");
+        let plural = |count: usize| if count == 1 { "" } else { "s" };
+        println!("replayed {replayed} dead letter{}", plural(replayed));
+        for (sink, count) in left_dead {
+            println!(
+                "left {count} dead letter{} of sink {sink} dead: it is not enabled in the relay's config",
+                plural(count)
+            );
+        }
         Ok(())
     }
 }

@@ -10,7 +10,7 @@ mod sqlite;
 
 use crate::config::SinkName;
 use crate::event::Event;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
@@ -127,6 +127,16 @@ pub struct DeadLetterFilter {
     pub limit: Option<u32>,
     /// List the most recently failed first (default: oldest first).
     pub newest_first: bool,
+}
+
+/// What a replay did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplayOutcome {
+    /// Dead letters requeued.
+    pub replayed: usize,
+    /// Matching dead letters left dead because their sink was not among the replayable ones
+    /// (a sink not enabled now: its requeued rows would only wait), by sink name.
+    pub left_dead: BTreeMap<String, usize>,
 }
 
 /// A dead letter as the admin API lists it.
@@ -285,11 +295,17 @@ impl Store {
         }
     }
 
-    /// Requeues matching dead letters; returns how many.
-    pub async fn replay(&self, filter: DeadLetterFilter, now: Millis) -> Result<usize, StoreError> {
+    /// Requeues the matching dead letters of the `replayable` sinks; those of any other sink
+    /// stay dead and are counted in the outcome.
+    pub async fn replay(
+        &self,
+        filter: DeadLetterFilter,
+        replayable: &[SinkName],
+        now: Millis,
+    ) -> Result<ReplayOutcome, StoreError> {
         match &self.backend {
-            Backend::Sqlite(store) => store.replay(filter, now).await,
-            Backend::Discard => Ok(0),
+            Backend::Sqlite(store) => store.replay(filter, replayable, now).await,
+            Backend::Discard => Ok(ReplayOutcome::default()),
         }
     }
 

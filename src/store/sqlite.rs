@@ -21,7 +21,7 @@
 
 use super::{
     ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, Millis, NewEvent, Purged,
-    Retention, Settle, SinkDepth, StoreError, Wakers, millis,
+    ReplayOutcome, Retention, Settle, SinkDepth, StoreError, Wakers, millis,
 };
 use crate::config::SinkName;
 use crate::event::Event;
@@ -710,13 +710,15 @@ impl SqliteStore {
     /// rows, so that replaying a large dead-letter store never holds the writer (and with it
     /// every webhook's answer) for long. The ids are read first, off the writer; a row that is
     /// no longer dead when its write runs (replayed by another request, or purged) is left
-    /// alone, and a row that dies again during the replay is not picked up twice. Rows whose
-    /// sink this build does not know stay dead: no dispatcher could take them.
+    /// alone, and a row that dies again during the replay is not picked up twice. Rows of a
+    /// sink not in `replayable` (not enabled now, or unknown to this build) stay dead and are
+    /// counted: no dispatcher would take them.
     pub(super) async fn replay(
         &self,
         filter: DeadLetterFilter,
+        replayable: &[SinkName],
         now: Millis,
-    ) -> Result<usize, StoreError> {
+    ) -> Result<ReplayOutcome, StoreError> {
         let rows = self
             .read(move |connection| {
                 let (condition, values) = dead_letter_condition(&filter);
@@ -732,25 +734,21 @@ impl SqliteStore {
                     .map_err(database)
             })
             .await?;
-        let letters: Vec<(i64, SinkName)> = rows
-            .iter()
-            .filter_map(|(id, sink)| Some((*id, SinkName::parse(sink)?)))
-            .collect();
-        let unknown = rows.len() - letters.len();
-        if unknown > 0 {
-            tracing::warn!(
-                rows = unknown,
-                "Dead letters of a sink this version does not know were left dead"
-            );
+        let mut outcome = ReplayOutcome::default();
+        let mut letters: Vec<(i64, SinkName)> = Vec::with_capacity(rows.len());
+        for (id, name) in rows {
+            match SinkName::parse(&name) {
+                Some(sink) if replayable.contains(&sink) => letters.push((id, sink)),
+                _ => *outcome.left_dead.entry(name).or_default() += 1,
+            }
         }
-        let mut replayed = 0;
         for chunk in letters.chunks(REPLAY_CHUNK) {
             let chunk = chunk.to_vec();
-            replayed += self
+            outcome.replayed += self
                 .write(move |connection, touched| replay_chunk(connection, touched, &chunk, now))
                 .await?;
         }
-        Ok(replayed)
+        Ok(outcome)
     }
 
     pub(super) async fn dead_letters(
@@ -1557,7 +1555,7 @@ mod tests {
 
     /// More dead letters than one replay write takes: every one is requeued, each lane lets
     /// only its oldest go, lane-less letters all go, and the letters of a sink this build does
-    /// not know stay dead and are not counted.
+    /// not know stay dead and are counted as left dead.
     #[tokio::test]
     async fn a_replay_larger_than_one_chunk_requeues_every_letter_in_lane_order()
     -> Result<(), Box<dyn std::error::Error>> {
@@ -1584,8 +1582,14 @@ mod tests {
             }
             transaction.commit()?;
         }
-        let replayed = store.replay(DeadLetterFilter::default(), 1_000_000).await?;
-        assert_eq!(replayed, known);
+        let outcome = store
+            .replay(DeadLetterFilter::default(), &[SinkName::Bot], 1_000_000)
+            .await?;
+        assert_eq!(outcome.replayed, known);
+        assert_eq!(
+            outcome.left_dead,
+            std::collections::BTreeMap::from([("gone".to_owned(), 3)])
+        );
         let reader = Connection::open(dir.path().join("store.db"))?;
         let mut states = reader.prepare(
             "SELECT sink, COALESCE(lane, '-'), state, MIN(id), COUNT(*), SUM(attempts)
@@ -1631,10 +1635,10 @@ mod tests {
             ]
         );
         // Nothing is dead any more, so a second replay finds nothing.
-        assert_eq!(
-            store.replay(DeadLetterFilter::default(), 1_000_001).await?,
-            0
-        );
+        let again = store
+            .replay(DeadLetterFilter::default(), &[SinkName::Bot], 1_000_001)
+            .await?;
+        assert_eq!(again.replayed, 0);
         Ok(())
     }
 
@@ -1782,7 +1786,10 @@ mod tests {
         // Eight days later (past the 7-day dedupe window, well within the 30-day dead-letter
         // retention) the operator replays it; the minute's purge runs before it is sent.
         let later = t0 + 8 * day;
-        assert_eq!(store.replay(DeadLetterFilter::default(), later).await?, 1);
+        let outcome = store
+            .replay(DeadLetterFilter::default(), &[SinkName::Bot], later)
+            .await?;
+        assert_eq!(outcome.replayed, 1);
         let retention = Retention {
             delivered: Duration::from_secs(7 * 86_400),
             dead: Duration::from_secs(30 * 86_400),

@@ -29,12 +29,20 @@ fn config(bot: &MockSink, extra: &str) -> String {
 
 /// A relay whose bot refuses everything with 400, with one dead letter per `(user, mid)`.
 async fn app_with_dead_letters(letters: &[(&str, &str)]) -> TestResult<(TestApp, MockSink)> {
+    app_with_dead_letters_and(letters, "").await
+}
+
+/// [`app_with_dead_letters`] with `extra` config keys.
+async fn app_with_dead_letters_and(
+    letters: &[(&str, &str)],
+    extra: &str,
+) -> TestResult<(TestApp, MockSink)> {
     let bot = MockSink::start().await?;
     bot.set_default(Reply::json(
         400,
         json!({"error": {"message": "bad request"}}),
     ));
-    let app = spawn_app(&config(&bot, "")).await?;
+    let app = spawn_app(&config(&bot, extra)).await?;
     for (index, (user, mid)) in letters.iter().enumerate() {
         let body = text_message(
             PAGE,
@@ -1252,6 +1260,98 @@ async fn a_replay_with_an_empty_filter_replays_nothing() -> TestResult {
         app.count("SELECT COUNT(*) FROM deliveries WHERE replayed_at IS NOT NULL")?,
         0
     );
+    app.stop().await
+}
+
+/// Dead letters of a sink that is not enabled now (Dashbot lost its api_key) stay dead on a
+/// replay: naming the sink is refused with the reason, and a wider replay requeues the other
+/// sinks' letters and says how many it left dead, over the API and through the CLI.
+#[tokio::test]
+async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -> TestResult {
+    let (app, bot) = app_with_dead_letters_and(
+        &[("dora", "m-d1"), ("eli", "m-e1")],
+        "[sinks.dashbot]\napi_key = \"\"\n",
+    )
+    .await?;
+    // The same two events died at Dashbot while it was still enabled.
+    let writer = rusqlite::Connection::open(&app.store_path)?;
+    writer.busy_timeout(WAIT)?;
+    writer.execute(
+        "INSERT INTO deliveries (event_id, sink, lane, state, attempts, due_at, created_at,
+                                 updated_at, last_status, last_error)
+         SELECT event_id, 'dashbot', lane, 'dead', attempts, due_at, created_at, updated_at,
+                last_status, last_error
+         FROM deliveries WHERE sink = 'bot' AND state = 'dead'",
+        [],
+    )?;
+    let dashbot_dead = "SELECT COUNT(*) FROM deliveries WHERE sink = 'dashbot' AND state = 'dead'";
+    assert_eq!(app.count(dashbot_dead)?, 2);
+
+    let (status, answer) = post_json(
+        &app,
+        "/admin/dead-letters/replay",
+        json!({"sink": "dashbot"}),
+    )
+    .await?;
+    assert_eq!(status, 409, "{answer}");
+    let error = answer["error"].as_str().unwrap_or_default();
+    assert!(
+        error.starts_with("sink `dashbot` is not enabled (") && error.contains("api_key"),
+        "{error}"
+    );
+    let url = app.admin_url.clone();
+    let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
+    let refused = botrelay(
+        &[
+            "dead-letters",
+            "replay",
+            "--sink",
+            "dashbot",
+            "--admin-url",
+            &url,
+        ],
+        &token,
+    )
+    .await?;
+    assert_ne!(refused.status.code(), Some(0));
+    assert!(
+        stderr(&refused).contains("sink `dashbot` is not enabled"),
+        "{}",
+        stderr(&refused)
+    );
+
+    bot.set_default(Reply::status(200));
+    let (status, answer) = post_json(&app, "/admin/dead-letters/replay", json!({})).await?;
+    assert_eq!(
+        (status, answer),
+        (200, json!({"replayed": 2, "left_dead": {"dashbot": 2}}))
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE sink = 'bot' AND state = 'delivered'",
+        2,
+        WAIT,
+    )
+    .await?;
+    assert_eq!(app.count(dashbot_dead)?, 2);
+    assert_eq!(
+        app.count(
+            "SELECT COUNT(*) FROM deliveries WHERE sink = 'dashbot' AND replayed_at IS NOT NULL"
+        )?,
+        0
+    );
+
+    let all = botrelay(
+        &["dead-letters", "replay", "--all", "--admin-url", &url],
+        &token,
+    )
+    .await?;
+    assert_eq!(all.status.code(), Some(0), "{}", stderr(&all));
+    assert_eq!(
+        stdout(&all).trim(),
+        "replayed 0 dead letters\n\
+         left 2 dead letters of sink dashbot dead: it is not enabled in the relay's config"
+    );
+    assert_eq!(app.count(dashbot_dead)?, 2);
     app.stop().await
 }
 

@@ -204,10 +204,11 @@ async fn permanent_4xx_dead_letters_at_once_and_replay_delivers_again() -> TestR
                 sink: Some(SinkName::Bot),
                 ..DeadLetterFilter::default()
             },
+            &[SinkName::Bot],
             now_ms(),
         )
         .await?;
-    assert_eq!(replayed, 1);
+    assert_eq!(replayed.replayed, 1);
     bot.wait_for(2, Duration::from_secs(5)).await?;
     app.wait_for_count(
         "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
