@@ -135,7 +135,17 @@ impl Client {
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 Ok(None) => break,
-                Err(error) => return transport_failure(&error),
+                // The status is in, so the sink has answered: a body that stalls past the
+                // timeout or breaks off is read as far as it came. Retrying because of it would
+                // send a 2xx's event again, and lose a 4xx's status.
+                Err(error) => {
+                    tracing::debug!(
+                        status,
+                        error = %transport_failure_text(&error),
+                        "The sink's answer ended before its body did"
+                    );
+                    break;
+                }
             }
         }
         let response = Response {
@@ -192,6 +202,16 @@ pub fn excerpt(body: &[u8]) -> String {
 }
 
 fn transport_failure(error: &reqwest::Error) -> Outcome {
+    Outcome::Retry {
+        status: None,
+        after: None,
+        error: transport_failure_text(error),
+    }
+}
+
+/// What went wrong with a request, without its URL: reqwest's messages name the URL, which may
+/// carry a token, so only the kind and the innermost cause (which does not) are kept.
+fn transport_failure_text(error: &reqwest::Error) -> String {
     let kind = if error.is_timeout() {
         "timed out"
     } else if error.is_connect() {
@@ -201,21 +221,14 @@ fn transport_failure(error: &reqwest::Error) -> Outcome {
     } else {
         "request failed"
     };
-    // reqwest's messages name the URL, which may carry a token: keep only the kind and the
-    // innermost cause, which does not.
     let mut cause: &dyn std::error::Error = error;
     while let Some(source) = cause.source() {
         cause = source;
     }
-    let error = if std::ptr::addr_eq(cause, error as &dyn std::error::Error) {
+    if std::ptr::addr_eq(cause, error as &dyn std::error::Error) {
         kind.to_owned()
     } else {
         format!("{kind}: {cause}")
-    };
-    Outcome::Retry {
-        status: None,
-        after: None,
-        error,
     }
 }
 

@@ -941,9 +941,19 @@ impl SqliteStore {
 fn migrate(connection: &Connection) -> Result<(), StoreError> {
     // 0.1 replays reset `created_at` to start the ttl again; that column must stay the event's
     // receipt time (the purge keeps an event while a delivery created before the cut exists).
+    // The rows such a replay changed get their receipt time back, and the replay time moves
+    // to `replayed_at` (where the ttl now counts from), in the transaction that adds it.
     if !has_column(connection, "deliveries", "replayed_at").map_err(database)? {
         connection
-            .execute_batch("ALTER TABLE deliveries ADD COLUMN replayed_at INTEGER")
+            .execute_batch(
+                "BEGIN;
+                 ALTER TABLE deliveries ADD COLUMN replayed_at INTEGER;
+                 UPDATE deliveries
+                    SET replayed_at = created_at,
+                        created_at = (SELECT received_at FROM events WHERE id = event_id)
+                  WHERE created_at > (SELECT received_at FROM events WHERE id = event_id);
+                 COMMIT;",
+            )
             .map_err(database)?;
     }
     Ok(())
@@ -1943,8 +1953,8 @@ mod tests {
 
     /// A store written before `replayed_at` existed gains the column when it is opened.
     #[tokio::test]
-    async fn an_older_store_gains_the_replayed_at_column() -> Result<(), Box<dyn std::error::Error>>
-    {
+    async fn an_older_store_gains_the_replayed_at_column_and_its_replays_their_receipt_time()
+    -> Result<(), Box<dyn std::error::Error>> {
         // A dropped store lets its file lock go when its threads have finished.
         async fn reopen(dir: &tempfile::TempDir) -> Result<(), Box<dyn std::error::Error>> {
             let path = dir.path().join("store.db");
@@ -1967,12 +1977,31 @@ mod tests {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("store.db");
         reopen(&dir).await?;
-        Connection::open(&path)?.execute_batch("ALTER TABLE deliveries DROP COLUMN replayed_at")?;
+        // What 0.1 left: a delivery as enqueued (created_at = the event's receipt) and one it
+        // replayed (created_at = the replay's time).
+        Connection::open(&path)?.execute_batch(
+            "ALTER TABLE deliveries DROP COLUMN replayed_at;
+             INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+             VALUES ('e1', 'webhook', 'message', 1, 1000, '{}');
+             INSERT INTO deliveries (id, event_id, sink, state, due_at, created_at, updated_at)
+             VALUES (1, 'e1', 'bot', 'delivered', 1000, 1000, 1200),
+                    (2, 'e1', 'dashbot', 'pending', 5000, 5000, 5000);",
+        )?;
         assert_eq!(columns(&path)?, 0);
         reopen(&dir).await?;
         assert_eq!(columns(&path)?, 1);
+        let times = || -> rusqlite::Result<Vec<(i64, Option<i64>)>> {
+            let connection = Connection::open(&path)?;
+            let mut select =
+                connection.prepare("SELECT created_at, replayed_at FROM deliveries ORDER BY id")?;
+            select
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect()
+        };
+        assert_eq!(times()?, [(1000, None), (1000, Some(5000))]);
         reopen(&dir).await?; // and a second start finds nothing to do
         assert_eq!(columns(&path)?, 1);
+        assert_eq!(times()?, [(1000, None), (1000, Some(5000))]);
         Ok(())
     }
 

@@ -673,3 +673,78 @@ async fn an_answer_with_an_endless_body_is_read_only_in_part() -> TestResult {
     .await?;
     app.stop().await
 }
+
+/// A sink that answers every request with `head` (status line, headers, the start of a body
+/// that `content-length` says is longer), then, as `close` says, hangs up or holds the
+/// connection open. Returns its URL and the count of requests it got.
+async fn sink_with_a_short_body(
+    head: &'static str,
+    close: bool,
+) -> TestResult<(String, std::sync::Arc<std::sync::atomic::AtomicUsize>)> {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}/webhook", listener.local_addr()?);
+    let requests = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = requests.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 64 * 1024];
+                if socket.read(&mut request).await.unwrap_or(0) == 0 {
+                    return;
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                if socket.write_all(head.as_bytes()).await.is_err() || close {
+                    return;
+                }
+                std::future::pending::<()>().await;
+            });
+        }
+    });
+    Ok((url, requests))
+}
+
+/// The sink's status decides even when its body then stalls past the timeout or breaks off:
+/// a 200 is delivered (sent once, not again on every retry) and a 400 is a dead letter that
+/// keeps its status.
+#[tokio::test]
+async fn an_answer_whose_body_stalls_or_breaks_off_counts_by_its_status() -> TestResult {
+    use std::sync::atomic::Ordering;
+    let cases = [
+        (
+            "HTTP/1.1 200 OK\r\ncontent-length: 64\r\n\r\nEVENT_RECEIVED",
+            false,
+            "delivered",
+            200,
+        ),
+        (
+            "HTTP/1.1 400 Bad Request\r\ncontent-length: 64\r\n\r\n{\"error\":\"bad",
+            true,
+            "dead",
+            400,
+        ),
+    ];
+    for (head, close, state, status) in cases {
+        let (url, requests) = sink_with_a_short_body(head, close).await?;
+        let app = spawn_app(&format!(
+            "[bot]\nurl = \"{url}\"\ntimeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
+        ))
+        .await?;
+        let body = text_message("PAGE", "u-short", "m.short", "hi", 1_700_000_000_000);
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
+        app.wait_for_count(
+            &format!(
+                "SELECT COUNT(*) FROM deliveries
+                 WHERE state = '{state}' AND attempts = 1 AND last_status = {status}"
+            ),
+            1,
+            Duration::from_secs(10),
+        )
+        .await?;
+        assert_eq!(requests.load(Ordering::SeqCst), 1, "{head}");
+        app.stop().await?;
+    }
+    Ok(())
+}
