@@ -3,7 +3,7 @@
 # a non-root user, and /data for the embedded SQLite store.
 #
 #   docker build -t botrelay .
-#   docker run -p 8080:8080 -v botrelay-data:/data \
+#   docker run --name botrelay -p 8080:8080 -v botrelay-data:/data \
 #     -e BOTRELAY__MESSENGER__APP_SECRET=... -e BOTRELAY__MESSENGER__VERIFY_TOKEN=... \
 #     -e BOTRELAY__BOT__URL=http://my-bot:3000/webhook botrelay
 

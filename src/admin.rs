@@ -1,5 +1,6 @@
 //! The admin listener (`admin.listen`): Prometheus metrics, dead letters and their replay, the
-//! paused users, sink status. `/admin/*` needs `Authorization: Bearer <admin.token>` when set.
+//! paused users, sink status. `/admin/*` needs `Authorization: Bearer <admin.token>` when set,
+//! and answers only loopback clients when not.
 //! [`AdminError`] has the one mapping to HTTP; the JSON types are public so the CLI shares them.
 
 use crate::config::{Config, SinkName};
@@ -11,13 +12,14 @@ use crate::telemetry::{self, Redactor};
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -47,6 +49,10 @@ pub struct AdminState {
 pub enum AdminError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
+    #[error(
+        "admin.token is not set, so the admin API answers only on this machine (loopback); set admin.token (BOTRELAY__ADMIN__TOKEN) to use it from elsewhere"
+    )]
+    TokenRequired,
     #[error("unknown sink `{0}`; expected one of: {known}", known = known_sinks())]
     UnknownSink(String),
     #[error("{0}")]
@@ -69,6 +75,7 @@ impl AdminError {
     pub fn status(&self) -> StatusCode {
         match self {
             AdminError::Unauthorized => StatusCode::UNAUTHORIZED,
+            AdminError::TokenRequired => StatusCode::FORBIDDEN,
             AdminError::UnknownSink(_) | AdminError::BadRequest(_) => StatusCode::BAD_REQUEST,
             AdminError::NotFound => StatusCode::NOT_FOUND,
             AdminError::SinkNotEnabled { .. } => StatusCode::CONFLICT,
@@ -86,6 +93,9 @@ impl IntoResponse for AdminError {
             AdminError::Unauthorized => {
                 tracing::warn!("Admin request rejected: missing or wrong bearer token")
             }
+            AdminError::TokenRequired => tracing::warn!(
+                "Admin request from another machine rejected: admin.token is not set"
+            ),
             _ => tracing::info!(error = %self, "Admin request rejected"),
         }
         let mut response = (
@@ -235,14 +245,29 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Refuses `/admin` and everything under it without the right bearer token (when one is set),
-/// unknown paths included, so that nothing about the API is learnt without it.
+/// unknown paths included, so that nothing about the API is learnt without it. Without a
+/// token, `/admin` answers only clients on this machine (a loopback peer): a listener on every
+/// interface (as in the container image) must not let the network pause users or replay.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let protected = path == "/admin" || path.starts_with("/admin/");
-    if let Some(token) = state.config.admin.token.as_ref().filter(|_| protected)
-        && !crate::ingest::verify::bearer_matches(token, request.headers())
-    {
-        return AdminError::Unauthorized.into_response();
+    if !protected {
+        return next.run(request).await;
+    }
+    match state.config.admin.token.as_ref() {
+        Some(token) if !crate::ingest::verify::bearer_matches(token, request.headers()) => {
+            return AdminError::Unauthorized.into_response();
+        }
+        Some(_) => {}
+        None => {
+            let peer = request
+                .extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|ConnectInfo(peer)| peer.ip().to_canonical());
+            if !peer.is_some_and(|peer| peer.is_loopback()) {
+                return AdminError::TokenRequired.into_response();
+            }
+        }
     }
     next.run(request).await
 }
@@ -641,6 +666,100 @@ fn parse_rfc3339(text: &str) -> Option<Millis> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tower::ServiceExt;
+
+    /// The admin router on the discarding store, with `admin.token` set or not.
+    fn admin_router(token: Option<&str>) -> Result<Router, Box<dyn std::error::Error>> {
+        let token = token.map_or(String::new(), |token| {
+            format!("[admin]\ntoken = \"{token}\"\n")
+        });
+        let config = Config::from_sources(
+            &format!("{token}[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n"),
+            HashMap::new(),
+        )?;
+        Ok(router(AdminState {
+            config: Arc::new(config),
+            store: Store::discarding(),
+            paused: Paused::new(Vec::new()),
+            active: Vec::new(),
+            redactor: Redactor::new(Vec::new()),
+            status: telemetry::SinkStatus::default(),
+        }))
+    }
+
+    /// The status of `GET path` from `peer`, with `bearer` as its token.
+    async fn status_from(
+        router: &Router,
+        path: &str,
+        peer: &str,
+        bearer: Option<&str>,
+    ) -> Result<u16, Box<dyn std::error::Error>> {
+        let mut request = Request::get(path);
+        if let Some(bearer) = bearer {
+            request = request.header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        }
+        let mut request = request.body(axum::body::Body::empty())?;
+        request
+            .extensions_mut()
+            .insert(ConnectInfo(peer.parse::<SocketAddr>()?));
+        Ok(router.clone().oneshot(request).await?.status().as_u16())
+    }
+
+    /// Without `admin.token`, `/admin` answers only loopback peers (IPv4, IPv6, and IPv4 on an
+    /// IPv6 socket); `/metrics` and `/healthz` answer everyone. With a token, the token decides
+    /// wherever the client is.
+    #[tokio::test]
+    async fn without_a_token_the_admin_api_answers_only_this_machine()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let open = admin_router(None)?;
+        for peer in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+            assert_eq!(
+                status_from(&open, "/admin/paused", peer, None).await?,
+                200,
+                "{peer}"
+            );
+        }
+        for peer in [
+            "10.0.0.7:5000",
+            "[fd00::7]:5000",
+            "[::ffff:172.17.0.1]:5000",
+        ] {
+            assert_eq!(
+                status_from(&open, "/admin/paused", peer, None).await?,
+                403,
+                "{peer}"
+            );
+            assert_eq!(
+                status_from(&open, "/admin/nothing", peer, None).await?,
+                403,
+                "{peer}"
+            );
+            assert_eq!(
+                status_from(&open, "/metrics", peer, None).await?,
+                200,
+                "{peer}"
+            );
+            assert_eq!(
+                status_from(&open, "/healthz", peer, None).await?,
+                200,
+                "{peer}"
+            );
+        }
+        let closed = admin_router(Some("t0ken"))?;
+        for peer in ["127.0.0.1:5000", "10.0.0.7:5000"] {
+            assert_eq!(
+                status_from(&closed, "/admin/paused", peer, None).await?,
+                401,
+                "{peer}"
+            );
+            assert_eq!(
+                status_from(&closed, "/admin/paused", peer, Some("t0ken")).await?,
+                200,
+                "{peer}"
+            );
+        }
+        Ok(())
+    }
 
     #[test]
     fn since_takes_rfc3339_in_either_case_and_refuses_signed_offset_hours() {

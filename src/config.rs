@@ -36,8 +36,39 @@ impl fmt::Display for Problem {
 pub enum ConfigError {
     #[error("cannot read config: {0}")]
     Load(#[from] config::ConfigError),
+    /// The TOML does not parse. The parser's own report quotes the line, which may hold a
+    /// secret (an unclosed `app_secret = "…`), so only its position and message are kept.
+    #[error("cannot read config: TOML syntax error at line {line}, column {column}: {message}")]
+    Syntax {
+        line: usize,
+        column: usize,
+        message: String,
+    },
     #[error("invalid config:\n{}", format_problems(.0))]
     Invalid(Vec<Problem>),
+}
+
+/// Parses `toml_text` only to report a syntax error without quoting the text.
+fn check_syntax(toml_text: &str) -> Result<(), ConfigError> {
+    let Err(error) = toml::from_str::<toml::Table>(toml_text) else {
+        return Ok(());
+    };
+    let offset = error
+        .span()
+        .map_or(0, |span| span.start)
+        .min(toml_text.len());
+    let before = toml_text.get(..offset).unwrap_or(toml_text);
+    let line = before.matches('\n').count() + 1;
+    let column = before
+        .rsplit('\n')
+        .next()
+        .map_or(0, |last| last.chars().count())
+        + 1;
+    Err(ConfigError::Syntax {
+        line,
+        column,
+        message: error.message().trim().to_owned(),
+    })
 }
 
 fn format_problems(problems: &[Problem]) -> String {
@@ -517,6 +548,7 @@ impl Config {
         toml_text: &str,
         environment: HashMap<String, String>,
     ) -> Result<Config, ConfigError> {
+        check_syntax(toml_text)?;
         let merged = config::Config::builder()
             .add_source(config::File::from_str(toml_text, config::FileFormat::Toml))
             .add_source(
@@ -1529,6 +1561,34 @@ mod tests {
                 "sinks.page_activities.page_tokens: expected a map; the value is not shown, it is a secret (from BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS)",
             ]
         );
+    }
+
+    /// A TOML syntax error is reported by line and column: the parser's own report quotes the
+    /// line, and with it a secret whose quote was never closed.
+    #[test]
+    fn a_syntax_error_names_its_place_without_quoting_the_line() {
+        for (text, line, column) in [
+            ("[messenger]\napp_secret = \"topsecretFILE\n", 2, 28),
+            ("[messenger]\napp_secret = topsecretFILE\n", 2, 14),
+            (
+                "[messenger]\napp_secret = \"topsecretFILE\"\napp_secret = \"topsecretFILE\"\n",
+                3,
+                1,
+            ),
+            ("[messenger\napp_secret = \"topsecretFILE\"\n", 1, 11),
+        ] {
+            let error = Config::from_sources(text, HashMap::new())
+                .err()
+                .map(|error| error.to_string())
+                .unwrap_or_default();
+            assert!(
+                error.starts_with(&format!(
+                    "cannot read config: TOML syntax error at line {line}, column {column}: "
+                )),
+                "{text:?}: {error}"
+            );
+            assert!(!error.contains("topsecret"), "{text:?}: {error}");
+        }
     }
 
     #[test]

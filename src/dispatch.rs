@@ -265,7 +265,7 @@ fn record(route: &Route, settle: &Settle) {
             status,
             error,
         } => {
-            tracing::info!(?status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
+            tracing::info!(status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
             "retried"
         }
         Settle::Dead {
@@ -273,7 +273,7 @@ fn record(route: &Route, settle: &Settle) {
             error,
             attempted,
         } => {
-            tracing::warn!(?status, %error, attempted, "Delivery failed for good; dead-lettered");
+            tracing::warn!(status, %error, attempted, "Delivery failed for good; dead-lettered");
             "dead"
         }
         Settle::Skipped { reason } => {

@@ -102,20 +102,30 @@ pub async fn run_with_store(
         redactor: redactor.clone(),
         status: status.clone(),
     }));
+    let admin_token_set = state.config.admin.token.is_some();
     let public = with_request_ids(ingest::router(state));
 
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
     tracing::info!(public = %public_addr, admin = %admin_addr, "Listening");
+    if !admin_token_set && !admin_addr.ip().to_canonical().is_loopback() {
+        tracing::warn!(
+            admin = %admin_addr,
+            "admin.token is not set: /admin answers only clients on this machine; /metrics and /healthz answer everyone"
+        );
+    }
     let public_server = tokio::spawn(
         axum::serve(listeners.public, public)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .into_future(),
     );
     let admin_server = tokio::spawn(
-        axum::serve(listeners.admin, admin)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
+        axum::serve(
+            listeners.admin,
+            admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .into_future(),
     );
     let dispatcher = Dispatcher {
         store: store.clone(),

@@ -7,7 +7,7 @@ use botrelay::admin::{
     DeadLetterView, ErrorBody, MAX_LIMIT, PauseState, PausedUser, ReplayRequest, Replayed, Since,
     SinkView,
 };
-use botrelay::config::{Config, ConfigError, DEFAULT_PATH};
+use botrelay::config::{Config, ConfigError, DEFAULT_PATH, SinkName};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -200,7 +200,7 @@ fn main() -> ExitCode {
 fn load_config(path: &Path, explicit: bool) -> Result<Config, ExitCode> {
     Config::load(path, explicit).map_err(|error| {
         eprintln!("botrelay: {error}");
-        if matches!(error, ConfigError::Invalid(_)) {
+        if matches!(error, ConfigError::Invalid(_) | ConfigError::Syntax { .. }) {
             eprintln!(
                 "(config file: {}; see config/botrelay.example.toml)",
                 path.display()
@@ -211,17 +211,32 @@ fn load_config(path: &Path, explicit: bool) -> Result<Config, ExitCode> {
 }
 
 fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
-    println!("config OK ({})", path.display());
+    if path.exists() {
+        println!("config OK ({})", path.display());
+    } else {
+        println!(
+            "config OK (no file at {}; environment only)",
+            path.display()
+        );
+    }
+    // The kinds and the reasons line up in one column, after the longest sink name.
+    let width = SinkName::ALL
+        .iter()
+        .map(|name| name.as_str().len())
+        .max()
+        .unwrap_or(0)
+        + 1;
+    let active_width = width + "disabled".len() - "active".len();
     for sink in &config.sinks {
         let kinds: Vec<&str> = sink.kinds.iter().map(|kind| kind.as_str()).collect();
         println!(
-            "  active sink {:<16} kinds: {}",
+            "  active sink {:<active_width$}kinds: {}",
             sink.name.as_str(),
             kinds.join(", ")
         );
     }
     for (name, reason) in &config.disabled_sinks {
-        println!("  disabled sink {:<14} {reason}", name.as_str());
+        println!("  disabled sink {:<width$}{reason}", name.as_str());
     }
     if config.sinks.is_empty() {
         println!("  no sink is active: events will be stored and acknowledged, and go nowhere");
@@ -243,8 +258,13 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let public = tokio::net::TcpListener::bind(config.server.listen).await?;
-        let admin = tokio::net::TcpListener::bind(config.admin.listen).await?;
+        let bind = |key: &'static str, address: std::net::SocketAddr| async move {
+            tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|error| anyhow::anyhow!("cannot listen on {key} {address}: {error}"))
+        };
+        let public = bind("server.listen", config.server.listen).await?;
+        let admin = bind("admin.listen", config.admin.listen).await?;
         botrelay::run(
             config,
             botrelay::Listeners { public, admin },

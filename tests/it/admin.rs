@@ -3,7 +3,8 @@
 //! and redaction through the real subscriber.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, spawn_app, text_message,
+    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, relay_command, spawn_app,
+    text_message,
 };
 use botrelay::admin::{DeadLetterView, PauseState, PausedUser, SinkView};
 use botrelay::config::{LogConfig, LogFormat};
@@ -573,14 +574,9 @@ async fn botrelay(args: &[&str], env: &[(&str, &str)]) -> TestResult<Output> {
         .collect();
     let dir = tempfile::tempdir()?;
     let output = tokio::task::spawn_blocking(move || {
-        let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"));
-        for (name, _) in std::env::vars().filter(|(name, _)| name.starts_with("BOTRELAY")) {
-            command.env_remove(name);
-        }
-        command
+        relay_command()
             .args(&args)
             .envs(env)
-            .env_remove("RUST_LOG")
             .current_dir(dir.path())
             .output()
     })
@@ -1066,6 +1062,7 @@ async fn json_logs_carry_request_ids_and_delivery_spans_and_no_secret() -> TestR
     assert_eq!(dead["span"]["sink"], "bot");
     assert_eq!(dead["span"]["kind"], "message");
     assert_eq!(dead["span"]["attempt"], 1);
+    assert_eq!(dead["status"], 400, "{dead}");
     assert_eq!(
         dead["error"],
         "HTTP 400: {\"error\":\"bad signature for secret [redacted]\"}"
@@ -1131,6 +1128,7 @@ fn check_config_lists_active_and_disabled_sinks() -> TestResult {
          [sinks.dashbot]\napi_key = \"dash-key\"\n[sinks.kochava]\ninclude_text = true\n",
     )?;
     assert_eq!(code, 0, "{stdout}");
+    assert!(stdout.starts_with("config OK ("), "{stdout}");
     assert!(stdout.contains("active sink bot"), "{stdout}");
     assert!(stdout.contains("active sink dashbot"), "{stdout}");
     let disabled = stdout
@@ -1142,6 +1140,50 @@ fn check_config_lists_active_and_disabled_sinks() -> TestResult {
         "{disabled}"
     );
     assert!(!stdout.contains("dash-key") && !stdout.contains("s3cret-app"));
+    Ok(())
+}
+
+/// Without a file at the default path, `check-config` says the config came from the
+/// environment alone (as in the container image), instead of naming a file it never read.
+#[test]
+fn check_config_without_a_file_says_environment_only() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .arg("check-config")
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BOTRELAY__MESSENGER__APP_SECRET", "s3cret-app")
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
+        .output()?;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).lines().next(),
+        Some("config OK (no file at config/botrelay.toml; environment only)")
+    );
+    Ok(())
+}
+
+/// A listen address in use stops the relay with the key and the address, not a bare OS error.
+#[test]
+fn a_listen_address_in_use_is_named_by_key() -> TestResult {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = taken.local_addr()?;
+    let dir = tempfile::tempdir()?;
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .current_dir(dir.path())
+        .env_clear()
+        .env("BOTRELAY__MESSENGER__APP_SECRET", "s3cret-app")
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
+        .env("BOTRELAY__SERVER__LISTEN", "127.0.0.1:0")
+        .env("BOTRELAY__ADMIN__LISTEN", address.to_string())
+        .env("BOTRELAY__STORE__PATH", dir.path().join("relay.db"))
+        .output()?;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains(&format!("cannot listen on admin.listen {address}: ")),
+        "{}",
+        stderr(&output)
+    );
     Ok(())
 }
 
@@ -1193,18 +1235,21 @@ fn a_sink_without_credentials_is_named_in_one_log_line_at_start() -> TestResult 
             dir.path().join("botrelay.db").display()
         ),
     )?;
-    let mut relay = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+    let mut relay = relay_command()
         .arg("--config")
         .arg(&path)
         .env("BOTRELAY__MESSENGER__APP_SECRET", "s3cret-app")
         .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", "verify-me")
-        .env_remove("RUST_LOG")
         .stdout(std::process::Stdio::piped())
         .spawn()?;
     let stdout = relay.stdout.take().ok_or("no stdout")?;
     let mut start_up = Vec::new();
     for line in BufReader::new(stdout).lines() {
-        let entry: Value = serde_json::from_str(&line?).unwrap_or_default();
+        let line = line?;
+        let Ok(entry) = serde_json::from_str::<Value>(&line) else {
+            relay.kill()?;
+            return Err(format!("the relay's log is not JSON: {line}").into());
+        };
         let listening = entry["message"] == "Listening";
         start_up.push(entry);
         if listening {

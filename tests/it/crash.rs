@@ -2,22 +2,22 @@
 //! the restart, and SIGTERM shuts down cleanly with exit 0.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, post_signed, text_message,
+    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, post_signed, relay_command, terminate,
+    text_message,
 };
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::Duration;
 
 /// The real binary, started on port 0; returns it with its public address (read from its log).
 fn start_relay(config: &Path) -> TestResult<(Child, String)> {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_botrelay"))
+    let mut child = relay_command()
         .arg("--config")
         .arg(config)
         .env("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)
         .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN)
-        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()?;
@@ -25,7 +25,10 @@ fn start_relay(config: &Path) -> TestResult<(Child, String)> {
     let mut lines = BufReader::new(stdout).lines();
     let address = loop {
         let line = lines.next().ok_or("the relay exited before listening")??;
-        let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+        let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
+            child.kill()?;
+            return Err(format!("the relay's log is not JSON: {line}").into());
+        };
         if entry["message"] == "Listening" {
             break entry["public"]
                 .as_str()
@@ -133,10 +136,7 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     );
 
     // SIGTERM: graceful shutdown, exit 0.
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(relay.id().to_string())
-        .status()?;
+    terminate(&relay)?;
     let status = relay.wait()?;
     assert!(status.success(), "exit status after SIGTERM: {status}");
     Ok(())

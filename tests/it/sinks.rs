@@ -6,7 +6,8 @@
 //! log, which must never contain a secret (SPEC §1).
 
 use crate::support::{
-    APP_SECRET, MockSink, Received, Reply, TestApp, TestResult, fixture, spawn_app, text_message,
+    APP_SECRET, MockSink, Received, Reply, TestApp, TestResult, fixture, relay_command, spawn_app,
+    terminate, text_message,
 };
 use botrelay::ingest::verify::{appsecret_proof, sign_sha256};
 use botrelay::store::{DeadLetterFilter, now_ms};
@@ -15,7 +16,7 @@ use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
 use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -1222,11 +1223,10 @@ async fn start_logging_relay(
     config: &Path,
     env: &[(&str, &str)],
 ) -> TestResult<(Relay, String, String)> {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_botrelay"));
+    let mut command = relay_command();
     command
         .arg("--config")
         .arg(config)
-        .env_remove("RUST_LOG")
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (name, value) in env {
@@ -1495,10 +1495,7 @@ async fn no_secret_reaches_any_log_line() -> TestResult {
     }
 
     // SIGTERM, and the whole output.
-    Command::new("kill")
-        .arg("-TERM")
-        .arg(relay.child.id().to_string())
-        .status()?;
+    terminate(&relay.child)?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let status = loop {
         if let Some(status) = relay.child.try_wait()? {

@@ -38,6 +38,30 @@ pub struct TestApp {
     dir: Option<tempfile::TempDir>,
 }
 
+/// The `botrelay` binary as a command, without anything from the caller's environment that
+/// would change its config or its log (`BOTRELAY*`, `RUST_LOG`): a developer's exported
+/// `BOTRELAY__LOG__FORMAT=pretty` must not change what a test reads.
+pub fn relay_command() -> std::process::Command {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"));
+    for (name, _) in std::env::vars_os() {
+        if name.to_string_lossy().starts_with("BOTRELAY") {
+            command.env_remove(name);
+        }
+    }
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// Sends SIGTERM to a child process (what `docker stop` and Kubernetes send).
+pub fn terminate(child: &std::process::Child) -> TestResult {
+    let pid = i32::try_from(child.id())?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    Ok(())
+}
+
 /// Starts the relay with `[messenger]` secrets set and `extra` TOML appended.
 pub async fn spawn_app(extra: &str) -> TestResult<TestApp> {
     spawn_app_with_env(extra, &[]).await
