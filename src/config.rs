@@ -558,12 +558,19 @@ impl Config {
                     .source(Some(environment)),
             )
             .build()?;
-        let (raw, mut problems) = deserialize_every_key(config::Source::collect(&merged)?)?;
+        let tree = config::Source::collect(&merged)?;
+        let (raw, mut problems) = deserialize_every_key(tree.clone())?;
         match validate(raw) {
             Ok(config) if problems.is_empty() => Ok(config),
             Ok(_) => Err(ConfigError::Invalid(problems)),
             Err(ConfigError::Invalid(more)) => {
-                problems.extend(more);
+                // A value from the environment wins over the file: say so, or the operator
+                // looks for it in the file.
+                problems.extend(more.into_iter().map(|mut problem| {
+                    let origin = lookup(&tree, &problem.key).and_then(config::Value::origin);
+                    problem.message.push_str(&origin_note(&problem.key, origin));
+                    problem
+                }));
                 Err(ConfigError::Invalid(problems))
             }
             Err(other) => Err(other),
@@ -1561,6 +1568,22 @@ mod tests {
                 "sinks.page_activities.page_tokens: expected a map; the value is not shown, it is a secret (from BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS)",
             ]
         );
+    }
+
+    /// A bad value from the environment (which wins over the file) is reported with the
+    /// variable it came from; one from the file without.
+    #[test]
+    fn a_bad_value_from_the_environment_names_its_variable() {
+        let from_env = problems(MINIMAL, &[("BOTRELAY__SERVER__LISTEN", "8080")]);
+        assert_eq!(from_env.len(), 1, "{from_env:?}");
+        assert!(
+            from_env[0].starts_with("server.listen: ")
+                && from_env[0].ends_with(" (from BOTRELAY__SERVER__LISTEN)"),
+            "{from_env:?}"
+        );
+        let from_file = problems(&format!("{MINIMAL}[server]\nlisten = \"8080\"\n"), &[]);
+        assert_eq!(from_file.len(), 1, "{from_file:?}");
+        assert!(!from_file[0].contains("(from "), "{from_file:?}");
     }
 
     /// A TOML syntax error is reported by line and column: the parser's own report quotes the
