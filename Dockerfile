@@ -32,10 +32,14 @@ EXPOSE 8080 9091
 # Config comes from the environment (BOTRELAY__SECTION__KEY); a file can be mounted and named
 # with -e BOTRELAY_CONFIG=/etc/botrelay/botrelay.toml. The admin listener binds all interfaces
 # inside the container so that `-p 9091:9091` works: publish it only on a private network, and
-# set BOTRELAY__ADMIN__TOKEN.
+# set BOTRELAY__ADMIN__TOKEN (without it, /admin answers only inside the container).
 ENV BOTRELAY__STORE__PATH=/data/botrelay.db \
     BOTRELAY__SERVER__LISTEN=0.0.0.0:8080 \
     BOTRELAY__ADMIN__LISTEN=0.0.0.0:9091 \
     BOTRELAY__LOG__FORMAT=json
+# Ready = GET /readyz on server.listen answers 200 (the store is writable); the slim image has
+# no curl, so the binary asks itself.
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["/usr/local/bin/botrelay", "healthcheck"]
 ENTRYPOINT ["/usr/bin/tini", "--", "/usr/local/bin/botrelay"]
 CMD ["serve"]

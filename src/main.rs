@@ -70,6 +70,13 @@ enum Command {
         #[command(flatten)]
         admin: AdminArgs,
     },
+    /// Exit 0 when the relay on this machine is ready (GET /readyz on server.listen), else 1:
+    /// for a container HEALTHCHECK, which has no curl.
+    Healthcheck {
+        /// The relay's public base URL [default: http://<server.listen> from the config].
+        #[arg(long)]
+        url: Option<String>,
+    },
     /// Print a curl command that POSTs a webhook body file with a valid X-Hub-Signature-256.
     Sign {
         /// The webhook body (JSON), sent byte for byte.
@@ -186,6 +193,7 @@ fn main() -> ExitCode {
         }
         Command::Paused { admin } => client_command(&path, explicit, ClientCommand::Paused(admin)),
         Command::Sinks { admin } => client_command(&path, explicit, ClientCommand::Sinks(admin)),
+        Command::Healthcheck { url } => healthcheck(&path, explicit, url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -816,6 +824,47 @@ fn one_line(text: &str, max: usize) -> String {
 
 // ---------------------------------------------------------------------------------------------
 // `sign`: a signed test webhook for a new user.
+
+/// `GET {url}/readyz` within a few seconds: prints `ready`, or why not (exit 1).
+fn healthcheck(config_path: &Path, explicit: bool, url: Option<String>) -> Result<(), CliError> {
+    let base = match url {
+        Some(url) => url,
+        None => {
+            let config = ClientConfig::load(config_path, explicit)?;
+            connect_url(
+                config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
+                "0.0.0.0:8080",
+            )?
+        }
+    };
+    let url = format!("{}/readyz", base.trim_end_matches('/'));
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))?;
+    runtime.block_on(async move {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|error| CliError::Runtime(format!("cannot build the HTTP client: {error}")))?;
+        let response = http.get(&url).send().await.map_err(|error| {
+            CliError::Runtime(format!(
+                "not ready: {error} (is the relay running? see server.listen or --url)"
+            ))
+        })?;
+        let status = response.status();
+        let body = response.text().await.unwrap_or_default();
+        if status.is_success() {
+            println!("ready");
+            Ok(())
+        } else {
+            Err(CliError::Runtime(format!(
+                "not ready: {url} answered {status}: {}",
+                body.trim()
+            )))
+        }
+    })
+}
 
 fn sign(
     config_path: &Path,

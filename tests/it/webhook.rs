@@ -232,6 +232,10 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
             .status(),
         200
     );
+    // `botrelay healthcheck` (the image's HEALTHCHECK) finds the relay at server.listen.
+    let listen = app.url.trim_start_matches("http://").to_owned();
+    let (code, stdout, _) = healthcheck(&[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
+    assert_eq!((code, stdout.trim()), (Some(0), "ready"));
     let mut saw_503 = false;
     for index in 0..200 {
         let body = text_message(
@@ -270,7 +274,36 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
             .status(),
         200
     );
+    let (code, _, stderr) = healthcheck(&[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("not ready: ") && stderr.contains("answered 503"),
+        "{stderr}"
+    );
     app.stop().await
+}
+
+/// Runs `botrelay healthcheck` with `env` (off the test's runtime, which serves the relay);
+/// its exit code, stdout and stderr.
+async fn healthcheck(env: &[(&str, &str)]) -> TestResult<(Option<i32>, String, String)> {
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let output = tokio::task::spawn_blocking(move || {
+        crate::support::relay_command()
+            .arg("healthcheck")
+            .envs(env)
+            .current_dir(dir.path())
+            .output()
+    })
+    .await??;
+    Ok((
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    ))
 }
 
 #[tokio::test]
