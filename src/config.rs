@@ -48,8 +48,9 @@ pub enum ConfigError {
     Invalid(Vec<Problem>),
 }
 
-/// Parses `toml_text` only to report a syntax error without quoting the text.
-fn check_syntax(toml_text: &str) -> Result<(), ConfigError> {
+/// Parses `toml_text` only to report a syntax error without quoting the text (the relay's and
+/// the client commands' one way to read a config file's syntax).
+pub fn check_syntax(toml_text: &str) -> Result<(), ConfigError> {
     let Err(error) = toml::from_str::<toml::Table>(toml_text) else {
         return Ok(());
     };

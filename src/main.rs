@@ -345,6 +345,9 @@ impl ClientConfig {
             }
             Err(_) => String::new(),
         };
+        botrelay::config::check_syntax(&text).map_err(|error| {
+            CliError::Usage(format!("{error} (config file: {})", path.display()))
+        })?;
         let settings = config::Config::builder()
             .add_source(config::File::from_str(&text, config::FileFormat::Toml))
             .add_source(
@@ -370,6 +373,23 @@ impl ClientConfig {
     }
 }
 
+/// The relay's public listener (`server.listen`) as a URL to connect to.
+fn public_url(config_path: &Path, explicit: bool) -> Result<String, CliError> {
+    let config = ClientConfig::load(config_path, explicit)?;
+    connect_url(
+        config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
+        "0.0.0.0:8080",
+    )
+}
+
+/// The runtime of a client command: one thread is plenty.
+fn cli_runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))
+}
+
 /// A listen address as a URL to connect to: `0.0.0.0` and `::` become the loopback address.
 fn connect_url(listen: &str, default: &str) -> Result<String, CliError> {
     let mut address: SocketAddr = listen
@@ -386,10 +406,7 @@ fn connect_url(listen: &str, default: &str) -> Result<String, CliError> {
 
 fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result<(), CliError> {
     let config = ClientConfig::load(path, explicit)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))?;
+    let runtime = cli_runtime()?;
     runtime.block_on(async move {
         match command {
             ClientCommand::DeadLetters(DeadLetters::List {
@@ -829,19 +846,10 @@ fn one_line(text: &str, max: usize) -> String {
 fn healthcheck(config_path: &Path, explicit: bool, url: Option<String>) -> Result<(), CliError> {
     let base = match url {
         Some(url) => url,
-        None => {
-            let config = ClientConfig::load(config_path, explicit)?;
-            connect_url(
-                config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
-                "0.0.0.0:8080",
-            )?
-        }
+        None => public_url(config_path, explicit)?,
     };
     let url = format!("{}/readyz", base.trim_end_matches('/'));
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))?;
+    let runtime = cli_runtime()?;
     runtime.block_on(async move {
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
@@ -891,14 +899,7 @@ fn sign(
     }
     let url = match url {
         Some(url) => url,
-        None => {
-            let config = ClientConfig::load(config_path, explicit)?;
-            let base = connect_url(
-                config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
-                "0.0.0.0:8080",
-            )?;
-            format!("{base}/webhook")
-        }
+        None => format!("{}/webhook", public_url(config_path, explicit)?),
     };
     println!("curl -sS -X POST {} \\", shell_quote(&url));
     println!("  -H 'Content-Type: application/json' \\");

@@ -1400,6 +1400,45 @@ async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -
     app.stop().await
 }
 
+/// A config file that does not parse (a secret's closing quote missing) is reported by line and
+/// column by the relay and by the client commands alike, never by quoting the line.
+#[tokio::test]
+async fn a_config_syntax_error_never_prints_the_line() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("relay.toml");
+    std::fs::write(
+        &path,
+        "[messenger]\napp_secret = \"unclosed-s3cret-value\n[admin]\ntoken = \"t\"\n",
+    )?;
+    let config = path.display().to_string();
+    for command in [
+        &["--config", &config, "check-config"][..],
+        &["--config", &config][..],
+        &["--config", &config, "sinks"][..],
+        &["--config", &config, "healthcheck"][..],
+    ] {
+        let output = botrelay(command, &[]).await?;
+        assert_eq!(
+            output.status.code(),
+            Some(2),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            stderr(&output).contains("TOML syntax error at line 2, column "),
+            "{command:?}: {}",
+            stderr(&output)
+        );
+        assert!(
+            !stderr(&output).contains("unclosed-s3cret")
+                && !stdout(&output).contains("unclosed-s3cret"),
+            "{command:?} printed the secret: {}",
+            stderr(&output)
+        );
+    }
+    Ok(())
+}
+
 /// A page token set where a table belongs (an env var is always a string) is reported by key,
 /// and neither `check-config` nor `serve` prints the token.
 #[tokio::test]
