@@ -466,6 +466,10 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                 if admin.json {
                     return print_json(&sinks);
                 }
+                if sinks.is_empty() {
+                    println!("no sinks: the relay's config enables none, and the store holds no deliveries");
+                    return Ok(());
+                }
                 let dash = || "-".to_owned();
                 let rows = sinks
                     .into_iter()

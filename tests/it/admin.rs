@@ -1400,6 +1400,20 @@ async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -
     app.stop().await
 }
 
+/// `botrelay sinks` against a relay without any sink says so rather than printing nothing; the
+/// admin API without a token answers it on loopback.
+#[tokio::test]
+async fn cli_sinks_without_any_sink_says_so() -> TestResult {
+    let app = spawn_app("").await?;
+    let output = botrelay(&["sinks", "--admin-url", &app.admin_url], &[]).await?;
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output).trim(),
+        "no sinks: the relay's config enables none, and the store holds no deliveries"
+    );
+    app.stop().await
+}
+
 /// A config file that does not parse (a secret's closing quote missing) is reported by line and
 /// column by the relay and by the client commands alike, never by quoting the line.
 #[tokio::test]
