@@ -11,12 +11,14 @@ use crate::store::{
 use crate::telemetry::{self, Redactor};
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::connect_info::Connected;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::serve::IncomingStream;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -50,7 +52,7 @@ pub enum AdminError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error(
-        "admin.token is not set, so the admin API answers only on this machine (loopback); set admin.token (BOTRELAY__ADMIN__TOKEN) to use it from elsewhere"
+        "admin.token is not set, so the admin API answers only clients on this machine, not through a proxy; set admin.token (BOTRELAY__ADMIN__TOKEN) to use it from elsewhere"
     )]
     TokenRequired,
     #[error("unknown sink `{0}`; expected one of: {known}", known = known_sinks())]
@@ -244,10 +246,40 @@ pub fn router(state: AdminState) -> Router {
         .with_state(state)
 }
 
+/// Both ends of an admin connection, for the rule that without a token only this machine may
+/// use `/admin` (serve the router with `into_make_service_with_connect_info::<AdminPeer>()`).
+#[derive(Debug, Clone, Copy)]
+pub struct AdminPeer {
+    remote: SocketAddr,
+    /// The address the client connected to (not the listener's `0.0.0.0`).
+    local: Option<SocketAddr>,
+}
+
+impl AdminPeer {
+    /// A client on this machine: a loopback address, or this host's own address (a client
+    /// that connects to the listener's private address comes from that address).
+    fn is_this_machine(&self) -> bool {
+        let remote = self.remote.ip().to_canonical();
+        remote.is_loopback()
+            || self
+                .local
+                .is_some_and(|local| local.ip().to_canonical() == remote)
+    }
+}
+
+impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for AdminPeer {
+    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        AdminPeer {
+            remote: *stream.remote_addr(),
+            local: stream.io().local_addr().ok(),
+        }
+    }
+}
+
 /// Refuses `/admin` and everything under it without the right bearer token (when one is set),
 /// unknown paths included, so that nothing about the API is learnt without it. Without a
-/// token, `/admin` answers only clients on this machine (a loopback peer): a listener on every
-/// interface (as in the container image) must not let the network pause users or replay.
+/// token, `/admin` answers only clients on this machine, and not through a proxy: a listener on
+/// every interface (as in the container image) must not let the network pause users or replay.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let protected = path == "/admin" || path.starts_with("/admin/");
@@ -260,11 +292,15 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
         }
         Some(_) => {}
         None => {
-            let peer = request
+            let local = request
                 .extensions()
-                .get::<ConnectInfo<SocketAddr>>()
-                .map(|ConnectInfo(peer)| peer.ip().to_canonical());
-            if !peer.is_some_and(|peer| peer.is_loopback()) {
+                .get::<ConnectInfo<AdminPeer>>()
+                .is_some_and(|ConnectInfo(peer)| peer.is_this_machine());
+            // A proxy on this machine makes every client look local; it says who they are.
+            let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
+                .iter()
+                .any(|name| request.headers().contains_key(*name));
+            if !local || forwarded {
                 return AdminError::TokenRequired.into_response();
             }
         }
@@ -687,34 +723,41 @@ mod tests {
         }))
     }
 
-    /// The status of `GET path` from `peer`, with `bearer` as its token.
+    /// The status of `GET path` from `peer`, with `headers`.
     async fn status_from(
         router: &Router,
         path: &str,
         peer: &str,
-        bearer: Option<&str>,
+        headers: &[(&str, &str)],
     ) -> Result<u16, Box<dyn std::error::Error>> {
         let mut request = Request::get(path);
-        if let Some(bearer) = bearer {
-            request = request.header(header::AUTHORIZATION, format!("Bearer {bearer}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
         }
         let mut request = request.body(axum::body::Body::empty())?;
-        request
-            .extensions_mut()
-            .insert(ConnectInfo(peer.parse::<SocketAddr>()?));
+        request.extensions_mut().insert(ConnectInfo(AdminPeer {
+            remote: peer.parse()?,
+            local: Some("10.0.0.5:9091".parse()?),
+        }));
         Ok(router.clone().oneshot(request).await?.status().as_u16())
     }
 
-    /// Without `admin.token`, `/admin` answers only loopback peers (IPv4, IPv6, and IPv4 on an
-    /// IPv6 socket); `/metrics` and `/healthz` answer everyone. With a token, the token decides
-    /// wherever the client is.
+    /// Without `admin.token`, `/admin` answers only this machine: loopback peers (IPv4, IPv6,
+    /// and IPv4 on an IPv6 socket) and a peer at the address it connected to (the listener's
+    /// own private address, here 10.0.0.5); `/metrics` and `/healthz` answer everyone. With a
+    /// token, the token decides wherever the client is.
     #[tokio::test]
     async fn without_a_token_the_admin_api_answers_only_this_machine()
     -> Result<(), Box<dyn std::error::Error>> {
         let open = admin_router(None)?;
-        for peer in ["127.0.0.1:5000", "[::1]:5000", "[::ffff:127.0.0.1]:5000"] {
+        for peer in [
+            "127.0.0.1:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+            "10.0.0.5:5000",
+        ] {
             assert_eq!(
-                status_from(&open, "/admin/paused", peer, None).await?,
+                status_from(&open, "/admin/paused", peer, &[]).await?,
                 200,
                 "{peer}"
             );
@@ -725,35 +768,53 @@ mod tests {
             "[::ffff:172.17.0.1]:5000",
         ] {
             assert_eq!(
-                status_from(&open, "/admin/paused", peer, None).await?,
+                status_from(&open, "/admin/paused", peer, &[]).await?,
                 403,
                 "{peer}"
             );
             assert_eq!(
-                status_from(&open, "/admin/nothing", peer, None).await?,
+                status_from(&open, "/admin/nothing", peer, &[]).await?,
                 403,
                 "{peer}"
             );
             assert_eq!(
-                status_from(&open, "/metrics", peer, None).await?,
+                status_from(&open, "/metrics", peer, &[]).await?,
                 200,
                 "{peer}"
             );
             assert_eq!(
-                status_from(&open, "/healthz", peer, None).await?,
+                status_from(&open, "/healthz", peer, &[]).await?,
                 200,
                 "{peer}"
+            );
+        }
+        // A proxy on this machine: the client it names is not this machine.
+        for forwarded in [
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-real-ip", "203.0.113.9"),
+        ] {
+            assert_eq!(
+                status_from(&open, "/admin/paused", "127.0.0.1:5000", &[forwarded]).await?,
+                403,
+                "{forwarded:?}"
             );
         }
         let closed = admin_router(Some("t0ken"))?;
         for peer in ["127.0.0.1:5000", "10.0.0.7:5000"] {
             assert_eq!(
-                status_from(&closed, "/admin/paused", peer, None).await?,
+                status_from(&closed, "/admin/paused", peer, &[]).await?,
                 401,
                 "{peer}"
             );
             assert_eq!(
-                status_from(&closed, "/admin/paused", peer, Some("t0ken")).await?,
+                status_from(
+                    &closed,
+                    "/admin/paused",
+                    peer,
+                    &[("authorization", "Bearer t0ken")]
+                )
+                .await?,
                 200,
                 "{peer}"
             );

@@ -135,17 +135,7 @@ impl Client {
                     body.extend_from_slice(&chunk[..chunk.len().min(room)]);
                 }
                 Ok(None) => break,
-                // The status is in, so the sink has answered: a body that stalls past the
-                // timeout or breaks off is read as far as it came. Retrying because of it would
-                // send a 2xx's event again, and lose a 4xx's status.
-                Err(error) => {
-                    tracing::debug!(
-                        status,
-                        error = %transport_failure_text(&error),
-                        "The sink's answer ended before its body did"
-                    );
-                    break;
-                }
+                Err(error) => return cut_off(status, &headers, &body, &error),
             }
         }
         let response = Response {
@@ -199,6 +189,29 @@ pub fn describe(response: &Response<'_>) -> String {
 pub fn excerpt(body: &[u8]) -> String {
     let text = String::from_utf8_lossy(&body[..body.len().min(EXCERPT_BYTES)]);
     text.trim().to_owned()
+}
+
+/// An answer whose body stalled past the timeout or broke off after its status. A 2xx is
+/// delivered: the sink has the event, and sending it again would deliver it twice. Anything
+/// else is retried with its status, whatever the status table says: the body a sink's
+/// classifier reads (a Graph rate limit comes as HTTP 400 with its code in the body) is
+/// incomplete, so the answer cannot be known to be final.
+fn cut_off(status: u16, headers: &HeaderMap, body: &[u8], error: &reqwest::Error) -> Outcome {
+    let reason = transport_failure_text(error);
+    if (200..300).contains(&status) {
+        tracing::debug!(status, error = %reason, "The sink's answer ended before its body did");
+        return Outcome::Delivered { status };
+    }
+    let response = Response {
+        status,
+        headers,
+        body,
+    };
+    Outcome::Retry {
+        status: Some(status),
+        after: retry_after(headers, SystemTime::now()),
+        error: format!("{} (the answer was cut off: {reason})", describe(&response)),
+    }
 }
 
 fn transport_failure(error: &reqwest::Error) -> Outcome {

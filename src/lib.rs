@@ -111,7 +111,7 @@ pub async fn run_with_store(
     if !admin_token_set && !admin_addr.ip().to_canonical().is_loopback() {
         tracing::warn!(
             admin = %admin_addr,
-            "admin.token is not set: /admin answers only clients on this machine; /metrics and /healthz answer everyone"
+            "admin.token is not set: /admin answers only clients on this machine (not through a proxy); /metrics and /healthz answer everyone"
         );
     }
     let public_server = tokio::spawn(
@@ -122,7 +122,7 @@ pub async fn run_with_store(
     let admin_server = tokio::spawn(
         axum::serve(
             listeners.admin,
-            admin.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+            admin.into_make_service_with_connect_info::<admin::AdminPeer>(),
         )
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .into_future(),

@@ -193,7 +193,16 @@ fn main() -> ExitCode {
         }
         Command::Paused { admin } => client_command(&path, explicit, ClientCommand::Paused(admin)),
         Command::Sinks { admin } => client_command(&path, explicit, ClientCommand::Sinks(admin)),
-        Command::Healthcheck { url } => healthcheck(&path, explicit, url),
+        // Docker's HEALTHCHECK reserves exit code 2: every failure is 1 ("unhealthy").
+        Command::Healthcheck { url } => {
+            return match healthcheck(&path, explicit, url) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    eprintln!("botrelay: {error}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -527,12 +536,15 @@ impl AdminClient {
                 "127.0.0.1:9091",
             )?,
         };
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
-            .build()
-            .map_err(|error| {
-                CliError::Runtime(format!("cannot create the HTTP client: {error}"))
-            })?;
+        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(60));
+        // admin.listen is this machine's own listener: an HTTP_PROXY must not be asked for it
+        // (with --admin-url the operator chose the way, proxy included).
+        if args.admin_url.is_none() {
+            http = http.no_proxy();
+        }
+        let http = http.build().map_err(|error| {
+            CliError::Runtime(format!("cannot create the HTTP client: {error}"))
+        })?;
         Ok(AdminClient {
             http,
             base,
@@ -663,7 +675,10 @@ async fn list_dead_letters(
 }
 
 /// Replays in chunks of ids, printing `replayed N/TOTAL` as it goes when there is more than one
-/// chunk. Without `--id`, lists the matching letters first (up to 10000 at a time).
+/// chunk. Without `--id`, lists the matching letters first (up to 10000 at a time), sink by
+/// sink: only the enabled sinks' letters are listed for replay (a letter of a sink that is not
+/// enabled stays dead, so listing it again would return the same page forever), and the
+/// others are counted.
 async fn replay(
     client: &AdminClient,
     filter: &FilterArgs,
@@ -695,75 +710,170 @@ async fn replay(
         ));
     }
     let since = resolve_since(filter)?;
-    let chunk = chunk.max(1);
-    let template = ReplayRequest {
-        sink: filter.sink.clone(),
-        user: filter.user.clone(),
-        since: since.map(Since::Millis),
-        ids: None,
+    let mut run = ReplayRun {
+        client,
+        since,
+        chunk: chunk.max(1),
+        json,
+        replayed: 0,
+        total: 0,
+        left_dead: BTreeMap::new(),
     };
-    let mut replayed = 0usize;
-    let mut left_dead: BTreeMap<String, usize> = BTreeMap::new();
-    let mut total = 0usize;
-    let mut seen: HashSet<i64> = HashSet::new();
-    let mut explicit_ids = (!ids.is_empty()).then_some(ids);
-    loop {
-        // The ids of this round: the given ones, or the letters that match now and were not
-        // replayed yet (a replayed letter that fails again is dead again, with the same id).
-        let (batch, more) = match explicit_ids.take() {
-            Some(ids) => (ids, false),
-            None => {
-                let letters = client.dead_letters(filter, since, MAX_LIMIT).await?;
-                let full = letters.len() == MAX_LIMIT as usize;
-                let fresh: Vec<i64> = letters
-                    .iter()
-                    .map(|letter| letter.id)
-                    .filter(|id| seen.insert(*id))
-                    .collect();
-                (fresh, full)
+    if !ids.is_empty() {
+        run.replay_ids(filter, ids, false).await?;
+    } else {
+        let sinks: Vec<SinkView> = client
+            .send(client.http.get(client.url("/admin/sinks")))
+            .await?;
+        let enabled = |name: &str| sinks.iter().any(|sink| sink.sink == name && sink.enabled);
+        let names: Vec<String> = match &filter.sink {
+            // Not enabled: the relay refuses the replay, and says why.
+            Some(name) if !enabled(name) => {
+                let request = ReplayRequest {
+                    sink: Some(name.clone()),
+                    user: filter.user.clone(),
+                    since: since.map(Since::Millis),
+                    ids: None,
+                };
+                let _: Replayed = client
+                    .send(
+                        client
+                            .http
+                            .post(client.url("/admin/dead-letters/replay"))
+                            .json(&request),
+                    )
+                    .await?;
+                Vec::new()
             }
+            Some(name) => vec![name.clone()],
+            None => sinks
+                .iter()
+                .filter(|sink| sink.enabled)
+                .map(|sink| sink.sink.clone())
+                .collect(),
         };
-        if batch.is_empty() {
-            break;
-        }
-        total += batch.len();
-        let chunks = batch.chunks(chunk).count();
-        for ids in batch.chunks(chunk) {
-            let request = ReplayRequest {
-                ids: Some(ids.to_vec()),
-                ..template.clone()
+        for name in names {
+            let one_sink = FilterArgs {
+                sink: Some(name),
+                user: filter.user.clone(),
+                since: filter.since.clone(),
             };
-            let answer: Replayed = client
+            run.replay_listed(&one_sink).await?;
+        }
+        if filter.sink.is_none() {
+            for sink in sinks.iter().filter(|sink| !sink.enabled && sink.dead > 0) {
+                let one_sink = FilterArgs {
+                    sink: Some(sink.sink.clone()),
+                    user: filter.user.clone(),
+                    since: filter.since.clone(),
+                };
+                let left = client
+                    .dead_letters(&one_sink, since, MAX_LIMIT)
+                    .await?
+                    .len();
+                if left > 0 {
+                    run.left_dead.insert(sink.sink.clone(), left);
+                }
+            }
+        }
+    }
+    run.finish()
+}
+
+/// One `dead-letters replay` command's requests and its running totals.
+struct ReplayRun<'a> {
+    client: &'a AdminClient,
+    since: Option<i64>,
+    chunk: usize,
+    json: bool,
+    replayed: usize,
+    total: usize,
+    left_dead: BTreeMap<String, usize>,
+}
+
+impl ReplayRun<'_> {
+    /// Lists the letters that match `filter` and replays them, until none is left that was not
+    /// replayed yet (a replayed letter that fails again is dead again, with the same id).
+    async fn replay_listed(&mut self, filter: &FilterArgs) -> Result<(), CliError> {
+        let mut seen: HashSet<i64> = HashSet::new();
+        loop {
+            let letters = self
+                .client
+                .dead_letters(filter, self.since, MAX_LIMIT)
+                .await?;
+            let full = letters.len() == MAX_LIMIT as usize;
+            let fresh: Vec<i64> = letters
+                .iter()
+                .map(|letter| letter.id)
+                .filter(|id| seen.insert(*id))
+                .collect();
+            if fresh.is_empty() {
+                return Ok(());
+            }
+            self.replay_ids(filter, fresh, full).await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Replays `ids` (narrowed by `filter`) in chunks; `more` when further rounds may follow.
+    async fn replay_ids(
+        &mut self,
+        filter: &FilterArgs,
+        ids: Vec<i64>,
+        more: bool,
+    ) -> Result<(), CliError> {
+        self.total += ids.len();
+        let chunks = ids.chunks(self.chunk).count();
+        for ids in ids.chunks(self.chunk) {
+            let request = ReplayRequest {
+                sink: filter.sink.clone(),
+                user: filter.user.clone(),
+                since: self.since.map(Since::Millis),
+                ids: Some(ids.to_vec()),
+            };
+            let answer: Replayed = self
+                .client
                 .send(
-                    client
+                    self.client
                         .http
-                        .post(client.url("/admin/dead-letters/replay"))
+                        .post(self.client.url("/admin/dead-letters/replay"))
                         .json(&request),
                 )
                 .await?;
-            replayed += answer.replayed;
+            self.replayed += answer.replayed;
             for (sink, count) in answer.left_dead {
-                *left_dead.entry(sink).or_default() += count;
+                *self.left_dead.entry(sink).or_default() += count;
             }
-            if !json && (chunks > 1 || more) {
-                eprintln!("replayed {replayed}/{total}");
+            if !self.json && (chunks > 1 || more) {
+                eprintln!("replayed {}/{}", self.replayed, self.total);
             }
         }
-        if !more {
-            break;
-        }
+        Ok(())
     }
-    if json {
-        print_json(&Replayed {
-            replayed,
-            left_dead,
-        })
-    } else {
+
+    fn finish(self) -> Result<(), CliError> {
+        if self.json {
+            return print_json(&Replayed {
+                replayed: self.replayed,
+                left_dead: self.left_dead,
+            });
+        }
         let plural = |count: usize| if count == 1 { "" } else { "s" };
-        println!("replayed {replayed} dead letter{}", plural(replayed));
-        for (sink, count) in left_dead {
+        println!(
+            "replayed {} dead letter{}",
+            self.replayed,
+            plural(self.replayed)
+        );
+        for (sink, count) in self.left_dead {
+            let count_text = if count >= MAX_LIMIT as usize {
+                format!("{count} or more")
+            } else {
+                count.to_string()
+            };
             println!(
-                "left {count} dead letter{} of sink {sink} dead: it is not enabled in the relay's config",
+                "left {count_text} dead letter{} of sink {sink} dead: it is not enabled in the relay's config",
                 plural(count)
             );
         }
@@ -855,8 +965,10 @@ fn healthcheck(config_path: &Path, explicit: bool, url: Option<String>) -> Resul
     let url = format!("{}/readyz", base.trim_end_matches('/'));
     let runtime = cli_runtime()?;
     runtime.block_on(async move {
+        // The relay is on this machine: an HTTP_PROXY (an egress proxy) must not be asked.
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(5))
+            .no_proxy()
             .build()
             .map_err(|error| CliError::Runtime(format!("cannot build the HTTP client: {error}")))?;
         let response = http.get(&url).send().await.map_err(|error| {
@@ -866,7 +978,7 @@ fn healthcheck(config_path: &Path, explicit: bool, url: Option<String>) -> Resul
         })?;
         let status = response.status();
         let body = response.text().await.unwrap_or_default();
-        if status.is_success() {
+        if status == reqwest::StatusCode::OK {
             println!("ready");
             Ok(())
         } else {

@@ -706,9 +706,9 @@ async fn sink_with_a_short_body(
     Ok((url, requests))
 }
 
-/// The sink's status decides even when its body then stalls past the timeout or breaks off:
-/// a 200 is delivered (sent once, not again on every retry) and a 400 is a dead letter that
-/// keeps its status.
+/// An answer whose body stalls past the timeout or breaks off after its status: a 200 is
+/// delivered (sent once, not again on every retry); anything else is retried with its status
+/// (the body that would decide is incomplete), here up to `max_attempts = 2`.
 #[tokio::test]
 async fn an_answer_whose_body_stalls_or_breaks_off_counts_by_its_status() -> TestResult {
     use std::sync::atomic::Ordering;
@@ -727,9 +727,10 @@ async fn an_answer_whose_body_stalls_or_breaks_off_counts_by_its_status() -> Tes
         ),
     ];
     for (head, close, state, status) in cases {
+        let attempts = if status == 200 { 1 } else { 2 };
         let (url, requests) = sink_with_a_short_body(head, close).await?;
         let app = spawn_app(&format!(
-            "[bot]\nurl = \"{url}\"\ntimeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
+            "[bot]\nurl = \"{url}\"\ntimeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\nmax_attempts = 2\n"
         ))
         .await?;
         let body = text_message("PAGE", "u-short", "m.short", "hi", 1_700_000_000_000);
@@ -737,14 +738,59 @@ async fn an_answer_whose_body_stalls_or_breaks_off_counts_by_its_status() -> Tes
         app.wait_for_count(
             &format!(
                 "SELECT COUNT(*) FROM deliveries
-                 WHERE state = '{state}' AND attempts = 1 AND last_status = {status}"
+                 WHERE state = '{state}' AND attempts = {attempts} AND last_status = {status}"
             ),
             1,
             Duration::from_secs(10),
         )
         .await?;
-        assert_eq!(requests.load(Ordering::SeqCst), 1, "{head}");
+        assert_eq!(requests.load(Ordering::SeqCst), attempts, "{head}");
         app.stop().await?;
     }
+    Ok(())
+}
+
+/// Graph sends its rate limits as HTTP 400 with `error.code` 4/17/613 (SPEC §4.6: the code
+/// decides, not the status). When such an answer's body breaks off, the code cannot be read:
+/// the delivery is retried, not dead-lettered as a plain 400 would be.
+#[tokio::test]
+async fn a_graph_rate_limit_whose_body_breaks_off_is_retried_not_dead() -> TestResult {
+    use std::sync::atomic::Ordering;
+    let (url, requests) = sink_with_a_short_body(
+        "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\ncontent-length: 400\r\n\r\n\
+         {\"error\":{\"message\":\"(#613) Calls to this api have exceeded the rate limit.\",\
+         \"type\":\"OAuthException\",\"code\":613,\"fbtrace_id\":\"AbC",
+        true,
+    )
+    .await?;
+    let graph = url.trim_end_matches("/webhook");
+    let app = spawn_app(&format!(
+        "[ingest]\ntoken = \"ing\"\n[graph]\nbase_url = \"{graph}\"\n\
+         [sinks.conversions]\ndataset_id = \"880112233445566\"\naccess_token = \"tok\"\n\
+         timeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
+    ))
+    .await?;
+    let answer = app
+        .http
+        .post(format!("{}/events", app.url))
+        .header("content-type", "application/json")
+        .header("authorization", "Bearer ing")
+        .body(
+            r#"{"name":"checkout","type":"revenueEvent","userId":"u-rl","pageId":"104735812345678","amount":1.5}"#,
+        )
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 202);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while requests.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let dead = app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'")?;
+    let sent = requests.load(Ordering::SeqCst);
+    app.stop().await?;
+    assert!(
+        sent >= 2 && dead == 0,
+        "a transient Graph rate limit (code 613 at HTTP 400) with a cut body was sent {sent} time(s) and dead-lettered ({dead} dead)"
+    );
     Ok(())
 }

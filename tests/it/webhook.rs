@@ -351,3 +351,58 @@ async fn an_item_with_a_lone_surrogate_is_stored_and_forwarded_verbatim() -> Tes
     );
     app.stop().await
 }
+
+/// `botrelay healthcheck` asks the relay on this machine directly, even with `HTTP_PROXY` set
+/// (a container behind an egress proxy): the proxy cannot reach the container's loopback.
+#[tokio::test]
+async fn healthcheck_ignores_an_http_proxy_for_the_local_relay() -> TestResult {
+    let app = spawn_app("").await?;
+    let listen = app.url.trim_start_matches("http://").to_owned();
+    // A proxy address where nothing listens.
+    let proxy = {
+        let unused = std::net::TcpListener::bind("127.0.0.1:0")?;
+        format!("http://{}", unused.local_addr()?)
+    };
+    let output = tokio::task::spawn_blocking(move || {
+        crate::support::relay_command()
+            .arg("healthcheck")
+            .env("BOTRELAY__SERVER__LISTEN", listen)
+            .env("HTTP_PROXY", &proxy)
+            .env("http_proxy", &proxy)
+            .env_remove("NO_PROXY")
+            .env_remove("no_proxy")
+            .env_remove("ALL_PROXY")
+            .env_remove("all_proxy")
+            .output()
+    })
+    .await??;
+    app.stop().await?;
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "stdout: {}stderr: {}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
+
+/// `healthcheck` exits 0 or 1 only, a bad `server.listen` included: Docker's HEALTHCHECK
+/// reserves 2.
+#[tokio::test]
+async fn healthcheck_exits_0_or_1_only() -> TestResult {
+    let output = tokio::task::spawn_blocking(|| {
+        crate::support::relay_command()
+            .arg("healthcheck")
+            .env("BOTRELAY__SERVER__LISTEN", "8080")
+            .output()
+    })
+    .await??;
+    assert_eq!(
+        output.status.code(),
+        Some(1),
+        "stderr: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    Ok(())
+}
