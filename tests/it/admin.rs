@@ -3,15 +3,14 @@
 //! and redaction through the real subscriber.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, relay_command, spawn_app,
-    text_message,
+    APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, relay_command, run_cli,
+    spawn_app, stderr, stdout, text_message,
 };
 use botrelay::admin::{DeadLetterView, PauseState, PausedUser, SinkView};
 use botrelay::config::{LogConfig, LogFormat};
 use botrelay::telemetry::{self, Redactor};
 use serde_json::{Value, json};
 use std::io::Write;
-use std::process::Output;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -565,33 +564,6 @@ async fn metrics_name_every_series_after_traffic() -> TestResult {
 // ---------------------------------------------------------------------------------------------
 // The binary as a client.
 
-/// Runs `botrelay args…` with a clean `BOTRELAY*` environment plus `env`, off the runtime's thread.
-async fn botrelay(args: &[&str], env: &[(&str, &str)]) -> TestResult<Output> {
-    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-        .collect();
-    let dir = tempfile::tempdir()?;
-    let output = tokio::task::spawn_blocking(move || {
-        relay_command()
-            .args(&args)
-            .envs(env)
-            .current_dir(dir.path())
-            .output()
-    })
-    .await??;
-    Ok(output)
-}
-
-fn stdout(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stdout).into_owned()
-}
-
-fn stderr(output: &Output) -> String {
-    String::from_utf8_lossy(&output.stderr).into_owned()
-}
-
 #[tokio::test]
 async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
     let (app, bot) =
@@ -610,7 +582,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
         ),
     )?;
     let config_arg = config_path.display().to_string();
-    let listed = botrelay(
+    let listed = run_cli(
         &["--config", &config_arg, "dead-letters", "list", "--json"],
         &[],
     )
@@ -619,7 +591,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
     let letters: Vec<DeadLetterView> = serde_json::from_slice(&listed.stdout)?;
     assert_eq!(letters.len(), 3);
 
-    let erin = botrelay(
+    let erin = run_cli(
         &[
             "dead-letters",
             "list",
@@ -635,7 +607,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
     let erin: Vec<DeadLetterView> = serde_json::from_slice(&erin.stdout)?;
     assert_eq!(erin.len(), 2);
 
-    let table = botrelay(
+    let table = run_cli(
         &["dead-letters", "list", "--admin-url", url, "--sink", "bot"],
         &token,
     )
@@ -654,11 +626,11 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
     );
 
     // Pause, list, unpause.
-    let paused = botrelay(&["pause", "psid-7", "--admin-url", url], &token).await?;
+    let paused = run_cli(&["pause", "psid-7", "--admin-url", url], &token).await?;
     assert!(paused.status.success(), "{}", stderr(&paused));
     assert_eq!(stdout(&paused).trim(), "paused psid-7");
     assert_eq!(app.store.paused_users().await?.len(), 1);
-    let listed = botrelay(&["paused", "--admin-url", url, "--json"], &token).await?;
+    let listed = run_cli(&["paused", "--admin-url", url, "--json"], &token).await?;
     let users: Vec<PausedUser> = serde_json::from_slice(&listed.stdout)?;
     assert_eq!(
         users
@@ -667,7 +639,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
             .collect::<Vec<_>>(),
         ["psid-7"]
     );
-    let unpaused = botrelay(&["unpause", "psid-7", "--admin-url", url, "--json"], &token).await?;
+    let unpaused = run_cli(&["unpause", "psid-7", "--admin-url", url, "--json"], &token).await?;
     let state: PauseState = serde_json::from_slice(&unpaused.stdout)?;
     assert_eq!(
         state,
@@ -680,7 +652,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
 
     // Replay one by id, then the rest in chunks of one with a progress line per chunk.
     bot.set_default(Reply::status(200));
-    let one = botrelay(
+    let one = run_cli(
         &[
             "dead-letters",
             "replay",
@@ -704,7 +676,7 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
         WAIT,
     )
     .await?;
-    let rest = botrelay(
+    let rest = run_cli(
         &[
             "dead-letters",
             "replay",
@@ -732,10 +704,10 @@ async fn cli_lists_pauses_and_replays_against_a_running_relay() -> TestResult {
         WAIT,
     )
     .await?;
-    let empty = botrelay(&["dead-letters", "list", "--admin-url", url], &token).await?;
+    let empty = run_cli(&["dead-letters", "list", "--admin-url", url], &token).await?;
     assert_eq!(stdout(&empty).trim(), "no dead letters");
 
-    let sinks = botrelay(&["sinks", "--admin-url", url], &token).await?;
+    let sinks = run_cli(&["sinks", "--admin-url", url], &token).await?;
     assert!(sinks.status.success(), "{}", stderr(&sinks));
     assert!(
         stdout(&sinks)
@@ -756,14 +728,14 @@ async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
     let url = admin_url.as_str();
     let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
 
-    let unfiltered = botrelay(&["dead-letters", "replay", "--admin-url", url], &token).await?;
+    let unfiltered = run_cli(&["dead-letters", "replay", "--admin-url", url], &token).await?;
     assert_eq!(unfiltered.status.code(), Some(2));
     assert!(
         stderr(&unfiltered).contains("--all"),
         "{}",
         stderr(&unfiltered)
     );
-    let all = botrelay(
+    let all = run_cli(
         &["dead-letters", "replay", "--all", "--admin-url", url],
         &token,
     )
@@ -773,7 +745,7 @@ async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
         (Some(0), "replayed 0 dead letters")
     );
 
-    let unknown = botrelay(
+    let unknown = run_cli(
         &[
             "dead-letters",
             "list",
@@ -792,7 +764,7 @@ async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
         stderr(&unknown)
     );
 
-    let wrong = botrelay(
+    let wrong = run_cli(
         &["paused", "--admin-url", url],
         &[("BOTRELAY__ADMIN__TOKEN", "not-the-token")],
     )
@@ -808,7 +780,7 @@ async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
         "the token is never printed"
     );
 
-    let bad_since = botrelay(
+    let bad_since = run_cli(
         &[
             "dead-letters",
             "list",
@@ -822,12 +794,12 @@ async fn cli_exit_codes_tell_usage_from_runtime_failures() -> TestResult {
     .await?;
     assert_eq!(bad_since.status.code(), Some(2));
 
-    let bad_usage = botrelay(&["pause"], &[]).await?;
+    let bad_usage = run_cli(&["pause"], &[]).await?;
     assert_eq!(bad_usage.status.code(), Some(2), "clap usage errors exit 2");
     app.stop().await?;
 
     // Nothing listens there any more.
-    let unreachable = botrelay(&["paused", "--admin-url", url], &token).await?;
+    let unreachable = run_cli(&["paused", "--admin-url", url], &token).await?;
     assert_eq!(unreachable.status.code(), Some(1));
     assert!(
         stderr(&unreachable).contains("cannot reach the admin API"),
@@ -848,7 +820,7 @@ async fn sign_prints_a_curl_command_whose_signature_the_relay_accepts() -> TestR
     let file = body_path.display().to_string();
     let url = format!("{}/webhook", app.url);
 
-    let printed = botrelay(
+    let printed = run_cli(
         &[
             "sign",
             "--secret-env",
@@ -877,7 +849,7 @@ async fn sign_prints_a_curl_command_whose_signature_the_relay_accepts() -> TestR
     );
     assert!(!text.contains(APP_SECRET));
 
-    let header = botrelay(
+    let header = run_cli(
         &["sign", "--header-only", &file],
         &[("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)],
     )
@@ -898,7 +870,7 @@ async fn sign_prints_a_curl_command_whose_signature_the_relay_accepts() -> TestR
     assert_eq!(accepted.status(), 200);
     bot.wait_for(1, WAIT).await?;
 
-    let unset = botrelay(&["sign", &file], &[]).await?;
+    let unset = run_cli(&["sign", &file], &[]).await?;
     assert_eq!(unset.status.code(), Some(2));
     assert!(stderr(&unset).contains("BOTRELAY__MESSENGER__APP_SECRET"));
     app.stop().await
@@ -1281,7 +1253,7 @@ async fn a_replay_with_an_empty_filter_replays_nothing() -> TestResult {
     let url = app.admin_url.clone();
     let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
     for flag in ["--user", "--sink", "--since"] {
-        let output = botrelay(
+        let output = run_cli(
             &["dead-letters", "replay", "--admin-url", &url, flag, ""],
             &token,
         )
@@ -1346,7 +1318,7 @@ async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -
     );
     let url = app.admin_url.clone();
     let token = [("BOTRELAY__ADMIN__TOKEN", ADMIN_TOKEN)];
-    let refused = botrelay(
+    let refused = run_cli(
         &[
             "dead-letters",
             "replay",
@@ -1385,7 +1357,7 @@ async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -
         0
     );
 
-    let all = botrelay(
+    let all = run_cli(
         &["dead-letters", "replay", "--all", "--admin-url", &url],
         &token,
     )
@@ -1405,7 +1377,7 @@ async fn dead_letters_of_a_sink_not_enabled_stay_dead_and_the_replay_says_so() -
 #[tokio::test]
 async fn cli_sinks_without_any_sink_says_so() -> TestResult {
     let app = spawn_app("").await?;
-    let output = botrelay(&["sinks", "--admin-url", &app.admin_url], &[]).await?;
+    let output = run_cli(&["sinks", "--admin-url", &app.admin_url], &[]).await?;
     assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
     assert_eq!(
         stdout(&output).trim(),
@@ -1431,7 +1403,7 @@ async fn a_config_syntax_error_never_prints_the_line() -> TestResult {
         &["--config", &config, "sinks"][..],
         &["--config", &config, "healthcheck"][..],
     ] {
-        let output = botrelay(command, &[]).await?;
+        let output = run_cli(command, &[]).await?;
         // healthcheck is unhealthy (1): Docker reserves 2.
         let code = if command.contains(&"healthcheck") {
             1
@@ -1476,7 +1448,7 @@ async fn config_errors_never_print_a_page_token() -> TestResult {
         &["--config", &config, "check-config"][..],
         &["--config", &config][..],
     ] {
-        let output = botrelay(
+        let output = run_cli(
             command,
             &[("BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS", page_token)],
         )
@@ -1518,7 +1490,7 @@ async fn cli_replay_all_gets_past_a_page_of_letters_left_dead() -> TestResult {
         }
         transaction.commit()?;
     }
-    let replayed = botrelay(
+    let replayed = run_cli(
         &[
             "dead-letters",
             "replay",
@@ -1610,7 +1582,7 @@ async fn without_a_token_the_cli_on_the_same_host_reaches_a_private_admin_listen
         }
     }
     let admin = admin.ok_or("the relay did not say where it listens")?;
-    let sinks = botrelay(&["sinks", "--admin-url", &format!("http://{admin}")], &[]).await;
+    let sinks = run_cli(&["sinks", "--admin-url", &format!("http://{admin}")], &[]).await;
     crate::support::terminate(&relay)?;
     relay.wait()?;
     let sinks = sinks?;

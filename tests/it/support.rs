@@ -52,6 +52,34 @@ pub fn relay_command() -> std::process::Command {
     command
 }
 
+/// Runs `botrelay args…` with a clean `BOTRELAY*` environment plus `env`, in an empty working
+/// directory, off the runtime's thread (which may be serving the relay it talks to).
+pub async fn run_cli(args: &[&str], env: &[(&str, &str)]) -> TestResult<std::process::Output> {
+    let args: Vec<String> = args.iter().map(|arg| (*arg).to_owned()).collect();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .collect();
+    let dir = tempfile::tempdir()?;
+    let output = tokio::task::spawn_blocking(move || {
+        relay_command()
+            .args(&args)
+            .envs(env)
+            .current_dir(dir.path())
+            .output()
+    })
+    .await??;
+    Ok(output)
+}
+
+pub fn stdout(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn stderr(output: &std::process::Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
 /// Sends SIGTERM to a child process (what `docker stop` and Kubernetes send).
 pub fn terminate(child: &std::process::Child) -> TestResult {
     let pid = i32::try_from(child.id())?;

@@ -1,6 +1,8 @@
 //! `GET /webhook`, `POST /webhook`, `/healthz`, `/readyz`: the verified, durable ingress.
 
-use crate::support::{APP_SECRET, TestResult, VERIFY_TOKEN, fixture, spawn_app, text_message};
+use crate::support::{
+    APP_SECRET, TestResult, VERIFY_TOKEN, fixture, run_cli, spawn_app, stderr, stdout, text_message,
+};
 use botrelay::ingest::verify::{sign_sha1, sign_sha256};
 
 const BOT: &str = "[bot]\nurl = \"http://127.0.0.1:9/unused\"\n";
@@ -234,8 +236,11 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
     );
     // `botrelay healthcheck` (the image's HEALTHCHECK) finds the relay at server.listen.
     let listen = app.url.trim_start_matches("http://").to_owned();
-    let (code, stdout, _) = healthcheck(&[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
-    assert_eq!((code, stdout.trim()), (Some(0), "ready"));
+    let ready = run_cli(&["healthcheck"], &[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
+    assert_eq!(
+        (ready.status.code(), stdout(&ready).trim()),
+        (Some(0), "ready")
+    );
     let mut saw_503 = false;
     for index in 0..200 {
         let body = text_message(
@@ -274,36 +279,14 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
             .status(),
         200
     );
-    let (code, _, stderr) = healthcheck(&[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
-    assert_eq!(code, Some(1), "{stderr}");
+    let full = run_cli(&["healthcheck"], &[("BOTRELAY__SERVER__LISTEN", &listen)]).await?;
+    let reason = stderr(&full);
+    assert_eq!(full.status.code(), Some(1), "{reason}");
     assert!(
-        stderr.contains("not ready: ") && stderr.contains("answered 503"),
-        "{stderr}"
+        reason.contains("not ready: ") && reason.contains("answered 503"),
+        "{reason}"
     );
     app.stop().await
-}
-
-/// Runs `botrelay healthcheck` with `env` (off the test's runtime, which serves the relay);
-/// its exit code, stdout and stderr.
-async fn healthcheck(env: &[(&str, &str)]) -> TestResult<(Option<i32>, String, String)> {
-    let env: Vec<(String, String)> = env
-        .iter()
-        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
-        .collect();
-    let dir = tempfile::tempdir()?;
-    let output = tokio::task::spawn_blocking(move || {
-        crate::support::relay_command()
-            .arg("healthcheck")
-            .envs(env)
-            .current_dir(dir.path())
-            .output()
-    })
-    .await??;
-    Ok((
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    ))
 }
 
 #[tokio::test]
@@ -391,18 +374,7 @@ async fn healthcheck_ignores_an_http_proxy_for_the_local_relay() -> TestResult {
 /// reserves 2.
 #[tokio::test]
 async fn healthcheck_exits_0_or_1_only() -> TestResult {
-    let output = tokio::task::spawn_blocking(|| {
-        crate::support::relay_command()
-            .arg("healthcheck")
-            .env("BOTRELAY__SERVER__LISTEN", "8080")
-            .output()
-    })
-    .await??;
-    assert_eq!(
-        output.status.code(),
-        Some(1),
-        "stderr: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    let output = run_cli(&["healthcheck"], &[("BOTRELAY__SERVER__LISTEN", "8080")]).await?;
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     Ok(())
 }
