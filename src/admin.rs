@@ -767,26 +767,18 @@ mod tests {
             "[fd00::7]:5000",
             "[::ffff:172.17.0.1]:5000",
         ] {
-            assert_eq!(
-                status_from(&open, "/admin/paused", peer, &[]).await?,
-                403,
-                "{peer}"
-            );
-            assert_eq!(
-                status_from(&open, "/admin/nothing", peer, &[]).await?,
-                403,
-                "{peer}"
-            );
-            assert_eq!(
-                status_from(&open, "/metrics", peer, &[]).await?,
-                200,
-                "{peer}"
-            );
-            assert_eq!(
-                status_from(&open, "/healthz", peer, &[]).await?,
-                200,
-                "{peer}"
-            );
+            for (path, status) in [
+                ("/admin/paused", 403),
+                ("/admin/nothing", 403),
+                ("/metrics", 200),
+                ("/healthz", 200),
+            ] {
+                assert_eq!(
+                    status_from(&open, path, peer, &[]).await?,
+                    status,
+                    "{peer} {path}"
+                );
+            }
         }
         // A proxy on this machine: the client it names is not this machine.
         for forwarded in [
