@@ -597,10 +597,13 @@ impl Config {
         );
         for sink in &self.sinks {
             match &sink.settings {
-                SinkSettings::Bot { .. }
-                | SinkSettings::Kochava { .. }
-                | SinkSettings::KochavaSmartlink { .. } => {}
-                SinkSettings::Dashbot { api_key, .. } => {
+                // A password in a sink's URL (`https://user:password@bot.example/webhook`).
+                SinkSettings::Bot { url } | SinkSettings::Kochava { url, .. } => {
+                    secrets.extend(url.password().map(str::to_owned));
+                }
+                SinkSettings::KochavaSmartlink { .. } => {}
+                SinkSettings::Dashbot { api_key, url } => {
+                    secrets.extend(url.password().map(str::to_owned));
                     secrets.push(api_key.expose_secret().to_owned())
                 }
                 SinkSettings::PageActivities { page_tokens, .. } => secrets.extend(
@@ -675,7 +678,8 @@ fn key_problem(
         } => Some(Problem {
             key: key.clone(),
             message: format!(
-                "expected {expected}, found {unexpected}{}",
+                "expected {}, found {unexpected}{}",
+                plain_expected(expected),
                 origin_note(key, origin.as_deref())
             ),
         }),
@@ -724,12 +728,20 @@ const SECRET_KEYS: [&str; 8] = [
     "sinks.conversions.access_token",
 ];
 
-/// A problem with a secret's key does not quote the value it found (a token set in the wrong
-/// place, or as a string where a table was expected, would be printed otherwise).
+/// A problem with a secret's key, or with a table that holds one, does not quote the value it
+/// found (a token set in the wrong place, or as a string where a table was expected, such as
+/// `messenger = "…"`, would be printed otherwise).
 fn hide_secret_value(problem: Problem) -> Problem {
     let key = problem.key.split('[').next().unwrap_or(&problem.key);
-    let secret =
-        SECRET_KEYS.contains(&key) || key.split('.').any(|segment| segment == "page_tokens");
+    let secret = SECRET_KEYS
+        .iter()
+        .chain(&["sinks.page_activities.page_tokens"])
+        .any(|secret| {
+            secret
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+        || key.split('.').any(|segment| segment == "page_tokens");
     match problem.message.split_once(", found ") {
         Some((expected, found)) if secret => {
             let origin = found
@@ -741,7 +753,11 @@ fn hide_secret_value(problem: Problem) -> Problem {
                 key: problem.key,
             }
         }
-        _ => problem,
+        // `bot = "https://user:password@…"` (a URL where the table belongs).
+        _ => Problem {
+            message: without_userinfo(&problem.message),
+            key: problem.key,
+        },
     }
 }
 
@@ -769,13 +785,23 @@ fn message_problem(message: &str) -> Problem {
         .or_else(|| message.strip_prefix("invalid value: "))
         .and_then(|rest| rest.split_once(", expected "))
     {
-        format!("expected {expected}, found {found}")
+        format!("expected {}, found {found}", plain_expected(expected))
     } else {
         message.to_owned()
     };
     Problem {
         key: String::new(),
         message,
+    }
+}
+
+/// What serde expected, in the config's words: our raw structs are tables
+/// (`struct RawMessenger` → `a table`).
+fn plain_expected(expected: &str) -> &str {
+    if expected.starts_with("struct ") {
+        "a table"
+    } else {
+        expected
     }
 }
 
@@ -890,19 +916,42 @@ impl Checker {
         }
     }
 
+    /// An http(s) URL. A problem quotes the text without its userinfo (`user:password@`).
     fn url(&mut self, key: &str, raw: Option<&str>, default: Option<&str>) -> Option<Url> {
         let text = raw.or(default)?;
         match Url::parse(text) {
             Ok(url) if matches!(url.scheme(), "http" | "https") => Some(url),
             Ok(_) => {
+                let text = without_userinfo(text);
                 self.problem(key, format!("`{text}` is not an http(s) URL"));
                 None
             }
             Err(error) => {
+                let text = without_userinfo(text);
                 self.problem(key, format!("`{text}` is not a URL ({error})"));
                 None
             }
         }
+    }
+}
+
+/// `text` with the userinfo of its authority (`user:password@`) masked, found by the text alone
+/// because it may not parse as a URL: everything between `://` and the last `@` before the path.
+fn without_userinfo(text: &str) -> String {
+    let Some(scheme_end) = text.find("://").map(|at| at + 3) else {
+        return text.to_owned();
+    };
+    let authority_end = text[scheme_end..]
+        .find(['/', '?', '#'])
+        .map_or(text.len(), |at| scheme_end + at);
+    match text[scheme_end..authority_end].rfind('@') {
+        Some(at) => format!(
+            "{}{}@{}",
+            &text[..scheme_end],
+            crate::telemetry::MASK,
+            &text[scheme_end + at + 1..]
+        ),
+        None => text.to_owned(),
     }
 }
 
@@ -1569,6 +1618,103 @@ mod tests {
                 "sinks.page_activities.page_tokens: expected a map; the value is not shown, it is a secret (from BOTRELAY__SINKS__PAGE_ACTIVITIES__PAGE_TOKENS)",
             ]
         );
+    }
+
+    /// A table that holds a secret, given a plain value instead (`messenger = "…"`), is
+    /// reported without the value: it is most likely the secret itself.
+    #[test]
+    fn a_secret_given_in_place_of_its_table_is_not_quoted() {
+        for (text, environment, key) in [
+            ("messenger = \"topsecretVALUE\"\n", vec![], "messenger"),
+            (
+                MINIMAL,
+                vec![("BOTRELAY__ADMIN", "topsecretVALUE")],
+                "admin",
+            ),
+            (
+                &format!("{MINIMAL}[sinks]\ndashbot = \"topsecretVALUE\"\n") as &str,
+                vec![],
+                "sinks.dashbot",
+            ),
+            (
+                &format!("{MINIMAL}[sinks]\npage_activities = \"topsecretVALUE\"\n"),
+                vec![],
+                "sinks.page_activities",
+            ),
+        ] {
+            let found = problems(text, &environment);
+            assert!(
+                found
+                    .iter()
+                    .any(|problem| problem.starts_with(&format!("{key}: expected a table;"))),
+                "{key}: {found:?}"
+            );
+            assert!(
+                found
+                    .iter()
+                    .all(|problem| !problem.contains("topsecretVALUE")),
+                "{found:?}"
+            );
+        }
+        // Other keys still show what they found.
+        let found = problems(&format!("server = \"0.0.0.0:80\"\n{MINIMAL}"), &[]);
+        assert_eq!(
+            found,
+            ["server: expected a table, found string \"0.0.0.0:80\""]
+        );
+    }
+
+    /// A sink URL's password is never quoted by a problem, and is redacted wherever it might
+    /// be logged.
+    #[test]
+    fn a_password_in_a_url_is_not_quoted_and_is_redacted() -> Result<(), ConfigError> {
+        for url in [
+            "ftp://relay:hunter2pass@bot.example/webhook",
+            "https://relay:hunter2pass@bot example/webhook",
+        ] {
+            let found = problems(&format!("{MINIMAL}[bot]\nurl = \"{url}\"\n"), &[]);
+            assert_eq!(found.len(), 1, "{found:?}");
+            assert!(
+                found[0].starts_with("bot.url: `") && found[0].contains("://[redacted]@bot"),
+                "{found:?}"
+            );
+            assert!(!found[0].contains("hunter2pass"), "{found:?}");
+        }
+        let found = problems(
+            &format!("bot = \"https://relay:hunter2pass@bot.example\"\n{MINIMAL}"),
+            &[],
+        );
+        assert!(
+            found.len() == 1 && !found[0].contains("hunter2pass"),
+            "{found:?}"
+        );
+        let config = Config::from_sources(
+            &format!("{MINIMAL}[bot]\nurl = \"https://relay:hunter2pass@bot.example/webhook\"\n"),
+            HashMap::new(),
+        )?;
+        assert!(
+            config
+                .secrets()
+                .iter()
+                .any(|secret| secret == "hunter2pass")
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn userinfo_is_masked_by_the_text_alone() {
+        for (text, masked) in [
+            ("https://u:p@host/a@b", "https://[redacted]@host/a@b"),
+            ("https://u:p@x@host?q=@", "https://[redacted]@host?q=@"),
+            ("https://host/path@x", "https://host/path@x"),
+            ("no url here: a@b", "no url here: a@b"),
+            (
+                "found string \"http://u:p@h\"",
+                "found string \"http://[redacted]@h\"",
+            ),
+        ] {
+            assert_eq!(without_userinfo(text), masked, "{text}");
+        }
     }
 
     /// A bad value from the environment (which wins over the file) is reported with the

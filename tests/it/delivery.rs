@@ -64,6 +64,45 @@ async fn bot_answering_500_500_200_gets_one_delivery_after_three_attempts() -> T
     app.stop().await
 }
 
+/// A bot behind basic auth: the user and password in `bot.url` go out as an `Authorization`
+/// header (never in the request line), and the password is redacted from what the store keeps.
+#[tokio::test]
+async fn a_bot_url_with_userinfo_sends_basic_auth_and_keeps_the_password_out_of_the_store()
+-> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::json(
+        400,
+        serde_json::json!({"error": "relay:s3cretBotPass is not allowed"}),
+    )]);
+    let url = bot
+        .url("/webhook")
+        .replacen("http://", "http://relay:s3cretBotPass@", 1);
+    let app = spawn_app(&format!("[bot]\nurl = \"{url}\"\n")).await?;
+    let body = fixture("messenger/message-text-legacy-seq.json");
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+
+    let received = bot.wait_for(1, Duration::from_secs(5)).await?;
+    assert_eq!(received[0].uri, "/webhook");
+    assert_eq!(
+        received[0].header("authorization"),
+        Some("Basic cmVsYXk6czNjcmV0Qm90UGFzcw==")
+    );
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let error: String = app
+        .db()?
+        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    assert_eq!(
+        error,
+        r#"HTTP 400: {"error":"relay:[redacted] is not allowed"}"#
+    );
+    app.stop().await
+}
+
 #[tokio::test]
 async fn standby_items_are_forwarded_under_standby() -> TestResult {
     let bot = MockSink::start().await?;
