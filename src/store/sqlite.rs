@@ -261,15 +261,6 @@ impl SqliteStore {
                  PRAGMA temp_store = MEMORY; PRAGMA cache_size = -8192;",
             )
             .map_err(database)?;
-        if let Some(max_bytes) = max_bytes {
-            let page_size: i64 = writer
-                .query_row("PRAGMA page_size", [], |row| row.get(0))
-                .map_err(database)?;
-            let pages = (i64::try_from(max_bytes).unwrap_or(i64::MAX) / page_size.max(1)).max(1);
-            writer
-                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
-                .map_err(database)?;
-        }
         // Plans must not depend on bound values: otherwise SQLite re-prepares a statement
         // whenever a lane or a time changes (measured: 15% of the writer's time).
         writer
@@ -285,6 +276,17 @@ impl SqliteStore {
                 [],
             )
             .map_err(database)?;
+        // The cap applies from here: the start-up writes above (the schema, a migration, the
+        // leases of the last run) must not keep a full store from starting and draining.
+        if let Some(max_bytes) = max_bytes {
+            let page_size: i64 = writer
+                .query_row("PRAGMA page_size", [], |row| row.get(0))
+                .map_err(database)?;
+            let pages = (i64::try_from(max_bytes).unwrap_or(i64::MAX) / page_size.max(1)).max(1);
+            writer
+                .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
+                .map_err(database)?;
+        }
         let reader = Connection::open(path).map_err(database)?;
         reader
             .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
@@ -1951,26 +1953,32 @@ mod tests {
         Ok(())
     }
 
+    /// Opens the store in `dir` with `max_bytes` and drops it again (a dropped store lets its
+    /// file lock go when its threads have finished).
+    async fn reopen_capped(
+        dir: &tempfile::TempDir,
+        max_bytes: Option<u64>,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        let path = dir.path().join("store.db");
+        for _ in 0..500 {
+            match SqliteStore::open(&path, max_bytes, Arc::new(Wakers::new())) {
+                Err(StoreError::Locked(_)) => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                opened => {
+                    drop(opened?);
+                    return Ok(());
+                }
+            }
+        }
+        Err("the store stayed locked".into())
+    }
+
     /// A store written before `replayed_at` existed gains the column when it is opened.
     #[tokio::test]
     async fn an_older_store_gains_the_replayed_at_column_and_its_replays_their_receipt_time()
     -> Result<(), Box<dyn std::error::Error>> {
-        // A dropped store lets its file lock go when its threads have finished.
-        async fn reopen(dir: &tempfile::TempDir) -> Result<(), Box<dyn std::error::Error>> {
-            let path = dir.path().join("store.db");
-            for _ in 0..500 {
-                match SqliteStore::open(&path, None, Arc::new(Wakers::new())) {
-                    Err(StoreError::Locked(_)) => {
-                        tokio::time::sleep(Duration::from_millis(10)).await;
-                    }
-                    opened => {
-                        drop(opened?);
-                        return Ok(());
-                    }
-                }
-            }
-            Err("the store stayed locked".into())
-        }
+        let reopen = |dir| reopen_capped(dir, None);
         let columns = |path: &std::path::Path| -> rusqlite::Result<i64> {
             has_column(&Connection::open(path)?, "deliveries", "replayed_at").map(i64::from)
         };
@@ -2002,6 +2010,37 @@ mod tests {
         reopen(&dir).await?; // and a second start finds nothing to do
         assert_eq!(columns(&path)?, 1);
         assert_eq!(times()?, [(1000, None), (1000, Some(5000))]);
+        Ok(())
+    }
+
+    /// A full store of an older version still starts: the migration that rewrites its rows
+    /// runs before the size cap applies.
+    #[tokio::test]
+    async fn a_full_older_store_is_migrated_before_the_cap_applies()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("store.db");
+        reopen_capped(&dir, None).await?;
+        // 0.1's replays, 2,000 of them, in a file with no free page left.
+        let connection = Connection::open(&path)?;
+        connection.execute_batch(
+            "ALTER TABLE deliveries DROP COLUMN replayed_at;
+             INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+             VALUES ('e1', 'webhook', 'message', 1, 1000, '{}');
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+             INSERT INTO deliveries (event_id, sink, state, due_at, created_at, updated_at)
+             SELECT 'e1', 'bot', 'dead', 5000, 5000 + i, 5000 + i FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE); VACUUM;",
+        )?;
+        drop(connection);
+        // A cap below the file's size caps it at its size: full.
+        reopen_capped(&dir, Some(1)).await?;
+        let replayed: i64 = Connection::open(&path)?.query_row(
+            "SELECT COUNT(*) FROM deliveries WHERE created_at = 1000 AND replayed_at > 5000",
+            [],
+            |row| row.get(0),
+        )?;
+        assert_eq!(replayed, 2000);
         Ok(())
     }
 

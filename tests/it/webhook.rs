@@ -4,6 +4,7 @@ use crate::support::{
     APP_SECRET, TestResult, VERIFY_TOKEN, fixture, run_cli, spawn_app, stderr, stdout, text_message,
 };
 use botrelay::ingest::verify::{sign_sha1, sign_sha256};
+use std::time::Duration;
 
 const BOT: &str = "[bot]\nurl = \"http://127.0.0.1:9/unused\"\n";
 
@@ -377,4 +378,62 @@ async fn healthcheck_exits_0_or_1_only() -> TestResult {
     let output = run_cli(&["healthcheck"], &[("BOTRELAY__SERVER__LISTEN", "8080")]).await?;
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     Ok(())
+}
+
+/// A full store still drains: retries settle in the full file, a restart releases the leases
+/// the last run left (an UPDATE in a full file), and everything acknowledged reaches the bot.
+#[tokio::test]
+async fn a_full_store_restarts_and_delivers_everything_it_acknowledged() -> TestResult {
+    let bot = crate::support::MockSink::start().await?;
+    bot.set_default(crate::support::Reply::status(503));
+    let extra = format!(
+        "[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"20ms\"\ntimeout = \"10s\"\n\
+         max_attempts = 1000\n",
+        bot.url("/webhook")
+    );
+    let app = crate::support::spawn_app_with_env(
+        &extra,
+        &[
+            ("BOTRELAY__STORE__MAX_BYTES", "90000"),
+            ("BOTRELAY__SERVER__SHUTDOWN_GRACE", "100ms"),
+        ],
+    )
+    .await?;
+    let mut acknowledged = 0;
+    for index in 0..200 {
+        let body = text_message(
+            "1",
+            &format!("u{index}"),
+            &format!("m.{index}"),
+            &"x".repeat(900),
+            1_700_000_000_000,
+        );
+        match app.post_webhook(&body).await?.status().as_u16() {
+            200 => acknowledged += 1,
+            503 => break,
+            other => return Err(format!("unexpected status {other}").into()),
+        }
+    }
+    assert!((1..200).contains(&acknowledged), "{acknowledged}");
+    // Failed attempts settle in the full file; then the bot stops answering, so the relay
+    // stops with its deliveries in flight.
+    let before = bot.received().len();
+    bot.wait_for(before + 2 * acknowledged as usize, Duration::from_secs(5))
+        .await?;
+    bot.set_default(crate::support::Reply::hang());
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'in_flight'",
+        acknowledged,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let app = app.restart().await?;
+    bot.set_default(crate::support::Reply::status(200));
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        acknowledged,
+        Duration::from_secs(10),
+    )
+    .await?;
+    app.stop().await
 }
