@@ -222,6 +222,28 @@ mod tests {
         Ok(())
     }
 
+    /// `1e400` is JSON syntax but no f64: the 400 names the field, not "must be a JSON object"
+    /// (the item is one).
+    #[test]
+    fn a_number_out_of_range_is_named_with_its_field() {
+        for (body, expected) in [
+            (
+                r#"{"name":"n","type":"revenueEvent","userId":"U","amount":1e400}"#,
+                "amount cannot be read: number out of range",
+            ),
+            (
+                r#"[{"name":"n","type":"customEvent","userId":"U","extraInfo":{"big":-1e999}}]"#,
+                "item 0: extraInfo cannot be read: number out of range",
+            ),
+        ] {
+            assert_eq!(
+                parse(body).err().map(|error| error.to_string()).as_deref(),
+                Some(expected),
+                "{body}"
+            );
+        }
+    }
+
     #[test]
     fn bad_items_are_named_with_their_field() {
         let cases = [

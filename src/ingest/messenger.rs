@@ -143,11 +143,7 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
             // An item whose text was cut inside a surrogate pair (`"\ud83d"`) is valid enough to
             // keep (its raw bytes go on verbatim) but not for serde_json's `Value`: read it with
             // U+FFFD in place of each unpaired half.
-            let parsed = serde_json::from_str::<Value>(raw_item.get()).or_else(|error| {
-                serde_json::from_str::<Value>(&replace_lone_surrogates(raw_item.get()))
-                    .map_err(|_| error)
-            });
-            match parsed {
+            match from_str_lenient::<Value>(raw_item.get()) {
                 Ok(Value::Object(item)) => {
                     normalize_item(&context, channel, raw_item, &item, received_at_ms, out);
                 }
@@ -163,6 +159,16 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
     if !produced_anything {
         out.ignored += 1;
     }
+}
+
+/// `json` parsed; when that fails because a string was cut inside a surrogate pair (`"\ud83d"`,
+/// as `JSON.stringify` writes a lone half: valid JSON syntax, but no Rust string), parsed with
+/// U+FFFD in place of each unpaired half. Any other failure is the first parse's error.
+pub(crate) fn from_str_lenient<T: serde::de::DeserializeOwned>(
+    json: &str,
+) -> serde_json::Result<T> {
+    serde_json::from_str(json)
+        .or_else(|error| serde_json::from_str(&replace_lone_surrogates(json)).map_err(|_| error))
 }
 
 /// `json` with every `\uXXXX` escape of an unpaired UTF-16 surrogate replaced by `\ufffd`.

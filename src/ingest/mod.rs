@@ -463,10 +463,32 @@ pub(crate) fn item_object(
     label: Option<usize>,
     raw: &RawValue,
 ) -> Result<serde_json::Map<String, Value>, BadItem> {
-    match serde_json::from_str::<Value>(raw.get()) {
+    match messenger::from_str_lenient::<Value>(raw.get()) {
         Ok(Value::Object(fields)) => Ok(fields),
-        _ => Err(BadItem::new(label, "must be a JSON object")),
+        Ok(_) => Err(BadItem::new(label, "must be a JSON object")),
+        Err(error) => Err(BadItem::new(label, unreadable(raw, &error))),
     }
+}
+
+/// Why an item that is valid JSON syntax (the body was checked) cannot be read, naming the
+/// field that holds the part serde_json cannot hold (a number out of f64's range, nesting past
+/// its depth limit).
+fn unreadable(raw: &RawValue, error: &serde_json::Error) -> String {
+    let message = error.to_string();
+    let reason = message
+        .rsplit_once(" at line ")
+        .map_or(message.as_str(), |(reason, _)| reason);
+    serde_json::from_str::<std::collections::BTreeMap<String, Box<RawValue>>>(raw.get())
+        .ok()
+        .and_then(|fields| {
+            fields
+                .into_iter()
+                .find(|(_, value)| messenger::from_str_lenient::<Value>(value.get()).is_err())
+        })
+        .map_or_else(
+            || "must be a JSON object".to_owned(),
+            |(name, _)| format!("{name} cannot be read: {reason}"),
+        )
 }
 
 fn rejected(reason: &'static str) {

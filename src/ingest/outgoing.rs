@@ -4,7 +4,7 @@
 //! and records the send the same way. Page tokens are dropped on receipt: never stored or logged.
 
 use crate::event::{Event, EventData, EventId, EventKind, Outgoing, Source};
-use crate::ingest::messenger::web_urls;
+use crate::ingest::messenger::{from_str_lenient, web_urls};
 use crate::ingest::{AppState, BadItem, IngestError, ReportItems, item_object, store};
 use crate::sinks::graph_error::GraphError;
 use crate::store::now_ms;
@@ -432,8 +432,10 @@ async fn request_fields(
     match BodyFormat::of(content_type) {
         BodyFormat::Json if body.iter().all(u8::is_ascii_whitespace) => {}
         BodyFormat::Json => {
-            let object: Map<String, Value> = serde_json::from_slice(body)
-                .map_err(|_| "the request body is not a JSON object".to_owned())?;
+            let object: Map<String, Value> = std::str::from_utf8(body)
+                .ok()
+                .and_then(|text| from_str_lenient(text).ok())
+                .ok_or_else(|| "the request body is not a JSON object".to_owned())?;
             fields.extend(object);
         }
         BodyFormat::Form => fields.extend(form_fields(body)),
@@ -450,7 +452,7 @@ fn form_fields(form: &[u8]) -> Map<String, Value> {
     url::form_urlencoded::parse(form)
         .filter(|(name, _)| !TOKEN_KEYS.contains(&name.as_ref()))
         .map(|(name, value)| {
-            let value = serde_json::from_str(&value).unwrap_or(Value::String(value.into_owned()));
+            let value = from_str_lenient(&value).unwrap_or(Value::String(value.into_owned()));
             (name.into_owned(), value)
         })
         .collect()
@@ -467,7 +469,7 @@ async fn multipart_fields(
         .into_iter()
         .filter(|(name, _)| !TOKEN_KEYS.contains(&name.as_str()))
         .map(|(name, text)| {
-            let value = serde_json::from_str(&text).unwrap_or(Value::String(text));
+            let value = from_str_lenient(&text).unwrap_or(Value::String(text));
             (name, value)
         })
         .collect())
@@ -571,9 +573,12 @@ async fn request_credentials(
                 .map(|(_, value)| value),
         );
     } else {
-        match serde_json::from_slice::<Map<String, Value>>(body) {
-            Ok(object) => secrets.extend(object_credentials(&object)),
-            Err(_) => secrets.extend(form_credentials(body)),
+        let object = std::str::from_utf8(body)
+            .ok()
+            .and_then(|text| from_str_lenient::<Map<String, Value>>(text).ok());
+        match object {
+            Some(object) => secrets.extend(object_credentials(&object)),
+            None => secrets.extend(form_credentials(body)),
         }
     }
     if let Some(authorization) = headers
@@ -635,6 +640,13 @@ mod tests {
         assert_eq!(
             request_credentials(None, &multipart_headers, &multipart_body).await,
             ["EAAmultipart"]
+        );
+        // A text cut inside an emoji (`\ud83d`) does not hide the body's token.
+        let cut_body =
+            Bytes::from_static(br#"{"access_token":"EAAcut","message":{"text":"cut \ud83d"}}"#);
+        assert_eq!(
+            request_credentials(None, &HeaderMap::new(), &cut_body).await,
+            ["EAAcut"]
         );
         assert!(
             request_credentials(
@@ -892,6 +904,33 @@ mod tests {
                 .await
                 .is_err()
         );
+        Ok(())
+    }
+
+    /// A text cut inside an emoji (`\ud83d`, as `JSON.stringify` writes a lone half) in a form
+    /// field, a multipart part or the query string still gives the send's fields, read with
+    /// U+FFFD in its place, as in a JSON body.
+    #[tokio::test]
+    async fn a_proxied_call_s_cut_text_is_read_in_every_body_format() -> TestResult {
+        let expected =
+            serde_json::json!({"recipient": {"id": "U5"}, "message": {"text": "cut \u{fffd}"}});
+        let form = Bytes::from_static(
+            b"recipient=%7B%22id%22%3A%22U5%22%7D&message=%7B%22text%22%3A%22cut%20%5Cud83d%22%7D",
+        );
+        let fields = request_fields(None, Some("application/x-www-form-urlencoded"), &form).await?;
+        assert_eq!(Value::Object(fields), expected);
+        let query =
+            "recipient=%7B%22id%22%3A%22U5%22%7D&message=%7B%22text%22%3A%22cut%20%5Cud83d%22%7D";
+        let fields = request_fields(Some(query), None, &Bytes::new()).await?;
+        assert_eq!(Value::Object(fields), expected);
+        let multipart = Bytes::from_static(
+            b"--XyZ\r\nContent-Disposition: form-data; name=\"recipient\"\r\n\r\n{\"id\":\"U5\"}\r\n\
+              --XyZ\r\nContent-Disposition: form-data; name=\"message\"\r\n\r\n{\"text\":\"cut \\ud83d\"}\r\n\
+              --XyZ--\r\n",
+        );
+        let fields =
+            request_fields(None, Some("multipart/form-data; boundary=XyZ"), &multipart).await?;
+        assert_eq!(Value::Object(fields), expected);
         Ok(())
     }
 

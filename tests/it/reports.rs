@@ -1036,3 +1036,80 @@ async fn an_echo_and_its_report_reach_each_analytics_sink_once() -> TestResult {
     assert_eq!(bot.received().len(), 2);
     app.stop().await
 }
+
+/// POSTs a raw body (JSON text that `json!` cannot build) with the ingest token.
+async fn post_raw(app: &TestApp, path: &str, body: &str) -> TestResult<reqwest::Response> {
+    Ok(app
+        .http
+        .post(format!("{}{path}", app.url))
+        .header("content-type", "application/json")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(body.to_owned())
+        .send()
+        .await?)
+}
+
+/// A bot that cuts its text at the Send API's 2,000 characters with `slice` may cut inside an
+/// emoji, and `JSON.stringify` then writes the lone half as `"\ud83d"`: valid JSON syntax, in
+/// the shapes of SPEC §2.3 and §2.4. The report is accepted (as the webhook accepts such an
+/// item), with U+FFFD in place of the lone half.
+#[tokio::test]
+async fn reports_whose_text_was_cut_inside_an_emoji_are_accepted() -> TestResult {
+    let (app, _bot) = app_with_bot().await?;
+    let send = r#"{"request":{"recipient":{"id":"U1"},"message":{"text":"cut \ud83d"}},"response":{"recipient_id":"U1","message_id":"m_cut"},"page_id":"111"}"#;
+    let response = post_raw(&app, "/outgoing", &format!("[{send}]")).await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(json_body(response).await?, json!({"accepted": 1}));
+    let text: String = app.db()?.query_row(
+        "SELECT json_extract(payload, '$.data.request.message.text') FROM events WHERE id = ?1",
+        [outgoing_id("m_cut")],
+        |row| row.get(0),
+    )?;
+    assert_eq!(text, "cut \u{fffd}");
+
+    let event = r#"{"name":"searched","type":"customEvent","userId":"U1","extraInfo":{"query":"cut \ud83d"}}"#;
+    let response = post_raw(&app, "/events", event).await?;
+    assert_eq!(response.status(), 202);
+    assert_eq!(json_body(response).await?, json!({"accepted": 1}));
+    assert_eq!(
+        app.count("SELECT COUNT(*) FROM events WHERE source = 'custom' AND kind = 'custom'")?,
+        1
+    );
+    app.stop().await
+}
+
+/// The same cut text sent through the proxy: Graph accepts the send, so it is recorded exactly
+/// as if the bot had POSTed it to `/outgoing` (SPEC §2.5).
+#[tokio::test]
+async fn a_proxied_send_whose_text_was_cut_inside_an_emoji_is_recorded() -> TestResult {
+    let bot = MockSink::start().await?;
+    let graph = MockSink::start().await?;
+    graph.script([Reply {
+        body: r#"{"recipient_id":"U8","message_id":"m_proxied_cut"}"#.to_owned(),
+        ..Reply::status(200).with_header("content-type", "application/json")
+    }]);
+    let app = spawn_app(&config(&bot, &graph.url(""))).await?;
+    let sent = r#"{"recipient":{"id":"U8"},"message":{"text":"cut \ud83d"}}"#;
+    let answer = app
+        .http
+        .post(format!(
+            "{}/graph/v20.0/111/messages?access_token={PAGE_TOKEN}",
+            app.url
+        ))
+        .header("content-type", "application/json")
+        .body(sent)
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 200);
+    assert_eq!(graph.received()[0].body, sent.as_bytes());
+    app.wait_for_count(
+        &format!(
+            "SELECT COUNT(*) FROM events WHERE id = '{}' AND user_id = 'U8' AND page_id = '111'",
+            outgoing_id("m_proxied_cut")
+        ),
+        1,
+        Duration::from_secs(2),
+    )
+    .await?;
+    app.stop().await
+}
