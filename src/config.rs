@@ -452,7 +452,7 @@ impl SinkName {
             SinkName::KochavaSmartlink => vec![Outgoing, Postback, Referral, Message],
             SinkName::Dashbot => vec![
                 Message, Postback, Referral, Optin, Reaction, Outgoing, Custom, Revenue, Share,
-                PageLaunch,
+                PageLaunch, Lead,
             ],
             SinkName::PageActivities | SinkName::Conversions => vec![Revenue, Lead, Custom],
         }

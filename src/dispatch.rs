@@ -196,21 +196,23 @@ impl Dispatcher {
                 Settle::Skipped {
                     reason: "user is paused".to_owned(),
                 }
-            } else if let Some(error) = expired(&route.delivery, &delivery, now_ms()) {
-                Settle::Dead {
-                    status: None,
-                    error,
-                    attempted: false,
-                }
             } else {
-                match route.encode(&delivery.event) {
-                    Err(EncodeError::Skip(reason)) => Settle::Skipped { reason },
-                    Err(EncodeError::Invalid(reason)) => Settle::Dead {
+                // A delivery its sink skips was never to be sent: skipped however long it
+                // waited, not dead-lettered for its ttl.
+                let ttl_ran_out = expired(&route.delivery, &delivery, now_ms());
+                match (route.encode(&delivery.event), ttl_ran_out) {
+                    (Err(EncodeError::Skip(reason)), _) => Settle::Skipped { reason },
+                    (Err(EncodeError::Invalid(reason)), _) => Settle::Dead {
                         status: None,
                         error: self.redactor.redact(&reason),
                         attempted: false,
                     },
-                    Ok(request) => {
+                    (Ok(_), Some(error)) => Settle::Dead {
+                        status: None,
+                        error,
+                        attempted: false,
+                    },
+                    (Ok(request), None) => {
                         let outcome = self
                             .client
                             .send(&request, route.delivery.timeout, route.classifier())

@@ -116,7 +116,7 @@ fn outgoing_body(event: &Event, outgoing: &Outgoing) -> Value {
 /// The Dashbot event object: `{name, type, userId, conversationId?, …the type's own fields}`.
 fn event_body(dashbot: &Dashbot, event: &Event, custom: &Custom) -> Result<Value, EncodeError> {
     let user = require_user(event)?;
-    // Dashbot has no lead type: a lead (sent only when `lead` is in `kinds`) is a custom event.
+    // Dashbot has no lead type: a lead is a custom event.
     let event_type = match custom.event_type.as_str() {
         "leadEvent" => "customEvent",
         other => other,

@@ -442,6 +442,7 @@ pub(crate) mod testing {
 mod tests {
     use super::testing::*;
     use super::*;
+    use serde_json::json;
     use std::collections::HashMap;
 
     fn config(sinks: &str) -> Result<Config, crate::config::ConfigError> {
@@ -480,6 +481,35 @@ mod tests {
             "{}",
             request.url
         );
+        Ok(())
+    }
+
+    /// SPEC §4.3: custom events go to Dashbot as `type=event`; `POST /events` takes them all,
+    /// `leadEvent` included (§2.4), so each reaches Dashbot without a `kinds` list.
+    #[test]
+    fn every_custom_event_reaches_dashbot_by_default() -> TestResult {
+        let sinks = Sinks::from_config(&config("[sinks.dashbot]\napi_key = \"d\"\n")?);
+        let events = [
+            custom(EventKind::Custom, "customEvent", "trackMeEvent", json!({})),
+            revenue(),
+            custom(EventKind::Share, "shareEvent", "shared", json!({})),
+            custom(
+                EventKind::PageLaunch,
+                "pageLaunchEvent",
+                "opened",
+                json!({}),
+            ),
+            custom(EventKind::Referral, "referralEvent", "ad", json!({})),
+            custom(EventKind::Lead, "leadEvent", "lead_submitted", json!({})),
+        ];
+        for event in events {
+            assert_eq!(
+                sinks.targets(&event),
+                vec![SinkName::Dashbot],
+                "{}",
+                event.kind
+            );
+        }
         Ok(())
     }
 

@@ -833,3 +833,58 @@ async fn a_graph_rate_limit_whose_body_breaks_off_is_retried_not_dead() -> TestR
     );
     Ok(())
 }
+
+/// A delivery its sink would skip is skipped, never dead-lettered, even when it waited past
+/// its ttl behind its lane's head: it was never to be sent (SPEC §4.5, the Conversions API
+/// skips custom events not named after one of Meta's names), so it is no failure to alert on.
+#[tokio::test]
+async fn a_delivery_its_sink_skips_is_skipped_even_past_its_ttl() -> TestResult {
+    const USER: &str = "u-ttl-skip";
+    let graph = MockSink::start().await?;
+    graph.script([Reply::hang()]);
+    let app = spawn_app(&format!(
+        "[ingest]\ntoken = \"ing-BEARER-ttl-skip-0123\"\n[graph]\nbase_url = \"{}\"\n\
+         [sinks.conversions]\ndataset_id = \"880112233445566\"\n\
+         access_token = \"tok-CAPI-ttl-skip-0123\"\ntimeout = \"600ms\"\nttl = \"300ms\"\n",
+        graph.url("")
+    ))
+    .await?;
+    let events = serde_json::json!([
+        {"name": "checkout_complete", "type": "revenueEvent", "userId": USER,
+         "pageId": "104735812345678", "amount": 9.5},
+        {"name": "menu_opened", "type": "customEvent", "userId": USER,
+         "pageId": "104735812345678"},
+    ]);
+    let answer = app
+        .http
+        .post(format!("{}/events", app.url))
+        .header("authorization", "Bearer ing-BEARER-ttl-skip-0123")
+        .header("content-type", "application/json")
+        .body(events.to_string())
+        .send()
+        .await?;
+    assert_eq!(answer.status(), 202);
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state IN ('dead', 'skipped')",
+        2,
+        Duration::from_secs(5),
+    )
+    .await?;
+    let states: Vec<(String, String)> = app
+        .db()?
+        .prepare(
+            "SELECT e.kind, d.state FROM deliveries d JOIN events e ON e.id = d.event_id \
+             ORDER BY d.id",
+        )?
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+        .collect::<Result<_, _>>()?;
+    assert_eq!(
+        states,
+        [
+            ("revenue".to_owned(), "dead".to_owned()),
+            ("custom".to_owned(), "skipped".to_owned()),
+        ]
+    );
+    assert_eq!(graph.received().len(), 1, "only the purchase was attempted");
+    app.stop().await
+}
