@@ -37,11 +37,21 @@ async fn post(
     token: Option<&str>,
     body: &Value,
 ) -> TestResult<reqwest::Response> {
+    post_text(app, path, token, &body.to_string()).await
+}
+
+/// [`post`] with the JSON as text (for JSON that `json!` cannot build).
+async fn post_text(
+    app: &TestApp,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> TestResult<reqwest::Response> {
     let mut request = app
         .http
         .post(format!("{}{path}", app.url))
         .header("content-type", "application/json")
-        .body(body.to_string());
+        .body(body.to_owned());
     if let Some(token) = token {
         request = request.header("authorization", format!("Bearer {token}"));
     }
@@ -1037,18 +1047,6 @@ async fn an_echo_and_its_report_reach_each_analytics_sink_once() -> TestResult {
     app.stop().await
 }
 
-/// POSTs a raw body (JSON text that `json!` cannot build) with the ingest token.
-async fn post_raw(app: &TestApp, path: &str, body: &str) -> TestResult<reqwest::Response> {
-    Ok(app
-        .http
-        .post(format!("{}{path}", app.url))
-        .header("content-type", "application/json")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(body.to_owned())
-        .send()
-        .await?)
-}
-
 /// A bot that cuts its text at the Send API's 2,000 characters with `slice` may cut inside an
 /// emoji, and `JSON.stringify` then writes the lone half as `"\ud83d"`: valid JSON syntax, in
 /// the shapes of SPEC §2.3 and §2.4. The report is accepted (as the webhook accepts such an
@@ -1057,7 +1055,7 @@ async fn post_raw(app: &TestApp, path: &str, body: &str) -> TestResult<reqwest::
 async fn reports_whose_text_was_cut_inside_an_emoji_are_accepted() -> TestResult {
     let (app, _bot) = app_with_bot().await?;
     let send = r#"{"request":{"recipient":{"id":"U1"},"message":{"text":"cut \ud83d"}},"response":{"recipient_id":"U1","message_id":"m_cut"},"page_id":"111"}"#;
-    let response = post_raw(&app, "/outgoing", &format!("[{send}]")).await?;
+    let response = post_text(&app, "/outgoing", Some(TOKEN), &format!("[{send}]")).await?;
     assert_eq!(response.status(), 202);
     assert_eq!(json_body(response).await?, json!({"accepted": 1}));
     let text: String = app.db()?.query_row(
@@ -1068,7 +1066,7 @@ async fn reports_whose_text_was_cut_inside_an_emoji_are_accepted() -> TestResult
     assert_eq!(text, "cut \u{fffd}");
 
     let event = r#"{"name":"searched","type":"customEvent","userId":"U1","extraInfo":{"query":"cut \ud83d"}}"#;
-    let response = post_raw(&app, "/events", event).await?;
+    let response = post_text(&app, "/events", Some(TOKEN), event).await?;
     assert_eq!(response.status(), 202);
     assert_eq!(json_body(response).await?, json!({"accepted": 1}));
     assert_eq!(

@@ -222,6 +222,27 @@ async fn escaped_bodies_verify_and_the_raw_item_is_stored_verbatim() -> TestResu
     app.stop().await
 }
 
+/// POSTs ~1 KB messages of different users until the capped store answers 503: how many
+/// were acknowledged (200) before, and the 503.
+async fn fill_until_503(app: &crate::support::TestApp) -> TestResult<(i64, reqwest::Response)> {
+    for index in 0..200 {
+        let body = text_message(
+            "1",
+            &format!("u{index}"),
+            &format!("m.{index}"),
+            &"x".repeat(900),
+            1_700_000_000_000,
+        );
+        let answer = app.post_webhook(&body).await?;
+        match answer.status().as_u16() {
+            200 => {}
+            503 => return Ok((index, answer)),
+            other => return Err(format!("unexpected status {other}").into()),
+        }
+    }
+    Err("the capped store never filled up".into())
+}
+
 #[tokio::test]
 async fn full_store_answers_503_and_readyz_follows() -> TestResult {
     // A store capped at a few pages: the schema fits, a couple of hundred messages do not.
@@ -242,28 +263,11 @@ async fn full_store_answers_503_and_readyz_follows() -> TestResult {
         (ready.status.code(), stdout(&ready).trim()),
         (Some(0), "ready")
     );
-    let mut saw_503 = false;
-    for index in 0..200 {
-        let body = text_message(
-            "1",
-            &format!("u{index}"),
-            &format!("m.{index}"),
-            &"x".repeat(900),
-            1_700_000_000_000,
-        );
-        let answer = app.post_webhook(&body).await?;
-        let status = answer.status();
-        if status == 503 {
-            // The error says why (SQLite has already rolled the group back by itself: the
-            // answer must not be the failed ROLLBACK's "no transaction is active").
-            let text = answer.text().await?;
-            assert!(text.contains("the store is full"), "{text}");
-            saw_503 = true;
-            break;
-        }
-        assert_eq!(status, 200);
-    }
-    assert!(saw_503, "the capped store never filled up");
+    let (_, full_answer) = fill_until_503(&app).await?;
+    // The error says why (SQLite has already rolled the group back by itself: the answer must
+    // not be the failed ROLLBACK's "no transaction is active").
+    let text = full_answer.text().await?;
+    assert!(text.contains("the store is full"), "{text}");
     assert_eq!(
         app.http
             .get(format!("{}/readyz", app.url))
@@ -399,22 +403,8 @@ async fn a_full_store_restarts_and_delivers_everything_it_acknowledged() -> Test
         ],
     )
     .await?;
-    let mut acknowledged = 0;
-    for index in 0..200 {
-        let body = text_message(
-            "1",
-            &format!("u{index}"),
-            &format!("m.{index}"),
-            &"x".repeat(900),
-            1_700_000_000_000,
-        );
-        match app.post_webhook(&body).await?.status().as_u16() {
-            200 => acknowledged += 1,
-            503 => break,
-            other => return Err(format!("unexpected status {other}").into()),
-        }
-    }
-    assert!((1..200).contains(&acknowledged), "{acknowledged}");
+    let (acknowledged, _) = fill_until_503(&app).await?;
+    assert!(acknowledged > 0);
     // Failed attempts settle in the full file; then the bot stops answering, so the relay
     // stops with its deliveries in flight.
     let before = bot.received().len();
