@@ -11,14 +11,12 @@ use crate::store::{
 use crate::telemetry::{self, Redactor};
 use axum::Router;
 use axum::body::Bytes;
-use axum::extract::connect_info::Connected;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::serve::IncomingStream;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -52,7 +50,7 @@ pub enum AdminError {
     #[error("missing or wrong bearer token")]
     Unauthorized,
     #[error(
-        "admin.token is not set, so the admin API answers only clients on this machine, not through a proxy; set admin.token (BOTRELAY__ADMIN__TOKEN) to use it from elsewhere"
+        "admin.token is not set, so the admin API answers only clients on this machine, not through a proxy nor from a web page; set admin.token (BOTRELAY__ADMIN__TOKEN) to use it from elsewhere"
     )]
     TokenRequired,
     #[error("unknown sink `{0}`; expected one of: {known}", known = known_sinks())]
@@ -247,7 +245,7 @@ pub fn router(state: AdminState) -> Router {
 }
 
 /// Both ends of an admin connection, for the rule that without a token only this machine may
-/// use `/admin` (serve the router with `into_make_service_with_connect_info::<AdminPeer>()`).
+/// use `/admin` (the listener puts it in each request's extensions as `ConnectInfo`).
 #[derive(Debug, Clone, Copy)]
 pub struct AdminPeer {
     remote: SocketAddr,
@@ -256,6 +254,11 @@ pub struct AdminPeer {
 }
 
 impl AdminPeer {
+    /// The peer `remote` of a connection made to `local`.
+    pub fn new(remote: SocketAddr, local: Option<SocketAddr>) -> AdminPeer {
+        AdminPeer { remote, local }
+    }
+
     /// A client on this machine: a loopback address, or this host's own address (a client
     /// that connects to the listener's private address comes from that address).
     fn is_this_machine(&self) -> bool {
@@ -267,19 +270,11 @@ impl AdminPeer {
     }
 }
 
-impl Connected<IncomingStream<'_, tokio::net::TcpListener>> for AdminPeer {
-    fn connect_info(stream: IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        AdminPeer {
-            remote: *stream.remote_addr(),
-            local: stream.io().local_addr().ok(),
-        }
-    }
-}
-
 /// Refuses `/admin` and everything under it without the right bearer token (when one is set),
 /// unknown paths included, so that nothing about the API is learnt without it. Without a
-/// token, `/admin` answers only clients on this machine, and not through a proxy: a listener on
-/// every interface (as in the container image) must not let the network pause users or replay.
+/// token, `/admin` answers only clients on this machine, and not through a proxy nor from a web
+/// page in a browser on this machine: a listener on every interface (as in the container image)
+/// must not let the network, or any web site, pause users or replay.
 async fn require_token(State(state): State<AdminState>, request: Request, next: Next) -> Response {
     let path = request.uri().path();
     let protected = path == "/admin" || path.starts_with("/admin/");
@@ -300,7 +295,16 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
             let forwarded = ["forwarded", "x-forwarded-for", "x-real-ip"]
                 .iter()
                 .any(|name| request.headers().contains_key(*name));
-            if !local || forwarded {
+            // So does a browser on this machine, for any web page it shows (a cross-site POST
+            // with a `text/plain` body needs no preflight); it says where the request comes
+            // from. The CLI and curl send neither header; an address typed in the address bar
+            // comes with `Sec-Fetch-Site: none`.
+            let from_a_web_page = request.headers().contains_key(header::ORIGIN)
+                || request
+                    .headers()
+                    .get("sec-fetch-site")
+                    .is_some_and(|site| site != "none");
+            if !local || forwarded || from_a_web_page {
                 return AdminError::TokenRequired.into_response();
             }
         }

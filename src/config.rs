@@ -113,6 +113,7 @@ struct RawServer {
     listen: Option<String>,
     max_body_bytes: Option<Count>,
     shutdown_grace: Option<String>,
+    read_timeout: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -291,6 +292,9 @@ pub struct ServerConfig {
     pub listen: SocketAddr,
     pub max_body_bytes: usize,
     pub shutdown_grace: Duration,
+    /// How long a client may take to send a request's headers, and then its body (both
+    /// listeners). Slower clients are cut off, so that none can hold a connection open.
+    pub read_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -983,7 +987,15 @@ fn validate(raw: RawConfig) -> Result<Config, ConfigError> {
             raw.server.shutdown_grace.as_deref(),
             Duration::from_secs(10),
         ),
+        read_timeout: check.duration(
+            "server.read_timeout",
+            raw.server.read_timeout.as_deref(),
+            Duration::from_secs(30),
+        ),
     };
+    if server.read_timeout.is_zero() {
+        check.problem("server.read_timeout", "must be greater than 0");
+    }
 
     let admin = AdminConfig {
         listen: check.socket_addr(
@@ -1428,6 +1440,7 @@ mod tests {
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
         assert_eq!(config.server.max_body_bytes, 1024 * 1024);
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(config.server.read_timeout, Duration::from_secs(30));
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9091");
         assert_eq!(
             config.graph.base_url.as_str(),
@@ -1517,7 +1530,7 @@ mod tests {
         assert_eq!(
             found,
             [
-                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`"
+                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`"
             ]
         );
     }
@@ -1544,7 +1557,7 @@ mod tests {
                 "bot.retries: unknown key; [bot] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`",
                 "logs: unknown key; expected one of `server`, `admin`, `log`, `messenger`, `ingest`, `graph`, `dashbot`, `store`, `bot`, `sinks`",
                 "messenger.accept_sha1: expected a boolean, found string \"maybe\" (from BOTRELAY__MESSENGER__ACCEPT_SHA1)",
-                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`",
+                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`",
                 "server.max_body_bytes: expected a whole number, found string \"lots\"",
                 "sinks.nope: unknown key; expected one of `kochava`, `dashbot`, `page_activities`, `conversions`",
                 "store.retension: unknown key; expected one of `path`, `url`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",

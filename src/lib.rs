@@ -103,6 +103,7 @@ pub async fn run_with_store(
         status: status.clone(),
     }));
     let admin_token_set = state.config.admin.token.is_some();
+    let read_timeout = state.config.server.read_timeout;
     let public = with_request_ids(ingest::router(state));
 
     let public_addr = listeners.public.local_addr()?;
@@ -114,19 +115,8 @@ pub async fn run_with_store(
             "admin.token is not set: /admin answers only clients on this machine (not through a proxy); /metrics and /healthz answer everyone"
         );
     }
-    let public_server = tokio::spawn(
-        axum::serve(listeners.public, public)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .into_future(),
-    );
-    let admin_server = tokio::spawn(
-        axum::serve(
-            listeners.admin,
-            admin.into_make_service_with_connect_info::<admin::AdminPeer>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .into_future(),
-    );
+    let public_server = tokio::spawn(serve(listeners.public, public, read_timeout, stop.clone()));
+    let admin_server = tokio::spawn(serve(listeners.admin, admin, read_timeout, stop.clone()));
     let dispatcher = Dispatcher {
         store: store.clone(),
         sinks,
@@ -149,8 +139,8 @@ pub async fn run_with_store(
         purging,
         metrics_upkeep
     );
-    public_result.context("public listener task failed")??;
-    admin_result.context("admin listener task failed")??;
+    public_result.context("public listener task failed")?;
+    admin_result.context("admin listener task failed")?;
     tracing::info!("Stopped");
     Ok(())
 }
@@ -165,6 +155,144 @@ fn with_request_ids(router: axum::Router) -> axum::Router {
         .layer(TraceLayer::new_for_http().make_span_with(telemetry::request_span))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+}
+
+/// Serves `router` on `listener` until `stop`, then lets the requests in flight finish, as
+/// `axum::serve` with its graceful shutdown does, and bounds how long a client may take, which
+/// `axum::serve` does not: a request's headers (and the next request on an idle connection) must
+/// arrive within `read_timeout`, and its body within `read_timeout` of its headers
+/// ([`ReadDeadline`]). So a slow client (slowloris) cannot hold a connection, and the body
+/// buffer it fills, for as long as it likes. Each request carries its connection's
+/// `ConnectInfo<AdminPeer>`, which the admin API's rule without a token reads.
+async fn serve(
+    listener: TcpListener,
+    router: axum::Router,
+    read_timeout: Duration,
+    stop: CancellationToken,
+) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(read_timeout);
+    let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (stream, remote) = tokio::select! {
+            () = stop.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    accept_failed(error).await;
+                    continue;
+                }
+            },
+        };
+        let peer = admin::AdminPeer::new(remote, stream.local_addr().ok());
+        let service = tower::ServiceExt::map_request(
+            router.clone(),
+            move |request: axum::http::Request<hyper::body::Incoming>| {
+                let mut request = request
+                    .map(|body| axum::body::Body::new(ReadDeadline::new(body, read_timeout)));
+                request
+                    .extensions_mut()
+                    .insert(axum::extract::ConnectInfo(peer));
+                request
+            },
+        );
+        let connection = connections.watch(http.serve_connection(
+            hyper_util::rt::TokioIo::new(stream),
+            hyper_util::service::TowerToHyperService::new(service),
+        ));
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "Connection closed with an error");
+            }
+        });
+    }
+    drop(listener);
+    connections.shutdown().await;
+}
+
+/// As `axum::serve` does: a connection the peer gave up on before it was accepted is nothing;
+/// anything else (out of file descriptors) is logged, and accepting pauses for a second.
+async fn accept_failed(error: std::io::Error) {
+    use std::io::ErrorKind;
+    if matches!(
+        error.kind(),
+        ErrorKind::ConnectionRefused | ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset
+    ) {
+        return;
+    }
+    tracing::error!(%error, "Cannot accept a connection");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+/// Reading a request body failed because it did not arrive whole within `server.read_timeout`
+/// of its request's headers.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
+pub struct BodyTimedOut(pub Duration);
+
+impl BodyTimedOut {
+    /// The `BodyTimedOut` somewhere in `error`'s chain of sources (a failed body read).
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyTimedOut> {
+        let mut cause = Some(error);
+        while let Some(error) = cause {
+            if let Some(timed_out) = error.downcast_ref::<BodyTimedOut>() {
+                return Some(timed_out);
+            }
+            cause = error.source();
+        }
+        None
+    }
+}
+
+/// A request body that must arrive whole by a deadline: once it passes, reading fails with
+/// [`BodyTimedOut`].
+struct ReadDeadline<B> {
+    body: B,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timeout: Duration,
+}
+
+impl<B> ReadDeadline<B> {
+    fn new(body: B, timeout: Duration) -> ReadDeadline<B> {
+        ReadDeadline {
+            body,
+            deadline: Box::pin(tokio::time::sleep(timeout)),
+            timeout,
+        }
+    }
+}
+
+impl<B> http_body::Body for ReadDeadline<B>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Unpin,
+    B::Error: Into<axum::BoxError>,
+{
+    type Data = bytes::Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<bytes::Bytes>, axum::BoxError>>> {
+        use std::task::Poll;
+        let this = &mut *self;
+        if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.body).poll_frame(cx) {
+            return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
+        }
+        match this.deadline.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout))))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
+    }
 }
 
 fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Response {

@@ -54,6 +54,8 @@ pub enum IngestError {
     Unauthorized(#[from] verify::VerifyError),
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
+    #[error("{0}")]
+    TimedOut(crate::BodyTimedOut),
     #[error("cannot read the request body: {0}")]
     BadBody(String),
     #[error("body is not JSON: {0}")]
@@ -94,6 +96,7 @@ impl IngestError {
             IngestError::Forbidden => StatusCode::FORBIDDEN,
             IngestError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             IngestError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            IngestError::TimedOut(_) => StatusCode::REQUEST_TIMEOUT,
             IngestError::BadBody(_)
             | IngestError::NotJson(_)
             | IngestError::BadItem(_)
@@ -108,6 +111,8 @@ impl IngestError {
     fn from_body(rejection: BytesRejection, limit: usize) -> IngestError {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge(limit)
+        } else if let Some(crate::BodyTimedOut(after)) = crate::BodyTimedOut::find(&rejection) {
+            IngestError::TimedOut(crate::BodyTimedOut(*after))
         } else {
             IngestError::BadBody(rejection.body_text())
         }

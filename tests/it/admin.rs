@@ -1543,6 +1543,60 @@ async fn without_a_token_a_proxied_client_is_not_this_machine() -> TestResult {
     Ok(())
 }
 
+/// Without `admin.token`, a web browser on this machine is a client on this machine too: any
+/// page it shows can POST to `127.0.0.1:9091` (a form, or `fetch` with `mode: "no-cors"` and a
+/// `text/plain` body, needs no CORS preflight) and pause a user or replay every dead letter.
+/// The browser says where such a request comes from (`Origin`, `Sec-Fetch-Site`); the CLI and
+/// curl send neither. The admin API refuses it.
+#[tokio::test]
+async fn without_a_token_a_web_page_in_a_local_browser_cannot_use_the_admin_api() -> TestResult {
+    let bot = MockSink::start().await?;
+    let app = spawn_app(&format!("[bot]\nurl = \"{}\"\n", bot.url("/webhook"))).await?;
+    let mut statuses = Vec::new();
+    for (name, value) in [
+        ("origin", "https://evil.example"),
+        ("sec-fetch-site", "cross-site"),
+    ] {
+        let pause = app
+            .http
+            .post(format!("{}/admin/users/victim/pause", app.admin_url))
+            .header(name, value)
+            .header("content-type", "text/plain")
+            .send()
+            .await?;
+        let replay = app
+            .http
+            .post(format!("{}/admin/dead-letters/replay", app.admin_url))
+            .header(name, value)
+            .header("content-type", "text/plain")
+            .body("{}")
+            .send()
+            .await?;
+        statuses.push((name, pause.status().as_u16(), replay.status().as_u16()));
+    }
+    let paused = app.count("SELECT COUNT(*) FROM paused_users")?;
+    // The address bar is not a web page: what a user types in gets `Sec-Fetch-Site: none`.
+    let typed = app
+        .http
+        .get(format!("{}/admin/paused", app.admin_url))
+        .header("sec-fetch-site", "none")
+        .send()
+        .await?
+        .status()
+        .as_u16();
+    app.stop().await?;
+    assert_eq!(
+        (statuses, paused, typed),
+        (
+            vec![("origin", 403, 403), ("sec-fetch-site", 403, 403)],
+            0,
+            200
+        ),
+        "a web page used the token-less admin API through a local browser"
+    );
+    Ok(())
+}
+
 /// `admin.listen` on a private address of this host without a token: the CLI on this host
 /// reaches it (a client connecting to the host's own address comes from that address). Runs
 /// only on a host with an address besides loopback (the unit test in `admin.rs` covers the

@@ -427,3 +427,54 @@ async fn a_full_store_restarts_and_delivers_everything_it_acknowledged() -> Test
     .await?;
     app.stop().await
 }
+
+/// What a slow client gets: the server's answer and close, or `None` when the connection is
+/// still open and silent after `within`.
+async fn answer_within(
+    stream: &mut tokio::net::TcpStream,
+    within: Duration,
+) -> TestResult<Option<String>> {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    match tokio::time::timeout(within, stream.read_to_end(&mut answer)).await {
+        Err(_) => Ok(None),
+        // A reset is a close too.
+        Ok(_) => Ok(Some(String::from_utf8_lossy(&answer).into_owned())),
+    }
+}
+
+/// Slow clients on the public listener (slowloris) are cut off after `server.read_timeout`: a
+/// connection that sends nothing, one that never finishes its headers, and one that never
+/// finishes its body (answered 408). Without the bound, unauthenticated clients could hold
+/// connections, and the body buffers they filled, for as long as they liked.
+#[tokio::test]
+async fn slow_clients_are_cut_off_after_the_read_timeout() -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app(&format!("[server]\nread_timeout = \"1s\"\n{BOT}")).await?;
+    let address = app.url.trim_start_matches("http://").to_owned();
+    let mut idle = tokio::net::TcpStream::connect(&address).await?;
+    let mut headers = tokio::net::TcpStream::connect(&address).await?;
+    headers
+        .write_all(b"POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Type: application/json\r\n")
+        .await?;
+    let mut body = tokio::net::TcpStream::connect(&address).await?;
+    body.write_all(b"POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{\"obj")
+        .await?;
+    let within = Duration::from_secs(5);
+    let (idle, headers, body) = tokio::join!(
+        answer_within(&mut idle, within),
+        answer_within(&mut headers, within),
+        answer_within(&mut body, within),
+    );
+    assert!(idle?.is_some(), "an idle connection stays open");
+    assert!(
+        headers?.is_some(),
+        "a connection that never ends its headers stays open"
+    );
+    let body = body?.ok_or("a request whose body never ends stays open")?;
+    assert!(body.starts_with("HTTP/1.1 408"), "{body}");
+    // A client that keeps to the bound is served as before.
+    let small = text_message("1", "2", "m.in.time", "hi", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&small).await?.status(), 200);
+    app.stop().await
+}
