@@ -312,11 +312,13 @@ async fn require_token(State(state): State<AdminState>, request: Request, next: 
     next.run(request).await
 }
 
-/// `GET /metrics`: refreshes the queue gauges from the store, then renders every metric.
+/// `GET /metrics`: refreshes the queue gauges from the store, then renders every metric. A
+/// sink once shown keeps its gauges, at 0 once its rows are gone.
 async fn render_metrics(State(state): State<AdminState>) -> Response {
     match state.store.depth().await {
         Ok(depth) => {
-            for sink in sinks_to_show(&state.active, &[], &depth) {
+            let shown_before = telemetry::gauged_sinks();
+            for sink in sinks_to_show(&state.active, &shown_before, &depth) {
                 let figures = depth.get(&sink).cloned().unwrap_or_default();
                 telemetry::set_queue_gauges(sink, figures.queued, figures.in_flight, figures.dead);
             }
@@ -341,9 +343,11 @@ struct ListQuery {
     user: Option<String>,
     since: Option<String>,
     limit: Option<String>,
+    after: Option<String>,
 }
 
-/// `GET /admin/dead-letters?sink=&user=&since=&limit=`: the oldest first.
+/// `GET /admin/dead-letters?sink=&user=&since=&limit=&after=`: the oldest first; `after` (the
+/// last id of the previous page) pages on.
 async fn list_dead_letters(
     State(state): State<AdminState>,
     query: Result<Query<ListQuery>, QueryRejection>,
@@ -372,6 +376,12 @@ async fn list_dead_letters(
             .map(|since| parse_since(since, now))
             .transpose()?,
         ids: None,
+        after: match query.after.as_deref().filter(|after| !after.is_empty()) {
+            None => None,
+            Some(text) => Some(text.parse::<i64>().ok().filter(|id| *id >= 0).ok_or_else(
+                || AdminError::BadRequest("after must be a dead letter's id".into()),
+            )?),
+        },
         limit: Some(limit),
         newest_first: false,
     };
@@ -455,6 +465,7 @@ async fn replay(
             Some(Since::Text(text)) => Some(parse_since(&text, now)?),
         },
         ids: request.ids,
+        after: None,
         limit: None,
         newest_first: false,
     };
@@ -910,6 +921,99 @@ mod tests {
                 ..ReplayRequest::default()
             })
         );
+    }
+
+    /// The gauges of a sink that is not enabled (its table is gone) follow the store: once the
+    /// purge removes its last dead letters, `/metrics` says 0, not the count of the last scrape
+    /// that still saw them (until the next restart).
+    #[tokio::test]
+    #[allow(clippy::expect_used)]
+    async fn the_gauges_of_a_sink_not_enabled_fall_to_zero_when_its_rows_are_purged() {
+        use crate::event::{Event, EventData, EventId, EventKind, Source};
+        use crate::store::{NewEvent, Retention, Settle};
+        telemetry::register_metrics(&[]);
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open_sqlite(&dir.path().join("store.db"), None).expect("store");
+        let sink = SinkName::PageActivities;
+        let now = now_ms();
+        let event = Event {
+            id: EventId::derive(&[b"gauge-after-purge"]),
+            source: Source::Custom,
+            kind: EventKind::Lead,
+            page_id: Some("p".into()),
+            user_id: Some("u".into()),
+            timestamp_ms: now,
+            data: EventData::Other { key: None },
+            webhook: None,
+        };
+        store
+            .enqueue(
+                vec![NewEvent {
+                    event,
+                    sinks: vec![sink],
+                }],
+                now,
+            )
+            .await
+            .expect("enqueue");
+        let claimed = store
+            .claim(sink, 1, now, Duration::from_secs(60))
+            .await
+            .expect("claim");
+        let dead = Settle::Dead {
+            status: Some(400),
+            error: "HTTP 400".into(),
+            attempted: true,
+        };
+        for delivery in &claimed.deliveries {
+            store
+                .settle(delivery, dead.clone(), now)
+                .await
+                .expect("settle");
+        }
+        let config = Config::from_sources(
+            "[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n",
+            HashMap::new(),
+        )
+        .expect("config");
+        let router = router(AdminState {
+            config: Arc::new(config),
+            store: store.clone(),
+            paused: Paused::new(Vec::new()),
+            active: Vec::new(),
+            redactor: Redactor::new(Vec::new()),
+            status: telemetry::SinkStatus::default(),
+        });
+        let dead_letters = |router: Router| async move {
+            let response = router
+                .oneshot(
+                    Request::get("/metrics")
+                        .body(axum::body::Body::empty())
+                        .expect("request"),
+                )
+                .await
+                .expect("response");
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
+                .await
+                .expect("body");
+            String::from_utf8_lossy(&body)
+                .lines()
+                .find_map(|line| {
+                    line.strip_prefix("botrelay_dead_letters{sink=\"page_activities\"} ")
+                        .map(str::to_owned)
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(dead_letters(router.clone()).await, "1");
+
+        let retention = Retention {
+            delivered: Duration::ZERO,
+            dead: Duration::ZERO,
+            dedupe_window: Duration::ZERO,
+        };
+        let purged = store.purge(retention, now + 1).await.expect("purge");
+        assert_eq!(purged.deliveries, 1);
+        assert_eq!(dead_letters(router).await, "0");
     }
 
     #[test]

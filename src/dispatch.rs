@@ -129,6 +129,9 @@ impl Dispatcher {
             if free > 0 && claim_now {
                 wake_pending = false;
                 match self.store.claim(route.name, free, now_ms(), lease).await {
+                    // Shutdown began while the claim waited for the store: start nothing new.
+                    // What it took stays leased and goes out after the restart.
+                    Ok(_) if shutdown.is_cancelled() => break,
                     Ok(batch) => {
                         next_due = batch.next_due;
                         for delivery in batch.deliveries {
@@ -151,6 +154,9 @@ impl Dispatcher {
             }
             let timer = due_timer(permits.available_permits(), next_due, now_ms());
             tokio::select! {
+                // Shutdown first: a wake-up or a finished attempt ready at the same time must
+                // not start another round of claims.
+                biased;
                 () = shutdown.cancelled() => break,
                 () = notify.notified() => wake_pending = true,
                 () = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {

@@ -133,16 +133,38 @@ pub async fn run_with_store(
     tracing::info!("Shutting down: no new requests; finishing in-flight work");
     stop.cancel();
     let (public_result, admin_result, _, _, _) = tokio::join!(
-        public_server,
-        admin_server,
+        drain(public_server, grace, "public"),
+        drain(admin_server, grace, "admin"),
         dispatching,
         purging,
         metrics_upkeep
     );
-    public_result.context("public listener task failed")?;
-    admin_result.context("admin listener task failed")?;
+    public_result?;
+    admin_result?;
     tracing::info!("Stopped");
     Ok(())
+}
+
+/// Lets a listener finish its in-flight requests, for at most `grace`: a client that never
+/// completes its request (half sent, or held by a stalled proxy) must not keep the relay from
+/// stopping. Connections still open then are dropped with the runtime; nothing they carried
+/// was acknowledged.
+async fn drain(
+    mut server: tokio::task::JoinHandle<()>,
+    grace: Duration,
+    listener: &'static str,
+) -> anyhow::Result<()> {
+    match tokio::time::timeout(grace, &mut server).await {
+        Ok(finished) => finished.with_context(|| format!("{listener} listener task failed")),
+        Err(_) => {
+            tracing::warn!(
+                listener,
+                "Grace period over; requests still unfinished are dropped unanswered"
+            );
+            server.abort();
+            Ok(())
+        }
+    }
 }
 
 /// Gives every request an `x-request-id` (kept when the caller sent one), echoes it in the
@@ -306,7 +328,14 @@ fn panicked(_: Box<dyn std::any::Any + Send + 'static>) -> axum::response::Respo
 
 async fn purge_loop(store: Store, retention: Retention, stop: CancellationToken) {
     loop {
-        match store.purge(retention, now_ms()).await {
+        // A large purge (the first after a long stop, or after `retention` was shortened)
+        // takes many writes; a shutdown does not wait for it: each write is whole, and the
+        // next start purges the rest.
+        let purged = tokio::select! {
+            () = stop.cancelled() => return,
+            purged = store.purge(retention, now_ms()) => purged,
+        };
+        match purged {
             Ok(purged) if purged.deliveries + purged.events > 0 => {
                 tracing::info!(
                     deliveries = purged.deliveries,

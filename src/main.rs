@@ -11,7 +11,7 @@ use botrelay::config::{Config, ConfigError, DEFAULT_PATH, SinkName};
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -596,12 +596,14 @@ impl AdminClient {
         &self,
         filter: &FilterArgs,
         since: Option<i64>,
+        after: Option<i64>,
         limit: u32,
     ) -> Result<Vec<DeadLetterView>, CliError> {
         let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
         query.extend(filter.sink.clone().map(|sink| ("sink", sink)));
         query.extend(filter.user.clone().map(|user| ("user", user)));
         query.extend(since.map(|since| ("since", since.to_string())));
+        query.extend(after.map(|after| ("after", after.to_string())));
         self.send(self.http.get(self.url("/admin/dead-letters")).query(&query))
             .await
     }
@@ -624,7 +626,7 @@ async fn list_dead_letters(
     json: bool,
 ) -> Result<(), CliError> {
     let since = resolve_since(filter)?;
-    let letters = client.dead_letters(filter, since, limit).await?;
+    let letters = client.dead_letters(filter, since, None, limit).await?;
     if json {
         return print_json(&letters);
     }
@@ -768,7 +770,7 @@ async fn replay(
                     since: filter.since.clone(),
                 };
                 let left = client
-                    .dead_letters(&one_sink, since, MAX_LIMIT)
+                    .dead_letters(&one_sink, since, None, MAX_LIMIT)
                     .await?
                     .len();
                 if left > 0 {
@@ -792,25 +794,28 @@ struct ReplayRun<'a> {
 }
 
 impl ReplayRun<'_> {
-    /// Lists the letters that match `filter` and replays them, until none is left that was not
-    /// replayed yet (a replayed letter that fails again is dead again, with the same id).
+    /// Lists the letters that match `filter` a page at a time, oldest first, and replays each
+    /// page. The next page starts after the last id of this one: a replayed letter that fails
+    /// again is dead again with the same id, and must neither be replayed twice by one command
+    /// nor hide the letters behind it.
     async fn replay_listed(&mut self, filter: &FilterArgs) -> Result<(), CliError> {
-        let mut seen: HashSet<i64> = HashSet::new();
+        let mut after = None;
         loop {
             let letters = self
                 .client
-                .dead_letters(filter, self.since, MAX_LIMIT)
+                .dead_letters(filter, self.since, after, MAX_LIMIT)
                 .await?;
-            let full = letters.len() == MAX_LIMIT as usize;
-            let fresh: Vec<i64> = letters
-                .iter()
-                .map(|letter| letter.id)
-                .filter(|id| seen.insert(*id))
-                .collect();
-            if fresh.is_empty() {
+            let Some(last) = letters.last() else {
                 return Ok(());
-            }
-            self.replay_ids(filter, fresh, full).await?;
+            };
+            after = Some(last.id);
+            let full = letters.len() == MAX_LIMIT as usize;
+            self.replay_ids(
+                filter,
+                letters.iter().map(|letter| letter.id).collect(),
+                full,
+            )
+            .await?;
             if !full {
                 return Ok(());
             }

@@ -415,8 +415,26 @@ pub fn register_metrics(active: &[SinkName]) {
 /// The `outcome` label values of `botrelay_deliveries_total`.
 pub const OUTCOMES: [&str; 4] = ["delivered", "retried", "dead", "skipped"];
 
+/// The sinks whose queue gauges this process has set: a scrape sets them all again, so that a
+/// sink whose rows are all gone (a sink not enabled, whose dead letters the purge removed)
+/// reads 0 instead of its last count.
+static GAUGED_SINKS: RwLock<Vec<SinkName>> = RwLock::new(Vec::new());
+
+/// Every sink [`set_queue_gauges`] has been called for, in the order of the first call.
+pub fn gauged_sinks() -> Vec<SinkName> {
+    GAUGED_SINKS
+        .read()
+        .map(|sinks| sinks.clone())
+        .unwrap_or_default()
+}
+
 /// Sets the queue gauges of one sink (from `Store::depth`, at scrape time).
 pub fn set_queue_gauges(sink: SinkName, queued: u64, in_flight: u64, dead: u64) {
+    if let Ok(mut sinks) = GAUGED_SINKS.write()
+        && !sinks.contains(&sink)
+    {
+        sinks.push(sink);
+    }
     // Gauges are f64; queue sizes far below 2^53 are exact.
     let as_gauge = |value: u64| value as f64;
     metrics::gauge!(metric::QUEUE_DEPTH, "sink" => sink.as_str()).set(as_gauge(queued));

@@ -124,6 +124,9 @@ pub struct DeadLetterFilter {
     /// Dead since this time (last attempt at or after).
     pub since: Option<Millis>,
     pub ids: Option<Vec<i64>>,
+    /// Only letters with a larger id: the cursor of the oldest-first listing, which a letter
+    /// that was replayed and failed again (dead again, with its id) cannot hold back.
+    pub after: Option<i64>,
     pub limit: Option<u32>,
     /// List the most recently failed first (default: oldest first).
     pub newest_first: bool,

@@ -1069,6 +1069,10 @@ fn dead_letter_condition(filter: &DeadLetterFilter) -> (String, Vec<rusqlite::ty
         values.push(Value::Integer(since));
         condition.push_str(&format!(" AND d.updated_at >= ?{}", values.len()));
     }
+    if let Some(after) = filter.after {
+        values.push(Value::Integer(after));
+        condition.push_str(&format!(" AND d.id > ?{}", values.len()));
+    }
     if let Some(ids) = &filter.ids {
         let mut placeholders = Vec::new();
         for id in ids {
@@ -1110,9 +1114,11 @@ fn write_loop(
             Some(group) => {
                 let idle = syncer_idle.load(Ordering::Acquire);
                 // Commit when the syncer is free and the queue is drained (or the group is
-                // big already), or when the group is full.
+                // big already), or when the group is full, or once a write lost the
+                // transaction (see `Group::add`).
                 if (idle && group.jobs.len() >= DRAIN_BEFORE_COMMIT)
                     || group.jobs.len() >= MAX_BATCH
+                    || group.lost_once()
                 {
                     if let Some(group) = open.take() {
                         hand_over(connection, group, syncer, syncer_idle, wal);
@@ -1175,6 +1181,9 @@ fn hand_over(
 /// An open transaction and the writes run in it so far.
 struct Group {
     jobs: Vec<Box<dyn Job>>,
+    /// Per write: it made SQLite roll the whole transaction back (a full disk): it keeps its
+    /// error and is not run again.
+    lost: Vec<bool>,
     touched: Touched,
     /// Writes run under a savepoint each (after one failed without).
     isolated: bool,
@@ -1186,50 +1195,81 @@ impl Group {
     fn begin(connection: &Connection) -> Group {
         Group {
             jobs: Vec::with_capacity(64),
+            lost: Vec::with_capacity(64),
             touched: Touched::new(),
             isolated: false,
             broken: statement(connection, "BEGIN").err(),
         }
     }
 
+    /// True once a write of the group lost the transaction: the writer commits the group at
+    /// once rather than let it grow, since every further loss runs the group again.
+    fn lost_once(&self) -> bool {
+        self.lost.contains(&true)
+    }
+
     /// Runs `job` in the group. Writes share the transaction without savepoints (a savepoint
     /// copies every page it touches); when one fails, the group is rolled back and every write
     /// of it run again, each under its own savepoint, so that the failure undoes only itself.
+    ///
+    /// A write that makes SQLite roll the whole transaction back by itself (a full disk, an
+    /// I/O error) fails with its own error and is not run again; the other writes of the group
+    /// are run again in a new transaction, so that in a full store the writes that fit (a
+    /// settle, a claim) still commit beside the ones that do not (an enqueue).
     fn add(&mut self, connection: &Connection, mut job: Box<dyn Job>) {
         if self.broken.is_some() {
             self.jobs.push(job);
+            self.lost.push(false);
             return;
         }
         if self.isolated {
             run_in_savepoint(connection, job.as_mut(), &mut self.touched);
-            self.broken = transaction_lost(connection, job.as_ref());
+            let lost = transaction_lost(connection, job.as_ref()).is_some();
             self.jobs.push(job);
+            self.lost.push(lost);
+            if lost {
+                self.run_again(connection);
+            }
             return;
         }
         let ok = job.run(connection, &mut self.touched);
+        let lost = !ok && transaction_lost(connection, job.as_ref()).is_some();
         self.jobs.push(job);
+        self.lost.push(lost);
         if ok {
             return;
         }
         self.isolated = true;
-        self.touched.clear();
-        self.broken = self
-            .jobs
-            .last()
-            .and_then(|failed| transaction_lost(connection, failed.as_ref()));
-        if self.broken.is_some() {
-            return;
-        }
-        if let Err(error) =
-            statement(connection, "ROLLBACK").and_then(|_| statement(connection, "BEGIN"))
-        {
+        if !lost && let Err(error) = statement(connection, "ROLLBACK") {
             self.broken = Some(error);
             return;
         }
-        for job in &mut self.jobs {
-            run_in_savepoint(connection, job.as_mut(), &mut self.touched);
-            self.broken = transaction_lost(connection, job.as_ref());
-            if self.broken.is_some() {
+        self.run_again(connection);
+    }
+
+    /// Runs the group's writes again in a new transaction, each under its own savepoint, but
+    /// for those that lost a transaction; until none loses it again (each round leaves out
+    /// one more write, so this ends).
+    fn run_again(&mut self, connection: &Connection) {
+        loop {
+            self.touched.clear();
+            if let Err(error) = statement(connection, "BEGIN") {
+                self.broken = Some(error);
+                return;
+            }
+            let mut lost_again = false;
+            for (job, lost) in self.jobs.iter_mut().zip(self.lost.iter_mut()) {
+                if *lost {
+                    continue;
+                }
+                run_in_savepoint(connection, job.as_mut(), &mut self.touched);
+                if transaction_lost(connection, job.as_ref()).is_some() {
+                    *lost = true;
+                    lost_again = true;
+                    break;
+                }
+            }
+            if !lost_again {
                 return;
             }
         }
@@ -1254,9 +1294,9 @@ impl Group {
 }
 
 /// After `job` ran: when it failed and SQLite has rolled the whole transaction back by itself
-/// (it does on a full disk or an I/O error), the error that breaks the group, which is that
-/// write's own: whatever the group did is gone, and writes run outside a transaction would be
-/// committed one by one behind the group's back.
+/// (it does on a full disk or an I/O error), that write's own error: whatever the group did is
+/// gone, and must be run again in a new transaction (writes run outside a transaction would
+/// be committed one by one behind the group's back).
 fn transaction_lost(connection: &Connection, job: &dyn Job) -> Option<StoreError> {
     if job.succeeded() || !connection.is_autocommit() {
         return None;
@@ -2041,6 +2081,71 @@ mod tests {
             |row| row.get(0),
         )?;
         assert_eq!(replayed, 2000);
+        Ok(())
+    }
+
+    /// In a full store a write that needs a new page fails, and SQLite rolls back the whole
+    /// transaction by itself; the writes that shared its group and fit (a settle, a claim, an
+    /// update in place) are run again and commit: only the write that did not fit fails.
+    #[tokio::test]
+    async fn in_a_full_store_only_the_write_that_does_not_fit_fails()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("store.db");
+        reopen_capped(&dir, None).await?;
+        let connection = Connection::open(&path)?;
+        connection.execute_batch(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 39)
+             INSERT INTO meta (key, value) SELECT 'small-' || i, 'before' FROM n;
+             PRAGMA wal_checkpoint(TRUNCATE); VACUUM;",
+        )?;
+        drop(connection);
+        // A cap below the file's size caps it at its size: full.
+        let store = loop {
+            match SqliteStore::open(&path, Some(1), Arc::new(Wakers::new())) {
+                Err(StoreError::Locked(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
+                opened => break opened?,
+            }
+        };
+        for round in 0..5 {
+            let writes = (0..40).map(|n| {
+                let store = store.clone();
+                tokio::spawn(async move {
+                    store
+                        .write(move |connection, _| {
+                            if n % 2 == 0 {
+                                // Far more than the free space of any page: a new page.
+                                execute(
+                                    connection,
+                                    "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                                    params![format!("big-{round}-{n}"), "x".repeat(20_000)],
+                                )
+                            } else {
+                                execute(
+                                    connection,
+                                    "UPDATE meta SET value = ?2 WHERE key = ?1",
+                                    params![format!("small-{n}"), format!("after{round}")],
+                                )
+                            }
+                        })
+                        .await
+                })
+            });
+            let results = join_all(writes).await;
+            for (n, result) in results.iter().enumerate() {
+                if n % 2 == 0 {
+                    assert!(
+                        matches!(result, Err(StoreError::Full)),
+                        "write {n}: {result:?}"
+                    );
+                } else {
+                    assert!(
+                        matches!(result, Ok(1)),
+                        "round {round}, write {n} fits but failed: {result:?}"
+                    );
+                }
+            }
+        }
         Ok(())
     }
 

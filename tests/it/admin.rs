@@ -234,12 +234,28 @@ async fn dead_letters_are_listed_filtered_and_replayed() -> TestResult {
     assert!(future.is_empty());
     let none: Vec<DeadLetterView> = get_json(&app, "/admin/dead-letters?sink=dashbot").await?;
     assert!(none.is_empty());
+    // Pages: `after` the last id of the page before.
+    let mut paged = Vec::new();
+    let mut after = 0;
+    loop {
+        let page: Vec<DeadLetterView> =
+            get_json(&app, &format!("/admin/dead-letters?limit=1&after={after}")).await?;
+        let Some(letter) = page.first() else { break };
+        after = letter.id;
+        paged.push(letter.id);
+    }
+    assert_eq!(
+        paged,
+        letters.iter().map(|letter| letter.id).collect::<Vec<_>>()
+    );
 
     for (query, needle) in [
         ("sink=kochavaa", "unknown sink `kochavaa`"),
         ("limit=0", "limit"),
         ("since=yesterday", "since"),
         ("users=alice", "users"),
+        ("after=-1", "after must be a dead letter's id"),
+        ("after=first", "after must be a dead letter's id"),
     ] {
         let response = admin(
             &app,
@@ -1509,6 +1525,99 @@ async fn cli_replay_all_gets_past_a_page_of_letters_left_dead() -> TestResult {
         out.contains("replayed 1 dead letter\n") && bot_dead == 0,
         "stdout: {out}\nstderr: {}\nbot letters still dead: {bot_dead}",
         stderr(&replayed)
+    );
+    Ok(())
+}
+
+/// `dead-letters replay` lists the matching letters 10,000 at a time, oldest first, each page
+/// after the last id of the one before. When the oldest 10,000 it replayed have all failed
+/// again by then (a sink that still refuses them: invalid custom event names, a vendor that
+/// rejects old events), they are dead again with their ids; they must not hide the letters
+/// behind them (the command used to stop there and report success). The relay here is a
+/// stand-in that answers as the real one does in that state: letters 1 to 10,000 dead again,
+/// letter 10,001 not replayed yet.
+#[tokio::test]
+async fn cli_replay_does_not_stop_at_ten_thousand_letters_that_failed_again() -> TestResult {
+    let relay = MockSink::start().await?;
+    let letter = |id: i64| DeadLetterView {
+        id,
+        event_id: format!("e{id}"),
+        sink: "bot".into(),
+        kind: "message".into(),
+        user: Some(format!("u{id}")),
+        attempts: 1,
+        last_status: Some(400),
+        last_error: Some("HTTP 400".into()),
+        first_attempt_at: None,
+        last_attempt_at: None,
+    };
+    let oldest: Value = serde_json::to_value((1..=10_000).map(letter).collect::<Vec<_>>())?;
+    let sinks = serde_json::to_value(vec![SinkView {
+        sink: "bot".into(),
+        enabled: true,
+        disabled_reason: None,
+        queued: 0,
+        in_flight: 0,
+        dead: 10_001,
+        last_success_at: None,
+        last_error: None,
+    }])?;
+    relay.decide(move |request| {
+        let path = request.uri.split('?').next().unwrap_or_default();
+        match (request.method.as_str(), path) {
+            ("GET", "/admin/sinks") => Some(Reply::json(200, sinks.clone())),
+            ("GET", "/admin/dead-letters") => {
+                let after = request
+                    .uri
+                    .split(['?', '&'])
+                    .find_map(|pair| pair.strip_prefix("after="))
+                    .and_then(|after| after.parse::<i64>().ok())
+                    .unwrap_or(0);
+                Some(Reply::json(
+                    200,
+                    match after {
+                        0 => oldest.clone(),
+                        10_000 => serde_json::to_value(vec![letter(10_001)]).ok()?,
+                        _ => json!([]),
+                    },
+                ))
+            }
+            ("POST", "/admin/dead-letters/replay") => {
+                let ids = request.json()["ids"].as_array().map_or(0, Vec::len);
+                Some(Reply::json(200, json!({ "replayed": ids })))
+            }
+            _ => Some(Reply::status(404)),
+        }
+    });
+    let output = run_cli(
+        &[
+            "dead-letters",
+            "replay",
+            "--sink",
+            "bot",
+            "--admin-url",
+            &relay.url(""),
+        ],
+        &[],
+    )
+    .await?;
+    let replayed: Vec<i64> = relay
+        .received()
+        .iter()
+        .filter(|request| request.method == "POST")
+        .flat_map(|request| {
+            request.json()["ids"]
+                .as_array()
+                .map(|ids| ids.iter().filter_map(Value::as_i64).collect::<Vec<_>>())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert!(output.status.success(), "{}", stderr(&output));
+    assert_eq!(replayed, (1..=10_001).collect::<Vec<i64>>());
+    assert!(
+        stdout(&output).contains("replayed 10001 dead letters"),
+        "{}",
+        stdout(&output)
     );
     Ok(())
 }

@@ -551,6 +551,123 @@ async fn an_attempt_cut_off_by_the_grace_period_is_sent_again_after_restart() ->
     app.stop().await
 }
 
+/// SIGTERM is bounded by `server.shutdown_grace` on both listeners too: a client that sent half
+/// a request (a stalled proxy, a slow or vanished client) and never finishes it does not keep
+/// the relay from stopping until the orchestrator kills it.
+#[tokio::test]
+async fn shutdown_does_not_wait_past_the_grace_period_for_a_half_sent_request() -> TestResult {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with_env("", &[("BOTRELAY__SERVER__SHUTDOWN_GRACE", "300ms")]).await?;
+    let public = app.url.trim_start_matches("http://").to_owned();
+    let admin = app.admin_url.trim_start_matches("http://").to_owned();
+    // Headers cut off on the public listener; a body cut off on each listener.
+    let mut stalled = Vec::new();
+    for (address, bytes) in [
+        (&public, &b"POST /webhook HTTP/1.1\r\nHost: relay\r\n"[..]),
+        (
+            &public,
+            &b"POST /webhook HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{\"object\":"[..],
+        ),
+        (
+            &admin,
+            &b"POST /admin/dead-letters/replay HTTP/1.1\r\nHost: relay\r\nContent-Length: 100\r\n\r\n{"[..],
+        ),
+    ] {
+        let mut stream = tokio::net::TcpStream::connect(address.as_str()).await?;
+        stream.write_all(bytes).await?;
+        stalled.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    let stopping = Instant::now();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), app.stop()).await;
+    let waited = stopping.elapsed();
+    drop(stalled);
+    assert!(
+        stopped.is_ok(),
+        "the relay was still stopping after {waited:?} (grace 300 ms)"
+    );
+    stopped??;
+    assert!(waited < Duration::from_secs(2), "shutdown took {waited:?}");
+    Ok(())
+}
+
+/// Once shutdown has begun the dispatcher starts no new attempt, even when a claim was under
+/// way as the signal came (the store busy): what that claim took stays leased and goes out
+/// after the restart, instead of a fresh attempt that the grace period may cut off.
+#[tokio::test]
+async fn no_attempt_starts_after_shutdown_began() -> TestResult {
+    let bot = MockSink::start().await?;
+    bot.script([Reply::status(503).with_header("retry-after", "1")]);
+    let app = spawn_app(&bot_config(&bot, "")).await?;
+    let body = text_message("PAGE", "U1", "m_after_stop", "hello", 1_700_000_000_000);
+    assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    // Retried in 1 s: the dispatcher sleeps until then.
+    app.wait_for_count(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND attempts = 1",
+        1,
+        Duration::from_secs(5),
+    )
+    .await?;
+    // The store is busy (another writer holds the lock) when the retry falls due, so the
+    // dispatcher's claim waits for it; meanwhile the relay is told to stop.
+    let mut holder = rusqlite::Connection::open(&app.store_path)?;
+    holder.busy_timeout(Duration::from_secs(5))?;
+    let busy = holder.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    tokio::time::sleep(Duration::from_millis(1300)).await;
+    let stopping = tokio::spawn(app.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    busy.rollback()?;
+    stopping.await??;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        bot.received().len(),
+        1,
+        "an attempt was started after shutdown began"
+    );
+    Ok(())
+}
+
+/// A large purge (the first after `retention` was shortened to free a full store, or after a
+/// long stop) does not hold up SIGTERM: the purge stops between two of its writes.
+#[tokio::test]
+async fn shutdown_does_not_wait_for_a_large_purge_to_finish() -> TestResult {
+    const ROWS: i64 = 300_000;
+    let app = spawn_app_with_env("", &[("BOTRELAY__SERVER__SHUTDOWN_GRACE", "100ms")]).await?;
+    // Past this relay's own first purge (of an empty store).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    {
+        // Delivered long ago: all of it is past `retention` and `dedupe_window`.
+        let connection = rusqlite::Connection::open(&app.store_path)?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        connection.execute_batch(&format!(
+            "BEGIN;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+             INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+             SELECT 'old-' || i, 'webhook', 'message', 0, i, '{{}}' FROM n;
+             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+             INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+             SELECT 'old-' || i, 'bot', 'u' || (i % 1000), 'delivered', i, i, i FROM n;
+             COMMIT;"
+        ))?;
+    }
+    // The purge runs as the relay starts; it is stopped at once.
+    let app = app.restart().await?;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(
+        app.count("SELECT COUNT(*) FROM deliveries")? > 0,
+        "the purge finished before the stop: make it larger"
+    );
+    let stopping = Instant::now();
+    app.stop().await?;
+    let waited = stopping.elapsed();
+    assert!(
+        waited < Duration::from_millis(1000),
+        "shutdown waited {waited:?} for the purge (grace 100 ms)"
+    );
+    Ok(())
+}
+
 /// A dead letter replayed (through the admin API) after its event left the dedupe window still
 /// reaches the bot: the purge that runs meanwhile keeps the event of an open delivery.
 #[tokio::test]
