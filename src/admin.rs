@@ -94,7 +94,7 @@ impl IntoResponse for AdminError {
                 tracing::warn!("Admin request rejected: missing or wrong bearer token")
             }
             AdminError::TokenRequired => tracing::warn!(
-                "Admin request from another machine rejected: admin.token is not set"
+                "Admin request rejected: admin.token is not set, and it came from another machine, through a proxy or from a web page"
             ),
             _ => tracing::info!(error = %self, "Admin request rejected"),
         }
