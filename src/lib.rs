@@ -112,7 +112,7 @@ pub async fn run_with_store(
     if !admin_token_set && !admin_addr.ip().to_canonical().is_loopback() {
         tracing::warn!(
             admin = %admin_addr,
-            "admin.token is not set: /admin answers only clients on this machine (not through a proxy); /metrics and /healthz answer everyone"
+            "admin.token is not set: /admin answers only clients on this machine (not through a proxy nor from a web page); /metrics and /healthz answer everyone"
         );
     }
     let public_server = tokio::spawn(serve(listeners.public, public, read_timeout, stop.clone()));
