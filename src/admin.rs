@@ -927,13 +927,13 @@ mod tests {
     /// purge removes its last dead letters, `/metrics` says 0, not the count of the last scrape
     /// that still saw them (until the next restart).
     #[tokio::test]
-    #[allow(clippy::expect_used)]
-    async fn the_gauges_of_a_sink_not_enabled_fall_to_zero_when_its_rows_are_purged() {
+    async fn the_gauges_of_a_sink_not_enabled_fall_to_zero_when_its_rows_are_purged()
+    -> Result<(), Box<dyn std::error::Error>> {
         use crate::event::{Event, EventData, EventId, EventKind, Source};
         use crate::store::{NewEvent, Retention, Settle};
         telemetry::register_metrics(&[]);
-        let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open_sqlite(&dir.path().join("store.db"), None).expect("store");
+        let dir = tempfile::tempdir()?;
+        let store = Store::open_sqlite(&dir.path().join("store.db"), None)?;
         let sink = SinkName::PageActivities;
         let now = now_ms();
         let event = Event {
@@ -954,28 +954,20 @@ mod tests {
                 }],
                 now,
             )
-            .await
-            .expect("enqueue");
-        let claimed = store
-            .claim(sink, 1, now, Duration::from_secs(60))
-            .await
-            .expect("claim");
+            .await?;
+        let claimed = store.claim(sink, 1, now, Duration::from_secs(60)).await?;
         let dead = Settle::Dead {
             status: Some(400),
             error: "HTTP 400".into(),
             attempted: true,
         };
         for delivery in &claimed.deliveries {
-            store
-                .settle(delivery, dead.clone(), now)
-                .await
-                .expect("settle");
+            store.settle(delivery, dead.clone(), now).await?;
         }
         let config = Config::from_sources(
             "[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n",
             HashMap::new(),
-        )
-        .expect("config");
+        )?;
         let router = router(AdminState {
             config: Arc::new(config),
             store: store.clone(),
@@ -986,34 +978,30 @@ mod tests {
         });
         let dead_letters = |router: Router| async move {
             let response = router
-                .oneshot(
-                    Request::get("/metrics")
-                        .body(axum::body::Body::empty())
-                        .expect("request"),
-                )
-                .await
-                .expect("response");
-            let body = axum::body::to_bytes(response.into_body(), usize::MAX)
-                .await
-                .expect("body");
-            String::from_utf8_lossy(&body)
-                .lines()
-                .find_map(|line| {
-                    line.strip_prefix("botrelay_dead_letters{sink=\"page_activities\"} ")
-                        .map(str::to_owned)
-                })
-                .unwrap_or_default()
+                .oneshot(Request::get("/metrics").body(axum::body::Body::empty())?)
+                .await?;
+            let body = axum::body::to_bytes(response.into_body(), usize::MAX).await?;
+            Ok::<String, Box<dyn std::error::Error>>(
+                String::from_utf8_lossy(&body)
+                    .lines()
+                    .find_map(|line| {
+                        line.strip_prefix("botrelay_dead_letters{sink=\"page_activities\"} ")
+                            .map(str::to_owned)
+                    })
+                    .unwrap_or_default(),
+            )
         };
-        assert_eq!(dead_letters(router.clone()).await, "1");
+        assert_eq!(dead_letters(router.clone()).await?, "1");
 
         let retention = Retention {
             delivered: Duration::ZERO,
             dead: Duration::ZERO,
             dedupe_window: Duration::ZERO,
         };
-        let purged = store.purge(retention, now + 1).await.expect("purge");
+        let purged = store.purge(retention, now + 1).await?;
         assert_eq!(purged.deliveries, 1);
-        assert_eq!(dead_letters(router).await, "0");
+        assert_eq!(dead_letters(router).await?, "0");
+        Ok(())
     }
 
     #[test]
