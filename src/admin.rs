@@ -929,23 +929,19 @@ mod tests {
     #[tokio::test]
     async fn the_gauges_of_a_sink_not_enabled_fall_to_zero_when_its_rows_are_purged()
     -> Result<(), Box<dyn std::error::Error>> {
-        use crate::event::{Event, EventData, EventId, EventKind, Source};
+        use crate::event::EventKind;
         use crate::store::{NewEvent, Retention, Settle};
         telemetry::register_metrics(&[]);
         let dir = tempfile::tempdir()?;
         let store = Store::open_sqlite(&dir.path().join("store.db"), None)?;
         let sink = SinkName::PageActivities;
         let now = now_ms();
-        let event = Event {
-            id: EventId::derive(&[b"gauge-after-purge"]),
-            source: Source::Custom,
-            kind: EventKind::Lead,
-            page_id: Some("p".into()),
-            user_id: Some("u".into()),
-            timestamp_ms: now,
-            data: EventData::Other { key: None },
-            webhook: None,
-        };
+        let event = crate::sinks::testing::custom(
+            EventKind::Lead,
+            "leadEvent",
+            "lead_submitted",
+            serde_json::json!({}),
+        );
         store
             .enqueue(
                 vec![NewEvent {

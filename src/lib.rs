@@ -268,10 +268,13 @@ impl BodyTimedOut {
 }
 
 /// A request body that must arrive whole by a deadline: once it passes, reading fails with
-/// [`BodyTimedOut`].
+/// [`BodyTimedOut`]. The timer is armed only when a read has to wait: most bodies arrive with
+/// their headers, and take no timer at all.
 struct ReadDeadline<B> {
     body: B,
-    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// `read_timeout` after the headers.
+    due: tokio::time::Instant,
+    timer: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     timeout: Duration,
 }
 
@@ -279,7 +282,8 @@ impl<B> ReadDeadline<B> {
     fn new(body: B, timeout: Duration) -> ReadDeadline<B> {
         ReadDeadline {
             body,
-            deadline: Box::pin(tokio::time::sleep(timeout)),
+            due: tokio::time::Instant::now() + timeout,
+            timer: None,
             timeout,
         }
     }
@@ -302,7 +306,11 @@ where
         if let Poll::Ready(frame) = std::pin::Pin::new(&mut this.body).poll_frame(cx) {
             return Poll::Ready(frame.map(|frame| frame.map_err(Into::into)));
         }
-        match this.deadline.as_mut().poll(cx) {
+        let due = this.due;
+        let timer = this
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        match timer.as_mut().poll(cx) {
             Poll::Ready(()) => Poll::Ready(Some(Err(Box::new(BodyTimedOut(this.timeout))))),
             Poll::Pending => Poll::Pending,
         }

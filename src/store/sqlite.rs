@@ -1999,19 +1999,38 @@ mod tests {
         dir: &tempfile::TempDir,
         max_bytes: Option<u64>,
     ) -> Result<(), Box<dyn std::error::Error>> {
+        drop(open_capped(dir, max_bytes).await?);
+        Ok(())
+    }
+
+    /// Opens the store in `dir` with `max_bytes`, once the store opened before has let its
+    /// file lock go.
+    async fn open_capped(
+        dir: &tempfile::TempDir,
+        max_bytes: Option<u64>,
+    ) -> Result<SqliteStore, Box<dyn std::error::Error>> {
         let path = dir.path().join("store.db");
         for _ in 0..500 {
             match SqliteStore::open(&path, max_bytes, Arc::new(Wakers::new())) {
                 Err(StoreError::Locked(_)) => {
                     tokio::time::sleep(Duration::from_millis(10)).await;
                 }
-                opened => {
-                    drop(opened?);
-                    return Ok(());
-                }
+                opened => return Ok(opened?),
             }
         }
         Err("the store stayed locked".into())
+    }
+
+    /// A store in `dir` changed by `sql`, then compacted so that no free page is left: opened
+    /// with a cap below its size (which caps it at its size), it is full.
+    async fn compacted_store(
+        dir: &tempfile::TempDir,
+        sql: &str,
+    ) -> Result<(), Box<dyn std::error::Error>> {
+        reopen_capped(dir, None).await?;
+        Connection::open(dir.path().join("store.db"))?
+            .execute_batch(&format!("{sql} PRAGMA wal_checkpoint(TRUNCATE); VACUUM;"))?;
+        Ok(())
     }
 
     /// A store written before `replayed_at` existed gains the column when it is opened.
@@ -2060,20 +2079,17 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let path = dir.path().join("store.db");
-        reopen_capped(&dir, None).await?;
         // 0.1's replays, 2,000 of them, in a file with no free page left.
-        let connection = Connection::open(&path)?;
-        connection.execute_batch(
+        compacted_store(
+            &dir,
             "ALTER TABLE deliveries DROP COLUMN replayed_at;
              INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
              VALUES ('e1', 'webhook', 'message', 1, 1000, '{}');
              WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
              INSERT INTO deliveries (event_id, sink, state, due_at, created_at, updated_at)
-             SELECT 'e1', 'bot', 'dead', 5000, 5000 + i, 5000 + i FROM n;
-             PRAGMA wal_checkpoint(TRUNCATE); VACUUM;",
-        )?;
-        drop(connection);
-        // A cap below the file's size caps it at its size: full.
+             SELECT 'e1', 'bot', 'dead', 5000, 5000 + i, 5000 + i FROM n;",
+        )
+        .await?;
         reopen_capped(&dir, Some(1)).await?;
         let replayed: i64 = Connection::open(&path)?.query_row(
             "SELECT COUNT(*) FROM deliveries WHERE created_at = 1000 AND replayed_at > 5000",
@@ -2091,22 +2107,13 @@ mod tests {
     async fn in_a_full_store_only_the_write_that_does_not_fit_fails()
     -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
-        let path = dir.path().join("store.db");
-        reopen_capped(&dir, None).await?;
-        let connection = Connection::open(&path)?;
-        connection.execute_batch(
+        compacted_store(
+            &dir,
             "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 39)
-             INSERT INTO meta (key, value) SELECT 'small-' || i, 'before' FROM n;
-             PRAGMA wal_checkpoint(TRUNCATE); VACUUM;",
-        )?;
-        drop(connection);
-        // A cap below the file's size caps it at its size: full.
-        let store = loop {
-            match SqliteStore::open(&path, Some(1), Arc::new(Wakers::new())) {
-                Err(StoreError::Locked(_)) => tokio::time::sleep(Duration::from_millis(10)).await,
-                opened => break opened?,
-            }
-        };
+             INSERT INTO meta (key, value) SELECT 'small-' || i, 'before' FROM n;",
+        )
+        .await?;
+        let store = open_capped(&dir, Some(1)).await?;
         for round in 0..5 {
             let writes = (0..40).map(|n| {
                 let store = store.clone();
