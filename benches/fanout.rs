@@ -7,10 +7,11 @@
 
 mod common;
 
+use botrelay::clock::now_ms;
 use botrelay::config::SinkName;
 use botrelay::ingest::messenger::normalize;
 use botrelay::ingest::verify::{SignatureHeaders, verify_webhook};
-use botrelay::store::{NewEvent, Store, now_ms};
+use botrelay::store::{NewEvent, Store};
 use common::{SECRET, SinkMode, ms, open_loop, signed_message, start_relay, start_sink};
 use hdrhistogram::Histogram;
 use std::sync::atomic::Ordering;

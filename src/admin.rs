@@ -3,12 +3,12 @@
 //! and answers only loopback clients when not.
 //! [`AdminError`] has the one mapping to HTTP; the JSON types are public so the CLI shares them.
 
+use crate::clock::{Millis, millis, now_ms};
 use crate::config::{Config, SinkName};
 use crate::dispatch::Paused;
-use crate::store::{
-    DeadLetter, DeadLetterFilter, Millis, SinkDepth, Store, StoreError, millis, now_ms,
-};
-use crate::telemetry::{self, Redactor};
+use crate::redact::Redactor;
+use crate::store::{DeadLetter, DeadLetterFilter, SinkDepth, Store, StoreError};
+use crate::telemetry;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::QueryRejection;

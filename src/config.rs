@@ -952,7 +952,7 @@ fn without_userinfo(text: &str) -> String {
         Some(at) => format!(
             "{}{}@{}",
             &text[..scheme_end],
-            crate::telemetry::MASK,
+            crate::redact::MASK,
             &text[scheme_end + at + 1..]
         ),
         None => text.to_owned(),

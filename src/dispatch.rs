@@ -8,11 +8,13 @@
 //! their order and a failing user blocks nobody else. A loop sleeps until its next due time or
 //! until the store says new rows were committed for it; it never polls when idle.
 
+use crate::clock::{Millis, millis, now_ms};
 use crate::config::DeliveryPolicy;
 use crate::delivery::{Client, Outcome};
+use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
-use crate::store::{Claimed, Millis, Settle, Store, StoreError, millis, now_ms};
-use crate::telemetry::{Redactor, SinkStatus, metric};
+use crate::store::{Claimed, Settle, Store, StoreError};
+use crate::telemetry::{SinkStatus, metric};
 use std::collections::HashSet;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};

@@ -5,6 +5,8 @@
 //! Modules are listed in the order data flows through them. [`run`] is the one place that wires
 //! them together; `main.rs` and the tests both call it.
 
+pub mod clock;
+pub mod redact;
 pub mod config;
 pub mod event;
 pub mod ingest;
@@ -15,9 +17,10 @@ pub mod delivery;
 pub mod admin;
 pub mod telemetry;
 
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::dispatch::{Dispatcher, Paused};
-use crate::store::{Retention, Store, now_ms};
+use crate::store::{Retention, Store};
 use anyhow::Context;
 use std::future::Future;
 use std::time::Duration;
@@ -68,7 +71,7 @@ pub async fn run_with_store(
     if active.is_empty() {
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
     }
-    let redactor = telemetry::Redactor::new(config.secrets());
+    let redactor = redact::Redactor::new(config.secrets());
     let paused = Paused::new(
         store
             .paused_users()

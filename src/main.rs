@@ -262,7 +262,7 @@ fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
 }
 
 fn serve(config: Config) -> ExitCode {
-    let redactor = botrelay::telemetry::Redactor::new(config.secrets());
+    let redactor = botrelay::redact::Redactor::new(config.secrets());
     botrelay::telemetry::init(&config.log, redactor);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -614,7 +614,7 @@ fn resolve_since(filter: &FilterArgs) -> Result<Option<i64>, CliError> {
     filter
         .since
         .as_deref()
-        .map(|since| botrelay::admin::parse_since(since, botrelay::store::now_ms()))
+        .map(|since| botrelay::admin::parse_since(since, botrelay::clock::now_ms()))
         .transpose()
         .map_err(|error| CliError::Usage(error.to_string()))
 }

@@ -11,12 +11,13 @@ pub mod messenger;
 pub mod outgoing;
 pub mod verify;
 
+use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::Client;
 use crate::dispatch::Paused;
 use crate::event::Event;
 use crate::sinks::Sinks;
-use crate::store::{NewEvent, Store, StoreError, now_ms};
+use crate::store::{NewEvent, Store, StoreError};
 use crate::telemetry::metric;
 use axum::Router;
 use axum::body::Bytes;

@@ -3,11 +3,11 @@
 //! become `outgoing` events, and the Send API proxy forwards the bot's call to Graph verbatim
 //! and records the send the same way. Page tokens are dropped on receipt: never stored or logged.
 
+use crate::clock::now_ms;
 use crate::event::{Event, EventData, EventId, EventKind, Outgoing, Source};
 use crate::ingest::messenger::{from_str_lenient, web_urls};
 use crate::ingest::{AppState, BadItem, IngestError, ReportItems, item_object, store};
 use crate::sinks::graph_error::GraphError;
-use crate::store::now_ms;
 use crate::telemetry::metric;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -113,7 +113,7 @@ fn report_event(
         None | Some(Value::Null) => Map::new(),
         Some(_) => object(item, shape.response)?,
     };
-    let redactor = crate::telemetry::Redactor::new(credentials);
+    let redactor = crate::redact::Redactor::new(credentials);
     for value in response.values_mut() {
         redact_strings(value, &redactor);
     }
@@ -206,7 +206,7 @@ fn report_event(
 }
 
 /// Masks `redactor`'s secrets (and every `access_token`-like value) in each string of `value`.
-fn redact_strings(value: &mut Value, redactor: &crate::telemetry::Redactor) {
+fn redact_strings(value: &mut Value, redactor: &crate::redact::Redactor) {
     match value {
         Value::String(text) => *text = redactor.redact(text),
         Value::Array(items) => items
@@ -215,7 +215,7 @@ fn redact_strings(value: &mut Value, redactor: &crate::telemetry::Redactor) {
         Value::Object(fields) => {
             for (key, field) in fields.iter_mut() {
                 if TOKEN_KEYS.contains(&key.as_str()) && field.is_string() {
-                    *field = Value::String(crate::telemetry::MASK.to_owned());
+                    *field = Value::String(crate::redact::MASK.to_owned());
                 } else {
                     redact_strings(field, redactor);
                 }
@@ -361,8 +361,7 @@ pub async fn proxy(
                 // Graph may quote the token it refused ("Malformed access token EAA…"), and the
                 // bot's token is not in the config: mask this request's own credentials.
                 let own_secrets = request_credentials(uri.query(), &headers, &body).await;
-                let described =
-                    crate::telemetry::Redactor::new(own_secrets).redact(&error.describe());
+                let described = crate::redact::Redactor::new(own_secrets).redact(&error.describe());
                 tracing::info!(status = status.as_u16(), error = %described, "Graph refused a proxied send");
                 if error.is_transient() {
                     "graph_error_transient"

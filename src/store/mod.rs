@@ -8,6 +8,7 @@
 
 mod sqlite;
 
+use crate::clock::Millis;
 use crate::config::SinkName;
 use crate::event::Event;
 use std::collections::{BTreeMap, HashMap};
@@ -15,22 +16,6 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Notify;
-
-/// Milliseconds since the Unix epoch, the store's unit of time.
-pub type Millis = i64;
-
-/// The current time in store units.
-pub fn now_ms() -> Millis {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|elapsed| i64::try_from(elapsed.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
-
-/// Converts a duration to store units, saturating.
-pub fn millis(duration: Duration) -> Millis {
-    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
-}
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {

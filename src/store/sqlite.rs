@@ -20,9 +20,10 @@
 //! failing user blocks nobody else.
 
 use super::{
-    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, Millis, NewEvent, Purged,
-    ReplayOutcome, Retention, Settle, SinkDepth, StoreError, Wakers, millis,
+    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, NewEvent, Purged,
+    ReplayOutcome, Retention, Settle, SinkDepth, StoreError, Wakers,
 };
+use crate::clock::{Millis, millis};
 use crate::config::SinkName;
 use crate::event::Event;
 use rusqlite::config::DbConfig;

@@ -8,7 +8,8 @@ use crate::support::{
 };
 use botrelay::admin::{DeadLetterView, PauseState, PausedUser, SinkView};
 use botrelay::config::{LogConfig, LogFormat};
-use botrelay::telemetry::{self, Redactor};
+use botrelay::redact::Redactor;
+use botrelay::telemetry;
 use serde_json::{Value, json};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};

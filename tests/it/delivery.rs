@@ -5,9 +5,10 @@ use crate::support::{
     APP_SECRET, MockSink, Reply, TestResult, fixture, post_signed, spawn_app, spawn_app_with_env,
     text_message,
 };
+use botrelay::clock::now_ms;
 use botrelay::config::SinkName;
 use botrelay::ingest::verify::sign_sha256;
-use botrelay::store::{DeadLetterFilter, now_ms};
+use botrelay::store::DeadLetterFilter;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

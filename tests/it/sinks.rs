@@ -9,8 +9,9 @@ use crate::support::{
     APP_SECRET, MockSink, Received, Reply, TestApp, TestResult, fixture, relay_command, spawn_app,
     terminate, text_message,
 };
+use botrelay::clock::now_ms;
 use botrelay::ingest::verify::{appsecret_proof, sign_sha256};
-use botrelay::store::{DeadLetterFilter, now_ms};
+use botrelay::store::DeadLetterFilter;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashMap};
