@@ -1,0 +1,735 @@
+//! Every store operation as SQL: enqueue, claim, settle (and lane promotion), replay, the
+//! dead-letter listing, queue depth, purge, pause state. Writes run on the engine's writer,
+//! reads on the read connection.
+
+use super::engine::*;
+use super::*;
+use super::{
+    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, NewEvent, Purged,
+    ReplayOutcome, Retention, Settle, SinkDepth, StoreError,
+};
+use crate::clock::{Millis, millis};
+use crate::config::SinkName;
+use crate::event::Event;
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// The most rows one purge write deletes.
+pub(super) const PURGE_CHUNK: u32 = 2000;
+
+/// The most dead letters one write of a replay requeues (see `replay`).
+pub(super) const REPLAY_CHUNK: usize = 2000;
+
+// Queries on finished rows repeat `deliveries_finished`'s own condition: SQLite uses a partial
+// index only when the query's WHERE visibly implies the index's, and it does not see that
+// `state = 'dead'` implies `state IN ('delivered', 'dead', 'skipped')` (without it: a scan of
+// every delivery kept). `query_plans_use_the_indexes` checks each plan.
+pub(super) const FINISHED: &str = "state IN ('delivered', 'dead', 'skipped')";
+
+pub(super) const PURGE_DELIVERED: &str =
+    "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state IN ('delivered', 'skipped')
+     AND updated_at < ?1 LIMIT ?2)";
+pub(super) const PURGE_DEAD: &str = "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead'
+     AND updated_at < ?1 LIMIT ?2)";
+/// An event is kept while any delivery refers to it. Its deliveries were created in the same
+/// write with `created_at` = its `received_at`, so only deliveries created before the cut can
+/// refer to an event before it: an index range, not the whole table.
+pub(super) const PURGE_EVENTS: &str = "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events
+     WHERE received_at < ?1
+     AND id NOT IN (SELECT event_id FROM deliveries WHERE created_at < ?1) LIMIT ?2)";
+
+/// Queue depth per sink and state, each state through its own partial index.
+pub(super) const DEPTH: [&str; 3] = [
+    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state IN ('pending', 'in_flight')
+     GROUP BY sink, state",
+    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state = 'waiting' GROUP BY sink",
+    "SELECT sink, state, COUNT(*) FROM deliveries
+     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead' GROUP BY sink",
+];
+
+/// A claimed row as the writer returns it; the caller decodes the payload.
+pub(super) struct ClaimedRow {
+    id: i64,
+    event_id: String,
+    attempts: u32,
+    throttled: u32,
+    ttl_from: Millis,
+    lane: Option<String>,
+    payload: Option<String>,
+}
+
+/// What settling a delivery needs to know about it.
+pub(super) struct SettleRow {
+    id: i64,
+    sink: SinkName,
+    lane: Option<String>,
+    /// The claim's lease end, which the row still carries while the claim holds.
+    lease_until: Millis,
+}
+
+impl SqliteStore {
+    pub(crate) async fn enqueue(
+        &self,
+        events: Vec<NewEvent>,
+        now: Millis,
+    ) -> Result<EnqueueReport, StoreError> {
+        // Encoding runs here, on the caller's thread, to keep the one writer thread short.
+        let encoded = events
+            .into_iter()
+            .map(|new| {
+                serde_json::to_string(&new.event)
+                    .map(|payload| (new, payload))
+                    .map_err(|error| StoreError::Database(format!("cannot encode event: {error}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        self.write(move |connection, touched| {
+            let mut report = EnqueueReport::default();
+            let mut insert_event = connection
+                .prepare_cached(
+                    "INSERT INTO events (id, source, kind, page_id, user_id, timestamp_ms, received_at, payload)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT (id) DO NOTHING",
+                )
+                .map_err(database)?;
+            // A lane with waiting rows always has a head, so a busy lane is one with a head.
+            let mut lane_busy = connection
+                .prepare_cached(LANE_HEAD)
+                .map_err(database)?;
+            let mut insert_delivery = connection
+                .prepare_cached(
+                    "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+                )
+                .map_err(database)?;
+            for (NewEvent { event, sinks }, payload) in &encoded {
+                let inserted = insert_event
+                    .execute(params![
+                        event.id.as_str(),
+                        event.source.as_str(),
+                        event.kind.as_str(),
+                        event.page_id,
+                        event.user_id,
+                        event.timestamp_ms,
+                        now,
+                        payload,
+                    ])
+                    .map_err(database)?;
+                if inserted == 0 {
+                    report.duplicates += 1;
+                    continue;
+                }
+                report.stored += 1;
+                for sink in sinks {
+                    let lane = event.user_id.as_deref();
+                    let behind_another = match lane {
+                        None => false,
+                        Some(lane) => lane_busy
+                            .query_row(params![sink.as_str(), lane], |_| Ok(()))
+                            .optional()
+                            .map_err(database)?
+                            .is_some(),
+                    };
+                    let state = if behind_another { "waiting" } else { "pending" };
+                    insert_delivery
+                        .execute(params![event.id.as_str(), sink.as_str(), lane, state, now])
+                        .map_err(database)?;
+                    report.deliveries += 1;
+                    touched.insert(*sink);
+                }
+            }
+            Ok(report)
+        })
+        .await
+    }
+
+    pub(crate) async fn claim(
+        &self,
+        sink: SinkName,
+        limit: usize,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<ClaimBatch, StoreError> {
+        let lease_end = now.saturating_add(millis(lease));
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let (rows, next_due) = self
+            .write(move |connection, _| {
+                let mut claim = connection
+                    .prepare_cached(
+                        "UPDATE deliveries SET state = 'in_flight', due_at = ?3, updated_at = ?2
+                         WHERE id IN (
+                             SELECT id FROM deliveries
+                             WHERE sink = ?1 AND state IN ('pending', 'in_flight') AND due_at <= ?2
+                             ORDER BY due_at, id LIMIT ?4)
+                         RETURNING id, event_id, attempts, throttled,
+                                   COALESCE(replayed_at, created_at), lane",
+                    )
+                    .map_err(database)?;
+                let mut payload = connection
+                    .prepare_cached("SELECT payload FROM events WHERE id = ?1")
+                    .map_err(database)?;
+                let mut rows = claim
+                    .query_map(params![sink.as_str(), now, lease_end, limit], |row| {
+                        Ok(ClaimedRow {
+                            id: row.get(0)?,
+                            event_id: row.get(1)?,
+                            attempts: row.get(2)?,
+                            throttled: row.get(3)?,
+                            ttl_from: row.get(4)?,
+                            lane: row.get(5)?,
+                            payload: None,
+                        })
+                    })
+                    .map_err(database)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(database)?;
+                for row in &mut rows {
+                    row.payload = payload
+                        .query_row([&row.event_id], |stored| stored.get(0))
+                        .optional()
+                        .map_err(database)?;
+                }
+                let next_due = connection
+                    .prepare_cached(
+                        "SELECT due_at FROM deliveries
+                         WHERE sink = ?1 AND state IN ('pending', 'in_flight')
+                         ORDER BY due_at LIMIT 1",
+                    )
+                    .map_err(database)?
+                    .query_row([sink.as_str()], |row| row.get::<_, i64>(0))
+                    .optional()
+                    .map_err(database)?;
+                Ok((rows, next_due))
+            })
+            .await?;
+        // Decoding runs here, on the caller's thread, to keep the one writer thread short.
+        let mut batch = ClaimBatch {
+            deliveries: Vec::with_capacity(rows.len()),
+            next_due,
+        };
+        for row in rows {
+            let event = match row.payload.as_deref().map(serde_json::from_str::<Event>) {
+                Some(Ok(event)) => event,
+                // Cannot happen while purge keeps events with open deliveries and the encoding
+                // is ours; if it does, dead-letter the row so that neither its lane nor the
+                // sink's claims get stuck on it.
+                unreadable => {
+                    let reason = match unreadable {
+                        Some(Err(error)) => format!("the stored event is unreadable: {error}"),
+                        _ => "the event is missing from the store".to_owned(),
+                    };
+                    let unreadable = SettleRow {
+                        id: row.id,
+                        sink,
+                        lane: row.lane,
+                        lease_until: lease_end,
+                    };
+                    // If even that fails, the row's lease frees it later; the rows claimed
+                    // with it go out now rather than wait for theirs.
+                    if let Err(error) = self
+                        .settle_row(
+                            unreadable,
+                            Settle::Dead {
+                                status: None,
+                                error: reason,
+                                attempted: false,
+                            },
+                            now,
+                        )
+                        .await
+                    {
+                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery whose event is unreadable");
+                    }
+                    continue;
+                }
+            };
+            batch.deliveries.push(Claimed {
+                id: row.id,
+                sink,
+                event,
+                attempts: row.attempts,
+                throttled: row.throttled,
+                ttl_from: row.ttl_from,
+                lease_until: lease_end,
+            });
+        }
+        Ok(batch)
+    }
+
+    pub(crate) async fn settle(
+        &self,
+        delivery: &Claimed,
+        settle: Settle,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let row = SettleRow {
+            id: delivery.id,
+            sink: delivery.sink,
+            lane: delivery.event.user_id.clone(),
+            lease_until: delivery.lease_until,
+        };
+        self.settle_row(row, settle, now).await
+    }
+
+    async fn settle_row(
+        &self,
+        row: SettleRow,
+        settle: Settle,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let SettleRow {
+            id,
+            sink,
+            lane,
+            lease_until,
+        } = row;
+        self.write(move |connection, touched| {
+            // Each update applies only while the row is still under this claim's lease.
+            let (changed, done) = match &settle {
+                Settle::Delivered { status } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+                             last_status = ?3, last_error = NULL, updated_at = ?2,
+                             first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
+                        params![id, now, status, lease_until],
+                    )?,
+                    true,
+                ),
+                Settle::Retry {
+                    due_at,
+                    counted,
+                    status,
+                    error,
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                             throttled = throttled + ?3, due_at = ?4, last_status = ?5,
+                             last_error = ?6, updated_at = ?2,
+                             first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?7",
+                        params![
+                            id,
+                            now,
+                            i64::from(!counted),
+                            due_at,
+                            status,
+                            error,
+                            lease_until
+                        ],
+                    )?,
+                    false,
+                ),
+                Settle::Dead {
+                    status,
+                    error,
+                    attempted: true,
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                             last_status = ?3, last_error = ?4, updated_at = ?2,
+                             first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
+                        params![id, now, status, error, lease_until],
+                    )?,
+                    true,
+                ),
+                // Dead before this claim's request: the attempts, their times and the last
+                // answer (of an earlier attempt) stay, the reason goes in front of its error.
+                Settle::Dead {
+                    status,
+                    error,
+                    attempted: false,
+                } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'dead',
+                             last_status = COALESCE(?3, last_status),
+                             last_error = CASE WHEN last_error IS NULL THEN ?4
+                                 ELSE ?4 || '; last error: ' || last_error END,
+                             updated_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
+                        params![id, now, status, error, lease_until],
+                    )?,
+                    true,
+                ),
+                Settle::Skipped { reason } => (
+                    execute(
+                        connection,
+                        "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
+                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
+                        params![id, now, reason, lease_until],
+                    )?,
+                    true,
+                ),
+            };
+            if changed == 0 {
+                // The lease ran out and the delivery was claimed again (or released by a
+                // restart): the newer claim's outcome is the one that counts.
+                tracing::warn!(
+                    delivery = id,
+                    "An attempt's outcome came after its lease ran out; it is not recorded"
+                );
+                return Ok(());
+            }
+            if !done || promote(connection, sink, lane.as_deref(), now)? {
+                touched.insert(sink);
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// Requeues the matching dead letters, oldest first, in writes of at most `REPLAY_CHUNK`
+    /// rows, so that replaying a large dead-letter store never holds the writer (and with it
+    /// every webhook's answer) for long. The ids are read first, off the writer; a row that is
+    /// no longer dead when its write runs (replayed by another request, or purged) is left
+    /// alone, and a row that dies again during the replay is not picked up twice. Rows of a
+    /// sink not in `replayable` (not enabled now, or unknown to this build) stay dead and are
+    /// counted: no dispatcher would take them.
+    pub(crate) async fn replay(
+        &self,
+        filter: DeadLetterFilter,
+        replayable: &[SinkName],
+        now: Millis,
+    ) -> Result<ReplayOutcome, StoreError> {
+        let rows = self
+            .read(move |connection| {
+                let (condition, values) = dead_letter_condition(&filter);
+                let mut select = connection
+                    .prepare(&replay_select(&condition))
+                    .map_err(database)?;
+                select
+                    .query_map(rusqlite::params_from_iter(values.iter()), |row| {
+                        Ok((row.get::<_, i64>(0)?, row.get::<_, String>(1)?))
+                    })
+                    .map_err(database)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(database)
+            })
+            .await?;
+        let mut outcome = ReplayOutcome::default();
+        let mut letters: Vec<(i64, SinkName)> = Vec::with_capacity(rows.len());
+        for (id, name) in rows {
+            match SinkName::parse(&name) {
+                Some(sink) if replayable.contains(&sink) => letters.push((id, sink)),
+                _ => *outcome.left_dead.entry(name).or_default() += 1,
+            }
+        }
+        for chunk in letters.chunks(REPLAY_CHUNK) {
+            let chunk = chunk.to_vec();
+            outcome.replayed += self
+                .write(move |connection, touched| replay_chunk(connection, touched, &chunk, now))
+                .await?;
+        }
+        Ok(outcome)
+    }
+
+    pub(crate) async fn dead_letters(
+        &self,
+        filter: DeadLetterFilter,
+    ) -> Result<Vec<DeadLetter>, StoreError> {
+        self.read(move |connection| {
+            let (condition, values) = dead_letter_condition(&filter);
+            let limit = filter.limit.unwrap_or(100).min(10_000);
+            let order = if filter.newest_first {
+                "d.updated_at DESC, d.id DESC"
+            } else {
+                "d.id"
+            };
+            let mut select = connection
+                .prepare(&format!(
+                    "SELECT d.id, d.event_id, d.sink, COALESCE(e.kind, ''), d.lane, d.attempts,
+                            d.last_status, d.last_error, d.first_attempt_at, d.last_attempt_at,
+                            d.updated_at
+                     FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
+                     WHERE {condition} ORDER BY {order} LIMIT {limit}"
+                ))
+                .map_err(database)?;
+            select
+                .query_map(rusqlite::params_from_iter(values.iter()), |row| {
+                    Ok(DeadLetter {
+                        id: row.get(0)?,
+                        event_id: row.get(1)?,
+                        sink: row.get(2)?,
+                        kind: row.get(3)?,
+                        user: row.get(4)?,
+                        attempts: row.get(5)?,
+                        last_status: row.get(6)?,
+                        last_error: row.get(7)?,
+                        first_attempt_at: row.get(8)?,
+                        last_attempt_at: row.get(9)?,
+                        dead_at: row.get(10)?,
+                    })
+                })
+                .map_err(database)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(database)
+        })
+        .await
+    }
+
+    pub(crate) async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
+        self.read(|connection| {
+            let mut depth: HashMap<SinkName, SinkDepth> = HashMap::new();
+            for sql in DEPTH {
+                let mut select = connection.prepare_cached(sql).map_err(database)?;
+                let rows = select
+                    .query_map([], |row| {
+                        Ok((
+                            row.get::<_, String>(0)?,
+                            row.get::<_, String>(1)?,
+                            u64::try_from(row.get::<_, i64>(2)?).unwrap_or(0),
+                        ))
+                    })
+                    .map_err(database)?;
+                for row in rows {
+                    let (sink, state, count) = row.map_err(database)?;
+                    let Some(sink) = SinkName::parse(&sink) else {
+                        continue;
+                    };
+                    let entry = depth.entry(sink).or_default();
+                    match state.as_str() {
+                        "in_flight" => entry.in_flight += count,
+                        "dead" => entry.dead += count,
+                        _ => entry.queued += count,
+                    }
+                }
+            }
+            Ok(depth)
+        })
+        .await
+    }
+
+    /// Deletes what the retention bounds let go, in writes of at most `PURGE_CHUNK` rows, so
+    /// that a large purge (the first after a long stop, or a busy relay's minute) never holds
+    /// the writer, and with it every webhook's answer, for long.
+    pub(crate) async fn purge(
+        &self,
+        retention: Retention,
+        now: Millis,
+    ) -> Result<Purged, StoreError> {
+        let delivered_before = now.saturating_sub(millis(retention.delivered));
+        let dead_before = now.saturating_sub(millis(retention.dead));
+        let forget_before = now.saturating_sub(millis(retention.dedupe_window));
+        // Deliveries first: an event goes only once no delivery refers to it.
+        Ok(Purged {
+            deliveries: self
+                .purge_in_chunks(PURGE_DELIVERED, delivered_before)
+                .await?
+                + self.purge_in_chunks(PURGE_DEAD, dead_before).await?,
+            events: self.purge_in_chunks(PURGE_EVENTS, forget_before).await?,
+        })
+    }
+
+    /// Runs one purge statement (`?1` = the cut, `?2` = the chunk) in writes of at most
+    /// `PURGE_CHUNK` rows until a write deletes fewer; returns the rows deleted.
+    async fn purge_in_chunks(
+        &self,
+        sql: &'static str,
+        before: Millis,
+    ) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let deleted = self
+                .write(move |connection, _| execute(connection, sql, params![before, PURGE_CHUNK]))
+                .await?;
+            total += deleted;
+            if deleted < PURGE_CHUNK as usize {
+                return Ok(total);
+            }
+        }
+    }
+
+    pub(crate) async fn set_paused(
+        &self,
+        user: String,
+        paused: bool,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        self.write(move |connection, _| {
+            if paused {
+                connection
+                    .execute(
+                        "INSERT INTO paused_users (user_id, paused_at) VALUES (?1, ?2)
+                         ON CONFLICT (user_id) DO NOTHING",
+                        params![user, now],
+                    )
+                    .map_err(database)?;
+            } else {
+                connection
+                    .execute("DELETE FROM paused_users WHERE user_id = ?1", [&user])
+                    .map_err(database)?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    pub(crate) async fn paused_users(&self) -> Result<Vec<(String, Millis)>, StoreError> {
+        self.read(|connection| {
+            let mut select = connection
+                .prepare("SELECT user_id, paused_at FROM paused_users ORDER BY paused_at, user_id")
+                .map_err(database)?;
+            select
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+                .map_err(database)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(database)
+        })
+        .await
+    }
+
+    pub(crate) async fn probe(&self, now: Millis) -> Result<(), StoreError> {
+        self.write(move |connection, _| {
+            connection
+                .execute(
+                    "INSERT INTO meta (key, value) VALUES ('last_probe', ?1)
+                     ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [now.to_string()],
+                )
+                .map_err(database)?;
+            // A write of the same size can succeed in a full file; ask for a fresh page too.
+            let free: i64 = connection
+                .query_row("PRAGMA freelist_count", [], |row| row.get(0))
+                .map_err(database)?;
+            let (count, max): (i64, i64) = (
+                connection
+                    .query_row("PRAGMA page_count", [], |row| row.get(0))
+                    .map_err(database)?,
+                connection
+                    .query_row("PRAGMA max_page_count", [], |row| row.get(0))
+                    .map_err(database)?,
+            );
+            if free == 0 && count >= max {
+                return Err(StoreError::Full);
+            }
+            Ok(())
+        })
+        .await
+    }
+}
+/// The head of a lane: its one delivery that is pending or in flight, if any. Only the head of
+/// a lane is ever pending or in flight; the rows behind it wait (invariant kept by `promote`).
+pub(super) const LANE_HEAD: &str = "SELECT 1 FROM deliveries
+    WHERE sink = ?1 AND lane = ?2 AND state IN ('pending', 'in_flight') LIMIT 1";
+
+/// After the head of a lane is done, lets the next waiting delivery of that lane go.
+/// Returns true when one was promoted.
+///
+/// The queries repeat the partial indexes' conditions exactly, so that SQLite uses them.
+pub(super) fn promote(
+    connection: &Connection,
+    sink: SinkName,
+    lane: Option<&str>,
+    now: Millis,
+) -> Result<bool, StoreError> {
+    let Some(lane) = lane else { return Ok(false) };
+    let busy = connection
+        .prepare_cached(LANE_HEAD)
+        .map_err(database)?
+        .query_row(params![sink.as_str(), lane], |_| Ok(()))
+        .optional()
+        .map_err(database)?
+        .is_some();
+    if busy {
+        return Ok(false);
+    }
+    let next: Option<i64> = connection
+        .prepare_cached(
+            "SELECT id FROM deliveries WHERE sink = ?1 AND lane = ?2 AND state = 'waiting'
+             ORDER BY id LIMIT 1",
+        )
+        .map_err(database)?
+        .query_row(params![sink.as_str(), lane], |row| row.get(0))
+        .optional()
+        .map_err(database)?;
+    let Some(next) = next else { return Ok(false) };
+    connection
+        .prepare_cached(
+            "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1",
+        )
+        .map_err(database)?
+        .execute(params![next, now])
+        .map_err(database)?;
+    Ok(true)
+}
+
+/// The dead letters a replay takes, oldest first, for a `dead_letter_condition`.
+pub(super) fn replay_select(condition: &str) -> String {
+    format!("SELECT d.id, d.sink FROM deliveries d WHERE {condition} ORDER BY d.id")
+}
+
+/// Requeues the dead letters among `letters` (ascending ids, known sinks). A replayed letter
+/// rejoins its lane at its original place (its id): it waits if the lane is busy, and is the
+/// next to go otherwise.
+pub(super) fn replay_chunk(
+    connection: &Connection,
+    touched: &mut Touched,
+    letters: &[(i64, SinkName)],
+    now: Millis,
+) -> Result<usize, StoreError> {
+    // A lane-less letter has no order to keep and goes at once; a lane's letter waits, and
+    // `promote` lets the lane's oldest go if the lane is free.
+    let mut requeue = connection
+        .prepare_cached(
+            "UPDATE deliveries SET attempts = 0, throttled = 0,
+             state = CASE WHEN lane IS NULL THEN 'pending' ELSE 'waiting' END,
+             replayed_at = ?2, updated_at = ?2, due_at = ?2
+             WHERE id = ?1 AND state = 'dead' RETURNING lane",
+        )
+        .map_err(database)?;
+    let mut requeued = 0;
+    for (id, sink) in letters {
+        let lane: Option<Option<String>> = requeue
+            .query_row(params![id, now], |row| row.get(0))
+            .optional()
+            .map_err(database)?;
+        let Some(lane) = lane else { continue };
+        promote(connection, *sink, lane.as_deref(), now)?;
+        touched.insert(*sink);
+        requeued += 1;
+    }
+    Ok(requeued)
+}
+
+pub(super) fn dead_letter_condition(
+    filter: &DeadLetterFilter,
+) -> (String, Vec<rusqlite::types::Value>) {
+    use rusqlite::types::Value;
+    let mut condition = format!("d.{FINISHED} AND d.state = 'dead'");
+    let mut values = Vec::new();
+    if let Some(sink) = filter.sink {
+        values.push(Value::Text(sink.as_str().to_owned()));
+        condition.push_str(&format!(" AND d.sink = ?{}", values.len()));
+    }
+    if let Some(user) = &filter.user {
+        values.push(Value::Text(user.clone()));
+        condition.push_str(&format!(" AND d.lane = ?{}", values.len()));
+    }
+    if let Some(since) = filter.since {
+        values.push(Value::Integer(since));
+        condition.push_str(&format!(" AND d.updated_at >= ?{}", values.len()));
+    }
+    if let Some(after) = filter.after {
+        values.push(Value::Integer(after));
+        condition.push_str(&format!(" AND d.id > ?{}", values.len()));
+    }
+    if let Some(ids) = &filter.ids {
+        let mut placeholders = Vec::new();
+        for id in ids {
+            values.push(Value::Integer(*id));
+            placeholders.push(format!("?{}", values.len()));
+        }
+        if placeholders.is_empty() {
+            condition.push_str(" AND 0");
+        } else {
+            condition.push_str(&format!(" AND d.id IN ({})", placeholders.join(", ")));
+        }
+    }
+    (condition, values)
+}

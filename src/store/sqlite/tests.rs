@@ -1,0 +1,655 @@
+//! Tests of the embedded store's own mechanics: query plans, group commit, fsync, chunks,
+//! migrations, a full store.
+#![allow(clippy::expect_used)]
+
+use super::engine::*;
+use super::files::*;
+use super::queries::*;
+use super::*;
+use crate::clock::Millis;
+use crate::event::Event;
+use crate::store::*;
+use rusqlite::{Connection, params};
+use std::sync::atomic::Ordering;
+
+fn open(dir: &tempfile::TempDir) -> SqliteStore {
+    SqliteStore::open(&dir.path().join("store.db"), None, Arc::new(Wakers::new()))
+        .expect("open the store")
+}
+
+/// A message of user `u` at `at` for the bot sink, its id derived from `name`.
+fn bot_message(name: &[u8], at: Millis) -> NewEvent {
+    use crate::event::{EventData, EventId, EventKind, Source};
+    NewEvent {
+        event: Event {
+            id: EventId::derive(&[name]),
+            source: Source::Webhook,
+            kind: EventKind::Message,
+            page_id: Some("p".into()),
+            user_id: Some("u".into()),
+            timestamp_ms: at,
+            data: EventData::Other { key: None },
+            webhook: None,
+        },
+        sinks: vec![SinkName::Bot],
+    }
+}
+
+async fn insert_meta(store: &SqliteStore, key: String, fail: bool) -> Result<(), StoreError> {
+    store
+        .write(move |connection, _| {
+            connection
+                .execute("INSERT INTO meta (key, value) VALUES (?1, 'x')", [&key])
+                .map_err(database)?;
+            if fail {
+                return Err(StoreError::Database(
+                    "this write fails after inserting".into(),
+                ));
+            }
+            Ok(())
+        })
+        .await
+}
+
+/// The purge, the queue depth and the dead-letter list run often on tables of millions of
+/// rows: each must reach its rows through an index, never by a scan of the table.
+#[tokio::test]
+async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let _store = open(&dir);
+    let connection = Connection::open(dir.path().join("store.db"))?;
+    let (dead_letters, _) = dead_letter_condition(&DeadLetterFilter {
+        sink: Some(SinkName::Bot),
+        ..DeadLetterFilter::default()
+    });
+    let listing = format!(
+        "SELECT d.id FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
+         WHERE {dead_letters} ORDER BY d.id LIMIT 100"
+    );
+    let replay = replay_select(&dead_letters);
+    let mut queries = vec![
+        PURGE_DELIVERED,
+        PURGE_DEAD,
+        PURGE_EVENTS,
+        listing.as_str(),
+        replay.as_str(),
+    ];
+    queries.extend(DEPTH);
+    for sql in queries {
+        let mut explain = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
+        let parameters = explain.parameter_count();
+        let steps: Vec<String> = explain
+            .query_map(
+                rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
+                |row| row.get::<_, String>(3),
+            )?
+            .collect::<Result<_, _>>()?;
+        for step in &steps {
+            assert!(
+                !step.starts_with("SCAN") || step.contains("USING"),
+                "{sql}\n  scans a table: {steps:?}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// More dead letters than one replay write takes: every one is requeued, each lane lets
+/// only its oldest go, lane-less letters all go, and the letters of a sink this build does
+/// not know stay dead and are counted as left dead.
+#[tokio::test]
+async fn a_replay_larger_than_one_chunk_requeues_every_letter_in_lane_order()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let known = REPLAY_CHUNK * 2 + 5;
+    {
+        let mut connection = Connection::open(dir.path().join("store.db"))?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        let transaction = connection.transaction()?;
+        for n in 0..known + 3 {
+            // Three lanes and lane-less letters; the last three belong to a sink "gone".
+            let lane = match n % 4 {
+                3 => None,
+                lane => Some(format!("u{lane}")),
+            };
+            let sink = if n < known { "bot" } else { "gone" };
+            transaction.execute(
+                "INSERT INTO deliveries (event_id, sink, lane, state, attempts, due_at,
+                                         created_at, updated_at)
+                 VALUES (?1, ?2, ?3, 'dead', 5, 0, 0, ?4)",
+                params![format!("e{n}"), sink, lane, i64::try_from(n)?],
+            )?;
+        }
+        transaction.commit()?;
+    }
+    let outcome = store
+        .replay(DeadLetterFilter::default(), &[SinkName::Bot], 1_000_000)
+        .await?;
+    assert_eq!(outcome.replayed, known);
+    assert_eq!(
+        outcome.left_dead,
+        std::collections::BTreeMap::from([("gone".to_owned(), 3)])
+    );
+    let reader = Connection::open(dir.path().join("store.db"))?;
+    let mut states = reader.prepare(
+        "SELECT sink, COALESCE(lane, '-'), state, MIN(id), COUNT(*), SUM(attempts)
+         FROM deliveries GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+    )?;
+    let states: Vec<(String, String, String, i64, i64, i64)> = states
+        .query_map([], |row| {
+            Ok((
+                row.get(0)?,
+                row.get(1)?,
+                row.get(2)?,
+                row.get(3)?,
+                row.get(4)?,
+                row.get(5)?,
+            ))
+        })?
+        .collect::<Result<_, _>>()?;
+    let row = |sink: &str, lane: &str, state: &str, first: i64, count: i64, attempts: i64| {
+        (
+            sink.into(),
+            lane.into(),
+            state.into(),
+            first,
+            count,
+            attempts,
+        )
+    };
+    // Rows 1..=4005 are the bot's: ids 1, 5, 9, ... are u0's (1,002 of them), 2, 6, ...
+    // u1's and 3, 7, ... u2's (1,001 each), 4, 8, ... lane-less (1,001).
+    assert_eq!(
+        states,
+        vec![
+            row("bot", "-", "pending", 4, 1001, 0),
+            row("bot", "u0", "pending", 1, 1, 0),
+            row("bot", "u0", "waiting", 5, 1001, 0),
+            row("bot", "u1", "pending", 2, 1, 0),
+            row("bot", "u1", "waiting", 6, 1000, 0),
+            row("bot", "u2", "pending", 3, 1, 0),
+            row("bot", "u2", "waiting", 7, 1000, 0),
+            row("gone", "-", "dead", 4008, 1, 5),
+            row("gone", "u1", "dead", 4006, 1, 5),
+            row("gone", "u2", "dead", 4007, 1, 5),
+        ]
+    );
+    // Nothing is dead any more, so a second replay finds nothing.
+    let again = store
+        .replay(DeadLetterFilter::default(), &[SinkName::Bot], 1_000_001)
+        .await?;
+    assert_eq!(again.replayed, 0);
+    Ok(())
+}
+
+/// More rows than one purge write takes: the purge goes on in further writes until all
+/// are gone, and keeps an old event whose delivery is still open.
+#[tokio::test]
+async fn a_purge_larger_than_one_chunk_removes_everything_it_may()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let rows = i64::from(PURGE_CHUNK) * 2 + 7;
+    let day: Millis = 86_400_000;
+    {
+        let mut connection = Connection::open(dir.path().join("store.db"))?;
+        connection.busy_timeout(Duration::from_secs(5))?;
+        let transaction = connection.transaction()?;
+        for n in 0..=rows {
+            // Row `rows` is an old event whose delivery is still pending.
+            let state = if n == rows { "pending" } else { "delivered" };
+            transaction.execute(
+                "INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+                 VALUES (?1, 'webhook', 'message', 0, ?2, '{}')",
+                params![format!("e{n}"), n],
+            )?;
+            transaction.execute(
+                "INSERT INTO deliveries (event_id, sink, state, due_at, created_at, updated_at)
+                 VALUES (?1, 'bot', ?2, ?3, ?3, ?3)",
+                params![format!("e{n}"), state, n],
+            )?;
+        }
+        transaction.commit()?;
+    }
+    let retention = Retention {
+        delivered: Duration::from_secs(86_400),
+        dead: Duration::from_secs(86_400),
+        dedupe_window: Duration::from_secs(86_400),
+    };
+    let purged = store.purge(retention, 2 * day).await?;
+    let expected = usize::try_from(rows)?;
+    assert_eq!((purged.deliveries, purged.events), (expected, expected));
+    let reader = Connection::open(dir.path().join("store.db"))?;
+    let left: (String, String) = reader.query_row(
+        "SELECT e.id, d.state FROM events e JOIN deliveries d ON d.event_id = e.id",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    assert_eq!(left, (format!("e{rows}"), "pending".to_owned()));
+    let counts: (i64, i64) = reader.query_row(
+        "SELECT (SELECT COUNT(*) FROM events), (SELECT COUNT(*) FROM deliveries)",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )?;
+    assert_eq!(counts, (1, 1));
+    Ok(())
+}
+
+#[test]
+fn only_a_filesystem_without_directory_sync_is_tolerated() {
+    use std::io::{Error, ErrorKind};
+    assert!(directory_sync_unsupported(&Error::from_raw_os_error(22))); // EINVAL
+    assert!(directory_sync_unsupported(&Error::from(
+        ErrorKind::Unsupported
+    )));
+    assert!(!directory_sync_unsupported(&Error::from_raw_os_error(5))); // EIO
+    assert!(!directory_sync_unsupported(&Error::from(
+        ErrorKind::PermissionDenied
+    )));
+}
+
+#[tokio::test]
+async fn every_answer_waits_for_an_fsync_of_the_wal() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let before = store.wal.syncs.load(Ordering::Relaxed);
+    // One at a time: each write is its own group, and each answer needs its own fsync.
+    for n in 0..20 {
+        insert_meta(&store, format!("sequential-{n}"), false)
+            .await
+            .expect("write");
+    }
+    let syncs = store.wal.syncs.load(Ordering::Relaxed) - before;
+    assert!(syncs >= 20, "20 answered writes, only {syncs} fsyncs");
+}
+
+#[tokio::test]
+async fn a_failing_write_undoes_only_itself_within_its_group() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir);
+    let writes = (0..40).map(|n| {
+        let store = store.clone();
+        tokio::spawn(async move { insert_meta(&store, format!("key-{n}"), n % 4 == 0).await })
+    });
+    let results = join_all(writes).await;
+    for (n, result) in results.iter().enumerate() {
+        assert_eq!(result.is_ok(), n % 4 != 0, "write {n}: {result:?}");
+    }
+    let stored: Vec<String> = store
+        .read(|connection| {
+            let mut select = connection
+                .prepare("SELECT key FROM meta WHERE key LIKE 'key-%' ORDER BY key")
+                .map_err(database)?;
+            select
+                .query_map([], |row| row.get(0))
+                .map_err(database)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(database)
+        })
+        .await
+        .expect("read");
+    let mut expected: Vec<String> = (0..40)
+        .filter(|n| n % 4 != 0)
+        .map(|n| format!("key-{n}"))
+        .collect();
+    expected.sort();
+    assert_eq!(stored, expected);
+}
+
+/// A dead letter older than the dedupe window, replayed, is still deliverable after the
+/// next purge (the replay leaves `created_at`, which the purge relies on, alone), and its
+/// ttl starts again at the replay.
+#[tokio::test]
+async fn a_replayed_old_dead_letter_keeps_its_event_through_a_purge()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let day: Millis = 86_400_000;
+    let t0: Millis = 100 * day;
+    let lease = Duration::from_secs(40);
+    store
+        .enqueue(vec![bot_message(b"review-replay", t0)], t0)
+        .await?;
+    let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+    assert_eq!(first.deliveries.len(), 1);
+    store
+        .settle(
+            &first.deliveries[0],
+            Settle::Dead {
+                status: Some(400),
+                error: "HTTP 400".into(),
+                attempted: true,
+            },
+            t0,
+        )
+        .await?;
+    // Eight days later (past the 7-day dedupe window, well within the 30-day dead-letter
+    // retention) the operator replays it; the minute's purge runs before it is sent.
+    let later = t0 + 8 * day;
+    let outcome = store
+        .replay(DeadLetterFilter::default(), &[SinkName::Bot], later)
+        .await?;
+    assert_eq!(outcome.replayed, 1);
+    let retention = Retention {
+        delivered: Duration::from_secs(7 * 86_400),
+        dead: Duration::from_secs(30 * 86_400),
+        dedupe_window: Duration::from_secs(7 * 86_400),
+    };
+    store.purge(retention, later).await?;
+    let again = store.claim(SinkName::Bot, 8, later, lease).await?;
+    let state: (String, Option<String>) = store
+        .read(|connection| {
+            connection
+                .query_row("SELECT state, last_error FROM deliveries", [], |row| {
+                    Ok((row.get(0)?, row.get(1)?))
+                })
+                .map_err(database)
+        })
+        .await?;
+    assert_eq!(
+        again.deliveries.len(),
+        1,
+        "the replayed delivery must be claimable with its event; row is {state:?}"
+    );
+    assert_eq!(again.deliveries[0].ttl_from, later);
+    Ok(())
+}
+
+/// An outcome that arrives after its lease ran out and the delivery was claimed again
+/// changes nothing: not the row, not its lane. The newer claim's outcome counts.
+#[tokio::test]
+async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    store
+        .enqueue(
+            vec![
+                bot_message(b"lease-first", t0),
+                bot_message(b"lease-second", t0),
+            ],
+            t0,
+        )
+        .await?;
+    let states = || async {
+        store
+            .read(|connection| {
+                let mut select = connection
+                    .prepare("SELECT state, attempts FROM deliveries ORDER BY id")
+                    .map_err(database)?;
+                let rows = select
+                    .query_map([], |row| {
+                        Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+                    })
+                    .map_err(database)?
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(database)?;
+                Ok(rows)
+            })
+            .await
+    };
+    let lease = Duration::from_secs(10);
+    let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+    assert_eq!(first.deliveries.len(), 1);
+    // The first attempt hangs past its lease; the delivery is claimed again.
+    let second = store.claim(SinkName::Bot, 8, t0 + 11_000, lease).await?;
+    assert_eq!(second.deliveries.len(), 1);
+    assert_eq!(second.deliveries[0].id, first.deliveries[0].id);
+
+    for late in [
+        Settle::Retry {
+            due_at: t0 + 12_000,
+            counted: true,
+            status: Some(500),
+            error: "HTTP 500".into(),
+        },
+        Settle::Delivered { status: 200 },
+    ] {
+        store
+            .settle(&first.deliveries[0], late, t0 + 12_000)
+            .await?;
+        assert_eq!(
+            states().await?,
+            [("in_flight".to_owned(), 0), ("waiting".to_owned(), 0)]
+        );
+    }
+    store
+        .settle(
+            &second.deliveries[0],
+            Settle::Delivered { status: 200 },
+            t0 + 12_000,
+        )
+        .await?;
+    assert_eq!(
+        states().await?,
+        [("delivered".to_owned(), 1), ("pending".to_owned(), 0)]
+    );
+    Ok(())
+}
+
+/// A delivery retried after a 503 whose ttl then runs out before its next attempt (the
+/// relay was down): its dead letter keeps the one attempt made, its status and its error.
+#[tokio::test]
+async fn dead_without_an_attempt_keeps_the_last_answer() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    store
+        .enqueue(vec![bot_message(b"ttl-after-503", t0)], t0)
+        .await?;
+    let lease = Duration::from_secs(10);
+    let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
+    store
+        .settle(
+            &first.deliveries[0],
+            Settle::Retry {
+                due_at: t0 + 1_000,
+                counted: true,
+                status: Some(503),
+                error: "HTTP 503: busy".into(),
+            },
+            t0,
+        )
+        .await?;
+    let later = t0 + 10_000_000;
+    let second = store.claim(SinkName::Bot, 8, later, lease).await?;
+    store
+        .settle(
+            &second.deliveries[0],
+            Settle::Dead {
+                status: None,
+                error: "ttl of 1h ran out before this attempt".into(),
+                attempted: false,
+            },
+            later,
+        )
+        .await?;
+    let letters = store.dead_letters(DeadLetterFilter::default()).await?;
+    let [letter] = letters.as_slice() else {
+        return Err(format!("{} dead letters", letters.len()).into());
+    };
+    assert_eq!(letter.attempts, 1);
+    assert_eq!(letter.last_status, Some(503));
+    assert_eq!(
+        letter.last_error.as_deref(),
+        Some("ttl of 1h ran out before this attempt; last error: HTTP 503: busy")
+    );
+    assert_eq!(letter.last_attempt_at, Some(t0));
+    assert_eq!(letter.dead_at, later);
+    Ok(())
+}
+
+/// Opens the store in `dir` with `max_bytes` and drops it again (a dropped store lets its
+/// file lock go when its threads have finished).
+async fn reopen_capped(
+    dir: &tempfile::TempDir,
+    max_bytes: Option<u64>,
+) -> Result<(), Box<dyn std::error::Error>> {
+    drop(open_capped(dir, max_bytes).await?);
+    Ok(())
+}
+
+/// Opens the store in `dir` with `max_bytes`, once the store opened before has let its
+/// file lock go.
+async fn open_capped(
+    dir: &tempfile::TempDir,
+    max_bytes: Option<u64>,
+) -> Result<SqliteStore, Box<dyn std::error::Error>> {
+    let path = dir.path().join("store.db");
+    for _ in 0..500 {
+        match SqliteStore::open(&path, max_bytes, Arc::new(Wakers::new())) {
+            Err(StoreError::Locked(_)) => {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            opened => return Ok(opened?),
+        }
+    }
+    Err("the store stayed locked".into())
+}
+
+/// A store in `dir` changed by `sql`, then compacted so that no free page is left: opened
+/// with a cap below its size (which caps it at its size), it is full.
+async fn compacted_store(
+    dir: &tempfile::TempDir,
+    sql: &str,
+) -> Result<(), Box<dyn std::error::Error>> {
+    reopen_capped(dir, None).await?;
+    Connection::open(dir.path().join("store.db"))?
+        .execute_batch(&format!("{sql} PRAGMA wal_checkpoint(TRUNCATE); VACUUM;"))?;
+    Ok(())
+}
+
+/// A store written before `replayed_at` existed gains the column when it is opened.
+#[tokio::test]
+async fn an_older_store_gains_the_replayed_at_column_and_its_replays_their_receipt_time()
+-> Result<(), Box<dyn std::error::Error>> {
+    let reopen = |dir| reopen_capped(dir, None);
+    let columns = |path: &std::path::Path| -> rusqlite::Result<i64> {
+        has_column(&Connection::open(path)?, "deliveries", "replayed_at").map(i64::from)
+    };
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store.db");
+    reopen(&dir).await?;
+    // What 0.1 left: a delivery as enqueued (created_at = the event's receipt) and one it
+    // replayed (created_at = the replay's time).
+    Connection::open(&path)?.execute_batch(
+        "ALTER TABLE deliveries DROP COLUMN replayed_at;
+         INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+         VALUES ('e1', 'webhook', 'message', 1, 1000, '{}');
+         INSERT INTO deliveries (id, event_id, sink, state, due_at, created_at, updated_at)
+         VALUES (1, 'e1', 'bot', 'delivered', 1000, 1000, 1200),
+                (2, 'e1', 'dashbot', 'pending', 5000, 5000, 5000);",
+    )?;
+    assert_eq!(columns(&path)?, 0);
+    reopen(&dir).await?;
+    assert_eq!(columns(&path)?, 1);
+    let times = || -> rusqlite::Result<Vec<(i64, Option<i64>)>> {
+        let connection = Connection::open(&path)?;
+        let mut select =
+            connection.prepare("SELECT created_at, replayed_at FROM deliveries ORDER BY id")?;
+        select
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+            .collect()
+    };
+    assert_eq!(times()?, [(1000, None), (1000, Some(5000))]);
+    reopen(&dir).await?; // and a second start finds nothing to do
+    assert_eq!(columns(&path)?, 1);
+    assert_eq!(times()?, [(1000, None), (1000, Some(5000))]);
+    Ok(())
+}
+
+/// A full store of an older version still starts: the migration that rewrites its rows
+/// runs before the size cap applies.
+#[tokio::test]
+async fn a_full_older_store_is_migrated_before_the_cap_applies()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store.db");
+    // 0.1's replays, 2,000 of them, in a file with no free page left.
+    compacted_store(
+        &dir,
+        "ALTER TABLE deliveries DROP COLUMN replayed_at;
+         INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+         VALUES ('e1', 'webhook', 'message', 1, 1000, '{}');
+         WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2000)
+         INSERT INTO deliveries (event_id, sink, state, due_at, created_at, updated_at)
+         SELECT 'e1', 'bot', 'dead', 5000, 5000 + i, 5000 + i FROM n;",
+    )
+    .await?;
+    reopen_capped(&dir, Some(1)).await?;
+    let replayed: i64 = Connection::open(&path)?.query_row(
+        "SELECT COUNT(*) FROM deliveries WHERE created_at = 1000 AND replayed_at > 5000",
+        [],
+        |row| row.get(0),
+    )?;
+    assert_eq!(replayed, 2000);
+    Ok(())
+}
+
+/// In a full store a write that needs a new page fails, and SQLite rolls back the whole
+/// transaction by itself; the writes that shared its group and fit (a settle, a claim, an
+/// update in place) are run again and commit: only the write that did not fit fails.
+#[tokio::test]
+async fn in_a_full_store_only_the_write_that_does_not_fit_fails()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    compacted_store(
+        &dir,
+        "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i < 39)
+         INSERT INTO meta (key, value) SELECT 'small-' || i, 'before' FROM n;",
+    )
+    .await?;
+    let store = open_capped(&dir, Some(1)).await?;
+    for round in 0..5 {
+        let writes = (0..40).map(|n| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .write(move |connection, _| {
+                        if n % 2 == 0 {
+                            // Far more than the free space of any page: a new page.
+                            execute(
+                                connection,
+                                "INSERT INTO meta (key, value) VALUES (?1, ?2)",
+                                params![format!("big-{round}-{n}"), "x".repeat(20_000)],
+                            )
+                        } else {
+                            execute(
+                                connection,
+                                "UPDATE meta SET value = ?2 WHERE key = ?1",
+                                params![format!("small-{n}"), format!("after{round}")],
+                            )
+                        }
+                    })
+                    .await
+            })
+        });
+        let results = join_all(writes).await;
+        for (n, result) in results.iter().enumerate() {
+            if n % 2 == 0 {
+                assert!(
+                    matches!(result, Err(StoreError::Full)),
+                    "write {n}: {result:?}"
+                );
+            } else {
+                assert!(
+                    matches!(result, Ok(1)),
+                    "round {round}, write {n} fits but failed: {result:?}"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn join_all<T: Send + 'static>(
+    handles: impl Iterator<Item = tokio::task::JoinHandle<T>>,
+) -> Vec<T> {
+    let mut results = Vec::new();
+    for handle in handles.collect::<Vec<_>>() {
+        results.push(handle.await.expect("task"));
+    }
+    results
+}
