@@ -5,7 +5,6 @@
 
 use crate::clock::{Millis, millis, now_ms};
 use crate::config::{Config, SinkName};
-use crate::dispatch::Paused;
 use crate::redact::Redactor;
 use crate::store::{DeadLetter, DeadLetterFilter, SinkDepth, Store, StoreError};
 use crate::telemetry;
@@ -35,8 +34,6 @@ const MAX_USER_LEN: usize = 256;
 pub struct AdminState {
     pub config: Arc<Config>,
     pub store: Store,
-    /// The dispatcher's view of the paused users, kept in step with the store.
-    pub paused: Paused,
     /// The active sinks, in config order.
     pub active: Vec<SinkName>,
     pub redactor: Redactor,
@@ -515,10 +512,7 @@ async fn set_paused(
             "the user must be a PSID of 1 to {MAX_USER_LEN} characters"
         )));
     }
-    state
-        .paused
-        .change(&state.store, &user, paused, now_ms())
-        .await?;
+    state.store.set_paused(&user, paused, now_ms()).await?;
     tracing::info!(paused, "Pause state set through the admin API");
     Ok(axum::Json(PauseState { user, paused }))
 }
@@ -731,7 +725,6 @@ mod tests {
         Ok(router(AdminState {
             config: Arc::new(config),
             store: Store::discarding(),
-            paused: Paused::new(Vec::new()),
             active: Vec::new(),
             redactor: Redactor::new(Vec::new()),
             status: telemetry::SinkStatus::default(),
@@ -967,7 +960,6 @@ mod tests {
         let router = router(AdminState {
             config: Arc::new(config),
             store: store.clone(),
-            paused: Paused::new(Vec::new()),
             active: Vec::new(),
             redactor: Redactor::new(Vec::new()),
             status: telemetry::SinkStatus::default(),

@@ -13,10 +13,9 @@ use crate::config::DeliveryPolicy;
 use crate::delivery::{Client, Outcome};
 use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
-use crate::store::{Claimed, Settle, Store, StoreError};
+use crate::store::{Claimed, IDLE_RECHECK, Settle, Store};
 use crate::telemetry::{SinkStatus, metric};
-use std::collections::HashSet;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
@@ -27,55 +26,6 @@ use tracing::Instrument;
 /// delivery becomes claimable again after this (a restart of the embedded store frees it at once).
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
-/// The users whose events are not forwarded to the bot (Dashbot live-person takeover).
-#[derive(Debug, Clone, Default)]
-pub struct Paused {
-    users: Arc<RwLock<HashSet<String>>>,
-    /// One change at a time, store first: so that two changes for one user that cross
-    /// (a pause and an unpause) end in memory as they ended in the store.
-    changes: Arc<tokio::sync::Mutex<()>>,
-}
-
-impl Paused {
-    pub fn new(users: impl IntoIterator<Item = String>) -> Paused {
-        Paused {
-            users: Arc::new(RwLock::new(users.into_iter().collect())),
-            changes: Arc::default(),
-        }
-    }
-
-    /// Stores the pause state durably, then applies it to the dispatcher's view.
-    pub async fn change(
-        &self,
-        store: &Store,
-        user: &str,
-        paused: bool,
-        now: Millis,
-    ) -> Result<(), StoreError> {
-        let _one_at_a_time = self.changes.lock().await;
-        store.set_paused(user, paused, now).await?;
-        self.set(user, paused);
-        Ok(())
-    }
-
-    pub fn contains(&self, user: &str) -> bool {
-        self.users
-            .read()
-            .map(|users| users.contains(user))
-            .unwrap_or(false)
-    }
-
-    pub fn set(&self, user: &str, paused: bool) {
-        if let Ok(mut users) = self.users.write() {
-            if paused {
-                users.insert(user.to_owned());
-            } else {
-                users.remove(user);
-            }
-        }
-    }
-}
-
 /// What every sink loop shares.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -83,7 +33,6 @@ pub struct Dispatcher {
     pub sinks: Sinks,
     pub client: Client,
     pub redactor: Redactor,
-    pub paused: Paused,
     /// Each sink's last success and last error, for `GET /admin/sinks`.
     pub status: SinkStatus,
 }
@@ -143,7 +92,7 @@ impl Dispatcher {
                             let this = self.clone();
                             let route = route.clone();
                             attempts.spawn(async move {
-                                this.attempt(&route, delivery).await;
+                                this.attempt(&route, delivery, lease).await;
                                 drop(permit);
                             });
                         }
@@ -182,7 +131,7 @@ impl Dispatcher {
     }
 
     /// One attempt of one delivery, recorded in the store whatever happens.
-    async fn attempt(&self, route: &Route, delivery: Claimed) {
+    async fn attempt(&self, route: &Route, mut delivery: Claimed, lease: Duration) {
         let span = tracing::info_span!(
             "delivery",
             event_id = %delivery.event.id,
@@ -199,7 +148,7 @@ impl Dispatcher {
                     .event
                     .user_id
                     .as_deref()
-                    .is_some_and(|user| self.paused.contains(user));
+                    .is_some_and(|user| self.store.is_paused(user));
             let settle = if paused {
                 Settle::Skipped {
                     reason: "user is paused".to_owned(),
@@ -221,10 +170,10 @@ impl Dispatcher {
                         attempted: false,
                     },
                     (Ok(request), None) => {
-                        let outcome = self
-                            .client
-                            .send(&request, route.delivery.timeout, route.classifier())
-                            .await;
+                        let send =
+                            self.client
+                                .send(&request, route.delivery.timeout, route.classifier());
+                        let outcome = self.holding_lease(send, &mut delivery, lease).await;
                         metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
                             .record(started.elapsed().as_secs_f64());
                         let mut settle = schedule(
@@ -299,6 +248,35 @@ fn record(route: &Route, settle: &Settle) {
 /// hour when nothing is scheduled), or not at all (`None`) while no permit is free. Then only
 /// a finished attempt or a wake-up can make progress, and a due time already past would
 /// otherwise fire at once, again and again (a spin of the loop).
+impl Dispatcher {
+    /// Runs `attempt` while renewing `delivery`'s lease every third of it, so that a claim
+    /// outlives an attempt however long the attempt takes. A lease that was lost (the store
+    /// gave the delivery to someone else) is logged; its outcome will not count.
+    async fn holding_lease<T>(
+        &self,
+        attempt: impl Future<Output = T>,
+        delivery: &mut Claimed,
+        lease: Duration,
+    ) -> T {
+        let every = (lease / 3).max(Duration::from_millis(100));
+        let mut renewal = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        tokio::pin!(attempt);
+        loop {
+            tokio::select! {
+                outcome = &mut attempt => return outcome,
+                _ = renewal.tick() => match self.store.renew(delivery, now_ms(), lease).await {
+                    Ok(true) => {}
+                    Ok(false) => tracing::warn!(delivery = delivery.id, "The delivery's lease was lost during its attempt"),
+                    Err(error) => tracing::warn!(delivery = delivery.id, %error, "Cannot renew the delivery's lease"),
+                },
+            }
+        }
+    }
+}
+
+/// How long a sink loop with free permits sleeps before it looks at the store again: until
+/// its next due delivery, and never longer than [`IDLE_RECHECK`], so that work a wake-up did
+/// not announce (a lost wake-up, another relay's commit) waits at most that long.
 fn due_timer(free_permits: usize, next_due: Option<Millis>, now: Millis) -> Option<Duration> {
     if free_permits == 0 {
         return None;
@@ -306,7 +284,8 @@ fn due_timer(free_permits: usize, next_due: Option<Millis>, now: Millis) -> Opti
     Some(
         next_due
             .map(|due| Duration::from_millis(u64::try_from(due - now).unwrap_or(0)))
-            .unwrap_or(Duration::from_secs(3600)),
+            .unwrap_or(IDLE_RECHECK)
+            .min(IDLE_RECHECK),
     )
 }
 
@@ -601,7 +580,12 @@ mod tests {
             due_timer(1, Some(5_250), 5_000),
             Some(Duration::from_millis(250))
         );
-        assert_eq!(due_timer(1, None, 5_000), Some(Duration::from_secs(3600)));
+        assert_eq!(due_timer(1, None, 5_000), Some(IDLE_RECHECK));
+        assert_eq!(
+            due_timer(1, Some(3_605_000), 5_000),
+            Some(IDLE_RECHECK),
+            "a retry due in an hour: the store is still looked at every second"
+        );
     }
 
     #[test]

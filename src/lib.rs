@@ -19,7 +19,7 @@ pub mod telemetry;
 
 use crate::clock::now_ms;
 use crate::config::Config;
-use crate::dispatch::{Dispatcher, Paused};
+use crate::dispatch::Dispatcher;
 use crate::store::{Retention, Store};
 use anyhow::Context;
 use std::future::Future;
@@ -47,7 +47,9 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)
         .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
-    run_with_store(config, store, listeners, shutdown).await
+    let result = run_with_store(config, store.clone(), listeners, shutdown).await;
+    store.close().await;
+    result
 }
 
 /// Runs the relay on an already open store: serves both listeners, dispatches deliveries,
@@ -72,14 +74,6 @@ pub async fn run_with_store(
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
     }
     let redactor = redact::Redactor::new(config.secrets());
-    let paused = Paused::new(
-        store
-            .paused_users()
-            .await
-            .context("cannot read paused users")?
-            .into_iter()
-            .map(|(user, _)| user),
-    );
     let client = delivery::Client::new()?;
     let grace = config.server.shutdown_grace;
     let retention = Retention {
@@ -92,7 +86,6 @@ pub async fn run_with_store(
         store: store.clone(),
         sinks: sinks.clone(),
         client: client.clone(),
-        paused: paused.clone(),
     };
 
     let status = telemetry::SinkStatus::default();
@@ -100,7 +93,6 @@ pub async fn run_with_store(
     let admin = with_request_ids(admin::router(admin::AdminState {
         config: state.config.clone(),
         store: store.clone(),
-        paused: paused.clone(),
         active: active_sinks,
         redactor: redactor.clone(),
         status: status.clone(),
@@ -125,7 +117,6 @@ pub async fn run_with_store(
         sinks,
         client,
         redactor,
-        paused,
         status,
     };
     let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace));

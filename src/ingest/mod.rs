@@ -14,7 +14,6 @@ pub mod verify;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::delivery::Client;
-use crate::dispatch::Paused;
 use crate::event::Event;
 use crate::sinks::Sinks;
 use crate::store::{NewEvent, Store, StoreError};
@@ -42,8 +41,6 @@ pub struct AppState {
     pub sinks: Sinks,
     /// The shared HTTP client (the Send API proxy uses it).
     pub client: Client,
-    /// Users whose events are not forwarded to the bot; kept in step with the store.
-    pub paused: Paused,
 }
 
 /// Everything a public request can fail with, and the status each one maps to.
@@ -358,10 +355,7 @@ async fn dashbot_pause(
         &body,
     )?;
     let (user, paused) = pause_request(&body)?;
-    state
-        .paused
-        .change(&state.store, &user, paused, now_ms())
-        .await?;
+    state.store.set_paused(&user, paused, now_ms()).await?;
     tracing::info!(%user, paused, "Dashbot pause applied");
     Ok("ok")
 }

@@ -1,21 +1,50 @@
-//! The durable store: events, one delivery per (event, sink), retry state, dead letters and the
-//! paused users. Everything the relay has acknowledged lives here until it is delivered or dead.
+//! The durable store: the seam between the request path (ingest) and the delivery path
+//! (dispatch). Events, one delivery per (event, sink), retry state, dead letters and the paused
+//! users live here until delivered or dead. One contract, several backends; the dispatcher and
+//! the admin API never know which one runs.
 //!
-//! [`Store`] is a cheap `Clone` handle. Writes go to ONE writer thread that commits many callers'
-//! writes in one transaction (group commit) and answers each caller only after that commit.
-//! Reads use a separate connection. The API speaks in events and deliveries, never in SQL, so a
-//! second backend (PostgreSQL, for several relays on one database) can sit behind it later.
+//! # The contract every backend keeps
+//!
+//! 1. **Enqueue is durable and idempotent.** [`Store::enqueue`] returns only after the events
+//!    and their deliveries are committed durably (the caller answers 2xx after it). An event id
+//!    already known within the dedupe window is counted as a duplicate and gets no deliveries.
+//! 2. **A claim is a lease.** [`Store::claim`] hands out due deliveries, each leased until
+//!    [`Claimed::lease_until`], which identifies the claim. [`Store::renew`] extends a lease the
+//!    claim still holds. An outcome ([`Store::settle`]) counts only under its claim's lease: one
+//!    that comes after the lease ran out and the delivery was claimed again changes nothing.
+//!    A lease that runs out (a crashed relay) makes the delivery due again.
+//! 3. **Lanes keep order.** One user's deliveries to one sink form a lane; only its head (the
+//!    oldest open delivery) is ever claimable. The next one goes when the head is delivered,
+//!    dead or skipped. A replayed dead letter rejoins its lane at its original place.
+//! 4. **Retry state lives here.** A retry is a due time in the store; a restart loses none.
+//! 5. **Dead letters** are listed with filters, replayed (only for sinks enabled now; the
+//!    others stay dead and are counted) and purged after their retention, like delivered rows
+//!    and events past the dedupe window, in bounded chunks.
+//! 6. **Pause state** is durable; [`Store::is_paused`] answers from memory and reflects a pause
+//!    given anywhere (any relay on the same database) within a second.
+//! 7. **Wake-ups** belong to the store: [`Store::wakers`] fires a sink's [`Notify`] when rows
+//!    became due for it (committed here, or by another relay). A lost wake-up costs at most the
+//!    dispatcher's idle recheck ([`IDLE_RECHECK`]), never more.
+//! 8. [`Store::close`] stops the backend and releases what it holds (SQLite's file lock) before
+//!    it returns.
+//!
+//! Backends: `sqlite` (the embedded default: one relay owns one file) and `Discard` (the
+//! ingest benchmark's baseline, which stores nothing). The `contract` tests run against each.
 
 mod sqlite;
 
 use crate::clock::Millis;
 use crate::config::SinkName;
 use crate::event::Event;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// The longest a sink's dispatcher sleeps without looking at the store, so that a wake-up that
+/// was lost (or sent by a relay this one cannot hear) costs at most this much delay.
+pub const IDLE_RECHECK: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -168,6 +197,58 @@ pub struct Purged {
     pub events: usize,
 }
 
+/// One delivery row as the store holds it: what tests assert on (through
+/// [`Store::probe_deliveries`]) instead of reading a backend's tables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeliveryProbe {
+    pub id: i64,
+    pub event_id: String,
+    pub sink: String,
+    pub user: Option<String>,
+    /// `waiting`, `pending`, `in_flight`, `delivered`, `dead` or `skipped`.
+    pub state: String,
+    pub attempts: u32,
+    pub throttled: u32,
+    pub last_status: Option<u16>,
+    pub last_error: Option<String>,
+    /// Replayed from the dead letters at least once.
+    pub replayed: bool,
+}
+
+/// The paused users as this process sees them: loaded at open, changed by every pause given
+/// through this handle (store first, then memory, one change at a time so that a pause and an
+/// unpause that cross end in memory as they ended in the store).
+#[derive(Debug, Default)]
+struct PauseCache {
+    users: RwLock<HashSet<String>>,
+    changes: tokio::sync::Mutex<()>,
+}
+
+impl PauseCache {
+    fn contains(&self, user: &str) -> bool {
+        self.users
+            .read()
+            .map(|users| users.contains(user))
+            .unwrap_or(false)
+    }
+
+    fn set(&self, user: &str, paused: bool) {
+        if let Ok(mut users) = self.users.write() {
+            if paused {
+                users.insert(user.to_owned());
+            } else {
+                users.remove(user);
+            }
+        }
+    }
+
+    fn replace(&self, paused: impl IntoIterator<Item = String>) {
+        if let Ok(mut users) = self.users.write() {
+            *users = paused.into_iter().collect();
+        }
+    }
+}
+
 /// Wakes each sink's dispatcher when rows for it were committed.
 #[derive(Debug, Default)]
 pub struct Wakers {
@@ -211,6 +292,7 @@ enum Backend {
 pub struct Store {
     backend: Backend,
     wakers: Arc<Wakers>,
+    paused: Arc<PauseCache>,
 }
 
 impl Store {
@@ -221,9 +303,12 @@ impl Store {
     pub fn open_sqlite(path: &Path, max_bytes: Option<u64>) -> Result<Store, StoreError> {
         let wakers = Arc::new(Wakers::new());
         let backend = sqlite::SqliteStore::open(path, max_bytes, wakers.clone())?;
+        let paused = Arc::new(PauseCache::default());
+        paused.replace(backend.paused_users_now()?);
         Ok(Store {
             backend: Backend::Sqlite(backend),
             wakers,
+            paused,
         })
     }
 
@@ -233,6 +318,7 @@ impl Store {
         Store {
             backend: Backend::Discard,
             wakers: Arc::new(Wakers::new()),
+            paused: Arc::default(),
         }
     }
 
@@ -322,15 +408,70 @@ impl Store {
         }
     }
 
+    /// Pauses or unpauses a user durably; [`Store::is_paused`] reflects it when this returns.
     pub async fn set_paused(
         &self,
         user: &str,
         paused: bool,
         now: Millis,
     ) -> Result<(), StoreError> {
+        let _one_at_a_time = self.paused.changes.lock().await;
         match &self.backend {
-            Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await,
-            Backend::Discard => Ok(()),
+            Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await?,
+            Backend::Discard => {}
+        }
+        self.paused.set(user, paused);
+        Ok(())
+    }
+
+    /// Whether nothing from `user` may reach the bot now. Answered from memory.
+    pub fn is_paused(&self, user: &str) -> bool {
+        self.paused.contains(user)
+    }
+
+    /// Extends `delivery`'s lease to `now + lease` while its claim still holds it; false when
+    /// the lease was lost (the outcome will not count).
+    pub async fn renew(
+        &self,
+        delivery: &mut Claimed,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        let until = now.saturating_add(crate::clock::millis(lease));
+        let renewed = match &self.backend {
+            Backend::Sqlite(store) => store.renew(delivery, until, now).await?,
+            Backend::Discard => true,
+        };
+        if renewed {
+            delivery.lease_until = until;
+        }
+        Ok(renewed)
+    }
+
+    /// Stops the backend and releases what it holds (the embedded store's file lock); returns
+    /// once released. Every handle's later calls fail with [`StoreError::Unavailable`].
+    pub async fn close(&self) {
+        match &self.backend {
+            Backend::Sqlite(store) => store.close().await,
+            Backend::Discard => {}
+        }
+    }
+
+    /// Every delivery, oldest first: a probe for tests and diagnostics, not for the hot path.
+    #[doc(hidden)]
+    pub async fn probe_deliveries(&self) -> Result<Vec<DeliveryProbe>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.probe_deliveries().await,
+            Backend::Discard => Ok(Vec::new()),
+        }
+    }
+
+    /// Every stored event, in the order of receipt: a probe for tests and diagnostics.
+    #[doc(hidden)]
+    pub async fn probe_events(&self) -> Result<Vec<Event>, StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.probe_events().await,
+            Backend::Discard => Ok(Vec::new()),
         }
     }
 

@@ -119,17 +119,7 @@ async fn start(
         store_path.display()
     );
     let config = Config::from_sources(&toml, env.clone())?;
-    // After a restart, the previous relay's writer thread lets go of the file lock just after
-    // its last handle is dropped.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let store = loop {
-        match Store::open_sqlite(&config.store.path, config.store.max_bytes) {
-            Err(botrelay::store::StoreError::Locked(_)) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            other => break other?,
-        }
-    };
+    let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)?;
     let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let url = format!("http://{}", public.local_addr()?);
@@ -203,7 +193,8 @@ impl TestApp {
             std::mem::take(&mut self.extra),
             std::mem::take(&mut self.env),
         );
-        // Drops the last store handle, so that its writer thread releases the file lock.
+        // Releases the file lock before the new relay opens the file.
+        self.store.close().await;
         drop(self);
         start(dir, extra, env).await
     }

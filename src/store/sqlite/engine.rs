@@ -98,6 +98,8 @@ where
 pub(super) enum ToWriter {
     Write(Box<dyn Job>),
     Synced,
+    /// Commit what is open and stop: the syncer then finishes and lets go of the file lock.
+    Close,
 }
 
 /// The writer: runs writes as they arrive inside an open transaction (a group), and commits
@@ -151,7 +153,7 @@ pub(super) fn write_loop(
                     .add(connection, job);
             }
             Some(ToWriter::Synced) => {}
-            None => break,
+            Some(ToWriter::Close) | None => break,
         }
     }
     if let Some(group) = open.take() {

@@ -30,10 +30,7 @@ mod schema;
 #[cfg(test)]
 mod tests;
 
-use super::{
-    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, NewEvent, Purged,
-    ReplayOutcome, Retention, Settle, SinkDepth, StoreError, Wakers,
-};
+use crate::store::{StoreError, Wakers};
 use engine::*;
 use files::*;
 use rusqlite::config::DbConfig;
@@ -48,6 +45,8 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) struct SqliteStore {
     writes: mpsc::Sender<ToWriter>,
     reader: Arc<Mutex<Connection>>,
+    /// Becomes true once the writer and the syncer have stopped and the file lock is released.
+    closed: tokio::sync::watch::Receiver<bool>,
     #[cfg(test)]
     wal: Arc<WalProgress>,
 }
@@ -146,6 +145,7 @@ impl SqliteStore {
         let (writes, receiver) = mpsc::channel::<ToWriter>(8192);
         let (committed, uncommitted) = std::sync::mpsc::sync_channel(MAX_UNSYNCED_GROUPS);
         let syncer_idle = Arc::new(AtomicBool::new(true));
+        let (closed_sender, closed) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
             .name("botrelay-sync".into())
             .spawn({
@@ -153,9 +153,10 @@ impl SqliteStore {
                 let (wal, idle, writer) = (wal.clone(), syncer_idle.clone(), writes.downgrade());
                 move || {
                     // The syncer is the last to finish, so it holds the file lock.
-                    let _lock = lock;
                     sync_loop(&wal_file, &uncommitted, &wakers, &wal, &idle, &writer);
                     wal.stop.store(true, Ordering::Relaxed);
+                    drop(lock);
+                    let _ = closed_sender.send(true);
                 }
             })
             .map_err(|error| {
@@ -172,6 +173,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
+            closed,
             #[cfg(test)]
             wal: wal_progress,
         })
@@ -195,6 +197,14 @@ impl SqliteStore {
             .await
             .map_err(|_| StoreError::Unavailable)?;
         receiver.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Commits what the writer has open, stops the store's threads and releases the file lock;
+    /// returns once it is released. Writes sent afterwards, by any handle, fail.
+    pub(super) async fn close(&self) {
+        let _ = self.writes.send(ToWriter::Close).await;
+        let mut closed = self.closed.clone();
+        let _ = closed.wait_for(|closed| *closed).await;
     }
 
     async fn read<T, F>(&self, read: F) -> Result<T, StoreError>

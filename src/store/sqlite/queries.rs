@@ -4,13 +4,13 @@
 
 use super::engine::*;
 use super::*;
-use super::{
-    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, EnqueueReport, NewEvent, Purged,
-    ReplayOutcome, Retention, Settle, SinkDepth, StoreError,
-};
 use crate::clock::{Millis, millis};
 use crate::config::SinkName;
 use crate::event::Event;
+use crate::store::{
+    ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, DeliveryProbe, EnqueueReport, NewEvent,
+    Purged, ReplayOutcome, Retention, Settle, SinkDepth, StoreError,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -384,6 +384,81 @@ impl SqliteStore {
         .await
     }
 
+    /// Extends a claim's lease while its attempt runs, if the claim still holds it.
+    pub(crate) async fn renew(
+        &self,
+        delivery: &Claimed,
+        until: Millis,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
+        let (id, held) = (delivery.id, delivery.lease_until);
+        self.write(move |connection, _| {
+            let changed = execute(
+                connection,
+                "UPDATE deliveries SET due_at = ?3, updated_at = ?4
+                 WHERE id = ?1 AND state = 'in_flight' AND due_at = ?2",
+                params![id, held, until, now],
+            )?;
+            Ok(changed == 1)
+        })
+        .await
+    }
+
+    /// Every delivery row, oldest first (the test probe behind `Store::probe_deliveries`).
+    pub(crate) async fn probe_deliveries(&self) -> Result<Vec<DeliveryProbe>, StoreError> {
+        self.read(|connection| {
+            let mut select = connection
+                .prepare(
+                    "SELECT id, event_id, sink, lane, state, attempts, throttled, last_status,
+                            last_error, replayed_at IS NOT NULL
+                     FROM deliveries ORDER BY id",
+                )
+                .map_err(database)?;
+            select
+                .query_map([], |row| {
+                    Ok(DeliveryProbe {
+                        id: row.get(0)?,
+                        event_id: row.get(1)?,
+                        sink: row.get(2)?,
+                        user: row.get(3)?,
+                        state: row.get(4)?,
+                        attempts: row.get(5)?,
+                        throttled: row.get(6)?,
+                        last_status: row.get(7)?,
+                        last_error: row.get(8)?,
+                        replayed: row.get(9)?,
+                    })
+                })
+                .map_err(database)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(database)
+        })
+        .await
+    }
+
+    /// Every stored event, in the order of receipt (the probe behind `Store::probe_events`).
+    pub(crate) async fn probe_events(&self) -> Result<Vec<Event>, StoreError> {
+        self.read(|connection| {
+            let mut select = connection
+                .prepare("SELECT payload FROM events ORDER BY received_at, rowid")
+                .map_err(database)?;
+            let payloads = select
+                .query_map([], |row| row.get::<_, String>(0))
+                .map_err(database)?
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(database)?;
+            payloads
+                .iter()
+                .map(|payload| {
+                    serde_json::from_str(payload).map_err(|error| {
+                        StoreError::Database(format!("a stored event is unreadable: {error}"))
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
     /// Requeues the matching dead letters, oldest first, in writes of at most `REPLAY_CHUNK`
     /// rows, so that replaying a large dead-letter store never holds the writer (and with it
     /// every webhook's answer) for long. The ids are read first, off the writer; a row that is
@@ -568,6 +643,19 @@ impl SqliteStore {
             Ok(())
         })
         .await
+    }
+
+    /// The paused users, read at once (at open, before the handle is shared).
+    pub(crate) fn paused_users_now(&self) -> Result<Vec<String>, StoreError> {
+        let connection = self.reader.lock().map_err(|_| StoreError::Unavailable)?;
+        let mut select = connection
+            .prepare("SELECT user_id FROM paused_users")
+            .map_err(database)?;
+        select
+            .query_map([], |row| row.get(0))
+            .map_err(database)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(database)
     }
 
     pub(crate) async fn paused_users(&self) -> Result<Vec<(String, Millis)>, StoreError> {
