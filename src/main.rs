@@ -1,21 +1,15 @@
 //! The `botrelay` binary: parses the command line, loads the config, and runs the relay, a
-//! one-shot command (`check-config`, `sign`), or a client of a running relay's admin API
-//! (`dead-letters`, `pause`, `unpause`, `paused`, `sinks`).
+//! one-shot command (`check-config`, `healthcheck`, `sign`), or a command against a running
+//! relay's admin API (`dead-letters`, `pause`, `unpause`, `paused`, `sinks`), whose requests
+//! are `botrelay::admin::client`'s and whose output is printed here.
 //! Exit codes: 0 success, 1 runtime failure, 2 invalid config or usage.
 
-use botrelay::admin::{
-    DeadLetterView, ErrorBody, MAX_LIMIT, PauseState, PausedUser, ReplayRequest, Replayed, Since,
-    SinkView,
-};
+use botrelay::admin::api::{MAX_LIMIT, parse_since};
+use botrelay::admin::client::{self, AdminClient, ClientConfig, ClientError, Selection};
 use botrelay::config::{Config, ConfigError, DEFAULT_PATH, SinkName};
 use clap::{Args, Parser, Subcommand};
-use secrecy::{ExposeSecret, SecretString};
-use serde::de::DeserializeOwned;
-use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 /// mimalloc rather than the system allocator: the relay allocates and frees small buffers on
 /// one thread and frees them on another (request bodies, store jobs), which glibc's malloc
@@ -162,6 +156,15 @@ impl CliError {
         match self {
             CliError::Usage(_) => ExitCode::from(2),
             CliError::Runtime(_) => ExitCode::FAILURE,
+        }
+    }
+}
+
+impl From<ClientError> for CliError {
+    fn from(error: ClientError) -> CliError {
+        match error {
+            ClientError::Usage(message) => CliError::Usage(message),
+            ClientError::Runtime(message) => CliError::Runtime(message),
         }
     }
 }
@@ -324,7 +327,8 @@ async fn shutdown_signal() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The admin client: `dead-letters`, `pause`, `unpause`, `paused`, `sinks`.
+// The admin commands: `dead-letters`, `pause`, `unpause`, `paused`, `sinks` (the requests are
+// `botrelay::admin::client`'s; what they print is here).
 
 enum ClientCommand {
     DeadLetters(DeadLetters),
@@ -333,89 +337,9 @@ enum ClientCommand {
     Sinks(AdminArgs),
 }
 
-/// The few config keys the client commands read. They need neither the app secret nor a valid
-/// sink table, so an operator's shell without the relay's secrets can still use them.
-struct ClientConfig {
-    admin_listen: Option<String>,
-    admin_token: Option<SecretString>,
-    server_listen: Option<String>,
-}
-
-impl ClientConfig {
-    /// The file (when it exists, or always when `explicit`) plus `BOTRELAY__…` overrides.
-    fn load(path: &Path, explicit: bool) -> Result<ClientConfig, CliError> {
-        let text = match std::fs::read_to_string(path) {
-            Ok(text) => text,
-            Err(error) if explicit || error.kind() != std::io::ErrorKind::NotFound => {
-                return Err(CliError::Usage(format!(
-                    "cannot read config {}: {error}",
-                    path.display()
-                )));
-            }
-            Err(_) => String::new(),
-        };
-        botrelay::config::check_syntax(&text).map_err(|error| {
-            CliError::Usage(format!("{error} (config file: {})", path.display()))
-        })?;
-        let settings = config::Config::builder()
-            .add_source(config::File::from_str(&text, config::FileFormat::Toml))
-            .add_source(
-                config::Environment::with_prefix("BOTRELAY")
-                    .prefix_separator("__")
-                    .separator("__"),
-            )
-            .build()
-            .map_err(|error| {
-                CliError::Usage(format!("cannot read config {}: {error}", path.display()))
-            })?;
-        let text_at = |key: &str| {
-            settings
-                .get_string(key)
-                .ok()
-                .filter(|value| !value.is_empty())
-        };
-        Ok(ClientConfig {
-            admin_listen: text_at("admin.listen"),
-            admin_token: text_at("admin.token").map(SecretString::from),
-            server_listen: text_at("server.listen"),
-        })
-    }
-}
-
-/// The relay's public listener (`server.listen`) as a URL to connect to.
-fn public_url(config_path: &Path, explicit: bool) -> Result<String, CliError> {
-    let config = ClientConfig::load(config_path, explicit)?;
-    connect_url(
-        config.server_listen.as_deref().unwrap_or("0.0.0.0:8080"),
-        "0.0.0.0:8080",
-    )
-}
-
-/// The runtime of a client command: one thread is plenty.
-fn cli_runtime() -> Result<tokio::runtime::Runtime, CliError> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|error| CliError::Runtime(format!("cannot start the runtime: {error}")))
-}
-
-/// A listen address as a URL to connect to: `0.0.0.0` and `::` become the loopback address.
-fn connect_url(listen: &str, default: &str) -> Result<String, CliError> {
-    let mut address: SocketAddr = listen
-        .parse()
-        .map_err(|_| CliError::Usage(format!("`{listen}` is not an address like \"{default}\"")))?;
-    if address.ip().is_unspecified() {
-        address.set_ip(match address.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        });
-    }
-    Ok(format!("http://{address}"))
-}
-
 fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result<(), CliError> {
     let config = ClientConfig::load(path, explicit)?;
-    let runtime = cli_runtime()?;
+    let runtime = client::runtime()?;
     runtime.block_on(async move {
         match command {
             ClientCommand::DeadLetters(DeadLetters::List {
@@ -423,7 +347,7 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                 limit,
                 admin,
             }) => {
-                let client = AdminClient::new(&config, &admin)?;
+                let client = AdminClient::new(&config, admin.admin_url.as_deref())?;
                 list_dead_letters(&client, &filter, limit, admin.json).await
             }
             ClientCommand::DeadLetters(DeadLetters::Replay {
@@ -433,14 +357,12 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                 chunk,
                 admin,
             }) => {
-                let client = AdminClient::new(&config, &admin)?;
+                let client = AdminClient::new(&config, admin.admin_url.as_deref())?;
                 replay(&client, &filter, ids, all, chunk, admin.json).await
             }
             ClientCommand::Pause(psid, paused, admin) => {
-                let client = AdminClient::new(&config, &admin)?;
-                let action = if paused { "pause" } else { "unpause" };
-                let path = format!("/admin/users/{}/{action}", encode_path_segment(&psid));
-                let state: PauseState = client.send(client.http.post(client.url(&path))).await?;
+                let client = AdminClient::new(&config, admin.admin_url.as_deref())?;
+                let state = client.set_paused(&psid, paused).await?;
                 if admin.json {
                     print_json(&state)
                 } else {
@@ -450,10 +372,8 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                 }
             }
             ClientCommand::Paused(admin) => {
-                let client = AdminClient::new(&config, &admin)?;
-                let users: Vec<PausedUser> = client
-                    .send(client.http.get(client.url("/admin/paused")))
-                    .await?;
+                let client = AdminClient::new(&config, admin.admin_url.as_deref())?;
+                let users = client.paused().await?;
                 if admin.json {
                     return print_json(&users);
                 }
@@ -468,10 +388,8 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                 Ok(())
             }
             ClientCommand::Sinks(admin) => {
-                let client = AdminClient::new(&config, &admin)?;
-                let sinks: Vec<SinkView> = client
-                    .send(client.http.get(client.url("/admin/sinks")))
-                    .await?;
+                let client = AdminClient::new(&config, admin.admin_url.as_deref())?;
+                let sinks = client.sinks().await?;
                 if admin.json {
                     return print_json(&sinks);
                 }
@@ -520,103 +438,20 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
     })
 }
 
-/// An HTTP client of the admin API, with the bearer token when one is configured.
-struct AdminClient {
-    http: reqwest::Client,
-    base: String,
-    token: Option<SecretString>,
-}
-
-impl AdminClient {
-    fn new(config: &ClientConfig, args: &AdminArgs) -> Result<AdminClient, CliError> {
-        let base = match &args.admin_url {
-            Some(url) => url.trim_end_matches('/').to_owned(),
-            None => connect_url(
-                config.admin_listen.as_deref().unwrap_or("127.0.0.1:9091"),
-                "127.0.0.1:9091",
-            )?,
-        };
-        let mut http = reqwest::Client::builder().timeout(Duration::from_secs(60));
-        // admin.listen is this machine's own listener: an HTTP_PROXY must not be asked for it
-        // (with --admin-url the operator chose the way, proxy included).
-        if args.admin_url.is_none() {
-            http = http.no_proxy();
-        }
-        let http = http.build().map_err(|error| {
-            CliError::Runtime(format!("cannot create the HTTP client: {error}"))
-        })?;
-        Ok(AdminClient {
-            http,
-            base,
-            token: config.admin_token.clone(),
-        })
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("{}{path}", self.base)
-    }
-
-    /// Sends, and reads the JSON answer; maps every failure to a message and an exit code.
-    async fn send<T: DeserializeOwned>(
-        &self,
-        request: reqwest::RequestBuilder,
-    ) -> Result<T, CliError> {
-        let request = match &self.token {
-            Some(token) => request.bearer_auth(token.expose_secret()),
-            None => request,
-        };
-        let response = request.send().await.map_err(|error| {
-            CliError::Runtime(format!(
-                "cannot reach the admin API at {}: {error} (is the relay running? see admin.listen or --admin-url)",
-                self.base
-            ))
-        })?;
-        let status = response.status();
-        let body = response.bytes().await.map_err(|error| {
-            CliError::Runtime(format!("cannot read the admin API's answer: {error}"))
-        })?;
-        if status.is_success() {
-            return serde_json::from_slice(&body).map_err(|error| {
-                CliError::Runtime(format!("unexpected answer from the admin API: {error}"))
-            });
-        }
-        let message = serde_json::from_slice::<ErrorBody>(&body)
-            .map(|body| body.error)
-            .unwrap_or_else(|_| String::from_utf8_lossy(&body).trim().to_owned());
-        Err(match status.as_u16() {
-            401 => CliError::Usage(format!(
-                "the admin API refused the token ({message}): set admin.token in the config or BOTRELAY__ADMIN__TOKEN"
-            )),
-            400..=499 => CliError::Usage(format!("the admin API answered {status}: {message}")),
-            _ => CliError::Runtime(format!("the admin API answered {status}: {message}")),
-        })
-    }
-
-    async fn dead_letters(
-        &self,
-        filter: &FilterArgs,
-        since: Option<i64>,
-        after: Option<i64>,
-        limit: u32,
-    ) -> Result<Vec<DeadLetterView>, CliError> {
-        let mut query: Vec<(&str, String)> = vec![("limit", limit.to_string())];
-        query.extend(filter.sink.clone().map(|sink| ("sink", sink)));
-        query.extend(filter.user.clone().map(|user| ("user", user)));
-        query.extend(since.map(|since| ("since", since.to_string())));
-        query.extend(after.map(|after| ("after", after.to_string())));
-        self.send(self.http.get(self.url("/admin/dead-letters")).query(&query))
-            .await
-    }
-}
-
-/// `since` as absolute epoch ms, resolved once so that every request of a command agrees.
-fn resolve_since(filter: &FilterArgs) -> Result<Option<i64>, CliError> {
-    filter
+/// The dead letters the filter flags name, with `--since` resolved once to absolute epoch ms,
+/// so that every request of a command agrees.
+fn selection(filter: &FilterArgs) -> Result<Selection, CliError> {
+    let since = filter
         .since
         .as_deref()
-        .map(|since| botrelay::admin::parse_since(since, botrelay::clock::now_ms()))
+        .map(|since| parse_since(since, botrelay::clock::now_ms()))
         .transpose()
-        .map_err(|error| CliError::Usage(error.to_string()))
+        .map_err(|error| CliError::Usage(error.to_string()))?;
+    Ok(Selection {
+        sink: filter.sink.clone(),
+        user: filter.user.clone(),
+        since,
+    })
 }
 
 async fn list_dead_letters(
@@ -625,8 +460,8 @@ async fn list_dead_letters(
     limit: u32,
     json: bool,
 ) -> Result<(), CliError> {
-    let since = resolve_since(filter)?;
-    let letters = client.dead_letters(filter, since, None, limit).await?;
+    let selection = selection(filter)?;
+    let letters = client.dead_letters(&selection, None, limit).await?;
     if json {
         return print_json(&letters);
     }
@@ -677,10 +512,7 @@ async fn list_dead_letters(
 }
 
 /// Replays in chunks of ids, printing `replayed N/TOTAL` as it goes when there is more than one
-/// chunk. Without `--id`, lists the matching letters first (up to 10000 at a time), sink by
-/// sink: only the enabled sinks' letters are listed for replay (a letter of a sink that is not
-/// enabled stays dead, so listing it again would return the same page forever), and the
-/// others are counted.
+/// chunk (see `AdminClient::replay_dead_letters`), then the totals.
 async fn replay(
     client: &AdminClient,
     filter: &FilterArgs,
@@ -711,192 +543,36 @@ async fn replay(
             "choose what to replay with --sink, --user, --since or --id, or pass --all for every dead letter".into(),
         ));
     }
-    let since = resolve_since(filter)?;
-    let mut run = ReplayRun {
-        client,
-        since,
-        chunk: chunk.max(1),
-        json,
-        replayed: 0,
-        total: 0,
-        left_dead: BTreeMap::new(),
+    let selection = selection(filter)?;
+    let mut progress = |replayed: usize, total: usize| {
+        if !json {
+            eprintln!("replayed {replayed}/{total}");
+        }
     };
-    if !ids.is_empty() {
-        run.replay_ids(filter, ids, false).await?;
-    } else {
-        let sinks: Vec<SinkView> = client
-            .send(client.http.get(client.url("/admin/sinks")))
-            .await?;
-        let enabled = |name: &str| sinks.iter().any(|sink| sink.sink == name && sink.enabled);
-        let names: Vec<String> = match &filter.sink {
-            // Not enabled: the relay refuses the replay, and says why.
-            Some(name) if !enabled(name) => {
-                let request = ReplayRequest {
-                    sink: Some(name.clone()),
-                    user: filter.user.clone(),
-                    since: since.map(Since::Millis),
-                    ids: None,
-                };
-                let _: Replayed = client
-                    .send(
-                        client
-                            .http
-                            .post(client.url("/admin/dead-letters/replay"))
-                            .json(&request),
-                    )
-                    .await?;
-                Vec::new()
-            }
-            Some(name) => vec![name.clone()],
-            None => sinks
-                .iter()
-                .filter(|sink| sink.enabled)
-                .map(|sink| sink.sink.clone())
-                .collect(),
-        };
-        for name in names {
-            let one_sink = FilterArgs {
-                sink: Some(name),
-                user: filter.user.clone(),
-                since: filter.since.clone(),
-            };
-            run.replay_listed(&one_sink).await?;
-        }
-        if filter.sink.is_none() {
-            for sink in sinks.iter().filter(|sink| !sink.enabled && sink.dead > 0) {
-                let one_sink = FilterArgs {
-                    sink: Some(sink.sink.clone()),
-                    user: filter.user.clone(),
-                    since: filter.since.clone(),
-                };
-                let left = client
-                    .dead_letters(&one_sink, since, None, MAX_LIMIT)
-                    .await?
-                    .len();
-                if left > 0 {
-                    run.left_dead.insert(sink.sink.clone(), left);
-                }
-            }
-        }
+    let totals = client
+        .replay_dead_letters(&selection, ids, chunk, &mut progress)
+        .await?;
+    if json {
+        return print_json(&totals);
     }
-    run.finish()
-}
-
-/// One `dead-letters replay` command's requests and its running totals.
-struct ReplayRun<'a> {
-    client: &'a AdminClient,
-    since: Option<i64>,
-    chunk: usize,
-    json: bool,
-    replayed: usize,
-    total: usize,
-    left_dead: BTreeMap<String, usize>,
-}
-
-impl ReplayRun<'_> {
-    /// Lists the letters that match `filter` a page at a time, oldest first, and replays each
-    /// page. The next page starts after the last id of this one: a replayed letter that fails
-    /// again is dead again with the same id, and must neither be replayed twice by one command
-    /// nor hide the letters behind it.
-    async fn replay_listed(&mut self, filter: &FilterArgs) -> Result<(), CliError> {
-        let mut after = None;
-        loop {
-            let letters = self
-                .client
-                .dead_letters(filter, self.since, after, MAX_LIMIT)
-                .await?;
-            let Some(last) = letters.last() else {
-                return Ok(());
-            };
-            after = Some(last.id);
-            let full = letters.len() == MAX_LIMIT as usize;
-            self.replay_ids(
-                filter,
-                letters.iter().map(|letter| letter.id).collect(),
-                full,
-            )
-            .await?;
-            if !full {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Replays `ids` (narrowed by `filter`) in chunks; `more` when further rounds may follow.
-    async fn replay_ids(
-        &mut self,
-        filter: &FilterArgs,
-        ids: Vec<i64>,
-        more: bool,
-    ) -> Result<(), CliError> {
-        self.total += ids.len();
-        let chunks = ids.chunks(self.chunk).count();
-        for ids in ids.chunks(self.chunk) {
-            let request = ReplayRequest {
-                sink: filter.sink.clone(),
-                user: filter.user.clone(),
-                since: self.since.map(Since::Millis),
-                ids: Some(ids.to_vec()),
-            };
-            let answer: Replayed = self
-                .client
-                .send(
-                    self.client
-                        .http
-                        .post(self.client.url("/admin/dead-letters/replay"))
-                        .json(&request),
-                )
-                .await?;
-            self.replayed += answer.replayed;
-            for (sink, count) in answer.left_dead {
-                *self.left_dead.entry(sink).or_default() += count;
-            }
-            if !self.json && (chunks > 1 || more) {
-                eprintln!("replayed {}/{}", self.replayed, self.total);
-            }
-        }
-        Ok(())
-    }
-
-    fn finish(self) -> Result<(), CliError> {
-        if self.json {
-            return print_json(&Replayed {
-                replayed: self.replayed,
-                left_dead: self.left_dead,
-            });
-        }
-        let plural = |count: usize| if count == 1 { "" } else { "s" };
-        println!(
-            "replayed {} dead letter{}",
-            self.replayed,
-            plural(self.replayed)
-        );
-        for (sink, count) in self.left_dead {
-            let count_text = if count >= MAX_LIMIT as usize {
-                format!("{count} or more")
-            } else {
-                count.to_string()
-            };
-            println!(
-                "left {count_text} dead letter{} of sink {sink} dead: it is not enabled in the relay's config",
-                plural(count)
-            );
-        }
-        Ok(())
-    }
-}
-
-/// Percent-encodes a PSID for a path segment (PSIDs are digits; `user_ref`s may be anything).
-fn encode_path_segment(segment: &str) -> String {
-    let mut encoded = String::with_capacity(segment.len());
-    for byte in segment.bytes() {
-        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
-            encoded.push(char::from(byte));
+    let plural = |count: usize| if count == 1 { "" } else { "s" };
+    println!(
+        "replayed {} dead letter{}",
+        totals.replayed,
+        plural(totals.replayed)
+    );
+    for (sink, count) in totals.left_dead {
+        let count_text = if count >= MAX_LIMIT as usize {
+            format!("{count} or more")
         } else {
-            encoded.push_str(&format!("%{byte:02X}"));
-        }
+            count.to_string()
+        };
+        println!(
+            "left {count_text} dead letter{} of sink {sink} dead: it is not enabled in the relay's config",
+            plural(count)
+        );
     }
-    encoded
+    Ok(())
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), CliError> {
@@ -959,40 +635,18 @@ fn one_line(text: &str, max: usize) -> String {
 }
 
 // ---------------------------------------------------------------------------------------------
-// `sign`: a signed test webhook for a new user.
+// `healthcheck` and `sign`: one-shot commands against the relay's public listener.
 
 /// `GET {url}/readyz` within a few seconds: prints `ready`, or why not (exit 1).
 fn healthcheck(config_path: &Path, explicit: bool, url: Option<String>) -> Result<(), CliError> {
     let base = match url {
         Some(url) => url,
-        None => public_url(config_path, explicit)?,
+        None => client::public_url(config_path, explicit)?,
     };
-    let url = format!("{}/readyz", base.trim_end_matches('/'));
-    let runtime = cli_runtime()?;
-    runtime.block_on(async move {
-        // The relay is on this machine: an HTTP_PROXY (an egress proxy) must not be asked.
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(5))
-            .no_proxy()
-            .build()
-            .map_err(|error| CliError::Runtime(format!("cannot build the HTTP client: {error}")))?;
-        let response = http.get(&url).send().await.map_err(|error| {
-            CliError::Runtime(format!(
-                "not ready: {error} (is the relay running? see server.listen or --url)"
-            ))
-        })?;
-        let status = response.status();
-        let body = response.text().await.unwrap_or_default();
-        if status == reqwest::StatusCode::OK {
-            println!("ready");
-            Ok(())
-        } else {
-            Err(CliError::Runtime(format!(
-                "not ready: {url} answered {status}: {}",
-                body.trim()
-            )))
-        }
-    })
+    let runtime = client::runtime()?;
+    runtime.block_on(client::ready(&base))?;
+    println!("ready");
+    Ok(())
 }
 
 fn sign(
@@ -1020,7 +674,7 @@ fn sign(
     }
     let url = match url {
         Some(url) => url,
-        None => format!("{}/webhook", public_url(config_path, explicit)?),
+        None => format!("{}/webhook", client::public_url(config_path, explicit)?),
     };
     println!("curl -sS -X POST {} \\", shell_quote(&url));
     println!("  -H 'Content-Type: application/json' \\");

@@ -9,6 +9,7 @@
 pub mod custom;
 pub mod messenger;
 pub mod outgoing;
+pub mod proxy;
 pub mod verify;
 
 use crate::clock::now_ms;
@@ -151,10 +152,7 @@ pub fn router(state: AppState) -> Router {
         .route("/webhook", get(handshake).post(receive_webhook))
         .route("/outgoing", post(receive_outgoing))
         .route("/events", post(receive_events))
-        .route(
-            "/graph/{version}/{page_or_me}/messages",
-            post(outgoing::proxy),
-        )
+        .route("/graph/{version}/{page_or_me}/messages", post(proxy::proxy))
         .route("/dashbot/pause", post(dashbot_pause))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))

@@ -6,7 +6,7 @@ use crate::support::{
     APP_SECRET, MockSink, Reply, TestApp, TestResult, VERIFY_TOKEN, relay_command, run_cli,
     spawn_app, stderr, stdout, text_message,
 };
-use botrelay::admin::{DeadLetterView, PauseState, PausedUser, SinkView};
+use botrelay::admin::api::{DeadLetterView, PauseState, PausedUser, SinkView};
 use botrelay::config::{LogConfig, LogFormat};
 use botrelay::redact::Redactor;
 use botrelay::telemetry;
@@ -1709,8 +1709,8 @@ async fn without_a_token_a_web_page_in_a_local_browser_cannot_use_the_admin_api(
 
 /// `admin.listen` on a private address of this host without a token: the CLI on this host
 /// reaches it (a client connecting to the host's own address comes from that address). Runs
-/// only on a host with an address besides loopback (the unit test in `admin.rs` covers the
-/// rule everywhere).
+/// only on a host with an address besides loopback (the unit test in `admin/access.rs` covers
+/// the rule everywhere).
 #[tokio::test]
 async fn without_a_token_the_cli_on_the_same_host_reaches_a_private_admin_listener() -> TestResult {
     // This host's address on its default route (no packet is sent).

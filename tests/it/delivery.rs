@@ -767,7 +767,7 @@ async fn a_delivery_past_its_ttl_behind_a_stuck_head_is_dead_without_an_attempt(
     );
     assert_eq!(errors[1], "ttl of 300ms ran out before this attempt");
     // The operator's listing shows that the second was never sent: no attempt, no attempt time.
-    let letters: Vec<botrelay::admin::DeadLetterView> = app
+    let letters: Vec<botrelay::admin::api::DeadLetterView> = app
         .http
         .get(format!("{}/admin/dead-letters", app.admin_url))
         .send()
