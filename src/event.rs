@@ -34,6 +34,12 @@ impl Source {
     }
 }
 
+/// Whether a message attachment of this type shares a post: Messenger's `share`, and
+/// Instagram's `ig_post`, which replaced it (SPEC §3: "`ig_post` counts as a share").
+pub fn is_share_attachment(attachment_type: &str) -> bool {
+    matches!(attachment_type, "share" | "ig_post")
+}
+
 /// The closed set of event kinds (SPEC §3).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -49,6 +55,10 @@ pub enum EventKind {
     Handover,
     AccountLinking,
     PolicyEnforcement,
+    /// An edit of a message the user sent earlier (`message_edits`): same `mid`, `num_edit` 1–5.
+    MessageEdit,
+    /// The user's thumbs up or down on one of the bot's messages (`response_feedback`).
+    ResponseFeedback,
     Outgoing,
     Custom,
     Revenue,
@@ -59,7 +69,7 @@ pub enum EventKind {
 }
 
 impl EventKind {
-    pub const ALL: [EventKind; 18] = [
+    pub const ALL: [EventKind; 20] = [
         EventKind::Message,
         EventKind::Echo,
         EventKind::Postback,
@@ -71,6 +81,8 @@ impl EventKind {
         EventKind::Handover,
         EventKind::AccountLinking,
         EventKind::PolicyEnforcement,
+        EventKind::MessageEdit,
+        EventKind::ResponseFeedback,
         EventKind::Outgoing,
         EventKind::Custom,
         EventKind::Revenue,
@@ -81,7 +93,7 @@ impl EventKind {
     ];
 
     /// The kinds that arrive on `POST /webhook` (what the bot sink receives by default).
-    pub const WEBHOOK: [EventKind; 12] = [
+    pub const WEBHOOK: [EventKind; 14] = [
         EventKind::Message,
         EventKind::Echo,
         EventKind::Postback,
@@ -93,6 +105,8 @@ impl EventKind {
         EventKind::Handover,
         EventKind::AccountLinking,
         EventKind::PolicyEnforcement,
+        EventKind::MessageEdit,
+        EventKind::ResponseFeedback,
         EventKind::Other,
     ];
 
@@ -109,6 +123,8 @@ impl EventKind {
             EventKind::Handover => "handover",
             EventKind::AccountLinking => "account_linking",
             EventKind::PolicyEnforcement => "policy_enforcement",
+            EventKind::MessageEdit => "message_edit",
+            EventKind::ResponseFeedback => "response_feedback",
             EventKind::Outgoing => "outgoing",
             EventKind::Custom => "custom",
             EventKind::Revenue => "revenue",
@@ -284,6 +300,18 @@ pub enum EventData {
     PolicyEnforcement {
         action: Option<String>,
         reason: Option<String>,
+    },
+    MessageEdit {
+        /// The original message's `mid`.
+        mid: Option<String>,
+        num_edit: Option<i64>,
+        /// The new text; like a message's text, logged only at `trace`.
+        text: Option<String>,
+    },
+    ResponseFeedback {
+        /// The bot's message the feedback is about.
+        mid: Option<String>,
+        feedback: Option<String>,
     },
     Outgoing(Outgoing),
     Custom(Custom),

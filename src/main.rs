@@ -398,6 +398,17 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                     return Ok(());
                 }
                 let dash = || "-".to_owned();
+                let warnings: Vec<String> = sinks
+                    .iter()
+                    .flat_map(|sink| {
+                        // A disabled sink's first warning is its reason, shown in its row.
+                        let shown = usize::from(!sink.enabled);
+                        sink.warnings
+                            .iter()
+                            .skip(shown)
+                            .map(|warning| format!("{}: {warning}", sink.sink))
+                    })
+                    .collect();
                 let rows = sinks
                     .into_iter()
                     .map(|sink| {
@@ -406,9 +417,16 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                             if sink.enabled {
                                 "yes".into()
                             } else {
-                                format!("no ({})", sink.disabled_reason.unwrap_or_default())
+                                format!(
+                                    "no ({})",
+                                    sink.warnings.first().map_or("", String::as_str)
+                                )
                             },
-                            sink.queued.to_string(),
+                            match sink.outage_since {
+                                Some(since) => format!("{} since {since}", sink.state),
+                                None => sink.state,
+                            },
+                            sink.queue_depth.to_string(),
                             sink.in_flight.to_string(),
                             sink.dead.to_string(),
                             sink.last_success_at.unwrap_or_else(dash),
@@ -424,7 +442,8 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                     &[
                         "SINK",
                         "ENABLED",
-                        "QUEUED",
+                        "STATE",
+                        "QUEUE DEPTH",
                         "IN FLIGHT",
                         "DEAD",
                         "LAST SUCCESS",
@@ -432,6 +451,9 @@ fn client_command(path: &Path, explicit: bool, command: ClientCommand) -> Result
                     ],
                     rows,
                 );
+                for warning in warnings {
+                    println!("warning: {warning}");
+                }
                 Ok(())
             }
         }

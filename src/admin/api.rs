@@ -89,21 +89,25 @@ pub struct PausedUser {
     pub paused_at: String,
 }
 
-/// One sink in `GET /admin/sinks`.
+/// One sink in `GET /admin/sinks` (SPEC §5).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SinkView {
     pub sink: String,
     pub enabled: bool,
-    /// Why a sink is not enabled (its table lacks credentials, or it has rows but no table).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub disabled_reason: Option<String>,
+    /// `ok`, or `outage` while the sink fails as a whole.
+    pub state: String,
+    /// When the current outage began (RFC 3339); null while `ok`.
+    pub outage_since: Option<String>,
     /// Deliveries not yet delivered: waiting for their turn, due, or scheduled for a retry.
-    pub queued: u64,
+    pub queue_depth: u64,
     pub in_flight: u64,
     pub dead: u64,
     /// Since this process started.
     pub last_success_at: Option<String>,
     pub last_error: Option<LastErrorView>,
+    /// What an operator should know: why a sink is not enabled (first, when it is not), a
+    /// retired API, the vendor's deprecation notices.
+    pub warnings: Vec<String>,
 }
 
 /// The last failure of a sink.

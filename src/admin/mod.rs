@@ -399,12 +399,17 @@ async fn list_sinks(
         views.push(SinkView {
             sink: sink.as_str().to_owned(),
             enabled,
-            disabled_reason: (!enabled).then(|| disabled_reason(&state, sink)),
-            queued: figures.queued,
+            state: "ok".to_owned(),
+            outage_since: None,
+            queue_depth: figures.queued,
             in_flight: figures.in_flight,
             dead: figures.dead,
             last_success_at: activity.last_success_at.map(rfc3339),
             last_error,
+            warnings: (!enabled)
+                .then(|| disabled_reason(&state, sink))
+                .into_iter()
+                .collect(),
         });
     }
     Ok(axum::Json(views))

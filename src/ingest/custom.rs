@@ -1,6 +1,10 @@
 //! `POST /events` bodies → events: the bot's custom events in Dashbot's event shape (`name`,
-//! `type`, `userId`, the type's own fields), one object or an array (SPEC §2.4). Pure. An
-//! event's id is a hash of its item's exact bytes, so a retried identical POST is a duplicate.
+//! `type`, `userId`, the type's own fields), one object or an array (SPEC §2.4). Pure.
+//!
+//! Idempotency (SPEC §2.4): an item's `eventId`, or else the request's `Idempotency-Key` plus
+//! the item's index, decides its event id, so a retried POST is a duplicate. An item with
+//! neither is never collapsed with another: two identical purchases are two purchases (its id
+//! comes from the request's own nonce).
 
 use crate::event::{Custom, Event, EventData, EventId, EventKind, Source};
 use crate::ingest::{BadItem, ReportItems, item_object};
@@ -8,7 +12,14 @@ use serde_json::{Map, Value};
 
 /// Fields every type shares, or that have their own place in [`Custom`]; the rest of an item
 /// (the type's own fields, as posted) goes to `Custom::extra`.
-const COMMON_FIELDS: [&str; 5] = ["name", "type", "userId", "conversationId", "pageId"];
+const COMMON_FIELDS: [&str; 6] = [
+    "name",
+    "type",
+    "userId",
+    "conversationId",
+    "pageId",
+    "eventId",
+];
 const REVENUE_FIELDS: [&str; 3] = ["amount", "currency", "referenceNumber"];
 
 /// The accepted `type`s and their kinds. A `referralEvent` is kind `referral` (so sinks'
@@ -23,17 +34,55 @@ const TYPES: [(&str, EventKind); 6] = [
     ("leadEvent", EventKind::Lead),
 ];
 
+/// What makes one `/events` request's items idempotent, or unique.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestKeys<'a> {
+    /// The request's `Idempotency-Key` header.
+    pub idempotency_key: Option<&'a str>,
+    /// Unique per request (random): the id of an item with no key of its own.
+    pub nonce: &'a str,
+}
+
 /// Turns a `/events` body into events, one per item, or names the first bad item.
-pub fn normalize(items: &ReportItems<'_>, received_at_ms: i64) -> Result<Vec<Event>, BadItem> {
+pub fn normalize(
+    items: &ReportItems<'_>,
+    keys: RequestKeys<'_>,
+    received_at_ms: i64,
+) -> Result<Vec<Event>, BadItem> {
     items
         .iter()
-        .map(|(label, raw)| {
+        .enumerate()
+        .map(|(index, (label, raw))| {
             let fields = item_object(label, raw)?;
-            let id = EventId::derive(&[b"custom", raw.get().as_bytes()]);
+            let id =
+                event_id(&fields, keys, index).map_err(|problem| BadItem::new(label, problem))?;
             custom_event(&fields, id, received_at_ms)
                 .map_err(|problem| BadItem::new(label, problem))
         })
         .collect()
+}
+
+/// `eventId`, else `Idempotency-Key` + index, else the request's nonce + index.
+fn event_id(
+    item: &Map<String, Value>,
+    keys: RequestKeys<'_>,
+    index: usize,
+) -> Result<EventId, String> {
+    let index = index.to_string();
+    Ok(
+        match (string_field(item, "eventId")?, keys.idempotency_key) {
+            (Some(event_id), _) => EventId::derive(&[b"custom", b"eventId", event_id.as_bytes()]),
+            (None, Some(key)) => EventId::derive(&[
+                b"custom",
+                b"Idempotency-Key",
+                key.as_bytes(),
+                index.as_bytes(),
+            ]),
+            (None, None) => {
+                EventId::derive(&[b"custom", b"nonce", keys.nonce.as_bytes(), index.as_bytes()])
+            }
+        },
+    )
 }
 
 fn custom_event(
@@ -155,7 +204,14 @@ mod tests {
     fn parse(body: &str) -> Result<Vec<Event>, BadItem> {
         let items = ReportItems::parse(body.as_bytes())
             .map_err(|error| BadItem::new(None, error.to_string()))?;
-        normalize(&items, 7)
+        normalize(
+            &items,
+            RequestKeys {
+                idempotency_key: None,
+                nonce: "test",
+            },
+            7,
+        )
     }
 
     fn custom(event: &Event) -> Option<&Custom> {
@@ -210,16 +266,64 @@ mod tests {
         Ok(())
     }
 
+    fn parse_with(body: &str, key: Option<&str>, nonce: &str) -> Result<Vec<Event>, BadItem> {
+        let items = ReportItems::parse(body.as_bytes())
+            .map_err(|error| BadItem::new(None, error.to_string()))?;
+        normalize(
+            &items,
+            RequestKeys {
+                idempotency_key: key,
+                nonce,
+            },
+            1_700_000_000_000,
+        )
+    }
+
     #[test]
-    fn ids_hash_the_item_bytes() -> Result<(), BadItem> {
+    fn ids_come_from_event_id_or_the_idempotency_key_and_never_from_the_content()
+    -> Result<(), BadItem> {
         let item = r#"{"name":"n","type":"customEvent","userId":"U"}"#;
-        let single = parse(item)?;
-        let in_array = parse(&format!("[{item}, {item}]"))?;
-        assert_eq!(single[0].id, in_array[0].id);
-        assert_eq!(in_array[0].id, in_array[1].id);
-        let other = parse(r#"{"name":"n","type":"customEvent","userId":"V"}"#)?;
-        assert_ne!(single[0].id, other[0].id);
+        let pair = format!("[{item}, {item}]");
+        // No key: identical items, in one request or in two, are different events.
+        let once = parse_with(&pair, None, "request-1")?;
+        assert_ne!(once[0].id, once[1].id);
+        let twice = parse_with(&pair, None, "request-2")?;
+        assert_ne!(once[0].id, twice[0].id);
+        // Idempotency-Key: the same request again is the same events, item by item.
+        let keyed = parse_with(&pair, Some("k-1"), "request-3")?;
+        let retried = parse_with(&pair, Some("k-1"), "request-4")?;
+        assert_ne!(keyed[0].id, keyed[1].id);
+        assert_eq!(
+            (&keyed[0].id, &keyed[1].id),
+            (&retried[0].id, &retried[1].id)
+        );
+        assert_ne!(keyed[0].id, parse_with(&pair, Some("k-2"), "r")?[0].id);
+        // eventId: wins over the key and the position, and is not one of the event's fields.
+        let with_id = r#"{"name":"n","type":"customEvent","userId":"U","eventId":"order-7"}"#;
+        let first = parse_with(with_id, Some("k-1"), "r1")?;
+        let moved = parse_with(&format!("[{item}, {with_id}]"), None, "r2")?;
+        assert_eq!(first[0].id, moved[1].id);
+        assert!(custom(&first[0]).is_some_and(|custom| !custom.extra.contains_key("eventId")));
         Ok(())
+    }
+
+    #[test]
+    fn an_event_id_must_be_a_non_empty_string() {
+        for item in [
+            r#"{"name":"n","type":"customEvent","userId":"U","eventId":["x"]}"#,
+            r#"{"name":"n","type":"customEvent","userId":"U","eventId":""}"#,
+        ] {
+            let expected = "eventId must be a non-empty string";
+            let error = parse_with(item, None, "r")
+                .err()
+                .map(|error| error.to_string());
+            assert!(
+                error
+                    .as_deref()
+                    .is_some_and(|error| error.contains(expected)),
+                "{item}: {error:?}"
+            );
+        }
     }
 
     /// `1e400` is JSON syntax but no f64: the 400 names the field, not "must be a JSON object"

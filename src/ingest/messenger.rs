@@ -235,6 +235,8 @@ fn classify(item: &Map<String, Value>) -> Classified<'_> {
         ("delivery", EventKind::Delivery),
         ("read", EventKind::Read),
         ("reaction", EventKind::Reaction),
+        ("message_edit", EventKind::MessageEdit),
+        ("response_feedback", EventKind::ResponseFeedback),
     ] {
         if item.contains_key(key) {
             return found(kind, key);
@@ -294,18 +296,30 @@ fn normalize_item(
     let mid = match &data {
         EventData::Message { mid, .. }
         | EventData::Echo { mid, .. }
-        | EventData::Postback { mid, .. } => mid.clone().filter(|mid| !mid.is_empty()),
+        | EventData::Postback { mid, .. }
+        | EventData::MessageEdit { mid, .. }
+        | EventData::ResponseFeedback { mid, .. } => mid.clone().filter(|mid| !mid.is_empty()),
         _ => None,
     };
     let watermark = match &data {
         EventData::Delivery { watermark, .. } | EventData::Read { watermark } => *watermark,
         _ => None,
     };
+    // An edit reuses its message's `mid`, and feedback names the bot's message: each is told
+    // apart by what it adds (keyed by `mid` alone, every edit after the first would be lost).
+    let qualifier = match &data {
+        EventData::MessageEdit { num_edit, .. } => num_edit.map(|edit| edit.to_string()),
+        EventData::ResponseFeedback { feedback, .. } => feedback.clone(),
+        _ => None,
+    };
     let kind_bytes = kind.as_str().as_bytes();
     let page_bytes = context.page_id.as_deref().unwrap_or_default().as_bytes();
     let user_bytes = user_id.as_deref().unwrap_or_default().as_bytes();
     let id = match (&mid, watermark) {
-        (Some(mid), _) => EventId::derive(&[kind_bytes, mid.as_bytes()]),
+        (Some(mid), _) => match &qualifier {
+            Some(qualifier) => EventId::derive(&[kind_bytes, mid.as_bytes(), qualifier.as_bytes()]),
+            None => EventId::derive(&[kind_bytes, mid.as_bytes()]),
+        },
         (None, Some(watermark)) => EventId::derive(&[
             kind_bytes,
             page_bytes,
@@ -419,6 +433,15 @@ fn event_data(kind: EventKind, key: &str, body: &Value) -> EventData {
         EventKind::PolicyEnforcement => EventData::PolicyEnforcement {
             action: text("action"),
             reason: text("reason"),
+        },
+        EventKind::MessageEdit => EventData::MessageEdit {
+            mid: text("mid"),
+            num_edit: body.get("num_edit").and_then(integer),
+            text: text("text"),
+        },
+        EventKind::ResponseFeedback => EventData::ResponseFeedback {
+            mid: text("mid"),
+            feedback: text("feedback"),
         },
         _ => EventData::Other {
             key: (!key.is_empty()).then(|| key.to_owned()),
@@ -679,6 +702,24 @@ mod tests {
         Ok(())
     }
 
+    /// Two edits of one message are two events (an edit reuses the message's `mid`), and so are
+    /// two different feedbacks on one bot message; Meta's retry of either is the same event.
+    #[test]
+    fn edits_and_feedback_are_keyed_by_what_they_add_to_the_mid() -> TestResult {
+        for name in ["message-edits", "response-feedback"] {
+            let body = fixture(name)?;
+            let events = normalize(&verified(body.as_bytes())?, 1)?.events;
+            assert_eq!(events.len(), 2, "{name}");
+            assert_ne!(events[0].id, events[1].id, "{name}");
+            let again = normalize(&verified(body.as_bytes())?, 2)?.events;
+            assert_eq!(
+                events[0].id, again[0].id,
+                "{name}: a retry is the same event"
+            );
+        }
+        Ok(())
+    }
+
     /// One snapshot test per payload file: `test_name => "file-name"`.
     macro_rules! snapshot_cases {
         ($($test:ident => $file:literal,)*) => {
@@ -724,6 +765,9 @@ mod tests {
         unknown_kind => "unknown-kind",
         optins_checkbox_no_sender => "optins-checkbox-no-sender",
         message_ad_referral => "message-ad-referral",
+        message_edits => "message-edits",
+        response_feedback => "response-feedback",
+        message_sticker_and_ig_post => "message-sticker-and-ig-post",
     }
 
     #[test]

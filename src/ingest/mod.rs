@@ -285,7 +285,21 @@ async fn receive_events(
     let body = bearer_body(&state, "/events", &headers, body)?;
     let items = ReportItems::parse(&body)?;
     let now = now_ms();
-    let events = custom::normalize(&items, now)?;
+    let idempotency_key = headers
+        .get("idempotency-key")
+        .map(|key| {
+            key.to_str().map_err(|_| {
+                IngestError::BadRequest("Idempotency-Key must be visible ASCII".to_owned())
+            })
+        })
+        .transpose()?
+        .filter(|key| !key.is_empty());
+    let nonce = format!("{:032x}", rand::random::<u128>());
+    let keys = custom::RequestKeys {
+        idempotency_key,
+        nonce: &nonce,
+    };
+    let events = custom::normalize(&items, keys, now)?;
     accepted(&state, events, now).await
 }
 

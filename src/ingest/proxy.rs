@@ -157,8 +157,21 @@ impl BodyFormat {
     }
 }
 
-/// The Send API fields of a proxied call, as Graph reads them: those of its query string, and
-/// over them those of its body (a JSON object, form fields, or the text parts of multipart form
+/// The Send API's request fields: the only query parameters a proxied call's recorded request
+/// takes (anything else in its query string, `?debug=1` or a cache buster, is the caller's and
+/// none of the send's).
+const SEND_API_FIELDS: [&str; 7] = [
+    "recipient",
+    "message",
+    "messaging_type",
+    "tag",
+    "sender_action",
+    "notification_type",
+    "persona_id",
+];
+
+/// The Send API fields of a proxied call, as Graph reads them: those of its query string (the
+/// [`SEND_API_FIELDS`] only), and over them those of its body (a JSON object, form fields, or the text parts of multipart form
 /// data; the file part is not read). A form or query value is JSON where it parses as JSON
 /// (`recipient={"id":"…"}`), else a string. Credentials (`TOKEN_KEYS`) are left out.
 async fn request_fields(
@@ -167,6 +180,7 @@ async fn request_fields(
     body: &Bytes,
 ) -> Result<Map<String, Value>, String> {
     let mut fields = form_fields(query.unwrap_or_default().as_bytes());
+    fields.retain(|name, _| SEND_API_FIELDS.contains(&name.as_str()));
     match BodyFormat::of(content_type) {
         BodyFormat::Json if body.iter().all(u8::is_ascii_whitespace) => {}
         BodyFormat::Json => {
@@ -403,7 +417,7 @@ mod tests {
         assert_eq!(event.page_id, None);
         assert!(!serde_json::to_string(&event)?.contains("SECRET"));
 
-        let query = "recipient=%7B%22id%22%3A%22U3%22%7D&messaging_type=RESPONSE&message=%7B%22text%22%3A%22q%22%7D&access_token=SECRET&appsecret_proof=PROOF";
+        let query = "recipient=%7B%22id%22%3A%22U3%22%7D&messaging_type=RESPONSE&message=%7B%22text%22%3A%22q%22%7D&access_token=SECRET&appsecret_proof=PROOF&x=1&debug=all";
         let fields = request_fields(Some(query), None, &Bytes::new()).await?;
         assert_eq!(
             Value::Object(fields),

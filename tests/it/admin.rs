@@ -418,9 +418,13 @@ async fn sinks_show_depth_dead_letters_last_error_and_disabled_sinks() -> TestRe
     let names: Vec<&str> = sinks.iter().map(|sink| sink.sink.as_str()).collect();
     assert_eq!(names, ["bot", "dashbot"]);
     let bot_view = &sinks[0];
-    assert!(bot_view.enabled && bot_view.disabled_reason.is_none());
+    assert!(bot_view.enabled && bot_view.warnings.is_empty());
     assert_eq!(
-        (bot_view.queued, bot_view.in_flight, bot_view.dead),
+        (bot_view.state.as_str(), bot_view.outage_since.as_deref()),
+        ("ok", None)
+    );
+    assert_eq!(
+        (bot_view.queue_depth, bot_view.in_flight, bot_view.dead),
         (0, 0, 1)
     );
     let last_error = bot_view.last_error.as_ref().ok_or("no last error")?;
@@ -438,12 +442,36 @@ async fn sinks_show_depth_dead_letters_last_error_and_disabled_sinks() -> TestRe
     assert!(!dashbot.enabled);
     assert!(
         dashbot
-            .disabled_reason
-            .as_deref()
+            .warnings
+            .first()
             .is_some_and(|reason| reason.contains("api_key")),
         "{dashbot:?}"
     );
-    assert_eq!((dashbot.queued, dashbot.dead), (0, 0));
+    assert_eq!((dashbot.queue_depth, dashbot.dead), (0, 0));
+    // Exactly SPEC §5's fields, by their names.
+    let raw: Value = get_json(&app, "/admin/sinks").await?;
+    let mut fields: Vec<String> = raw[0]
+        .as_object()
+        .ok_or("not an object")?
+        .keys()
+        .cloned()
+        .collect();
+    fields.sort();
+    assert_eq!(
+        fields,
+        [
+            "dead",
+            "enabled",
+            "in_flight",
+            "last_error",
+            "last_success_at",
+            "outage_since",
+            "queue_depth",
+            "sink",
+            "state",
+            "warnings"
+        ]
+    );
     app.stop().await
 }
 
@@ -1556,12 +1584,14 @@ async fn cli_replay_does_not_stop_at_ten_thousand_letters_that_failed_again() ->
     let sinks = serde_json::to_value(vec![SinkView {
         sink: "bot".into(),
         enabled: true,
-        disabled_reason: None,
-        queued: 0,
+        state: "ok".into(),
+        outage_since: None,
+        queue_depth: 0,
         in_flight: 0,
         dead: 10_001,
         last_success_at: None,
         last_error: None,
+        warnings: Vec::new(),
     }])?;
     relay.decide(move |request| {
         let path = request.uri.split('?').next().unwrap_or_default();

@@ -7,4 +7,5 @@ mod crash;
 mod delivery;
 mod reports;
 mod sinks;
+mod vendors;
 mod webhook;

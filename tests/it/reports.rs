@@ -359,16 +359,16 @@ async fn a_bad_item_rejects_the_whole_batch_naming_the_field() -> TestResult {
 async fn events_takes_every_type_and_a_retried_post_dedupes() -> TestResult {
     let (app, _bot) = app_with_bot().await?;
     let body = json!([
-        {"name": "trackMeEvent", "type": "customEvent", "userId": "967295313370594",
+        {"name": "trackMeEvent", "type": "customEvent", "userId": "967295313370594", "eventId": "e1",
          "extraInfo": {"start": 1500504070512_i64, "difference": 374, "end": 1500504070886_i64}},
-        {"name": "purchase", "type": "revenueEvent", "userId": "U1", "amount": 57.23,
+        {"name": "purchase", "type": "revenueEvent", "userId": "U1", "amount": 57.23, "eventId": "e2",
          "referenceNumber": "order-1", "metadata": {"sku": "skis"}},
-        {"name": "shared_coupon", "type": "shareEvent", "userId": "U1", "sharedMessage": {"text": "20% off"}},
-        {"name": "opened_webview", "type": "pageLaunchEvent", "userId": "U1", "pageId": "111",
+        {"name": "shared_coupon", "type": "shareEvent", "userId": "U1", "sharedMessage": {"text": "20% off"}, "eventId": "e3"},
+        {"name": "opened_webview", "type": "pageLaunchEvent", "userId": "U1", "pageId": "111", "eventId": "e4",
          "extraInfo": {"url": "https://shop.test/"}},
-        {"name": "ad_click", "type": "referralEvent", "userId": "U1", "ref": "spring", "source": "ADS",
+        {"name": "ad_click", "type": "referralEvent", "userId": "U1", "ref": "spring", "source": "ADS", "eventId": "e5",
          "ad_id": "6045246247433", "referer_uri": "https://m.me/shop"},
-        {"name": "lead_submitted", "type": "leadEvent", "userId": "U1", "conversationId": "c-1"},
+        {"name": "lead_submitted", "type": "leadEvent", "userId": "U1", "conversationId": "c-1", "eventId": "e6"},
     ]);
     let response = post(&app, "/events", Some(TOKEN), &body).await?;
     assert_eq!(response.status(), 202);
@@ -401,7 +401,7 @@ async fn events_takes_every_type_and_a_retried_post_dedupes() -> TestResult {
         1
     );
 
-    // The bot retries the same POST: acked again, stored once.
+    // The bot retries the same POST (each item has its eventId): acked again, stored once.
     let again = post(&app, "/events", Some(TOKEN), &body).await?;
     assert_eq!(again.status(), 202);
     assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 6);
