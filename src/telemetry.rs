@@ -34,6 +34,7 @@ pub mod metric {
     pub const DELIVERY_SECONDS: &str = "botrelay_delivery_seconds";
     pub const QUEUE_DEPTH: &str = "botrelay_queue_depth";
     pub const DEAD_LETTERS: &str = "botrelay_dead_letters";
+    pub const SINK_OUTAGE: &str = "botrelay_sink_outage";
     pub const IN_FLIGHT: &str = "botrelay_in_flight";
     pub const WEBHOOK_REJECTED: &str = "botrelay_webhook_rejected_total";
     pub const WEBHOOK_IGNORED: &str = "botrelay_webhook_ignored_total";
@@ -240,6 +241,10 @@ fn describe_metrics() {
         "Deliveries being attempted now, by sink."
     );
     describe_gauge!(metric::DEAD_LETTERS, "Dead letters in the store, by sink.");
+    describe_gauge!(
+        metric::SINK_OUTAGE,
+        "1 while a sink fails as a whole (its deliveries wait, one probe at a time), else 0."
+    );
     describe_counter!(
         metric::WEBHOOK_REJECTED,
         "Webhook POSTs refused, by reason."
@@ -302,6 +307,7 @@ pub fn register_metrics(active: &[SinkName]) {
         metrics::gauge!(metric::QUEUE_DEPTH, "sink" => sink.as_str()).set(0.0);
         metrics::gauge!(metric::IN_FLIGHT, "sink" => sink.as_str()).set(0.0);
         metrics::gauge!(metric::DEAD_LETTERS, "sink" => sink.as_str()).set(0.0);
+        metrics::gauge!(metric::SINK_OUTAGE, "sink" => sink.as_str()).set(0.0);
     }
 }
 
@@ -366,6 +372,8 @@ pub struct LastError {
 pub struct SinkActivity {
     pub last_success_at: Option<Millis>,
     pub last_error: Option<LastError>,
+    /// When the sink's current outage began, as this relay's dispatcher sees it.
+    pub outage_since: Option<Millis>,
 }
 
 /// The in-memory record of each sink's last success and last error, fed by the dispatcher
@@ -403,6 +411,18 @@ impl SinkStatus {
             }
             Settle::Skipped { .. } => {}
         }
+    }
+
+    /// Records that `sink`'s outage began at `since`, or (`None`) ended.
+    pub fn set_outage(&self, sink: SinkName, since: Option<Millis>) {
+        if let Ok(mut by_sink) = self.by_sink.write() {
+            by_sink.entry(sink).or_default().outage_since = since;
+        }
+        metrics::gauge!(metric::SINK_OUTAGE, "sink" => sink.as_str()).set(if since.is_some() {
+            1.0
+        } else {
+            0.0
+        });
     }
 
     pub fn get(&self, sink: SinkName) -> SinkActivity {

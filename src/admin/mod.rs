@@ -399,8 +399,13 @@ async fn list_sinks(
         views.push(SinkView {
             sink: sink.as_str().to_owned(),
             enabled,
-            state: "ok".to_owned(),
-            outage_since: None,
+            state: if activity.outage_since.is_some() {
+                "outage"
+            } else {
+                "ok"
+            }
+            .to_owned(),
+            outage_since: activity.outage_since.map(rfc3339),
             queue_depth: figures.queued,
             in_flight: figures.in_flight,
             dead: figures.dead,

@@ -9,20 +9,23 @@
 //! until the store says new rows were committed for it; it never polls when idle.
 
 use crate::clock::{Millis, now_ms};
-use crate::delivery::Client;
+use crate::delivery::{Client, Outcome};
 use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
 use crate::store::{Claimed, IDLE_RECHECK, Settle, Store};
 use crate::telemetry::{SinkStatus, metric};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+mod health;
 mod schedule;
 
+use health::{Admit, Change};
+pub use health::{Health, OUTAGE_AFTER};
 pub use schedule::{expired, schedule};
 
 /// How long past its timeout a claimed delivery stays leased: if the process dies, the
@@ -74,39 +77,69 @@ impl Dispatcher {
         // comes while every permit is busy is kept until a permit is free. While none is, the
         // loop waits for an attempt to finish, not for a due time it could not act on.
         let batch_threshold = route.delivery.concurrency.div_ceil(4);
+        let health = Arc::new(Mutex::new(Health::default()));
         let mut next_due: Option<Millis> = None;
         let mut wake_pending = true;
         loop {
             while attempts.try_join_next().is_some() {}
             let free = permits.available_permits();
             let claim_now = wake_pending || free >= batch_threshold || attempts.is_empty();
+            // In an outage nothing is claimed but the probe; `held` is when to look again.
+            let mut held: Option<Option<Millis>> = None;
             if free > 0 && claim_now {
                 wake_pending = false;
-                match self.store.claim(route.name, free, now_ms(), lease).await {
-                    // Shutdown began while the claim waited for the store: start nothing new.
-                    // What it took stays leased and goes out after the restart.
-                    Ok(_) if shutdown.is_cancelled() => break,
-                    Ok(batch) => {
-                        next_due = batch.next_due;
-                        for delivery in batch.deliveries {
-                            let Ok(permit) = permits.clone().try_acquire_owned() else {
-                                break;
-                            };
-                            let this = self.clone();
-                            let route = route.clone();
-                            attempts.spawn(async move {
-                                this.attempt(&route, delivery, lease).await;
-                                drop(permit);
-                            });
-                        }
+                let (limit, probe) = match lock(&health).admit(now_ms()) {
+                    Admit::All => (free, false),
+                    Admit::Probe => (1, true),
+                    Admit::Not { until } => {
+                        held = Some(until);
+                        (0, false)
                     }
-                    Err(error) => {
-                        tracing::warn!(sink = %route.name, %error, "Cannot claim deliveries");
-                        next_due = Some(now_ms() + 1000);
+                };
+                if limit > 0 {
+                    match self.store.claim(route.name, limit, now_ms(), lease).await {
+                        // Shutdown began while the claim waited for the store: start nothing
+                        // new. What it took stays leased and goes out after the restart.
+                        Ok(_) if shutdown.is_cancelled() => break,
+                        Ok(batch) => {
+                            next_due = batch.next_due;
+                            if probe && batch.deliveries.is_empty() {
+                                lock(&health).probe_not_sent();
+                            }
+                            for delivery in batch.deliveries {
+                                let Ok(permit) = permits.clone().try_acquire_owned() else {
+                                    break;
+                                };
+                                let this = self.clone();
+                                let (route, health) = (route.clone(), health.clone());
+                                attempts.spawn(async move {
+                                    let attempt = Attempt {
+                                        route: &route,
+                                        health: &health,
+                                        probe,
+                                        lease,
+                                    };
+                                    this.attempt(attempt, delivery).await;
+                                    drop(permit);
+                                });
+                            }
+                        }
+                        Err(error) => {
+                            if probe {
+                                lock(&health).probe_not_sent();
+                            }
+                            tracing::warn!(sink = %route.name, %error, "Cannot claim deliveries");
+                            next_due = Some(now_ms() + 1000);
+                        }
                     }
                 }
             }
-            let timer = due_timer(permits.available_permits(), next_due, now_ms());
+            let timer = match held {
+                // A probe is out: its end (an attempt finishing) is what to wait for.
+                Some(None) => None,
+                Some(Some(probe_at)) => due_timer(1, Some(probe_at), now_ms()),
+                None => due_timer(permits.available_permits(), next_due, now_ms()),
+            };
             tokio::select! {
                 // Shutdown first: a wake-up or a finished attempt ready at the same time must
                 // not start another round of claims.
@@ -134,7 +167,13 @@ impl Dispatcher {
     }
 
     /// One attempt of one delivery, recorded in the store whatever happens.
-    async fn attempt(&self, route: &Route, mut delivery: Claimed, lease: Duration) {
+    async fn attempt(&self, attempt: Attempt<'_>, mut delivery: Claimed) {
+        let Attempt {
+            route,
+            health,
+            probe,
+            lease,
+        } = attempt;
         let span = tracing::info_span!(
             "delivery",
             event_id = %delivery.event.id,
@@ -179,13 +218,35 @@ impl Dispatcher {
                         let outcome = self.holding_lease(send, &mut delivery, lease).await;
                         metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
                             .record(started.elapsed().as_secs_f64());
-                        let mut settle = schedule(
+                        let counted = delivery.attempts.saturating_sub(delivery.throttled);
+                        let outcome = health::suspect_first(outcome, counted);
+                        let (now, jitter) = (now_ms(), rand::random::<f64>());
+                        let user = delivery.event.user_id.as_deref();
+                        let (change, hold) = lock(health).observe(
+                            user,
+                            &outcome,
+                            probe,
                             &route.delivery,
-                            &delivery,
-                            outcome,
-                            now_ms(),
-                            rand::random::<f64>(),
+                            now,
+                            jitter,
                         );
+                        self.outage_changed(route, change, now);
+                        let mut settle = match (hold, outcome) {
+                            // The sink is down: wait for the probe, spending no attempt.
+                            (
+                                Some(until),
+                                Outcome::Retry { status, error, .. }
+                                | Outcome::Permanent { status, error },
+                            ) => Settle::Retry {
+                                due_at: until,
+                                counted: false,
+                                status,
+                                error,
+                            },
+                            (_, outcome) => {
+                                schedule(&route.delivery, &delivery, outcome, now, jitter)
+                            }
+                        };
                         if let Settle::Retry { error, .. } | Settle::Dead { error, .. } =
                             &mut settle
                         {
@@ -251,7 +312,48 @@ fn record(route: &Route, settle: &Settle) {
 /// hour when nothing is scheduled), or not at all (`None`) while no permit is free. Then only
 /// a finished attempt or a wake-up can make progress, and a due time already past would
 /// otherwise fire at once, again and again (a spin of the loop).
+/// What one attempt needs besides its delivery.
+struct Attempt<'a> {
+    route: &'a Route,
+    health: &'a Mutex<Health>,
+    /// The one delivery an outage lets through to see whether the sink is back.
+    probe: bool,
+    lease: Duration,
+}
+
+/// The sink's health; a panic elsewhere while it was held leaves it as it was.
+fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
+    health
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 impl Dispatcher {
+    /// Logs, counts and shows an outage's start or end (one line each).
+    fn outage_changed(&self, route: &Route, change: Change, now: Millis) {
+        match change {
+            Change::None => {}
+            Change::OutageBegan { error } => {
+                tracing::warn!(
+                    sink = %route.name,
+                    %error,
+                    "Sink outage began: its deliveries wait, in order, without spending attempts; one probe at a time"
+                );
+                self.status.set_outage(route.name, Some(now));
+            }
+            Change::OutageEnded { since } => {
+                tracing::info!(
+                    sink = %route.name,
+                    lasted = %humantime::format_duration(Duration::from_millis(
+                        u64::try_from(now - since).unwrap_or(0)
+                    )),
+                    "Sink outage ended: delivery resumes"
+                );
+                self.status.set_outage(route.name, None);
+            }
+        }
+    }
+
     /// Runs `attempt` while renewing `delivery`'s lease every third of it, so that a claim
     /// outlives an attempt however long the attempt takes. A lease that was lost (the store
     /// gave the delivery to someone else) is logged; its outcome will not count.

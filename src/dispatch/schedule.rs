@@ -28,8 +28,9 @@ pub fn expired(policy: &DeliveryPolicy, delivery: &Claimed, now: Millis) -> Opti
 ///   next attempt still comes no sooner than the sink asked.
 /// - Otherwise the wait is full jitter: uniform in `[0, min(max_backoff, backoff * 2^(n-1))]`
 ///   after the n-th counted failure.
-/// - Past `max_attempts` counted failures, or when the next attempt would fall after
-///   `ttl_from + ttl`, the delivery is dead.
+/// - A `Retry-After` longer than `max_backoff` is capped at `max_backoff`.
+/// - Past `max_attempts` counted failures (0: no limit), or when the next attempt would fall
+///   after `ttl_from + ttl`, the delivery is dead.
 pub fn schedule(
     policy: &DeliveryPolicy,
     delivery: &Claimed,
@@ -38,6 +39,18 @@ pub fn schedule(
     jitter: f64,
 ) -> Settle {
     let expires = delivery.ttl_from.saturating_add(millis(policy.ttl));
+    let outcome = match outcome {
+        Outcome::Retry {
+            status,
+            after: Some(after),
+            error,
+        } => Outcome::Retry {
+            status,
+            after: Some(after.min(policy.max_backoff)),
+            error,
+        },
+        outcome => outcome,
+    };
     let (outcome, not_before) = match outcome {
         Outcome::Retry {
             status,
@@ -69,7 +82,7 @@ pub fn schedule(
                 Some(after) => (now.saturating_add(millis(after)), false),
                 None => {
                     let failures = delivery.attempts.saturating_sub(delivery.throttled) + 1;
-                    if failures >= policy.max_attempts {
+                    if policy.max_attempts > 0 && failures >= policy.max_attempts {
                         return Settle::Dead {
                             status,
                             error: format!(
@@ -196,7 +209,7 @@ mod tests {
         let settle = schedule(
             &policy(),
             &claimed(3, 0),
-            retry(Some(Duration::from_secs(7))),
+            retry(Some(Duration::from_secs(4))),
             100,
             0.5,
         );
@@ -204,7 +217,7 @@ mod tests {
             matches!(
                 settle,
                 Settle::Retry {
-                    due_at: 7100,
+                    due_at: 4100,
                     counted: false,
                     ..
                 }
@@ -281,6 +294,38 @@ mod tests {
         assert_eq!(
             expired(&policy, &delivery, 3_601_001).as_deref(),
             Some("ttl of 1h ran out before this attempt")
+        );
+    }
+
+    #[test]
+    fn no_attempt_limit_when_max_attempts_is_zero_and_retry_after_is_capped() {
+        let unlimited = DeliveryPolicy {
+            max_attempts: 0,
+            ..policy()
+        };
+        assert!(matches!(
+            schedule(&unlimited, &claimed(500, 0), retry(None), 0, 1.0),
+            Settle::Retry { counted: true, .. }
+        ));
+        assert!(matches!(
+            schedule(&policy(), &claimed(500, 0), retry(None), 0, 1.0),
+            Settle::Dead { .. }
+        ));
+        // `Retry-After: 3600` with max_backoff = 5s waits 5 s.
+        assert_eq!(
+            schedule(
+                &policy(),
+                &claimed(0, 0),
+                retry(Some(Duration::from_secs(3600))),
+                1_000,
+                0.0
+            ),
+            Settle::Retry {
+                due_at: 6_000,
+                counted: false,
+                status: Some(503),
+                error: "HTTP 503".into()
+            }
         );
     }
 

@@ -150,8 +150,13 @@ async fn standby_items_are_forwarded_under_standby() -> TestResult {
 async fn retry_after_delays_the_next_attempt_and_does_not_use_an_attempt() -> TestResult {
     let bot = MockSink::start().await?;
     bot.script([Reply::status(429).with_header("retry-after", "1")]);
-    // One attempt allowed: if the 429 counted, the delivery would be dead.
-    let app = spawn_app(&bot_config(&bot, "max_attempts = 1\n")).await?;
+    // One attempt allowed: if the 429 counted, the delivery would be dead. `max_backoff` above
+    // the asked second, which it caps.
+    let app = spawn_app(&format!(
+        "[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"2s\"\nmax_attempts = 1\n",
+        bot.url("/webhook")
+    ))
+    .await?;
     assert_eq!(
         app.post_webhook(&fixture("messenger/message-attachment.json"))
             .await?

@@ -992,7 +992,8 @@ async fn graph_rate_limits_are_retried_and_token_errors_dead_letter_without_the_
 
 /// A SmartLink click URL answers a click with a redirect to the app's store page; the relay
 /// does not follow it, and the ping counts as delivered (SPEC §4.2: "a click is a GET of
-/// `click_url`"). A 404 from it is still permanent.
+/// `click_url`"). A 404 from it is still final, after `SUSPECT_ATTEMPTS` tries (a 404 may be
+/// a redeploy: SPEC §4, "Outages are not dead letters").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult {
     const REDIRECTED: &str = "7301928465019301";
@@ -1030,7 +1031,7 @@ async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult
         ))?,
         1
     );
-    // One GET each, and the redirect was not followed.
+    // One GET for the redirect, which was not followed; the 404, tried until it is final.
     let mut uris: Vec<String> = smartlink
         .received()
         .iter()
@@ -1041,6 +1042,8 @@ async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult
         uris,
         [
             format!("GET /click?fb_user_id={REDIRECTED}"),
+            format!("GET /click?fb_user_id={MISSING}"),
+            format!("GET /click?fb_user_id={MISSING}"),
             format!("GET /click?fb_user_id={MISSING}"),
         ]
     );

@@ -1,0 +1,381 @@
+//! Sink health: telling a sink that fails as a whole (an outage) from an event that fails on
+//! its own, so that an outage holds the sink's deliveries instead of spending their attempts or
+//! dead-lettering them (SPEC §4, "Outages are not dead letters"). Pure: times and jitter are
+//! passed in; the dispatcher keeps one [`Health`] per sink behind a lock.
+//!
+//! - An attempt's outcome is [`Observed::Down`] when it says nothing about the event and
+//!   everything about the sink: no connection, a timeout, 408, 5xx, and 401/403/404 (an endpoint
+//!   being redeployed or misconfigured). 429 and every other answer say the sink is up.
+//! - The sink is in outage once the last [`OUTAGE_AFTER`] outcomes were all `Down` and came from
+//!   at least two users' lanes (one user's failing lane is that user's problem).
+//! - In outage, the dispatcher claims nothing but one probe at a time, at the backoff pace
+//!   (`backoff` doubling to `max_backoff` with each failed probe). Every failed attempt is held:
+//!   retried at the next probe's time, uncounted. The first probe that the sink answers (a
+//!   success, or an answer about the event itself) ends the outage, and claims resume at once.
+//! - Outside an outage, a 401/403/404 is not final at once: it is retried (counted) until
+//!   [`SUSPECT_ATTEMPTS`], so that the first failures of a redeploy, which come before the
+//!   outage is recognised, are not dead-lettered.
+//!
+//! With several relays on one database each relay reaches its verdict on its own, from its own
+//! attempts: they see the same sink fail, so they agree within a few attempts, and no relay waits
+//! on another's view (a shared verdict would need a write per attempt and a leader to probe).
+
+use crate::clock::{Millis, millis};
+use crate::config::DeliveryPolicy;
+use crate::delivery::Outcome;
+use std::collections::VecDeque;
+use std::time::Duration;
+
+/// Consecutive sink-level failures, over two users at least, that make an outage.
+pub const OUTAGE_AFTER: usize = 5;
+
+/// Counted failures with 401, 403 or 404 before such an answer is taken as final for the event.
+pub const SUSPECT_ATTEMPTS: u32 = 3;
+
+/// What an attempt's outcome says about the sink.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Observed {
+    /// Delivered.
+    Up,
+    /// The sink answered, about this event (a 400, a 429): it is there.
+    Answered,
+    /// Nothing about the event, everything about the sink.
+    Down,
+}
+
+impl Observed {
+    pub fn of(outcome: &Outcome) -> Observed {
+        match outcome {
+            Outcome::Delivered { .. } => Observed::Up,
+            Outcome::Retry { status: None, .. } => Observed::Down,
+            Outcome::Retry {
+                status: Some(status),
+                ..
+            } if *status == 408 || (500..=599).contains(status) => Observed::Down,
+            Outcome::Permanent {
+                status: Some(401 | 403 | 404),
+                ..
+            } => Observed::Down,
+            Outcome::Retry { .. } | Outcome::Permanent { .. } => Observed::Answered,
+        }
+    }
+}
+
+/// Outside an outage, a 401/403/404 is retried until [`SUSPECT_ATTEMPTS`] counted failures:
+/// it may be the start of a redeploy that is not yet recognised as an outage.
+pub fn suspect_first(outcome: Outcome, counted_failures: u32) -> Outcome {
+    match outcome {
+        Outcome::Permanent {
+            status: Some(status @ (401 | 403 | 404)),
+            error,
+        } if counted_failures + 1 < SUSPECT_ATTEMPTS => Outcome::Retry {
+            status: Some(status),
+            after: None,
+            error,
+        },
+        outcome => outcome,
+    }
+}
+
+/// What the dispatcher may claim now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// As many as it has permits for.
+    All,
+    /// One delivery: the outage's probe.
+    Probe,
+    /// Nothing before this time (a probe is out, or not yet due).
+    Not { until: Option<Millis> },
+}
+
+/// How a finished attempt changed the sink's state, for the log and the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Change {
+    None,
+    OutageBegan { error: String },
+    OutageEnded { since: Millis },
+}
+
+#[derive(Debug, Clone)]
+struct Outage {
+    since: Millis,
+    /// When the next probe may go.
+    probe_at: Millis,
+    /// Probes that failed so far: the pace doubles with each.
+    failed_probes: u32,
+    probe_out: bool,
+}
+
+/// One sink's health as this relay sees it.
+#[derive(Debug, Clone, Default)]
+pub struct Health {
+    /// The latest outcomes, newest last: whether each was `Down`, and its lane.
+    recent: VecDeque<(bool, Option<String>)>,
+    outage: Option<Outage>,
+}
+
+impl Health {
+    /// When the current outage began; `None` while the sink is ok.
+    pub fn outage_since(&self) -> Option<Millis> {
+        self.outage.as_ref().map(|outage| outage.since)
+    }
+
+    /// What may be claimed now; a `Probe` answer counts the probe as out.
+    pub fn admit(&mut self, now: Millis) -> Admit {
+        let Some(outage) = &mut self.outage else {
+            return Admit::All;
+        };
+        if outage.probe_out {
+            Admit::Not { until: None }
+        } else if now >= outage.probe_at {
+            outage.probe_out = true;
+            Admit::Probe
+        } else {
+            Admit::Not {
+                until: Some(outage.probe_at),
+            }
+        }
+    }
+
+    /// The probe's claim found nothing due: no probe is out after all.
+    pub fn probe_not_sent(&mut self) {
+        if let Some(outage) = &mut self.outage {
+            outage.probe_out = false;
+        }
+    }
+
+    /// Records an attempt's outcome. Returns the change of state, and, for a failure while the
+    /// sink is (now) in outage, the time to hold the delivery until: it is retried then,
+    /// uncounted. `after` is the sink's own `Retry-After`, if it sent one.
+    pub fn observe(
+        &mut self,
+        lane: Option<&str>,
+        outcome: &Outcome,
+        probe: bool,
+        policy: &DeliveryPolicy,
+        now: Millis,
+        jitter: f64,
+    ) -> (Change, Option<Millis>) {
+        let observed = Observed::of(outcome);
+        let after = match outcome {
+            Outcome::Retry { after, .. } => *after,
+            _ => None,
+        };
+        if let Some(outage) = &mut self.outage {
+            if probe {
+                outage.probe_out = false;
+            }
+            if observed == Observed::Down {
+                if probe {
+                    outage.failed_probes += 1;
+                    let pace = probe_pace(policy, outage.failed_probes, jitter);
+                    let asked = after.map_or(0, |after| millis(after.min(policy.max_backoff)));
+                    outage.probe_at = now.saturating_add(millis(pace).max(asked));
+                }
+                return (Change::None, Some(outage.probe_at));
+            }
+            // The sink answered (a probe, or an attempt that was out when the outage began).
+            let since = outage.since;
+            self.outage = None;
+            self.recent.clear();
+            return (Change::OutageEnded { since }, None);
+        }
+        self.recent
+            .push_back((observed == Observed::Down, lane.map(str::to_owned)));
+        while self.recent.len() > OUTAGE_AFTER {
+            self.recent.pop_front();
+        }
+        let all_down =
+            self.recent.len() == OUTAGE_AFTER && self.recent.iter().all(|(down, _)| *down);
+        let first = self.recent.front().map(|(_, lane)| lane);
+        let several_users = self.recent.iter().any(|(_, lane)| Some(lane) != first);
+        if !(all_down && several_users) {
+            return (Change::None, None);
+        }
+        let probe_at = now.saturating_add(millis(probe_pace(policy, 0, jitter)));
+        self.outage = Some(Outage {
+            since: now,
+            probe_at,
+            failed_probes: 0,
+            probe_out: false,
+        });
+        let error = match outcome {
+            Outcome::Retry { error, .. } | Outcome::Permanent { error, .. } => error.clone(),
+            Outcome::Delivered { .. } => String::new(),
+        };
+        (Change::OutageBegan { error }, Some(probe_at))
+    }
+}
+
+/// The wait before the next probe after `failed` failed probes: `backoff` doubling up to
+/// `max_backoff`, between half of that and all of it (so that relays spread their probes).
+fn probe_pace(policy: &DeliveryPolicy, failed: u32, jitter: f64) -> Duration {
+    let ceiling = policy
+        .backoff
+        .saturating_mul(1u32 << failed.min(31))
+        .min(policy.max_backoff);
+    ceiling.mul_f64(0.5 + jitter.clamp(0.0, 1.0) / 2.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> DeliveryPolicy {
+        DeliveryPolicy {
+            concurrency: 8,
+            timeout: Duration::from_secs(10),
+            max_attempts: 0,
+            backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(8),
+            ttl: Duration::from_secs(3600),
+        }
+    }
+
+    fn down() -> Outcome {
+        Outcome::Retry {
+            status: None,
+            after: None,
+            error: "connection refused".into(),
+        }
+    }
+
+    fn status(status: u16) -> Outcome {
+        match status {
+            200..=299 => Outcome::Delivered { status },
+            408 | 429 | 500..=599 => Outcome::Retry {
+                status: Some(status),
+                after: None,
+                error: format!("HTTP {status}"),
+            },
+            _ => Outcome::Permanent {
+                status: Some(status),
+                error: format!("HTTP {status}"),
+            },
+        }
+    }
+
+    #[test]
+    fn what_each_answer_says_about_the_sink() {
+        assert_eq!(Observed::of(&down()), Observed::Down);
+        for code in [408, 500, 502, 503, 504, 401, 403, 404] {
+            assert_eq!(Observed::of(&status(code)), Observed::Down, "{code}");
+        }
+        for code in [400, 409, 410, 422, 429] {
+            assert_eq!(Observed::of(&status(code)), Observed::Answered, "{code}");
+        }
+        assert_eq!(Observed::of(&status(204)), Observed::Up);
+    }
+
+    #[test]
+    fn failures_of_several_users_make_an_outage_and_one_user_does_not() {
+        let mut one_user = Health::default();
+        for n in 0..20 {
+            let (change, hold) = one_user.observe(Some("U1"), &down(), false, &policy(), n, 0.5);
+            assert_eq!((change, hold), (Change::None, None), "attempt {n}");
+        }
+        let mut health = Health::default();
+        for n in 0..4 {
+            let lane = format!("U{n}");
+            assert_eq!(
+                health.observe(Some(&lane), &down(), false, &policy(), 1_000, 0.5),
+                (Change::None, None)
+            );
+        }
+        // A success in between starts the count again.
+        health.observe(Some("U9"), &status(200), false, &policy(), 1_000, 0.5);
+        for n in 0..4 {
+            let lane = format!("U{n}");
+            assert_eq!(
+                health
+                    .observe(Some(&lane), &status(503), false, &policy(), 2_000, 0.5)
+                    .0,
+                Change::None
+            );
+        }
+        let (change, hold) = health.observe(Some("U4"), &status(404), false, &policy(), 2_000, 0.5);
+        assert_eq!(
+            change,
+            Change::OutageBegan {
+                error: "HTTP 404".into()
+            }
+        );
+        // The first probe goes after 0.75 × backoff (jitter 0.5), and this delivery waits for it.
+        assert_eq!(hold, Some(2_750));
+        assert_eq!(health.outage_since(), Some(2_000));
+    }
+
+    #[test]
+    fn an_outage_holds_everything_and_sends_one_probe_at_the_backoff_pace() {
+        let mut health = Health::default();
+        for n in 0..OUTAGE_AFTER {
+            health.observe(Some(&format!("U{n}")), &down(), false, &policy(), 0, 1.0);
+        }
+        assert_eq!(health.admit(500), Admit::Not { until: Some(1_000) });
+        // An attempt that was out when the outage began and fails too: held until the probe.
+        assert_eq!(
+            health.observe(Some("U7"), &down(), false, &policy(), 600, 1.0),
+            (Change::None, Some(1_000))
+        );
+        assert_eq!(health.admit(1_000), Admit::Probe);
+        assert_eq!(
+            health.admit(1_001),
+            Admit::Not { until: None },
+            "one probe at a time"
+        );
+        // The probe fails: the next one waits twice as long, then four times, up to the ceiling.
+        let mut now = 1_000;
+        for expected_wait in [2_000, 4_000, 8_000, 8_000] {
+            let (_, hold) = health.observe(Some("U1"), &down(), true, &policy(), now, 1.0);
+            assert_eq!(hold, Some(now + expected_wait));
+            now += expected_wait;
+            assert_eq!(health.admit(now), Admit::Probe);
+        }
+        // A Retry-After longer than the pace is honoured, capped at max_backoff.
+        let asked = Outcome::Retry {
+            status: Some(503),
+            after: Some(Duration::from_secs(3600)),
+            error: "HTTP 503".into(),
+        };
+        let (_, hold) = health.observe(Some("U1"), &asked, true, &policy(), now, 0.0);
+        assert_eq!(hold, Some(now + 8_000));
+        assert_eq!(health.admit(now + 8_000), Admit::Probe);
+        // The sink answers: the outage ends, everything may go at once.
+        let (change, hold) = health.observe(Some("U1"), &status(200), true, &policy(), 50_000, 0.0);
+        assert_eq!((change, hold), (Change::OutageEnded { since: 0 }, None));
+        assert_eq!(health.admit(50_001), Admit::All);
+        assert_eq!(health.outage_since(), None);
+    }
+
+    #[test]
+    fn a_probe_that_finds_nothing_due_is_not_out() {
+        let mut health = Health::default();
+        for n in 0..OUTAGE_AFTER {
+            health.observe(Some(&format!("U{n}")), &down(), false, &policy(), 0, 0.0);
+        }
+        assert_eq!(health.admit(10_000), Admit::Probe);
+        health.probe_not_sent();
+        assert_eq!(health.admit(10_000), Admit::Probe);
+    }
+
+    #[test]
+    fn a_redeploy_s_404_is_retried_before_it_is_final() {
+        assert_eq!(
+            suspect_first(status(404), 0),
+            Outcome::Retry {
+                status: Some(404),
+                after: None,
+                error: "HTTP 404".into()
+            }
+        );
+        assert_eq!(
+            suspect_first(status(404), SUSPECT_ATTEMPTS - 1),
+            status(404)
+        );
+        assert_eq!(
+            suspect_first(status(400), 0),
+            status(400),
+            "a 400 is final at once"
+        );
+    }
+}
