@@ -4,9 +4,10 @@
 //! [`AdminError`] has the one mapping to HTTP; the JSON types are public so the CLI shares them.
 
 use crate::clock::{Millis, millis, now_ms};
-use crate::config::{Config, SinkName};
+use crate::config::Config;
 use crate::dispatch::Paused;
 use crate::redact::Redactor;
+use crate::sink_name::SinkName;
 use crate::store::{DeadLetter, DeadLetterFilter, SinkDepth, Store, StoreError};
 use crate::telemetry;
 use axum::Router;

@@ -8,8 +8,8 @@
 //! their order and a failing user blocks nobody else. A loop sleeps until its next due time or
 //! until the store says new rows were committed for it; it never polls when idle.
 
+use crate::check::DeliveryPolicy;
 use crate::clock::{Millis, millis, now_ms};
-use crate::config::DeliveryPolicy;
 use crate::delivery::{Client, Outcome};
 use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
@@ -194,7 +194,7 @@ impl Dispatcher {
             let started = Instant::now();
             // Pause is decided at dispatch time, before any encoding: a paused user's events
             // are not forwarded to the bot while the pause lasts (analytics still get them).
-            let paused = route.name == crate::config::SinkName::Bot
+            let paused = route.name == crate::sink_name::SinkName::Bot
                 && delivery
                     .event
                     .user_id
@@ -416,8 +416,8 @@ pub fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SinkName;
     use crate::event::{Event, EventData, EventId, EventKind, Source};
+    use crate::sink_name::SinkName;
 
     fn policy() -> DeliveryPolicy {
         DeliveryPolicy {

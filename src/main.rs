@@ -7,7 +7,8 @@ use botrelay::admin::{
     DeadLetterView, ErrorBody, MAX_LIMIT, PauseState, PausedUser, ReplayRequest, Replayed, Since,
     SinkView,
 };
-use botrelay::config::{Config, ConfigError, DEFAULT_PATH, SinkName};
+use botrelay::config::{Config, ConfigError, DEFAULT_PATH};
+use botrelay::sink_name::SinkName;
 use clap::{Args, Parser, Subcommand};
 use secrecy::{ExposeSecret, SecretString};
 use serde::de::DeserializeOwned;
@@ -1013,7 +1014,7 @@ fn sign(
         })?;
     let body = std::fs::read(file)
         .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?;
-    let signature = botrelay::ingest::verify::sign_sha256(secret.as_bytes(), &body);
+    let signature = botrelay::signing::sign_sha256(secret.as_bytes(), &body);
     if header_only {
         println!("X-Hub-Signature-256: {signature}");
         return Ok(());

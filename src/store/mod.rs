@@ -9,8 +9,8 @@
 mod sqlite;
 
 use crate::clock::Millis;
-use crate::config::SinkName;
 use crate::event::Event;
+use crate::sink_name::SinkName;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::Arc;

@@ -24,8 +24,8 @@ use super::{
     ReplayOutcome, Retention, Settle, SinkDepth, StoreError, Wakers,
 };
 use crate::clock::{Millis, millis};
-use crate::config::SinkName;
 use crate::event::Event;
+use crate::sink_name::SinkName;
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, params};
 use std::collections::{BTreeSet, HashMap};
