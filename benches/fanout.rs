@@ -8,9 +8,9 @@
 mod common;
 
 use botrelay::clock::now_ms;
-use botrelay::config::SinkName;
 use botrelay::ingest::messenger::normalize;
 use botrelay::ingest::verify::{SignatureHeaders, verify_webhook};
+use botrelay::sink_name::SinkName;
 use botrelay::store::{NewEvent, Store};
 use common::{SECRET, SinkMode, ms, open_loop, signed_message, start_relay, start_sink};
 use hdrhistogram::Histogram;

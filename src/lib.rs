@@ -7,6 +7,9 @@
 
 pub mod clock;
 pub mod redact;
+pub mod sink_name;
+pub mod signing;
+pub mod check;
 pub mod config;
 pub mod event;
 mod server;
@@ -62,11 +65,11 @@ pub async fn run_with_store(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let sinks = sinks::Sinks::from_config(&config);
+    let sinks = sinks::Sinks::new(&config.sinks);
     for (name, reason) in &config.disabled_sinks {
         tracing::warn!(sink = %name, %reason, "Sink disabled");
     }
-    let active_sinks: Vec<config::SinkName> =
+    let active_sinks: Vec<sink_name::SinkName> =
         sinks.routes().iter().map(|route| route.name).collect();
     let active: Vec<&str> = active_sinks.iter().map(|sink| sink.as_str()).collect();
     tracing::info!(sinks = ?active, "Active sinks");

@@ -6,7 +6,8 @@
 
 use botrelay::admin::api::{MAX_LIMIT, parse_since};
 use botrelay::admin::client::{self, AdminClient, ClientConfig, ClientError, Selection};
-use botrelay::config::{Config, ConfigError, DEFAULT_PATH, SinkName};
+use botrelay::config::{Config, ConfigError, DEFAULT_PATH};
+use botrelay::sink_name::SinkName;
 use clap::{Args, Parser, Subcommand};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -689,7 +690,7 @@ fn sign(
         })?;
     let body = std::fs::read(file)
         .map_err(|error| CliError::Usage(format!("cannot read {}: {error}", file.display())))?;
-    let signature = botrelay::ingest::verify::sign_sha256(secret.as_bytes(), &body);
+    let signature = botrelay::signing::sign_sha256(secret.as_bytes(), &body);
     if header_only {
         println!("X-Hub-Signature-256: {signature}");
         return Ok(());

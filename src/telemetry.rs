@@ -11,10 +11,10 @@
 //! share it.
 
 use crate::clock::{Millis, now_ms};
-use crate::config::{LogConfig, LogFormat, SinkName};
+use crate::config::{LogConfig, LogFormat};
 use crate::event::{EventKind, Source};
-use crate::ingest::verify::VerifyError;
 use crate::redact::Redactor;
+use crate::sink_name::SinkName;
 use crate::store::Settle;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::collections::HashMap;
@@ -40,6 +40,21 @@ pub mod metric {
     pub const WEBHOOK_IGNORED: &str = "botrelay_webhook_ignored_total";
     pub const DUPLICATES: &str = "botrelay_duplicate_events_total";
     pub const PROXY_REQUESTS: &str = "botrelay_send_api_proxy_total";
+
+    /// The `reason` label values of [`WEBHOOK_REJECTED`]: the three signature failures, a body
+    /// over `server.max_body_bytes`, and a signed body that is not JSON.
+    pub const REJECTED_SIGNATURE_MISSING: &str = "signature_missing";
+    pub const REJECTED_SIGNATURE_MALFORMED: &str = "signature_malformed";
+    pub const REJECTED_SIGNATURE_MISMATCH: &str = "signature_mismatch";
+    pub const REJECTED_TOO_LARGE: &str = "too_large";
+    pub const REJECTED_NOT_JSON: &str = "not_json";
+    pub const REJECTED_REASONS: [&str; 5] = [
+        REJECTED_SIGNATURE_MISSING,
+        REJECTED_SIGNATURE_MALFORMED,
+        REJECTED_SIGNATURE_MISMATCH,
+        REJECTED_TOO_LARGE,
+        REJECTED_NOT_JSON,
+    ];
 }
 
 /// A `MakeWriter` that redacts each formatted line before it reaches the inner writer.
@@ -287,15 +302,7 @@ pub fn register_metrics(active: &[SinkName]) {
             metrics::counter!(metric::EVENTS_RECEIVED, "source" => source.as_str(), "kind" => kind.as_str()).increment(0);
         }
     }
-    let reasons = [
-        VerifyError::Missing,
-        VerifyError::Malformed,
-        VerifyError::Mismatch,
-    ]
-    .map(VerifyError::reason)
-    .into_iter()
-    .chain(["too_large", "not_json"]);
-    for reason in reasons {
+    for reason in metric::REJECTED_REASONS {
         metrics::counter!(metric::WEBHOOK_REJECTED, "reason" => reason).increment(0);
     }
     for sink in active {

@@ -4,7 +4,7 @@
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use botrelay::config::Config;
-use botrelay::ingest::verify::sign_sha256;
+use botrelay::signing::sign_sha256;
 use botrelay::store::Store;
 use hdrhistogram::Histogram;
 use std::collections::HashMap;

@@ -8,8 +8,9 @@ pub mod api;
 pub mod client;
 
 use crate::clock::now_ms;
-use crate::config::{Config, SinkName};
+use crate::config::Config;
 use crate::redact::Redactor;
+use crate::sink_name::SinkName;
 use crate::store::{DeadLetter, DeadLetterFilter, SinkDepth, Store, StoreError};
 use crate::telemetry;
 use api::{

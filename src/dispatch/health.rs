@@ -20,8 +20,8 @@
 //! attempts: they see the same sink fail, so they agree within a few attempts, and no relay waits
 //! on another's view (a shared verdict would need a write per attempt and a leader to probe).
 
+use crate::check::DeliveryPolicy;
 use crate::clock::{Millis, millis};
-use crate::config::DeliveryPolicy;
 use crate::delivery::Outcome;
 use std::collections::VecDeque;
 use std::time::Duration;

@@ -185,7 +185,7 @@ impl Dispatcher {
             let started = Instant::now();
             // Pause is decided at dispatch time, before any encoding: a paused user's events
             // are not forwarded to the bot while the pause lasts (analytics still get them).
-            let paused = route.name == crate::config::SinkName::Bot
+            let paused = route.name == crate::sink_name::SinkName::Bot
                 && delivery
                     .event
                     .user_id

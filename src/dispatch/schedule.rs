@@ -1,8 +1,8 @@
 //! WHEN to try again, and when to give up: the retry schedule (exponential backoff with full
 //! jitter, `Retry-After`), `max_attempts` and `ttl`. Pure: times and jitter are passed in.
 
+use crate::check::DeliveryPolicy;
 use crate::clock::{Millis, millis};
-use crate::config::DeliveryPolicy;
 use crate::delivery::Outcome;
 use crate::store::{Claimed, Settle};
 use std::time::Duration;
@@ -126,8 +126,8 @@ pub fn schedule(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::SinkName;
     use crate::event::{Event, EventData, EventId, EventKind, Source};
+    use crate::sink_name::SinkName;
 
     fn policy() -> DeliveryPolicy {
         DeliveryPolicy {

@@ -599,7 +599,8 @@ fn is_true(value: Option<&Value>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::verify::{SignatureHeaders, sign_sha256, verify_webhook};
+    use crate::ingest::verify::{SignatureHeaders, verify_webhook};
+    use crate::signing::sign_sha256;
     use bytes::Bytes;
 
     type TestResult = Result<(), Box<dyn std::error::Error>>;

@@ -193,7 +193,7 @@ async fn receive_webhook(
     let body = body.map_err(|rejection| {
         let error = IngestError::from_body(rejection, limit);
         if matches!(error, IngestError::TooLarge(_)) {
-            rejected("too_large");
+            rejected(metric::REJECTED_TOO_LARGE);
         }
         error
     })?;
@@ -214,7 +214,7 @@ async fn receive_webhook(
     .inspect_err(|error| rejected(error.reason()))?;
     let now = now_ms();
     let normalized = messenger::normalize(&verified, now).map_err(|error| {
-        rejected("not_json");
+        rejected(metric::REJECTED_NOT_JSON);
         let messenger::NormalizeError::NotJson(cause) = error;
         IngestError::NotJson(cause.to_string())
     })?;

@@ -6,6 +6,7 @@
 //! A [`VerifiedBody`] can only be made here, so code that parses a webhook cannot forget to
 //! check its signature first. Every comparison is constant-time.
 
+use crate::telemetry::metric;
 use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
@@ -26,12 +27,12 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
-    /// A short label for metrics.
+    /// Its `reason` label on `botrelay_webhook_rejected_total`.
     pub fn reason(self) -> &'static str {
         match self {
-            VerifyError::Missing => "signature_missing",
-            VerifyError::Malformed => "signature_malformed",
-            VerifyError::Mismatch => "signature_mismatch",
+            VerifyError::Missing => metric::REJECTED_SIGNATURE_MISSING,
+            VerifyError::Malformed => metric::REJECTED_SIGNATURE_MALFORMED,
+            VerifyError::Mismatch => metric::REJECTED_SIGNATURE_MISMATCH,
         }
     }
 }
@@ -132,41 +133,6 @@ pub fn bearer_matches(expected: &SecretString, headers: &HeaderMap) -> bool {
         && bool::from(presented.as_slice().ct_eq(expected.as_slice()))
 }
 
-/// `sha256=<hex>` as Meta signs the bot-sink bodies, computed over exactly `body`.
-pub fn sign_sha256(app_secret: &[u8], body: &[u8]) -> String {
-    format!(
-        "sha256={}",
-        hex::encode(hmac_bytes::<Hmac<Sha256>>(app_secret, body))
-    )
-}
-
-/// `sha1=<hex>`: the legacy webhook header, and Dashbot's pause signature.
-pub fn sign_sha1(secret: &[u8], body: &[u8]) -> String {
-    format!(
-        "sha1={}",
-        hex::encode(hmac_bytes::<Hmac<Sha1>>(secret, body))
-    )
-}
-
-/// Lowercase hex HMAC-SHA256 of a page token keyed by the app secret (Graph's `appsecret_proof`).
-pub fn appsecret_proof(app_secret: &[u8], access_token: &str) -> String {
-    hex::encode(hmac_bytes::<Hmac<Sha256>>(
-        app_secret,
-        access_token.as_bytes(),
-    ))
-}
-
-fn hmac_bytes<M: Mac + hmac::digest::KeyInit>(key: &[u8], message: &[u8]) -> Vec<u8> {
-    // HMAC takes keys of any length, so `new_from_slice` cannot fail here.
-    match <M as hmac::digest::KeyInit>::new_from_slice(key) {
-        Ok(mut mac) => {
-            mac.update(message);
-            mac.finalize().into_bytes().to_vec()
-        }
-        Err(_) => Vec::new(),
-    }
-}
-
 fn decode_signature(header: &str, prefix: &str) -> Result<Vec<u8>, VerifyError> {
     let hex_digits = header
         .trim()
@@ -191,6 +157,7 @@ fn check_hmac<M: Mac + hmac::digest::KeyInit>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::signing::{sign_sha1, sign_sha256};
 
     const SECRET: &[u8] = b"test_app_secret";
     const LEGACY: &[u8] = include_bytes!("../../tests/data/messenger/message-text-legacy-seq.json");
@@ -212,14 +179,6 @@ mod tests {
         assert_eq!(
             verified.map(|body| body.as_bytes().len()).ok(),
             Some(LEGACY.len())
-        );
-    }
-
-    #[test]
-    fn legacy_sha1_vector_matches_the_reference() {
-        assert_eq!(
-            sign_sha1(SECRET, LEGACY),
-            "sha1=daac25b34bfd9fe67f4fb8c58580fdc33d68a407"
         );
     }
 
@@ -378,13 +337,5 @@ mod tests {
         ] {
             assert!(!bearer_matches(&token, &headers(wrong)), "{wrong}");
         }
-    }
-
-    #[test]
-    fn appsecret_proof_is_lowercase_hex_hmac_of_the_token() {
-        let proof = appsecret_proof(b"secret", "token");
-        assert_eq!(proof.len(), 64);
-        assert_eq!(proof, proof.to_lowercase());
-        assert_eq!(format!("sha256={proof}"), sign_sha256(b"secret", b"token"));
     }
 }

@@ -2,14 +2,36 @@
 //! of its own, signed like Meta signs (SPEC §4.1), so the bot's existing verification passes.
 //!
 //! Pure: the raw item goes out byte for byte, and the signature covers exactly the bytes sent.
+//! Its table, `[bot]`, is read and validated here too.
 
+use crate::check::{Checker, DeliveryPolicy};
 use crate::delivery::{Method, Request};
-use crate::event::{Event, WebhookOrigin};
-use crate::ingest::verify::sign_sha256;
-use crate::sinks::EncodeError;
+use crate::event::{Event, EventKind, WebhookOrigin};
+use crate::signing::sign_sha256;
+use crate::sinks::{Context, Disabled, EncodeError, TableSpec};
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+use std::time::Duration;
 use url::Url;
+
+/// `[bot]`: its URL; every webhook kind (SPEC §4.1); retried for an hour, not three days.
+pub const SPEC: TableSpec = TableSpec {
+    keys: &["url"],
+    secret_keys: &[],
+    kinds: &EventKind::WEBHOOK,
+    delivery: DeliveryPolicy {
+        ttl: Duration::from_secs(3600),
+        ..DeliveryPolicy::DEFAULT
+    },
+};
+
+/// The keys of `[bot]` besides those every sink table takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    url: Option<String>,
+}
 
 #[derive(Debug, Clone)]
 pub struct Bot {
@@ -17,7 +39,30 @@ pub struct Bot {
     pub app_secret: SecretString,
 }
 
+/// Validates `[bot]`: `Ok(None)` when a problem is recorded; disabled without a URL.
+pub fn from_table(
+    table: Table,
+    check: &mut Checker,
+    context: &Context,
+) -> Result<Option<Bot>, Disabled> {
+    let Some(url) = check.url("bot.url", table.url.as_deref(), None) else {
+        if table.url.is_none() {
+            return Err("bot.url is not set".into());
+        }
+        return Ok(None);
+    };
+    Ok(Some(Bot {
+        url,
+        app_secret: context.app_secret.clone(),
+    }))
+}
+
 impl Bot {
+    /// A password in its URL (`https://user:password@bot.example/webhook`).
+    pub fn secrets(&self) -> Vec<String> {
+        self.url.password().map(str::to_owned).into_iter().collect()
+    }
+
     pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
         let origin = event.webhook.as_ref().ok_or_else(|| {
             EncodeError::Skip(format!("{} did not come in on the webhook", event.kind))

@@ -1,15 +1,87 @@
 //! The `[sinks.conversions]` sink (SPEC §4.5): Meta's Conversions API for Business Messaging,
 //! `POST /{dataset_id}/events`, the successor of `page_activities`. Only Meta's business
 //! messaging event names are sent; others are skipped. Pure; tokens only in the query string.
+//! Its table, `[sinks.conversions]`, is read and validated here too.
 
+use crate::check::{Checker, DeliveryPolicy, secret};
 use crate::delivery::{Method, Request};
 use crate::event::{Event, EventData, EventKind};
-use crate::sinks::{EncodeError, event_name, graph_url, page_of, require_user, seconds};
+use crate::sinks::graph::{self, graph_url, page_of};
+use crate::sinks::{Context, Disabled, EncodeError, TableSpec, event_name, require_user, seconds};
 use bytes::Bytes;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use url::Url;
+
+/// `[sinks.conversions]` (SPEC §4.5).
+pub const SPEC: TableSpec = TableSpec {
+    keys: &[
+        "api_version",
+        "dataset_id",
+        "dataset_ids",
+        "access_token",
+        "page_tokens",
+        "partner_agent",
+        "names",
+    ],
+    secret_keys: &["access_token", "page_tokens"],
+    kinds: &[EventKind::Revenue, EventKind::Lead, EventKind::Custom],
+    delivery: DeliveryPolicy::DEFAULT,
+};
+
+/// The keys of `[sinks.conversions]` besides those every sink table takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    api_version: Option<String>,
+    dataset_id: Option<String>,
+    dataset_ids: Option<BTreeMap<String, String>>,
+    access_token: Option<String>,
+    page_tokens: Option<BTreeMap<String, String>>,
+    partner_agent: Option<String>,
+}
+
+/// Validates `[sinks.conversions]`: `Ok(None)` when a problem is recorded; disabled without a
+/// dataset or a token.
+pub fn from_table(
+    table: Table,
+    names: BTreeMap<EventKind, String>,
+    check: &mut Checker,
+    context: &Context,
+) -> Result<Option<Conversions>, Disabled> {
+    let dataset_ids = table.dataset_ids.unwrap_or_default();
+    let page_tokens = graph::page_tokens(table.page_tokens);
+    let access_token = secret(table.access_token);
+    let dataset_id = table.dataset_id.filter(|id| !id.is_empty());
+    if dataset_id.is_none() && dataset_ids.is_empty() {
+        return Err("sinks.conversions.dataset_id (or dataset_ids) is not set".into());
+    }
+    if access_token.is_none() && page_tokens.is_empty() {
+        return Err("sinks.conversions.access_token (or page_tokens) is not set".into());
+    }
+    let api_version = graph::api_version(
+        check,
+        "sinks.conversions.api_version",
+        table.api_version,
+        "v23.0",
+    );
+    let Some(base_url) = context.graph_base_url else {
+        return Ok(None);
+    };
+    Ok(Some(Conversions {
+        base_url: base_url.clone(),
+        api_version,
+        dataset_id,
+        dataset_ids,
+        access_token,
+        page_tokens,
+        partner_agent: table.partner_agent.filter(|agent| !agent.is_empty()),
+        app_secret: context.app_secret.clone(),
+        names,
+    }))
+}
 
 /// The event names Meta accepts for business messaging.
 pub const ALLOWED_EVENT_NAMES: [&str; 14] = [
@@ -50,6 +122,15 @@ pub struct Conversions {
 }
 
 impl Conversions {
+    /// The access token and the page tokens.
+    pub fn secrets(&self) -> Vec<String> {
+        self.access_token
+            .iter()
+            .chain(self.page_tokens.values())
+            .map(|token| token.expose_secret().to_owned())
+            .collect()
+    }
+
     /// `POST {graph}/{api_version}/{dataset_id}/events?access_token=…[&appsecret_proof=…]`.
     ///
     /// revenue → `Purchase` with `custom_data {currency, value}`; lead → `LeadSubmitted`;
@@ -149,7 +230,8 @@ impl Conversions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::verify::appsecret_proof;
+    use crate::signing::appsecret_proof;
+    use crate::sinks::fixtures::*;
     use crate::sinks::testing::*;
     use insta::assert_snapshot;
 

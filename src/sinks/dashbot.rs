@@ -1,16 +1,68 @@
 //! The `[sinks.dashbot]` sink (SPEC §4.3): Dashbot's REST `track` API. Incoming webhook items
 //! go as `type=incoming` single-item webhook bodies, bot sends as `type=outgoing` records,
 //! custom events as `type=event` objects. Pure; the API key appears only in the query string.
+//! Its table, `[sinks.dashbot]`, is read and validated here too.
 
+use crate::check::{Checker, DeliveryPolicy, secret};
 use crate::delivery::{Method, Request};
 use crate::event::{Custom, Event, EventData, EventKind, Outgoing};
 use crate::sinks::bot::single_item_body;
-use crate::sinks::{EncodeError, event_name, require_user};
+use crate::sinks::{Disabled, EncodeError, TableSpec, event_name, require_user};
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use url::Url;
+
+/// `[sinks.dashbot]` (SPEC §4.3).
+pub const SPEC: TableSpec = TableSpec {
+    keys: &["url", "api_key", "names"],
+    secret_keys: &["api_key"],
+    kinds: &[
+        EventKind::Message,
+        EventKind::Postback,
+        EventKind::Referral,
+        EventKind::Optin,
+        EventKind::Reaction,
+        EventKind::Outgoing,
+        EventKind::Custom,
+        EventKind::Revenue,
+        EventKind::Share,
+        EventKind::PageLaunch,
+        EventKind::Lead,
+    ],
+    delivery: DeliveryPolicy::DEFAULT,
+};
+
+/// The keys of `[sinks.dashbot]` besides those every sink table takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    url: Option<String>,
+    api_key: Option<String>,
+}
+
+/// Validates `[sinks.dashbot]`: `Ok(None)` when a problem is recorded; disabled without an API
+/// key.
+pub fn from_table(
+    table: Table,
+    names: BTreeMap<EventKind, String>,
+    check: &mut Checker,
+) -> Result<Option<Dashbot>, Disabled> {
+    let url = check.url(
+        "sinks.dashbot.url",
+        table.url.as_deref(),
+        Some("https://tracker.dashbot.io/track"),
+    );
+    let api_key = secret(table.api_key).ok_or("sinks.dashbot.api_key is not set")?;
+    let Some(url) = url else { return Ok(None) };
+    Ok(Some(Dashbot {
+        url,
+        api_key,
+        names,
+    }))
+}
 
 /// The client version tag Dashbot's REST docs use.
 const VERSION: &str = "11.1.0-rest";
@@ -39,6 +91,13 @@ pub struct Dashbot {
 }
 
 impl Dashbot {
+    /// A password in its URL, and the API key.
+    pub fn secrets(&self) -> Vec<String> {
+        let mut secrets: Vec<String> = self.url.password().map(str::to_owned).into_iter().collect();
+        secrets.push(self.api_key.expose_secret().to_owned());
+        secrets
+    }
+
     /// `POST {url}?platform=facebook&v=11.1.0-rest&type=<t>&apiKey=<key>` (any query the
     /// configured URL has is kept), `content-type: application/json`.
     pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
@@ -155,6 +214,7 @@ fn event_body(dashbot: &Dashbot, event: &Event, custom: &Custom) -> Result<Value
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::fixtures::*;
     use crate::sinks::testing::*;
     use insta::assert_snapshot;
 

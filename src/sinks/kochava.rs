@@ -1,15 +1,112 @@
 //! The `[sinks.kochava]` sink (SPEC §4.2): one Kochava server-to-server `track/json` event per
 //! request, and the SmartLink impression and click pings, a delivery target of their own
-//! (`kochava_smartlink`). Pure: an event in, a request out.
+//! (`kochava_smartlink`). Pure: an event in, a request out. Its table, `[sinks.kochava]`,
+//! configures both, and is read and validated here too.
 
+use crate::check::{Checker, DeliveryPolicy, StringList, secret};
 use crate::delivery::{Method, Outcome, Request, Response};
 use crate::event::{Event, EventData, EventKind, Referral};
-use crate::sinks::{EncodeError, event_name, require_user, seconds};
+use crate::sinks::{Disabled, EncodeError, TableSpec, event_name, require_user, seconds};
 use bytes::Bytes;
 use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use url::Url;
+
+/// `[sinks.kochava]` (SPEC §4.2). The app id counts as a credential.
+pub const SPEC: TableSpec = TableSpec {
+    keys: &[
+        "url",
+        "app_id",
+        "include_text",
+        "impression_url",
+        "click_url",
+        "smartlink_prefix",
+        "click_payloads",
+        "names",
+    ],
+    secret_keys: &["app_id"],
+    kinds: &[
+        EventKind::Message,
+        EventKind::Outgoing,
+        EventKind::Postback,
+        EventKind::Referral,
+        EventKind::Optin,
+        EventKind::Custom,
+        EventKind::Revenue,
+        EventKind::Share,
+        EventKind::PageLaunch,
+        EventKind::Lead,
+    ],
+    delivery: DeliveryPolicy::DEFAULT,
+};
+
+/// The kinds the SmartLink pings look at (most of them need no ping: [`Smartlink::wants`]).
+pub const SMARTLINK_KINDS: &[EventKind] = &[
+    EventKind::Outgoing,
+    EventKind::Postback,
+    EventKind::Referral,
+    EventKind::Message,
+];
+
+/// The keys of `[sinks.kochava]` besides those every sink table takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    url: Option<String>,
+    app_id: Option<String>,
+    include_text: Option<bool>,
+    impression_url: Option<String>,
+    click_url: Option<String>,
+    smartlink_prefix: Option<String>,
+    click_payloads: Option<StringList>,
+}
+
+/// Validates `[sinks.kochava]`: the `track/json` events, and the SmartLink pings when
+/// `impression_url` or `click_url` is set. `Ok(None)` when a problem is recorded; disabled
+/// without an app id.
+pub fn from_table(
+    table: Table,
+    names: BTreeMap<EventKind, String>,
+    check: &mut Checker,
+) -> Result<Option<(Kochava, Option<Smartlink>)>, Disabled> {
+    let url = check.url(
+        "sinks.kochava.url",
+        table.url.as_deref(),
+        Some("https://control.kochava.com/track/json"),
+    );
+    let app_id = secret(table.app_id).ok_or("sinks.kochava.app_id is not set")?;
+    for (key, template) in [
+        ("sinks.kochava.impression_url", &table.impression_url),
+        ("sinks.kochava.click_url", &table.click_url),
+    ] {
+        if let Some(template) = template {
+            if !template.contains("{fb_user_id}") {
+                check.problem(key, "must contain the placeholder {fb_user_id}");
+            }
+            check.url(key, Some(&template.replace("{fb_user_id}", "x")), None);
+        }
+    }
+    let Some(url) = url else { return Ok(None) };
+    let smartlink =
+        (table.impression_url.is_some() || table.click_url.is_some()).then(|| Smartlink {
+            impression_url: table.impression_url,
+            click_url: table.click_url,
+            smartlink_prefix: table.smartlink_prefix,
+            click_payloads: table
+                .click_payloads
+                .map(StringList::into_vec)
+                .unwrap_or_default(),
+        });
+    let kochava = Kochava {
+        url,
+        app_id,
+        include_text: table.include_text.unwrap_or(false),
+        names,
+    };
+    Ok(Some((kochava, smartlink)))
+}
 
 /// The `track/json` events.
 #[derive(Debug, Clone)]
@@ -23,6 +120,11 @@ pub struct Kochava {
 }
 
 impl Kochava {
+    /// A password in its URL.
+    pub fn secrets(&self) -> Vec<String> {
+        self.url.password().map(str::to_owned).into_iter().collect()
+    }
+
     /// `POST {url}` with `{"action": "event", "kochava_app_id", "data": {"device_ids":
     /// {"fb_user_id"}, "event_name", "event_data", "usertime"}}`. Events without a user, and
     /// kinds Kochava has no event for, are skipped.
@@ -275,6 +377,7 @@ fn percent_encode(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sinks::fixtures::*;
     use crate::sinks::testing::*;
     use insta::assert_snapshot;
 

@@ -1,5 +1,10 @@
-//! The sinks: one closed enum, one pure encoder module per sink. A sink turns an [`Event`] into
-//! a [`Request`] (or declines it) and may read a failed response itself (Graph's error codes).
+//! The sinks: one closed enum, one module per sink that owns its config table and its pure
+//! encoder. A sink turns an [`Event`] into a [`Request`] (or declines it) and may read a failed
+//! response itself (Graph's error codes).
+//!
+//! Each `sinks/<x>.rs` holds its table's keys and defaults ([`TableSpec`]), the raw serde
+//! `Table` of its own keys, `from_table` (validation into the typed sink, which is what its
+//! encoder reads), and the encoder. `config` composes them into [`Route`]s.
 //!
 //! No IO here and below: no client, no async, and no clock in any encoder (only the Graph
 //! classifier reads it, to turn an HTTP-date `Retry-After` into a wait). `dispatch` sends.
@@ -7,15 +12,16 @@
 pub mod bot;
 pub mod conversions;
 pub mod dashbot;
+pub mod graph;
 pub mod graph_error;
 pub mod kochava;
 pub mod page_activities;
 
-use crate::config::{Config, DeliveryPolicy, SinkConfig, SinkName, SinkSettings};
+use crate::check::DeliveryPolicy;
 use crate::delivery::{Classify, Request};
 use crate::event::{Event, EventData, EventKind};
-use crate::ingest::verify::appsecret_proof;
-use secrecy::{ExposeSecret, SecretString};
+use crate::sink_name::SinkName;
+use secrecy::SecretString;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use url::Url;
@@ -69,6 +75,19 @@ impl Sink {
         }
     }
 
+    /// The secrets in its settings that the config's own keys do not already hold (a
+    /// password in a URL, API keys, tokens), for redaction.
+    pub fn secrets(&self) -> Vec<String> {
+        match self {
+            Sink::Bot(bot) => bot.secrets(),
+            Sink::Kochava(kochava) => kochava.secrets(),
+            Sink::KochavaSmartlink(_) => Vec::new(),
+            Sink::Dashbot(dashbot) => dashbot.secrets(),
+            Sink::PageActivities(page_activities) => page_activities.secrets(),
+            Sink::Conversions(conversions) => conversions.secrets(),
+        }
+    }
+
     fn classifier(&self) -> Classify {
         match self {
             Sink::Bot(_) | Sink::Kochava(_) | Sink::Dashbot(_) => |_| None,
@@ -78,8 +97,9 @@ impl Sink {
     }
 }
 
-/// An enabled sink: what it receives, how it is retried, how it encodes.
-#[derive(Debug)]
+/// An enabled sink, as the config validated it: what it receives, how it is retried, how it
+/// encodes.
+#[derive(Debug, Clone)]
 pub struct Route {
     pub name: SinkName,
     pub kinds: Vec<EventKind>,
@@ -88,6 +108,20 @@ pub struct Route {
 }
 
 impl Route {
+    pub fn new(
+        name: SinkName,
+        kinds: Vec<EventKind>,
+        delivery: DeliveryPolicy,
+        sink: Sink,
+    ) -> Route {
+        Route {
+            name,
+            kinds,
+            delivery,
+            sink,
+        }
+    }
+
     /// Whether this sink gets a delivery row for `event` at all.
     pub fn accepts(&self, event: &Event) -> bool {
         if !self.kinds.contains(&event.kind) {
@@ -107,6 +141,10 @@ impl Route {
     pub fn classifier(&self) -> Classify {
         self.sink.classifier()
     }
+
+    pub fn secrets(&self) -> Vec<String> {
+        self.sink.secrets()
+    }
 }
 
 /// The enabled sinks, in config order (the bot first).
@@ -116,13 +154,9 @@ pub struct Sinks {
 }
 
 impl Sinks {
-    pub fn from_config(config: &Config) -> Sinks {
-        let routes = config
-            .sinks
-            .iter()
-            .map(|sink_config| route(config, sink_config))
-            .map(Arc::new)
-            .collect();
+    /// The routes the config validated (`Config::sinks`).
+    pub fn new(routes: &[Route]) -> Sinks {
+        let routes = routes.iter().cloned().map(Arc::new).collect();
         Sinks { routes }
     }
 
@@ -144,78 +178,41 @@ impl Sinks {
     }
 }
 
-fn route(config: &Config, sink_config: &SinkConfig) -> Route {
-    let names = sink_config.names.clone();
-    let sink = match &sink_config.settings {
-        SinkSettings::Bot { url } => Sink::Bot(bot::Bot {
-            url: url.clone(),
-            app_secret: config.messenger.app_secret.clone(),
-        }),
-        SinkSettings::Kochava {
-            url,
-            app_id,
-            include_text,
-        } => Sink::Kochava(kochava::Kochava {
-            url: url.clone(),
-            app_id: app_id.clone(),
-            include_text: *include_text,
-            names,
-        }),
-        SinkSettings::KochavaSmartlink {
-            impression_url,
-            click_url,
-            smartlink_prefix,
-            click_payloads,
-        } => Sink::KochavaSmartlink(kochava::Smartlink {
-            impression_url: impression_url.clone(),
-            click_url: click_url.clone(),
-            smartlink_prefix: smartlink_prefix.clone(),
-            click_payloads: click_payloads.clone(),
-        }),
-        SinkSettings::Dashbot { url, api_key } => Sink::Dashbot(dashbot::Dashbot {
-            url: url.clone(),
-            api_key: api_key.clone(),
-            names,
-        }),
-        SinkSettings::PageActivities {
-            app_id,
-            api_version,
-            page_tokens,
-            logging_target,
-        } => Sink::PageActivities(page_activities::PageActivities {
-            base_url: config.graph.base_url.clone(),
-            app_id: app_id.clone(),
-            api_version: api_version.clone(),
-            page_tokens: page_tokens.clone(),
-            logging_target: logging_target.clone(),
-            app_secret: config.messenger.app_secret.clone(),
-            names,
-        }),
-        SinkSettings::Conversions {
-            api_version,
-            dataset_id,
-            dataset_ids,
-            access_token,
-            page_tokens,
-            partner_agent,
-        } => Sink::Conversions(conversions::Conversions {
-            base_url: config.graph.base_url.clone(),
-            api_version: api_version.clone(),
-            dataset_id: dataset_id.clone(),
-            dataset_ids: dataset_ids.clone(),
-            access_token: access_token.clone(),
-            page_tokens: page_tokens.clone(),
-            partner_agent: partner_agent.clone(),
-            app_secret: config.messenger.app_secret.clone(),
-            names,
-        }),
-    };
-    Route {
-        name: sink_config.name,
-        kinds: sink_config.kinds.clone(),
-        delivery: sink_config.delivery.clone(),
-        sink,
+/// Why a sink that has a table is not enabled: it lacks a credential or its URL. Not a problem
+/// with the config: the reason is logged once at start and shown by `check-config`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Disabled(pub String);
+
+impl From<&str> for Disabled {
+    fn from(reason: &str) -> Disabled {
+        Disabled(reason.to_owned())
     }
+}
+
+/// What a sink's table needs from the rest of the config.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// `messenger.app_secret`: the bot sink signs with it, the Graph sinks prove their tokens
+    /// with it (none when empty).
+    pub app_secret: &'a SecretString,
+    /// `messenger.app_id`: the app of `page_activities` when its table names none.
+    pub app_id: Option<&'a str>,
+    /// `graph.base_url`; `None` when it is not valid (a problem names it already).
+    pub graph_base_url: Option<&'a Url>,
+}
+
+/// What the config knows of a sink's table before it reads it.
+#[derive(Debug)]
+pub struct TableSpec {
+    /// The keys of the table besides the delivery keys (`check::DELIVERY_KEYS`), in the order
+    /// a problem lists them; `names` when it takes `[<table>.names]`.
+    pub keys: &'static [&'static str],
+    /// Those of `keys` whose values are secrets: a problem never quotes them.
+    pub secret_keys: &'static [&'static str],
+    /// The kinds the sink receives when its table has no `kinds` (SPEC §4).
+    pub kinds: &'static [EventKind],
+    /// Its delivery policy when the table sets none of the keys.
+    pub delivery: DeliveryPolicy,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -244,95 +241,17 @@ pub(crate) fn require_user(event: &Event) -> Result<&str, EncodeError> {
         .ok_or_else(|| EncodeError::Skip(format!("{} event has no user", event.kind)))
 }
 
-/// The page an event belongs to; when it names none (a custom event posted without `pageId`)
-/// and the sink knows exactly one page, that page.
-pub(crate) fn page_of<'a, V>(
-    event: &'a Event,
-    pages: &'a BTreeMap<String, V>,
-) -> Result<&'a str, EncodeError> {
-    if let Some(page) = event.page_id.as_deref().filter(|page| !page.is_empty()) {
-        return Ok(page);
-    }
-    match pages.keys().next() {
-        Some(only) if pages.len() == 1 => Ok(only),
-        Some(_) => Err(EncodeError::Invalid(format!(
-            "{} event has no page id and the sink serves several pages",
-            event.kind
-        ))),
-        None => Err(EncodeError::Invalid(format!(
-            "{} event has no page id",
-            event.kind
-        ))),
-    }
-}
-
-/// `{base_url}/{segments…}?access_token=<token>[&appsecret_proof=<proof>]` for a Graph call.
-/// Errors never contain the token.
-pub(crate) fn graph_url(
-    base_url: &Url,
-    segments: &[&str],
-    access_token: &SecretString,
-    app_secret: &SecretString,
-) -> Result<String, EncodeError> {
-    let mut url = base_url.clone();
-    url.path_segments_mut()
-        .map_err(|()| {
-            EncodeError::Invalid(format!("graph.base_url `{base_url}` cannot take a path"))
-        })?
-        .pop_if_empty()
-        .extend(segments);
-    let token = access_token.expose_secret();
-    let secret = app_secret.expose_secret();
-    {
-        let mut query = url.query_pairs_mut();
-        query.append_pair("access_token", token);
-        if !secret.is_empty() {
-            query.append_pair(
-                "appsecret_proof",
-                &appsecret_proof(secret.as_bytes(), token),
-            );
-        }
-    }
-    Ok(url.into())
-}
-
 #[cfg(test)]
 pub(crate) mod testing {
-    //! Test support for the encoder snapshots: events from the fixtures and by hand, and a
-    //! readable rendering of a request.
+    //! Test support for the encoder snapshots and other modules' tests: events made by hand,
+    //! and a readable rendering of a request. (Events from the webhook fixtures, which need
+    //! `ingest`, are in `fixtures`, private to the sinks.)
 
     use super::*;
-    use crate::event::{Custom, EventId, Outgoing, Source};
-    use crate::ingest::messenger::normalize;
-    use crate::ingest::verify::{SignatureHeaders, sign_sha256, verify_webhook};
-    use bytes::Bytes;
+    use crate::event::{Custom, EventId, Source};
     use serde_json::{Value, json};
 
     pub type TestResult = Result<(), Box<dyn std::error::Error>>;
-
-    /// The events of `tests/data/messenger/<name>.json`, normalized as ingest does.
-    pub fn fixture_events(name: &str) -> Result<Vec<Event>, Box<dyn std::error::Error>> {
-        let path = format!(
-            "{}/tests/data/messenger/{name}.json",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let body = std::fs::read(path)?;
-        let header = sign_sha256(b"secret", &body);
-        let headers = SignatureHeaders {
-            sha256: Some(&header),
-            sha1: None,
-        };
-        let verified = verify_webhook(b"secret", false, headers, Bytes::from(body))?;
-        Ok(normalize(&verified, 1_700_000_000_000)?.events)
-    }
-
-    /// The first event of `kind` in a fixture.
-    pub fn fixture_event(name: &str, kind: EventKind) -> Result<Event, Box<dyn std::error::Error>> {
-        fixture_events(name)?
-            .into_iter()
-            .find(|event| event.kind == kind)
-            .ok_or_else(|| format!("no {kind} event in {name}").into())
-    }
 
     /// An event as `POST /events` would store it.
     pub fn custom(kind: EventKind, event_type: &str, name: &str, extra: Value) -> Event {
@@ -377,6 +296,70 @@ pub(crate) mod testing {
         event
     }
 
+    /// Method and URL, headers, then the body (pretty-printed when it is JSON).
+    pub fn render(request: &Request) -> String {
+        let mut out = format!("{} {}\n", request.method.as_str(), request.url);
+        for (name, value) in &request.headers {
+            out.push_str(&format!("{name}: {value}\n"));
+        }
+        if let Some(body) = &request.body {
+            out.push('\n');
+            match serde_json::from_slice::<Value>(body) {
+                Ok(json) => out.push_str(&serde_json::to_string_pretty(&json).unwrap_or_default()),
+                Err(_) => out.push_str(&String::from_utf8_lossy(body)),
+            }
+            out.push('\n');
+        }
+        out
+    }
+
+    /// The body of a request as JSON (`Null` when there is none or it is not JSON).
+    pub fn body_json(request: &Request) -> Value {
+        request
+            .body
+            .as_ref()
+            .and_then(|body| serde_json::from_slice(body).ok())
+            .unwrap_or(Value::Null)
+    }
+}
+
+#[cfg(test)]
+mod fixtures {
+    //! Events as ingest makes them, for the encoder tests: from the webhook fixtures, and a bot
+    //! send as `/outgoing` reports it.
+
+    use super::*;
+    use crate::event::{EventId, Outgoing, Source};
+    use crate::ingest::messenger::normalize;
+    use crate::ingest::verify::{SignatureHeaders, verify_webhook};
+    use crate::signing::sign_sha256;
+    use bytes::Bytes;
+    use serde_json::json;
+
+    /// The events of `tests/data/messenger/<name>.json`, normalized as ingest does.
+    pub fn fixture_events(name: &str) -> Result<Vec<Event>, Box<dyn std::error::Error>> {
+        let path = format!(
+            "{}/tests/data/messenger/{name}.json",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let body = std::fs::read(path)?;
+        let header = sign_sha256(b"secret", &body);
+        let headers = SignatureHeaders {
+            sha256: Some(&header),
+            sha1: None,
+        };
+        let verified = verify_webhook(b"secret", false, headers, Bytes::from(body))?;
+        Ok(normalize(&verified, 1_700_000_000_000)?.events)
+    }
+
+    /// The first event of `kind` in a fixture.
+    pub fn fixture_event(name: &str, kind: EventKind) -> Result<Event, Box<dyn std::error::Error>> {
+        fixture_events(name)?
+            .into_iter()
+            .find(|event| event.kind == kind)
+            .ok_or_else(|| format!("no {kind} event in {name}").into())
+    }
+
     /// A bot send reported through `/outgoing`, with a `web_url` button.
     pub fn outgoing() -> Event {
         let request = json!({
@@ -410,42 +393,18 @@ pub(crate) mod testing {
             webhook: None,
         }
     }
-
-    /// Method and URL, headers, then the body (pretty-printed when it is JSON).
-    pub fn render(request: &Request) -> String {
-        let mut out = format!("{} {}\n", request.method.as_str(), request.url);
-        for (name, value) in &request.headers {
-            out.push_str(&format!("{name}: {value}\n"));
-        }
-        if let Some(body) = &request.body {
-            out.push('\n');
-            match serde_json::from_slice::<Value>(body) {
-                Ok(json) => out.push_str(&serde_json::to_string_pretty(&json).unwrap_or_default()),
-                Err(_) => out.push_str(&String::from_utf8_lossy(body)),
-            }
-            out.push('\n');
-        }
-        out
-    }
-
-    /// The body of a request as JSON (`Null` when there is none or it is not JSON).
-    pub fn body_json(request: &Request) -> Value {
-        request
-            .body
-            .as_ref()
-            .and_then(|body| serde_json::from_slice(body).ok())
-            .unwrap_or(Value::Null)
-    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::fixtures::*;
     use super::testing::*;
     use super::*;
+    use crate::config::{Config, ConfigError};
     use serde_json::json;
     use std::collections::HashMap;
 
-    fn config(sinks: &str) -> Result<Config, crate::config::ConfigError> {
+    fn config(sinks: &str) -> Result<Config, ConfigError> {
         let text = format!(
             "[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n[graph]\nbase_url = \"http://graph.test/mock\"\n{sinks}"
         );
@@ -460,7 +419,7 @@ mod tests {
              [sinks.page_activities]\napp_id = \"1\"\npage_tokens = { \"1234567890\" = \"t\" }\n\
              [sinks.conversions]\ndataset_id = \"9\"\naccess_token = \"t\"\n",
         )?;
-        let sinks = Sinks::from_config(&config);
+        let sinks = Sinks::new(&config.sinks);
         let names: Vec<SinkName> = sinks.routes().iter().map(|route| route.name).collect();
         for name in [
             SinkName::Kochava,
@@ -488,7 +447,7 @@ mod tests {
     /// `leadEvent` included (§2.4), so each reaches Dashbot without a `kinds` list.
     #[test]
     fn every_custom_event_reaches_dashbot_by_default() -> TestResult {
-        let sinks = Sinks::from_config(&config("[sinks.dashbot]\napi_key = \"d\"\n")?);
+        let sinks = Sinks::new(&config("[sinks.dashbot]\napi_key = \"d\"\n")?.sinks);
         let events = [
             custom(EventKind::Custom, "customEvent", "trackMeEvent", json!({})),
             revenue(),
@@ -518,7 +477,7 @@ mod tests {
         let config = config(
             "[sinks.kochava]\napp_id = \"k\"\nclick_url = \"https://c.test/{fb_user_id}\"\n",
         )?;
-        let sinks = Sinks::from_config(&config);
+        let sinks = Sinks::new(&config.sinks);
         let message = fixture_event("message-text-quick-reply", EventKind::Message)?;
         let with_referral = fixture_event("message-ad-referral", EventKind::Message)?;
         assert_eq!(sinks.targets(&message), vec![SinkName::Kochava]);
@@ -526,31 +485,6 @@ mod tests {
             sinks.targets(&with_referral),
             vec![SinkName::Kochava, SinkName::KochavaSmartlink]
         );
-        Ok(())
-    }
-
-    #[test]
-    fn graph_urls_carry_the_token_and_its_proof() -> TestResult {
-        let url = graph_url(
-            &Url::parse("https://graph.facebook.com")?,
-            &["v20.0", "42", "page_activities"],
-            &SecretString::from("tok en"),
-            &SecretString::from("test_app_secret"),
-        )?;
-        let proof = appsecret_proof(b"test_app_secret", "tok en");
-        assert_eq!(
-            url,
-            format!(
-                "https://graph.facebook.com/v20.0/42/page_activities?access_token=tok+en&appsecret_proof={proof}"
-            )
-        );
-        let without = graph_url(
-            &Url::parse("http://127.0.0.1:9/")?,
-            &["v23.0", "7", "events"],
-            &SecretString::from("t"),
-            &SecretString::from(""),
-        )?;
-        assert_eq!(without, "http://127.0.0.1:9/v23.0/7/events?access_token=t");
         Ok(())
     }
 

@@ -1,15 +1,90 @@
 //! The `[sinks.page_activities]` sink (SPEC §4.4): Meta's Messaging Events API, `POST
 //! /{app_id}/page_activities` with the Page's token, one custom event per request. Served on
-//! Graph v20.0 and below only. Pure; the page token goes only into the query string.
+//! Graph v20.0 and below only. Pure; the page token goes only into the query string. Its
+//! table, `[sinks.page_activities]`, is read and validated here too.
 
+use crate::check::{Checker, DeliveryPolicy};
 use crate::delivery::{Method, Request};
 use crate::event::{Event, EventData, EventKind};
-use crate::sinks::{EncodeError, event_name, graph_url, page_of, require_user, seconds};
+use crate::sinks::graph::{self, graph_url, page_of};
+use crate::sinks::{Context, Disabled, EncodeError, TableSpec, event_name, require_user, seconds};
 use bytes::Bytes;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
 use serde_json::{Map, Value, json};
 use std::collections::BTreeMap;
 use url::Url;
+
+/// `[sinks.page_activities]` (SPEC §4.4).
+pub const SPEC: TableSpec = TableSpec {
+    keys: &[
+        "app_id",
+        "api_version",
+        "page_tokens",
+        "logging_target",
+        "names",
+    ],
+    secret_keys: &["page_tokens"],
+    kinds: &[EventKind::Revenue, EventKind::Lead, EventKind::Custom],
+    delivery: DeliveryPolicy::DEFAULT,
+};
+
+/// The keys of `[sinks.page_activities]` besides those every sink table takes.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Table {
+    app_id: Option<String>,
+    api_version: Option<String>,
+    page_tokens: Option<BTreeMap<String, String>>,
+    logging_target: Option<String>,
+}
+
+/// Validates `[sinks.page_activities]`: `Ok(None)` when a problem is recorded; disabled
+/// without an app id (its own or `messenger.app_id`) or a page token.
+pub fn from_table(
+    table: Table,
+    names: BTreeMap<EventKind, String>,
+    check: &mut Checker,
+    context: &Context,
+) -> Result<Option<PageActivities>, Disabled> {
+    let app_id = table
+        .app_id
+        .filter(|id| !id.is_empty())
+        .or_else(|| context.app_id.map(str::to_owned))
+        .ok_or("sinks.page_activities.app_id (or messenger.app_id) is not set")?;
+    let page_tokens = graph::page_tokens(table.page_tokens);
+    if page_tokens.is_empty() {
+        return Err("sinks.page_activities.page_tokens is empty".into());
+    }
+    let logging_target = table.logging_target.unwrap_or_else(|| "page".to_owned());
+    if !matches!(
+        logging_target.to_ascii_lowercase().as_str(),
+        "page" | "app" | "app_and_page"
+    ) {
+        check.problem(
+            "sinks.page_activities.logging_target",
+            "must be \"page\", \"app\" or \"app_and_page\"",
+        );
+    }
+    let api_version = graph::api_version(
+        check,
+        "sinks.page_activities.api_version",
+        table.api_version,
+        "v20.0",
+    );
+    let Some(base_url) = context.graph_base_url else {
+        return Ok(None);
+    };
+    Ok(Some(PageActivities {
+        base_url: base_url.clone(),
+        app_id,
+        api_version,
+        page_tokens,
+        logging_target,
+        app_secret: context.app_secret.clone(),
+        names,
+    }))
+}
 
 #[derive(Debug, Clone)]
 pub struct PageActivities {
@@ -27,6 +102,14 @@ pub struct PageActivities {
 }
 
 impl PageActivities {
+    /// The page tokens.
+    pub fn secrets(&self) -> Vec<String> {
+        self.page_tokens
+            .values()
+            .map(|token| token.expose_secret().to_owned())
+            .collect()
+    }
+
     /// `POST {graph}/{api_version}/{app_id}/page_activities?access_token=…[&appsecret_proof=…]`.
     ///
     /// revenue → `fb_mobile_purchase` with `_valueToSum` and `fb_currency`; lead →
@@ -112,7 +195,8 @@ pub fn valid_event_name(name: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::ingest::verify::appsecret_proof;
+    use crate::signing::appsecret_proof;
+    use crate::sinks::fixtures::*;
     use crate::sinks::testing::*;
     use insta::assert_snapshot;
 

@@ -34,8 +34,8 @@
 mod sqlite;
 
 use crate::clock::Millis;
-use crate::config::SinkName;
 use crate::event::Event;
+use crate::sink_name::SinkName;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, RwLock};

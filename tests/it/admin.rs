@@ -879,7 +879,7 @@ async fn sign_prints_a_curl_command_whose_signature_the_relay_accepts() -> TestR
     .await?;
     assert!(printed.status.success(), "{}", stderr(&printed));
     let text = stdout(&printed);
-    let expected = botrelay::ingest::verify::sign_sha256(APP_SECRET.as_bytes(), &body);
+    let expected = botrelay::signing::sign_sha256(APP_SECRET.as_bytes(), &body);
     assert!(
         text.starts_with(&format!("curl -sS -X POST '{url}'")),
         "{text}"

@@ -6,8 +6,8 @@ use crate::support::{
     text_message,
 };
 use botrelay::clock::now_ms;
-use botrelay::config::SinkName;
-use botrelay::ingest::verify::sign_sha256;
+use botrelay::signing::sign_sha256;
+use botrelay::sink_name::SinkName;
 use botrelay::store::DeadLetterFilter;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

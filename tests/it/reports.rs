@@ -4,7 +4,7 @@
 
 use crate::support::{MockSink, Reply, TestApp, TestResult, fixture, spawn_app, text_message};
 use botrelay::event::EventId;
-use botrelay::ingest::verify::sign_sha1;
+use botrelay::signing::sign_sha1;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 

@@ -10,7 +10,7 @@ use crate::support::{
     terminate, text_message,
 };
 use botrelay::clock::now_ms;
-use botrelay::ingest::verify::{appsecret_proof, sign_sha256};
+use botrelay::signing::{appsecret_proof, sign_sha256};
 use botrelay::store::DeadLetterFilter;
 use serde_json::value::RawValue;
 use serde_json::{Value, json};

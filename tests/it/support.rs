@@ -2,7 +2,7 @@
 //! and a signed-request builder.
 
 use botrelay::config::Config;
-use botrelay::ingest::verify::sign_sha256;
+use botrelay::signing::sign_sha256;
 use botrelay::store::Store;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! proxied call records (§2.5).
 
 use crate::support::*;
-use botrelay::ingest::verify::sign_sha256;
+use botrelay::signing::sign_sha256;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 

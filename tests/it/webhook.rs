@@ -3,7 +3,7 @@
 use crate::support::{
     APP_SECRET, TestResult, VERIFY_TOKEN, fixture, run_cli, spawn_app, stderr, stdout, text_message,
 };
-use botrelay::ingest::verify::{sign_sha1, sign_sha256};
+use botrelay::signing::{sign_sha1, sign_sha256};
 use std::time::Duration;
 
 const BOT: &str = "[bot]\nurl = \"http://127.0.0.1:9/unused\"\n";

@@ -4,7 +4,7 @@
 
 use super::*;
 use super::{StoreError, Wakers};
-use crate::config::SinkName;
+use crate::sink_name::SinkName;
 use rusqlite::Connection;
 use std::collections::BTreeSet;
 use std::fs::File;

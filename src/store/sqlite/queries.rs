@@ -5,8 +5,8 @@
 use super::engine::*;
 use super::*;
 use crate::clock::{Millis, millis};
-use crate::config::SinkName;
 use crate::event::Event;
+use crate::sink_name::SinkName;
 use crate::store::{
     ClaimBatch, Claimed, DeadLetter, DeadLetterFilter, DeliveryProbe, EnqueueReport, NewEvent,
     Purged, ReplayOutcome, Retention, Settle, SinkDepth, StoreError,
