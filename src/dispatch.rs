@@ -113,7 +113,9 @@ impl Dispatcher {
         grace: Duration,
     ) {
         let permits = Arc::new(Semaphore::new(route.delivery.concurrency));
-        let lease = route.delivery.timeout + LEASE_MARGIN;
+        let lease = self
+            .store
+            .claim_lease(route.delivery.timeout + LEASE_MARGIN);
         let mut attempts = JoinSet::new();
         // Claims go through the store's one writer, so they are batched: after an attempt
         // finishes, the loop claims again only once a quarter of the permits are free (or none
@@ -143,7 +145,7 @@ impl Dispatcher {
                             let this = self.clone();
                             let route = route.clone();
                             attempts.spawn(async move {
-                                this.attempt(&route, delivery).await;
+                                this.attempt(&route, delivery, lease).await;
                                 drop(permit);
                             });
                         }
@@ -182,7 +184,7 @@ impl Dispatcher {
     }
 
     /// One attempt of one delivery, recorded in the store whatever happens.
-    async fn attempt(&self, route: &Route, delivery: Claimed) {
+    async fn attempt(&self, route: &Route, mut delivery: Claimed, lease: Duration) {
         let span = tracing::info_span!(
             "delivery",
             event_id = %delivery.event.id,
@@ -199,7 +201,7 @@ impl Dispatcher {
                     .event
                     .user_id
                     .as_deref()
-                    .is_some_and(|user| self.paused.contains(user));
+                    .is_some_and(|user| self.store.is_paused(user));
             let settle = if paused {
                 Settle::Skipped {
                     reason: "user is paused".to_owned(),
@@ -221,10 +223,10 @@ impl Dispatcher {
                         attempted: false,
                     },
                     (Ok(request), None) => {
-                        let outcome = self
-                            .client
-                            .send(&request, route.delivery.timeout, route.classifier())
-                            .await;
+                        let send =
+                            self.client
+                                .send(&request, route.delivery.timeout, route.classifier());
+                        let outcome = self.keep_leased(&mut delivery, lease, send).await;
                         metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
                             .record(started.elapsed().as_secs_f64());
                         let mut settle = schedule(
@@ -260,6 +262,33 @@ impl Dispatcher {
         }
         .instrument(span)
         .await
+    }
+}
+
+impl Dispatcher {
+    /// Runs `attempt` while renewing the delivery's lease every third of it, so that a long
+    /// attempt keeps its claim while a killed relay's claims run out soon (the PostgreSQL
+    /// store's `store.lease`).
+    async fn keep_leased<T>(
+        &self,
+        delivery: &mut Claimed,
+        lease: Duration,
+        attempt: impl std::future::Future<Output = T>,
+    ) -> T {
+        let every = (lease / 3).max(Duration::from_millis(100));
+        let mut attempt = std::pin::pin!(attempt);
+        loop {
+            tokio::select! {
+                done = &mut attempt => return done,
+                () = tokio::time::sleep(every) => {
+                    match self.store.renew(delivery, now_ms(), lease).await {
+                        Ok(true) => {}
+                        Ok(false) => tracing::warn!("The delivery's lease was lost during its attempt; its outcome will not be recorded"),
+                        Err(error) => tracing::warn!(%error, "Cannot renew the delivery's lease"),
+                    }
+                }
+            }
+        }
     }
 }
 

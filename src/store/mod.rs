@@ -4,16 +4,19 @@
 //! [`Store`] is a cheap `Clone` handle. Writes go to ONE writer thread that commits many callers'
 //! writes in one transaction (group commit) and answers each caller only after that commit.
 //! Reads use a separate connection. The API speaks in events and deliveries, never in SQL, so a
-//! second backend (PostgreSQL, for several relays on one database) can sit behind it later.
+//! second backend (PostgreSQL, for several relays on one database: `postgres/`) sits behind it.
 
+#[cfg(test)]
+mod contract;
+mod postgres;
 mod sqlite;
 
 use crate::clock::Millis;
 use crate::config::SinkName;
 use crate::event::Event;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
 
@@ -202,6 +205,7 @@ impl Wakers {
 #[derive(Clone)]
 enum Backend {
     Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PostgresStore),
     /// Acknowledges every write without storing it: the baseline of the ingest benchmark.
     Discard,
 }
@@ -211,6 +215,9 @@ enum Backend {
 pub struct Store {
     backend: Backend,
     wakers: Arc<Wakers>,
+    /// The paused users as this process last stored or read them (SQLite and discard only:
+    /// one relay per store, so what it wrote is all there is).
+    local_paused: Arc<RwLock<HashSet<String>>>,
 }
 
 impl Store {
@@ -224,6 +231,24 @@ impl Store {
         Ok(Store {
             backend: Backend::Sqlite(backend),
             wakers,
+            local_paused: Arc::default(),
+        })
+    }
+
+    /// Connects to PostgreSQL at `url` (several relays may share one database), applies the
+    /// embedded migrations under an advisory lock, and starts the background tasks (the
+    /// enqueue batcher, the LISTEN connection). `lease` is what [`Store::claim_lease`] gives.
+    pub async fn open_postgres(
+        url: &str,
+        pool_size: usize,
+        lease: Duration,
+    ) -> Result<Store, StoreError> {
+        let wakers = Arc::new(Wakers::new());
+        let backend = postgres::PostgresStore::open(url, pool_size, lease, wakers.clone()).await?;
+        Ok(Store {
+            backend: Backend::Postgres(backend),
+            wakers,
+            local_paused: Arc::default(),
         })
     }
 
@@ -233,6 +258,57 @@ impl Store {
         Store {
             backend: Backend::Discard,
             wakers: Arc::new(Wakers::new()),
+            local_paused: Arc::default(),
+        }
+    }
+
+    /// How long a claim is leased. The embedded store frees a dead process's leases when it
+    /// opens the file, so it takes `default` (the attempt's timeout plus a margin); PostgreSQL
+    /// takes `store.lease`, which the dispatcher renews while an attempt runs, so that another
+    /// relay takes over a killed relay's deliveries soon.
+    pub fn claim_lease(&self, default: Duration) -> Duration {
+        match &self.backend {
+            Backend::Postgres(store) => store.lease(),
+            Backend::Sqlite(_) | Backend::Discard => default,
+        }
+    }
+
+    /// Whether `user` is paused (sync, from memory). PostgreSQL keeps its set fresh by
+    /// LISTEN/NOTIFY and a reload at least once a second, so a pause given to any relay holds
+    /// on every relay within a second.
+    pub fn is_paused(&self, user: &str) -> bool {
+        match &self.backend {
+            Backend::Postgres(store) => store.is_paused(user),
+            Backend::Sqlite(_) | Backend::Discard => self
+                .local_paused
+                .read()
+                .map(|users| users.contains(user))
+                .unwrap_or(false),
+        }
+    }
+
+    /// Extends the lease of `delivery` to `now + lease` if its claim still holds it: updates
+    /// `delivery.lease_until` and returns true; false when the lease was lost (the delivery
+    /// was claimed again, or settled).
+    pub async fn renew(
+        &self,
+        delivery: &mut Claimed,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<bool, StoreError> {
+        match &self.backend {
+            Backend::Postgres(store) => store.renew(delivery, now, lease).await,
+            // The embedded store's lease outlives the attempt (timeout + margin), and a
+            // restart frees it at once: nothing to extend.
+            Backend::Sqlite(_) | Backend::Discard => Ok(true),
+        }
+    }
+
+    /// Stops the background tasks and closes the connections (PostgreSQL); the embedded store
+    /// closes when its last handle is dropped.
+    pub async fn close(&self) {
+        if let Backend::Postgres(store) = &self.backend {
+            store.close().await;
         }
     }
 
@@ -249,6 +325,7 @@ impl Store {
     ) -> Result<EnqueueReport, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.enqueue(events, now).await,
+            Backend::Postgres(store) => store.enqueue(events, now).await,
             Backend::Discard => Ok(EnqueueReport {
                 stored: events.len(),
                 ..EnqueueReport::default()
@@ -266,6 +343,7 @@ impl Store {
     ) -> Result<ClaimBatch, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.claim(sink, limit, now, lease).await,
+            Backend::Postgres(store) => store.claim(sink, limit, now, lease).await,
             Backend::Discard => Ok(ClaimBatch::default()),
         }
     }
@@ -279,6 +357,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.settle(delivery, settle, now).await,
+            Backend::Postgres(store) => store.settle(delivery, settle, now).await,
             Backend::Discard => Ok(()),
         }
     }
@@ -293,6 +372,7 @@ impl Store {
     ) -> Result<ReplayOutcome, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.replay(filter, replayable, now).await,
+            Backend::Postgres(store) => store.replay(filter, replayable, now).await,
             Backend::Discard => Ok(ReplayOutcome::default()),
         }
     }
@@ -303,6 +383,7 @@ impl Store {
     ) -> Result<Vec<DeadLetter>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.dead_letters(filter).await,
+            Backend::Postgres(store) => store.dead_letters(filter).await,
             Backend::Discard => Ok(Vec::new()),
         }
     }
@@ -310,6 +391,7 @@ impl Store {
     pub async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.depth().await,
+            Backend::Postgres(store) => store.depth().await,
             Backend::Discard => Ok(HashMap::new()),
         }
     }
@@ -318,6 +400,7 @@ impl Store {
     pub async fn purge(&self, retention: Retention, now: Millis) -> Result<Purged, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.purge(retention, now).await,
+            Backend::Postgres(store) => store.purge(retention, now).await,
             Backend::Discard => Ok(Purged::default()),
         }
     }
@@ -329,22 +412,39 @@ impl Store {
         now: Millis,
     ) -> Result<(), StoreError> {
         match &self.backend {
-            Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await,
-            Backend::Discard => Ok(()),
+            Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await?,
+            Backend::Postgres(store) => {
+                return store.set_paused(user.to_owned(), paused, now).await;
+            }
+            Backend::Discard => {}
         }
+        if let Ok(mut users) = self.local_paused.write() {
+            if paused {
+                users.insert(user.to_owned());
+            } else {
+                users.remove(user);
+            }
+        }
+        Ok(())
     }
 
     pub async fn paused_users(&self) -> Result<Vec<(String, Millis)>, StoreError> {
-        match &self.backend {
-            Backend::Sqlite(store) => store.paused_users().await,
-            Backend::Discard => Ok(Vec::new()),
+        let users = match &self.backend {
+            Backend::Sqlite(store) => store.paused_users().await?,
+            Backend::Postgres(store) => return store.paused_users().await,
+            Backend::Discard => Vec::new(),
+        };
+        if let Ok(mut local) = self.local_paused.write() {
+            *local = users.iter().map(|(user, _)| user.clone()).collect();
         }
+        Ok(users)
     }
 
     /// A small durable write: true when the store takes writes now.
     pub async fn is_writable(&self, now: Millis) -> bool {
         match &self.backend {
             Backend::Sqlite(store) => store.probe(now).await.is_ok(),
+            Backend::Postgres(store) => store.probe(now).await.is_ok(),
             Backend::Discard => true,
         }
     }
