@@ -125,7 +125,17 @@ impl Target {
             _ => {}
         }
         let closed = matches!(&error, PgError::Postgres(inner) if inner.is_closed());
-        let text = self.scrub(&error.to_string());
+        // The causes too: the pool's "error connecting to server" says why only there.
+        let mut text = error.to_string();
+        let mut cause = std::error::Error::source(&error);
+        while let Some(inner) = cause {
+            let more = inner.to_string();
+            if !text.contains(&more) {
+                text = format!("{text}: {more}");
+            }
+            cause = inner.source();
+        }
+        let text = self.scrub(&text);
         if closed {
             tracing::warn!(database = %self.described, error = %text, "Lost the database connection");
         }

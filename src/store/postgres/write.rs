@@ -66,7 +66,7 @@ const INSERT_DELIVERIES: &str = "
     ORDER BY n";
 
 /// Lets the oldest waiting delivery of lane ($1, $2) go, if the lane has no head.
-const PROMOTE: &str = "
+pub(super) const PROMOTE: &str = "
     UPDATE deliveries SET state = 'pending', due_at = $3, updated_at = $3
     WHERE id = (SELECT id FROM deliveries WHERE sink = $1 AND lane = $2 AND state = 'waiting'
                 ORDER BY id LIMIT 1)
