@@ -1616,7 +1616,7 @@ mod tests {
                 "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`",
                 "server.max_body_bytes: expected a whole number, found string \"lots\"",
                 "sinks.nope: unknown key; expected one of `kochava`, `dashbot`, `page_activities`, `conversions`",
-                "store.retension: unknown key; expected one of `path`, `url`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",
+                "store.retension: unknown key; expected one of `path`, `url`, `pool_size`, `lease`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",
                 "bot.backoff: `soon` is not a duration like \"250ms\", \"30s\", \"15m\", \"3d\" (expected number at 0)",
             ]
         );
@@ -1767,6 +1767,49 @@ mod tests {
                 .iter()
                 .any(|secret| secret == "hunter2pass")
         );
+        Ok(())
+    }
+
+    /// `store.url` selects PostgreSQL; `pool_size` and `lease` have their defaults and bounds;
+    /// a bad URL is named without its password, and the password is a secret.
+    #[test]
+    fn store_url_selects_postgres_and_is_validated() -> Result<(), ConfigError> {
+        let config = Config::from_sources(MINIMAL, HashMap::new())?;
+        assert!(config.store.url.is_none());
+        assert_eq!(config.store.pool_size, 16);
+        assert_eq!(config.store.lease, Duration::from_secs(30));
+        let config = Config::from_sources(
+            &format!(
+                "{MINIMAL}[store]\nurl = \"postgres://relay:pg-hunter2@db.example:5433/botrelay?sslmode=require\"\n\
+                 pool_size = 4\nlease = \"5s\"\n"
+            ),
+            HashMap::new(),
+        )?;
+        assert!(config.store.url.is_some());
+        assert_eq!(config.store.pool_size, 4);
+        assert_eq!(config.store.lease, Duration::from_secs(5));
+        assert!(config.secrets().iter().any(|secret| secret == "pg-hunter2"));
+        // From the environment too, over a file that names a path.
+        let config = Config::from_sources(
+            &format!("{MINIMAL}[store]\npath = \"data/x.db\"\n"),
+            env(&[("BOTRELAY__STORE__URL", "postgresql://db.example/botrelay")]),
+        )?;
+        assert!(config.store.url.is_some());
+        for (store, expected) in [
+            (
+                "url = \"mysql://relay:pg-hunter2@db.example/x\"",
+                "store.url: `mysql://[redacted]@db.example/x` is not a postgres://user@host:port/database URL",
+            ),
+            (
+                "url = \"postgres://relay:pg-hunter2@db.example/x?sslmode=bogus\"",
+                "store.url: `postgres://[redacted]@db.example/x?sslmode=bogus` has an option this relay does not know (sslmode may be disable, prefer or require)",
+            ),
+            ("pool_size = 0", "store.pool_size: must be at least 1"),
+            ("lease = \"0s\"", "store.lease: must be longer than 0"),
+        ] {
+            let found = problems(&format!("{MINIMAL}[store]\n{store}\n"), &[]);
+            assert_eq!(found, [expected]);
+        }
         Ok(())
     }
 

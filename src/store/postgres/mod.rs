@@ -119,10 +119,9 @@ impl Target {
     /// The error as the rest of the relay sees it: full disk and lost connections by kind,
     /// everything else as scrubbed text that names the database.
     fn error(&self, error: PgError) -> StoreError {
-        match error.code() {
-            // disk_full, insufficient_resources, out_of_memory
-            Some("53100" | "53000") => return StoreError::Full,
-            _ => {}
+        // disk_full, insufficient_resources
+        if let Some("53100" | "53000") = error.code() {
+            return StoreError::Full;
         }
         let closed = matches!(&error, PgError::Postgres(inner) if inner.is_closed());
         // The causes too: the pool's "error connecting to server" says why only there.

@@ -213,7 +213,7 @@ async fn two_relays_never_share_a_lane_and_keep_each_users_order() -> TestResult
     let held: Arc<Mutex<HashSet<String>>> = Arc::default();
     let order: Arc<Mutex<HashMap<String, Vec<usize>>>> = Arc::default();
     let mut workers = tokio::task::JoinSet::new();
-    for store in stores.iter().cloned() {
+    for store in &stores {
         for _ in 0..2 {
             let (store, held, order) = (store.clone(), held.clone(), order.clone());
             workers.spawn(async move {
@@ -266,7 +266,7 @@ async fn two_relays_never_share_a_lane_and_keep_each_users_order() -> TestResult
     while let Some(worker) = workers.join_next().await {
         worker??;
     }
-    let order = order.lock().unwrap();
+    let order = order.lock().unwrap().clone();
     assert_eq!(order.len(), USERS);
     for (user, sequence) in order.iter() {
         assert_eq!(
