@@ -49,8 +49,21 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let store = Store::open_sqlite(&config.store.path, config.store.max_bytes)
-        .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?;
+    let store = match &config.store.url {
+        Some(url) => {
+            use secrecy::ExposeSecret;
+            // The error names the database without its user and password.
+            Store::open_postgres(
+                url.expose_secret(),
+                config.store.pool_size,
+                config.store.lease,
+            )
+            .await
+            .context("cannot open the PostgreSQL store")?
+        }
+        None => Store::open_sqlite(&config.store.path, config.store.max_bytes)
+            .with_context(|| format!("cannot open the store at {}", config.store.path.display()))?,
+    };
     let result = run_with_store(config, store.clone(), listeners, shutdown).await;
     store.close().await;
     result

@@ -111,6 +111,8 @@ struct RawDashbot {
 struct RawStore {
     path: Option<String>,
     url: Option<String>,
+    pool_size: Option<Count>,
+    lease: Option<String>,
     dedupe_window: Option<String>,
     retention: Option<String>,
     dead_letter_retention: Option<String>,
@@ -192,6 +194,13 @@ pub struct DashbotConfig {
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub path: PathBuf,
+    /// `postgres://…`: the PostgreSQL store (several relays on one database) instead of `path`.
+    pub url: Option<SecretString>,
+    /// The most connections this relay opens to PostgreSQL.
+    pub pool_size: usize,
+    /// How long a PostgreSQL claim is leased (renewed while its attempt runs): how soon
+    /// another relay takes over the deliveries of a relay that died.
+    pub lease: Duration,
     pub dedupe_window: Duration,
     pub retention: Duration,
     pub dead_letter_retention: Duration,
@@ -265,6 +274,18 @@ impl Config {
             self.messenger.verify_token.expose_secret().to_owned(),
         ];
         let optional = [&self.admin.token, &self.ingest.token, &self.dashbot.secret];
+        // The database password, as written in the URL and decoded.
+        if let Some(url) = &self.store.url
+            && let Ok(url) = Url::parse(url.expose_secret())
+            && let Some(password) = url.password()
+        {
+            secrets.push(password.to_owned());
+            if let Ok(config) = url.as_str().parse::<tokio_postgres::Config>()
+                && let Some(decoded) = config.get_password()
+            {
+                secrets.push(String::from_utf8_lossy(decoded).into_owned());
+            }
+        }
         secrets.extend(
             optional
                 .into_iter()
@@ -383,11 +404,23 @@ fn validate(raw: RawConfig, foreign: &BTreeSet<String>) -> Result<Config, Config
         Duration::from_secs(30),
     );
 
-    if raw.store.url.is_some() {
-        check.problem(
-            "store.url",
-            "the PostgreSQL backend is not part of this build yet; use store.path (the embedded SQLite store)",
-        );
+    let store_url =
+        secret(raw.store.url).filter(|url| postgres_url(&mut check, url.expose_secret()));
+    let pool_size = match raw.store.pool_size {
+        None => 16,
+        Some(Count(0)) => {
+            check.problem("store.pool_size", "must be at least 1");
+            16
+        }
+        Some(Count(size)) => usize::try_from(size).unwrap_or(usize::MAX),
+    };
+    let lease = check.duration(
+        "store.lease",
+        raw.store.lease.as_deref(),
+        Duration::from_secs(30),
+    );
+    if lease.is_zero() {
+        check.problem("store.lease", "must be longer than 0");
     }
     let day = Duration::from_secs(24 * 3600);
     let store = StoreConfig {
@@ -396,6 +429,9 @@ fn validate(raw: RawConfig, foreign: &BTreeSet<String>) -> Result<Config, Config
                 .path
                 .unwrap_or_else(|| "data/botrelay.db".to_owned()),
         ),
+        url: store_url,
+        pool_size,
+        lease,
         dedupe_window: check.duration(
             "store.dedupe_window",
             raw.store.dedupe_window.as_deref(),
@@ -441,6 +477,26 @@ fn validate(raw: RawConfig, foreign: &BTreeSet<String>) -> Result<Config, Config
         sinks: sinks.enabled,
         disabled_sinks: sinks.disabled,
     })
+}
+
+/// Whether `text` is a PostgreSQL URL the store can use; a problem names what is wrong
+/// without quoting the URL's `user:password@`.
+fn postgres_url(check: &mut Checker, text: &str) -> bool {
+    let shown = crate::check::without_userinfo(text);
+    let problem = match Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "postgres" | "postgresql") => {
+            match text.parse::<tokio_postgres::Config>() {
+                Ok(_) if url.host_str().is_some_and(|host| !host.is_empty()) => return true,
+                Ok(_) => format!("`{shown}` names no host"),
+                Err(_) => format!(
+                    "`{shown}` has an option this relay does not know (sslmode may be disable, prefer or require)"
+                ),
+            }
+        }
+        Ok(_) | Err(_) => format!("`{shown}` is not a postgres://user@host:port/database URL"),
+    };
+    check.problem("store.url", problem);
+    false
 }
 
 #[cfg(test)]
@@ -650,6 +706,48 @@ mod tests {
             ]),
         )?;
         assert_eq!(config.server.listen.to_string(), "0.0.0.0:8080");
+        Ok(())
+    }
+    /// `store.url` selects PostgreSQL; `pool_size` and `lease` have their defaults and bounds;
+    /// a bad URL is named without its password, and the password is a secret.
+    #[test]
+    fn store_url_selects_postgres_and_is_validated() -> Result<(), ConfigError> {
+        let config = Config::from_sources(MINIMAL, HashMap::new())?;
+        assert!(config.store.url.is_none());
+        assert_eq!(config.store.pool_size, 16);
+        assert_eq!(config.store.lease, Duration::from_secs(30));
+        let config = Config::from_sources(
+            &format!(
+                "{MINIMAL}[store]\nurl = \"postgres://relay:pg-hunter2@db.example:5433/botrelay?sslmode=require\"\n\
+                 pool_size = 4\nlease = \"5s\"\n"
+            ),
+            HashMap::new(),
+        )?;
+        assert!(config.store.url.is_some());
+        assert_eq!(config.store.pool_size, 4);
+        assert_eq!(config.store.lease, Duration::from_secs(5));
+        assert!(config.secrets().iter().any(|secret| secret == "pg-hunter2"));
+        // From the environment too, over a file that names a path.
+        let config = Config::from_sources(
+            &format!("{MINIMAL}[store]\npath = \"data/x.db\"\n"),
+            env(&[("BOTRELAY__STORE__URL", "postgresql://db.example/botrelay")]),
+        )?;
+        assert!(config.store.url.is_some());
+        for (store, expected) in [
+            (
+                "url = \"mysql://relay:pg-hunter2@db.example/x\"",
+                "store.url: `mysql://[redacted]@db.example/x` is not a postgres://user@host:port/database URL",
+            ),
+            (
+                "url = \"postgres://relay:pg-hunter2@db.example/x?sslmode=bogus\"",
+                "store.url: `postgres://[redacted]@db.example/x?sslmode=bogus` has an option this relay does not know (sslmode may be disable, prefer or require)",
+            ),
+            ("pool_size = 0", "store.pool_size: must be at least 1"),
+            ("lease = \"0s\"", "store.lease: must be longer than 0"),
+        ] {
+            let found = problems(&format!("{MINIMAL}[store]\n{store}\n"), &[]);
+            assert_eq!(found, [expected]);
+        }
         Ok(())
     }
 }

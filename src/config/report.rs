@@ -327,7 +327,7 @@ mod tests {
                 "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`",
                 "server.max_body_bytes: expected a whole number, found string \"lots\"",
                 "sinks.nope: unknown key; expected one of `kochava`, `dashbot`, `page_activities`, `conversions`",
-                "store.retension: unknown key; expected one of `path`, `url`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",
+                "store.retension: unknown key; expected one of `path`, `url`, `pool_size`, `lease`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",
                 "bot.backoff: `soon` is not a duration like \"250ms\", \"30s\", \"15m\", \"3d\" (expected number at 0)",
             ]
         );

@@ -68,7 +68,9 @@ impl Dispatcher {
         grace: Duration,
     ) {
         let permits = Arc::new(Semaphore::new(route.delivery.concurrency));
-        let lease = route.delivery.timeout + LEASE_MARGIN;
+        let lease = self
+            .store
+            .claim_lease(route.delivery.timeout + LEASE_MARGIN);
         let mut attempts = JoinSet::new();
         // Claims go through the store's one writer, so they are batched: after an attempt
         // finishes, the loop claims again only once a quarter of the permits are free (or none

@@ -28,9 +28,14 @@
 //! 8. [`Store::close`] stops the backend and releases what it holds (SQLite's file lock) before
 //!    it returns.
 //!
-//! Backends: `sqlite` (the embedded default: one relay owns one file) and `Discard` (the
-//! ingest benchmark's baseline, which stores nothing). The `contract` tests run against each.
+//! Backends: `sqlite` (the embedded default: one relay owns one file), `postgres` (several
+//! relays on one database: claims, leases and lane heads in the database, wake-ups and pauses
+//! by LISTEN/NOTIFY) and `Discard` (the ingest benchmark's baseline, which stores nothing). The
+//! `contract` tests run against both real backends.
 
+#[cfg(test)]
+mod contract;
+mod postgres;
 mod sqlite;
 
 use crate::clock::Millis;
@@ -283,6 +288,8 @@ impl Wakers {
 #[derive(Clone)]
 enum Backend {
     Sqlite(sqlite::SqliteStore),
+    /// Several relays on one database.
+    Postgres(postgres::PostgresStore),
     /// Acknowledges every write without storing it: the baseline of the ingest benchmark.
     Discard,
 }
@@ -312,6 +319,23 @@ impl Store {
         })
     }
 
+    /// Connects to PostgreSQL at `url` (several relays may share one database), applies the
+    /// embedded migrations under an advisory lock, and starts the background tasks (the
+    /// enqueue batcher, the LISTEN connection). `lease` is what [`Store::claim_lease`] gives.
+    pub async fn open_postgres(
+        url: &str,
+        pool_size: usize,
+        lease: Duration,
+    ) -> Result<Store, StoreError> {
+        let wakers = Arc::new(Wakers::new());
+        let backend = postgres::PostgresStore::open(url, pool_size, lease, wakers.clone()).await?;
+        Ok(Store {
+            backend: Backend::Postgres(backend),
+            wakers,
+            paused: Arc::default(),
+        })
+    }
+
     /// A store that forgets everything: only for measuring the HTTP path without storage.
     #[doc(hidden)]
     pub fn discarding() -> Store {
@@ -335,6 +359,7 @@ impl Store {
     ) -> Result<EnqueueReport, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.enqueue(events, now).await,
+            Backend::Postgres(store) => store.enqueue(events, now).await,
             Backend::Discard => Ok(EnqueueReport {
                 stored: events.len(),
                 ..EnqueueReport::default()
@@ -352,6 +377,7 @@ impl Store {
     ) -> Result<ClaimBatch, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.claim(sink, limit, now, lease).await,
+            Backend::Postgres(store) => store.claim(sink, limit, now, lease).await,
             Backend::Discard => Ok(ClaimBatch::default()),
         }
     }
@@ -365,6 +391,7 @@ impl Store {
     ) -> Result<(), StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.settle(delivery, settle, now).await,
+            Backend::Postgres(store) => store.settle(delivery, settle, now).await,
             Backend::Discard => Ok(()),
         }
     }
@@ -379,6 +406,7 @@ impl Store {
     ) -> Result<ReplayOutcome, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.replay(filter, replayable, now).await,
+            Backend::Postgres(store) => store.replay(filter, replayable, now).await,
             Backend::Discard => Ok(ReplayOutcome::default()),
         }
     }
@@ -389,6 +417,7 @@ impl Store {
     ) -> Result<Vec<DeadLetter>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.dead_letters(filter).await,
+            Backend::Postgres(store) => store.dead_letters(filter).await,
             Backend::Discard => Ok(Vec::new()),
         }
     }
@@ -396,6 +425,7 @@ impl Store {
     pub async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.depth().await,
+            Backend::Postgres(store) => store.depth().await,
             Backend::Discard => Ok(HashMap::new()),
         }
     }
@@ -404,6 +434,7 @@ impl Store {
     pub async fn purge(&self, retention: Retention, now: Millis) -> Result<Purged, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.purge(retention, now).await,
+            Backend::Postgres(store) => store.purge(retention, now).await,
             Backend::Discard => Ok(Purged::default()),
         }
     }
@@ -418,15 +449,32 @@ impl Store {
         let _one_at_a_time = self.paused.changes.lock().await;
         match &self.backend {
             Backend::Sqlite(store) => store.set_paused(user.to_owned(), paused, now).await?,
+            Backend::Postgres(store) => store.set_paused(user.to_owned(), paused, now).await?,
             Backend::Discard => {}
         }
         self.paused.set(user, paused);
         Ok(())
     }
 
-    /// Whether nothing from `user` may reach the bot now. Answered from memory.
+    /// Whether nothing from `user` may reach the bot now. Answered from memory: PostgreSQL
+    /// keeps its set fresh by LISTEN/NOTIFY and a reload at least once a second, so a pause
+    /// given to any relay holds on every relay within a second.
     pub fn is_paused(&self, user: &str) -> bool {
-        self.paused.contains(user)
+        match &self.backend {
+            Backend::Postgres(store) => store.is_paused(user),
+            Backend::Sqlite(_) | Backend::Discard => self.paused.contains(user),
+        }
+    }
+
+    /// How long a claim is leased. The embedded store frees a dead process's leases when it
+    /// opens the file, so it takes `default` (the attempt's timeout plus a margin); PostgreSQL
+    /// takes `store.lease`, renewed while an attempt runs, so that another relay takes over a
+    /// killed relay's deliveries soon.
+    pub fn claim_lease(&self, default: Duration) -> Duration {
+        match &self.backend {
+            Backend::Postgres(store) => store.lease(),
+            Backend::Sqlite(_) | Backend::Discard => default,
+        }
     }
 
     /// Extends `delivery`'s lease to `now + lease` while its claim still holds it; false when
@@ -440,6 +488,8 @@ impl Store {
         let until = now.saturating_add(crate::clock::millis(lease));
         let renewed = match &self.backend {
             Backend::Sqlite(store) => store.renew(delivery, until, now).await?,
+            // Updates `lease_until` itself.
+            Backend::Postgres(store) => return store.renew(delivery, now, lease).await,
             Backend::Discard => true,
         };
         if renewed {
@@ -453,6 +503,7 @@ impl Store {
     pub async fn close(&self) {
         match &self.backend {
             Backend::Sqlite(store) => store.close().await,
+            Backend::Postgres(store) => store.close().await,
             Backend::Discard => {}
         }
     }
@@ -462,6 +513,7 @@ impl Store {
     pub async fn probe_deliveries(&self) -> Result<Vec<DeliveryProbe>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.probe_deliveries().await,
+            Backend::Postgres(store) => store.probe_deliveries().await,
             Backend::Discard => Ok(Vec::new()),
         }
     }
@@ -471,6 +523,7 @@ impl Store {
     pub async fn probe_events(&self) -> Result<Vec<Event>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.probe_events().await,
+            Backend::Postgres(store) => store.probe_events().await,
             Backend::Discard => Ok(Vec::new()),
         }
     }
@@ -478,6 +531,7 @@ impl Store {
     pub async fn paused_users(&self) -> Result<Vec<(String, Millis)>, StoreError> {
         match &self.backend {
             Backend::Sqlite(store) => store.paused_users().await,
+            Backend::Postgres(store) => store.paused_users().await,
             Backend::Discard => Ok(Vec::new()),
         }
     }
@@ -486,6 +540,7 @@ impl Store {
     pub async fn is_writable(&self, now: Millis) -> bool {
         match &self.backend {
             Backend::Sqlite(store) => store.probe(now).await.is_ok(),
+            Backend::Postgres(store) => store.probe(now).await.is_ok(),
             Backend::Discard => true,
         }
     }
