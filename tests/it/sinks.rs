@@ -53,9 +53,6 @@ const USER_BUY: &str = "6120938475610293";
 /// How long a test watches for a request that must not come once everything settled.
 const QUIET: Duration = Duration::from_millis(300);
 
-/// Fast retries for a sink table.
-const FAST: &str = FAST_RETRY;
-
 /// A fixture with its placeholders replaced by realistic ids.
 fn fixture_with(name: &str, replacements: &[(&str, &str)]) -> TestResult<Vec<u8>> {
     let mut text = String::from_utf8(fixture(name))?;
@@ -247,14 +244,14 @@ async fn every_input_reaches_exactly_its_sinks_in_the_contracts_bytes() -> TestR
     let config = format!(
         "[ingest]\ntoken = \"{INGEST_TOKEN}\"\n\
          [graph]\nbase_url = \"{graph}\"\n\
-         [bot]\nurl = \"{bot}\"\n{FAST}\
-         [sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n{FAST}\
+         [bot]\nurl = \"{bot}\"\n{FAST_RETRY}\
+         [sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n{FAST_RETRY}\
          impression_url = \"{impression}\"\nclick_url = \"{click}\"\n\
          smartlink_prefix = \"https://bot.smart.link/\"\nclick_payloads = [\"GET_THE_APP\"]\n\
-         [sinks.dashbot]\nurl = \"{dashbot}\"\napi_key = \"{DASHBOT_KEY}\"\n{FAST}\
-         [sinks.page_activities]\napp_id = \"{PA_APP_ID}\"\npage_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\" }}\n{FAST}\
+         [sinks.dashbot]\nurl = \"{dashbot}\"\napi_key = \"{DASHBOT_KEY}\"\n{FAST_RETRY}\
+         [sinks.page_activities]\napp_id = \"{PA_APP_ID}\"\npage_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\" }}\n{FAST_RETRY}\
          [sinks.conversions]\napi_version = \"v23.0\"\ndataset_id = \"{DATASET}\"\n\
-         access_token = \"{CAPI_TOKEN}\"\npartner_agent = \"botrelay\"\n{FAST}",
+         access_token = \"{CAPI_TOKEN}\"\npartner_agent = \"botrelay\"\n{FAST_RETRY}",
         graph = graph.url(""),
         bot = bot.url("/webhook"),
         kochava = kochava.url("/track/json"),
@@ -860,9 +857,9 @@ async fn graph_rate_limits_are_retried_and_token_errors_dead_letter_without_the_
         "[ingest]\ntoken = \"{INGEST_TOKEN}\"\n\
          [graph]\nbase_url = \"{}\"\n\
          [sinks.page_activities]\napp_id = \"{PA_APP_ID}\"\n\
-         page_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\", \"{EXPIRED_PAGE}\" = \"{EXPIRED_PAGE_TOKEN}\" }}\n{FAST}\
+         page_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\", \"{EXPIRED_PAGE}\" = \"{EXPIRED_PAGE_TOKEN}\" }}\n{FAST_RETRY}\
          [sinks.conversions]\napi_version = \"v23.0\"\ndataset_id = \"{DATASET}\"\n\
-         page_tokens = {{ \"{PAGE}\" = \"{CAPI_TOKEN}\", \"{EXPIRED_PAGE}\" = \"{EXPIRED_CAPI_TOKEN}\" }}\n{FAST}",
+         page_tokens = {{ \"{PAGE}\" = \"{CAPI_TOKEN}\", \"{EXPIRED_PAGE}\" = \"{EXPIRED_CAPI_TOKEN}\" }}\n{FAST_RETRY}",
         graph.url("")
     );
     let app = spawn_app(&config).await?;
@@ -1010,7 +1007,7 @@ async fn a_smartlink_click_answered_with_a_redirect_is_delivered() -> TestResult
     });
     let config = format!(
         "[sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n\
-         click_url = \"{click}\"\nclick_payloads = [\"GET_THE_APP\"]\n{FAST}",
+         click_url = \"{click}\"\nclick_payloads = [\"GET_THE_APP\"]\n{FAST_RETRY}",
         kochava = kochava.url("/track/json"),
         click = smartlink.url("/click?fb_user_id={fb_user_id}"),
     );
@@ -1059,7 +1056,7 @@ async fn kochava_sends_deliveries_and_reads_when_its_kinds_list_them() -> TestRe
     let kochava = MockSink::start().await?;
     let config = format!(
         "[sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n\
-         kinds = [\"message\", \"delivery\", \"read\"]\n{FAST}[sinks.kochava.names]\nread = \"message_seen\"\n",
+         kinds = [\"message\", \"delivery\", \"read\"]\n{FAST_RETRY}[sinks.kochava.names]\nread = \"message_seen\"\n",
         kochava = kochava.url("/track/json"),
     );
     let app = spawn_app(&config).await?;
@@ -1113,9 +1110,9 @@ async fn a_sink_that_never_answers_holds_up_no_other_sink() -> TestResult {
     let dashbot = MockSink::start().await?;
     dashbot.set_default(Reply::hang());
     let app = spawn_app(&format!(
-        "[bot]\nurl = \"{}\"\n{FAST}\
-         [sinks.kochava]\nurl = \"{}\"\napp_id = \"{KOCHAVA_APP}\"\n{FAST}\
-         [sinks.dashbot]\nurl = \"{}\"\napi_key = \"{DASHBOT_KEY}\"\ntimeout = \"30s\"\n{FAST}",
+        "[bot]\nurl = \"{}\"\n{FAST_RETRY}\
+         [sinks.kochava]\nurl = \"{}\"\napp_id = \"{KOCHAVA_APP}\"\n{FAST_RETRY}\
+         [sinks.dashbot]\nurl = \"{}\"\napi_key = \"{DASHBOT_KEY}\"\ntimeout = \"30s\"\n{FAST_RETRY}",
         bot.url("/webhook"),
         kochava.url("/track/json"),
         dashbot.url("/track"),
@@ -1258,12 +1255,12 @@ async fn no_secret_reaches_any_log_line() -> TestResult {
              [ingest]\ntoken = \"{INGEST_TOKEN}\"\n\
              [graph]\nbase_url = \"{graph}\"\ntimeout = \"5s\"\n\
              [store]\npath = \"{store}\"\n\
-             [bot]\nurl = \"{bot}\"\n{FAST}\
+             [bot]\nurl = \"{bot}\"\n{FAST_RETRY}\
              [sinks.kochava]\nurl = \"{kochava}\"\napp_id = \"{KOCHAVA_APP}\"\n\
-             click_url = \"{click}\"\n{FAST}\
-             [sinks.dashbot]\nurl = \"{dashbot}\"\napi_key = \"{DASHBOT_KEY}\"\n{FAST}\
-             [sinks.page_activities]\napp_id = \"{PA_APP_ID}\"\npage_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\" }}\n{FAST}\
-             [sinks.conversions]\ndataset_id = \"{DATASET}\"\naccess_token = \"{CAPI_TOKEN}\"\n{FAST}",
+             click_url = \"{click}\"\n{FAST_RETRY}\
+             [sinks.dashbot]\nurl = \"{dashbot}\"\napi_key = \"{DASHBOT_KEY}\"\n{FAST_RETRY}\
+             [sinks.page_activities]\napp_id = \"{PA_APP_ID}\"\npage_tokens = {{ \"{PAGE}\" = \"{PAGE_TOKEN}\" }}\n{FAST_RETRY}\
+             [sinks.conversions]\ndataset_id = \"{DATASET}\"\naccess_token = \"{CAPI_TOKEN}\"\n{FAST_RETRY}",
             graph = graph.url(""),
             store = store.display(),
             bot = bot.url("/webhook"),
