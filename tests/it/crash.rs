@@ -2,43 +2,23 @@
 //! the restart, and SIGTERM shuts down cleanly with exit 0.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, post_signed, relay_command, terminate,
-    text_message,
+    APP_SECRET, MockSink, RelayProcess, Reply, TestResult, VERIFY_TOKEN, post_signed, start_relay,
+    text_message, wait_until,
 };
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Stdio};
 use std::time::Duration;
 
-/// The real binary, started on port 0; returns it with its public address (read from its log).
-fn start_relay(config: &Path) -> TestResult<(Child, String)> {
-    let mut child = relay_command()
-        .arg("--config")
-        .arg(config)
-        .env("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)
-        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let mut lines = BufReader::new(stdout).lines();
-    let address = loop {
-        let line = lines.next().ok_or("the relay exited before listening")??;
-        let Ok(entry) = serde_json::from_str::<serde_json::Value>(&line) else {
-            child.kill()?;
-            return Err(format!("the relay's log is not JSON: {line}").into());
-        };
-        if entry["message"] == "Listening" {
-            break entry["public"]
-                .as_str()
-                .ok_or("no public address in the log")?
-                .to_owned();
-        }
-    };
-    // Keep draining the log so the relay never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    Ok((child, format!("http://{address}")))
+/// The real binary with `config`, started on port 0 and ready.
+async fn start(config: &Path) -> TestResult<RelayProcess> {
+    start_relay(
+        &["--config".as_ref(), config.as_os_str()],
+        &[
+            ("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET),
+            ("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN),
+        ],
+    )
+    .await
 }
 
 fn write_config(dir: &Path, bot: &MockSink) -> TestResult<std::path::PathBuf> {
@@ -63,7 +43,8 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     let bot = MockSink::start().await?;
     bot.set_default(Reply::status(503));
     let config = write_config(dir.path(), &bot)?;
-    let (mut relay, url) = start_relay(&config)?;
+    let mut relay = start(&config).await?;
+    let url = relay.url.clone();
 
     let http = reqwest::Client::new();
     let mut posting = tokio::task::JoinSet::new();
@@ -96,10 +77,9 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     // The bot has been failing all along; some attempts are in flight right now.
     bot.wait_for(1, Duration::from_secs(10)).await?;
     relay.kill()?; // SIGKILL: no shutdown code runs.
-    relay.wait()?;
 
     bot.set_default(Reply::status(200));
-    let (mut relay, _) = start_relay(&config)?;
+    let mut relay = start(&config).await?;
     // Count what the bot accepted (answered 200), per mid.
     let accepted = |bot: &MockSink| {
         let mut accepted: HashMap<String, usize> = HashMap::new();
@@ -117,10 +97,13 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
         }
         accepted
     };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while accepted(&bot).len() < COUNT && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Looked at below: losses are counted, not only a timeout reported.
+    let _ = wait_until(
+        "the bot accepted every webhook",
+        Duration::from_secs(60),
+        || accepted(&bot).len() >= COUNT,
+    )
+    .await;
     let accepted = accepted(&bot);
     let losses = (0..COUNT)
         .filter(|index| !accepted.contains_key(&format!("m.crash.{index}")))
@@ -136,8 +119,7 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     );
 
     // SIGTERM: graceful shutdown, exit 0.
-    terminate(&relay)?;
-    let status = relay.wait()?;
+    let status = relay.terminate(Duration::from_secs(20)).await?;
     assert!(status.success(), "exit status after SIGTERM: {status}");
     Ok(())
 }

@@ -2,22 +2,30 @@
 //! order, isolation between users and between sinks, forwarding to the bot.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestResult, fixture, post_signed, spawn_app, spawn_app_with_env,
-    text_message,
+    APP_SECRET, DeliveryProbe, FAST_RETRY, MockSink, Reply, TestResult, assert_stays, fast_bot,
+    fixture, post_signed, spawn_app, spawn_app_with_env, text_message, wait_until,
 };
 use botrelay::clock::now_ms;
 use botrelay::signing::sign_sha256;
 use botrelay::sink_name::SinkName;
-use botrelay::store::DeadLetterFilter;
+use botrelay::store::{DeadLetterFilter, Store};
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 /// A `[bot]` table pointing at `bot`, with fast retries, plus `extra` keys.
 fn bot_config(bot: &MockSink, extra: &str) -> String {
     format!(
-        "[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\ntimeout = \"2s\"\n{extra}",
-        bot.url("/webhook")
+        "{}timeout = \"2s\"\n{extra}",
+        fast_bot(&bot.url("/webhook"))
     )
+}
+
+/// The `last_error` of the one delivery row there is.
+fn only_error(deliveries: &[DeliveryProbe]) -> TestResult<String> {
+    match deliveries {
+        [delivery] => Ok(delivery.last_error.clone().unwrap_or_default()),
+        _ => Err(format!("expected one delivery row: {deliveries:#?}").into()),
+    }
 }
 
 fn verifies(received: &crate::support::Received) -> bool {
@@ -34,18 +42,18 @@ async fn bot_answering_500_500_200_gets_one_delivery_after_three_attempts() -> T
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
 
     let received = bot.wait_for(3, Duration::from_secs(10)).await?;
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 3",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered" && delivery.attempts == 3,
         1,
         Duration::from_secs(5),
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        bot.received().len(),
-        3,
-        "exactly three attempts, the last one successful"
-    );
+    assert_stays(
+        "exactly three attempts, the last one successful",
+        Duration::from_millis(200),
+        || bot.received().len() == 3,
+    )
+    .await?;
     for attempt in &received {
         assert_eq!(attempt.method, "POST");
         assert_eq!(attempt.uri, "/webhook");
@@ -88,15 +96,14 @@ async fn a_bot_url_with_userinfo_sends_basic_auth_and_keeps_the_password_out_of_
         received[0].header("authorization"),
         Some("Basic cmVsYXk6czNjcmV0Qm90UGFzcw==")
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
-        1,
-        Duration::from_secs(5),
-    )
-    .await?;
-    let error: String = app
-        .db()?
-        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    let deliveries = app
+        .wait_for_deliveries(
+            |delivery| delivery.state == "dead",
+            1,
+            Duration::from_secs(5),
+        )
+        .await?;
+    let error = only_error(&deliveries)?;
     assert_eq!(
         error,
         r#"HTTP 400: {"error":"relay:[redacted] is not allowed"}"#
@@ -169,8 +176,8 @@ async fn retry_after_delays_the_next_attempt_and_does_not_use_an_attempt() -> Te
         gap >= Duration::from_millis(990),
         "second attempt came after {gap:?}"
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND throttled = 1",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered" && delivery.throttled == 1,
         1,
         Duration::from_secs(5),
     )
@@ -191,8 +198,8 @@ async fn retry_after_zero_is_an_ordinary_counted_failure() -> TestResult {
             .status(),
         200
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 3 AND throttled = 0",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "dead" && delivery.attempts == 3 && delivery.throttled == 0,
         1,
         Duration::from_secs(10),
     )
@@ -215,8 +222,8 @@ async fn permanent_4xx_dead_letters_at_once_and_replay_delivers_again() -> TestR
             .status(),
         200
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "dead",
         1,
         Duration::from_secs(5),
     )
@@ -255,8 +262,8 @@ async fn permanent_4xx_dead_letters_at_once_and_replay_delivers_again() -> TestR
         .await?;
     assert_eq!(replayed.replayed, 1);
     bot.wait_for(2, Duration::from_secs(5)).await?;
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
         1,
         Duration::from_secs(5),
     )
@@ -275,15 +282,14 @@ async fn max_attempts_and_ttl_end_in_dead_letters() -> TestResult {
             .status(),
         200
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead' AND attempts = 3",
-        1,
-        Duration::from_secs(10),
-    )
-    .await?;
-    let error: String = app
-        .db()?
-        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    let deliveries = app
+        .wait_for_deliveries(
+            |delivery| delivery.state == "dead" && delivery.attempts == 3,
+            1,
+            Duration::from_secs(10),
+        )
+        .await?;
+    let error = only_error(&deliveries)?;
     assert!(error.starts_with("gave up after 3 attempts"), "{error}");
     assert_eq!(bot.received().len(), 3);
     app.stop().await?;
@@ -302,16 +308,15 @@ async fn max_attempts_and_ttl_end_in_dead_letters() -> TestResult {
             .status(),
         200
     );
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
-        1,
-        Duration::from_secs(10),
-    )
-    .await?;
+    let deliveries = app
+        .wait_for_deliveries(
+            |delivery| delivery.state == "dead",
+            1,
+            Duration::from_secs(10),
+        )
+        .await?;
     assert!(started.elapsed() < Duration::from_secs(5));
-    let error: String = app
-        .db()?
-        .query_row("SELECT last_error FROM deliveries", [], |row| row.get(0))?;
+    let error = only_error(&deliveries)?;
     // Either the retry after the last 503 would fall past the ttl, or (on a slow machine) the
     // ttl ran out before the retry was claimed: both end the delivery on its ttl.
     assert!(
@@ -363,9 +368,9 @@ async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> 
     while let Some(result) = posting.join_next().await {
         result??;
     }
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
-        (USERS * MESSAGES) as i64,
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
+        USERS * MESSAGES,
         Duration::from_secs(30),
     )
     .await?;
@@ -428,15 +433,18 @@ async fn a_failing_user_does_not_block_another_user() -> TestResult {
         );
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND lane = 'fine'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered" && delivery.user.as_deref() == Some("fine"),
         5,
         Duration::from_secs(10),
     )
     .await?;
     // The stuck user's head keeps failing; the four behind it wait their turn.
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM deliveries WHERE lane = 'stuck' AND state = 'waiting'")?,
+        app.count_deliveries(
+            |delivery| delivery.user.as_deref() == Some("stuck") && delivery.state == "waiting"
+        )
+        .await?,
         4
     );
     app.stop().await
@@ -454,8 +462,8 @@ async fn purge_drops_delivered_rows_and_forgotten_events_and_keeps_dead_letters(
     let refused = text_message("PAGE", "refused", "m.purge.dead", "hi", 1_700_000_000_000);
     assert_eq!(app.post_webhook(&delivered).await?.status(), 200);
     assert_eq!(app.post_webhook(&refused).await?.status(), 200);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state IN ('delivered', 'dead')",
+    app.wait_for_deliveries(
+        |delivery| matches!(delivery.state.as_str(), "delivered" | "dead"),
         2,
         Duration::from_secs(5),
     )
@@ -469,22 +477,30 @@ async fn purge_drops_delivered_rows_and_forgotten_events_and_keeps_dead_letters(
     };
     let purged = app.store.purge(retention, now_ms() + 1).await?;
     assert_eq!((purged.deliveries, purged.events), (1, 1));
+    let deliveries = app.deliveries().await?;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'")?,
+        deliveries
+            .iter()
+            .filter(|delivery| delivery.state == "dead")
+            .count(),
         1
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 1);
+    assert_eq!(deliveries.len(), 1);
     // The dead letter's event stays: a replay needs it.
+    let events = app.events().await?;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE user_id = 'refused'")?,
+        events
+            .iter()
+            .filter(|event| event.user_id.as_deref() == Some("refused"))
+            .count(),
         1
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+    assert_eq!(events.len(), 1);
 
     // Past the dedupe window the same webhook counts as new and is delivered again.
     assert_eq!(app.post_webhook(&delivered).await?.status(), 200);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
         1,
         Duration::from_secs(5),
     )
@@ -512,16 +528,17 @@ async fn shutdown_lets_an_attempt_in_flight_finish_within_the_grace_period() -> 
     // Stop while the bot is still answering: the attempt finishes and is recorded.
     let app = app.restart().await?;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 1")?,
+        app.count_deliveries(|delivery| delivery.state == "delivered" && delivery.attempts == 1)
+            .await?,
         1,
         "the attempt in flight at shutdown finished and was settled"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(
-        bot.received().len(),
-        1,
-        "nothing is sent again after the restart"
-    );
+    assert_stays(
+        "nothing is sent again after the restart",
+        Duration::from_millis(300),
+        || bot.received().len() == 1,
+    )
+    .await?;
     app.stop().await
 }
 
@@ -548,8 +565,8 @@ async fn an_attempt_cut_off_by_the_grace_period_is_sent_again_after_restart() ->
     // The new relay releases the old lease at once and sends the event again.
     let received = bot.wait_for(2, Duration::from_secs(5)).await?;
     assert_eq!(received[0].body, received[1].body);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
         1,
         Duration::from_secs(5),
     )
@@ -583,7 +600,11 @@ async fn shutdown_does_not_wait_past_the_grace_period_for_a_half_sent_request() 
         stream.write_all(bytes).await?;
         stalled.push(stream);
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Both listeners accept in order: once a later connection is answered on each, the relay
+    // holds the stalled ones.
+    for url in [&app.url, &app.admin_url] {
+        app.http.get(format!("{url}/healthz")).send().await?;
+    }
 
     let stopping = Instant::now();
     let stopped = tokio::time::timeout(Duration::from_secs(5), app.stop()).await;
@@ -609,28 +630,38 @@ async fn no_attempt_starts_after_shutdown_began() -> TestResult {
     let body = text_message("PAGE", "U1", "m_after_stop", "hello", 1_700_000_000_000);
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
     // Retried in 1 s: the dispatcher sleeps until then.
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'pending' AND attempts = 1",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "pending" && delivery.attempts == 1,
         1,
         Duration::from_secs(5),
     )
     .await?;
+    let retry_due = bot.wait_for(1, Duration::from_secs(5)).await?[0].at + Duration::from_secs(1);
     // The store is busy (another writer holds the lock) when the retry falls due, so the
     // dispatcher's claim waits for it; meanwhile the relay is told to stop.
     let mut holder = rusqlite::Connection::open(&app.store_path)?;
     holder.busy_timeout(Duration::from_secs(5))?;
     let busy = holder.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // The retry is due (by the clock: nothing else shows it), and the claim is under way.
+    wait_until("the retry is due", Duration::from_secs(5), || {
+        Instant::now() >= retry_due + Duration::from_millis(300)
+    })
+    .await?;
+    let public = app.url.trim_start_matches("http://").to_owned();
     let stopping = tokio::spawn(app.stop());
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Shutdown has begun once the listener is closed.
+    wait_until("the relay stops listening", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&public).is_err()
+    })
+    .await?;
     busy.rollback()?;
     stopping.await??;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        bot.received().len(),
-        1,
-        "an attempt was started after shutdown began"
-    );
+    assert_stays(
+        "no attempt was started after shutdown began",
+        Duration::from_millis(200),
+        || bot.received().len() == 1,
+    )
+    .await?;
     Ok(())
 }
 
@@ -640,36 +671,40 @@ async fn no_attempt_starts_after_shutdown_began() -> TestResult {
 async fn shutdown_does_not_wait_for_a_large_purge_to_finish() -> TestResult {
     const ROWS: i64 = 300_000;
     let app = spawn_app_with_env("", &[("BOTRELAY__SERVER__SHUTDOWN_GRACE", "100ms")]).await?;
-    // Past this relay's own first purge (of an empty store).
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    {
-        // Delivered long ago: all of it is past `retention` and `dedupe_window`.
-        let connection = rusqlite::Connection::open(&app.store_path)?;
-        connection.busy_timeout(Duration::from_secs(5))?;
-        connection.execute_batch(&format!(
-            "BEGIN;
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
-             INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
-             SELECT 'old-' || i, 'webhook', 'message', 0, i, '{{}}' FROM n;
-             WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
-             INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-             SELECT 'old-' || i, 'bot', 'u' || (i % 1000), 'delivered', i, i, i FROM n;
-             COMMIT;"
-        ))?;
-    }
-    // The purge runs as the relay starts; it is stopped at once.
-    let app = app.restart().await?;
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert!(
-        app.count("SELECT COUNT(*) FROM deliveries")? > 0,
-        "the purge finished before the stop: make it larger"
-    );
+    // Rows written while no relay runs: delivered long ago, all of it past `retention` and
+    // `dedupe_window` (fabricated in bulk with SQL: the store API has no way to backdate).
+    let app = app
+        .restart_with(|store_path| {
+            let connection = rusqlite::Connection::open(store_path)?;
+            connection.execute_batch(&format!(
+                "BEGIN;
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+                 INSERT INTO events (id, source, kind, timestamp_ms, received_at, payload)
+                 SELECT 'old-' || i, 'webhook', 'message', 0, i, '{{}}' FROM n;
+                 WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < {ROWS})
+                 INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+                 SELECT 'old-' || i, 'bot', 'u' || (i % 1000), 'delivered', i, i, i FROM n;
+                 COMMIT;"
+            ))?;
+            Ok(())
+        })
+        .await?;
+    // The purge runs as the relay starts; the relay is stopped as soon as it answers (its
+    // readiness write queues behind the purge's first write).
+    app.wait_until_ready(Duration::from_secs(5)).await?;
     let stopping = Instant::now();
-    app.stop().await?;
+    let dir = app.stop_keeping_files().await?;
     let waited = stopping.elapsed();
     assert!(
         waited < Duration::from_millis(1000),
         "shutdown waited {waited:?} for the purge (grace 100 ms)"
+    );
+    let store = Store::open_sqlite(&dir.path().join("botrelay.db"), None)?;
+    let left = store.probe_deliveries().await?.len();
+    store.close().await;
+    assert!(
+        left > 0,
+        "the purge finished before the stop: make it larger"
     );
     Ok(())
 }
@@ -693,8 +728,8 @@ async fn a_replayed_dead_letter_survives_the_next_purge_and_is_delivered() -> Te
         1_700_000_000_000,
     );
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "dead",
         1,
         Duration::from_secs(5),
     )
@@ -703,7 +738,13 @@ async fn a_replayed_dead_letter_survives_the_next_purge_and_is_delivered() -> Te
     // (its cut falls after the event's receipt and no later than the replay, as when a
     // letter older than the 7-day window is replayed and the purge runs a minute later).
     bot.set_default(Reply::status(503));
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    let dead_seen_at = now_ms();
+    wait_until(
+        "the clock moves past the receipt",
+        Duration::from_secs(1),
+        || now_ms() > dead_seen_at,
+    )
+    .await?;
     let replayed_at = now_ms();
     let replayed: serde_json::Value = app
         .http
@@ -725,17 +766,18 @@ async fn a_replayed_dead_letter_survives_the_next_purge_and_is_delivered() -> Te
     app.store.purge(retention, replayed_at).await?;
     bot.set_default(Reply::status(200));
     let outcome = app
-        .wait_for_count(
-            "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+        .wait_for_deliveries(
+            |delivery| delivery.state == "delivered",
             1,
             Duration::from_secs(5),
         )
         .await;
-    let row: (String, Option<String>) =
-        app.db()?
-            .query_row("SELECT state, last_error FROM deliveries", [], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
+    let row: Vec<(String, Option<String>)> = app
+        .deliveries()
+        .await?
+        .into_iter()
+        .map(|delivery| (delivery.state, delivery.last_error))
+        .collect();
     assert!(outcome.is_ok(), "replayed delivery lost: {row:?}");
     app.stop().await
 }
@@ -755,17 +797,16 @@ async fn a_delivery_past_its_ttl_behind_a_stuck_head_is_dead_without_an_attempt(
         let body = text_message("PAGE", "u-ttl", mid, "hi", 1_700_000_000_000);
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'dead'",
-        2,
-        Duration::from_secs(5),
-    )
-    .await?;
     let errors: Vec<String> = app
-        .db()?
-        .prepare("SELECT last_error FROM deliveries ORDER BY id")?
-        .query_map([], |row| row.get(0))?
-        .collect::<Result<_, _>>()?;
+        .wait_for_deliveries(
+            |delivery| delivery.state == "dead",
+            2,
+            Duration::from_secs(5),
+        )
+        .await?
+        .into_iter()
+        .map(|delivery| delivery.last_error.unwrap_or_default())
+        .collect();
     assert!(
         errors[0].starts_with("ttl of 300ms exceeded; last error: "),
         "{errors:?}"
@@ -821,14 +862,15 @@ async fn an_answer_with_an_endless_body_is_read_only_in_part() -> TestResult {
             });
         }
     });
-    let app = spawn_app(&format!(
-        "[bot]\nurl = \"{url}\"\ntimeout = \"1s\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
-    ))
-    .await?;
+    let app = spawn_app(&format!("{}timeout = \"1s\"\n", fast_bot(&url))).await?;
     let body = text_message("PAGE", "u-endless", "m.endless", "hi", 1_700_000_000_000);
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered' AND attempts = 1 AND last_status = 200",
+    app.wait_for_deliveries(
+        |delivery| {
+            delivery.state == "delivered"
+                && delivery.attempts == 1
+                && delivery.last_status == Some(200)
+        },
         1,
         Duration::from_secs(10),
     )
@@ -892,21 +934,23 @@ async fn an_answer_whose_body_stalls_or_breaks_off_counts_by_its_status() -> Tes
         let attempts = if status == 200 { 1 } else { 2 };
         let (url, requests) = sink_with_a_short_body(head, close).await?;
         let app = spawn_app(&format!(
-            "[bot]\nurl = \"{url}\"\ntimeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\nmax_attempts = 2\n"
+            "{}timeout = \"300ms\"\nmax_attempts = 2\n",
+            fast_bot(&url)
         ))
         .await?;
         let body = text_message("PAGE", "u-short", "m.short", "hi", 1_700_000_000_000);
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
-        app.wait_for_count(
-            &format!(
-                "SELECT COUNT(*) FROM deliveries
-                 WHERE state = '{state}' AND attempts = {attempts} AND last_status = {status}"
-            ),
+        app.wait_for_deliveries(
+            |delivery| {
+                delivery.state == state
+                    && delivery.attempts == attempts
+                    && delivery.last_status == Some(status)
+            },
             1,
             Duration::from_secs(10),
         )
         .await?;
-        assert_eq!(requests.load(Ordering::SeqCst), attempts, "{head}");
+        assert_eq!(requests.load(Ordering::SeqCst), attempts as usize, "{head}");
         app.stop().await?;
     }
     Ok(())
@@ -929,7 +973,7 @@ async fn a_graph_rate_limit_whose_body_breaks_off_is_retried_not_dead() -> TestR
     let app = spawn_app(&format!(
         "[ingest]\ntoken = \"ing\"\n[graph]\nbase_url = \"{graph}\"\n\
          [sinks.conversions]\ndataset_id = \"880112233445566\"\naccess_token = \"tok\"\n\
-         timeout = \"300ms\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n"
+         timeout = \"300ms\"\n{FAST_RETRY}"
     ))
     .await?;
     let answer = app
@@ -943,11 +987,14 @@ async fn a_graph_rate_limit_whose_body_breaks_off_is_retried_not_dead() -> TestR
         .send()
         .await?;
     assert_eq!(answer.status(), 202);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while requests.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let dead = app.count("SELECT COUNT(*) FROM deliveries WHERE state = 'dead'")?;
+    // Not `?`: the assert below says what happened when the retry never came.
+    let _ = wait_until("a second attempt", Duration::from_secs(5), || {
+        requests.load(Ordering::SeqCst) >= 2
+    })
+    .await;
+    let dead = app
+        .count_deliveries(|delivery| delivery.state == "dead")
+        .await?;
     let sent = requests.load(Ordering::SeqCst);
     app.stop().await?;
     assert!(
@@ -987,20 +1034,26 @@ async fn a_delivery_its_sink_skips_is_skipped_even_past_its_ttl() -> TestResult 
         .send()
         .await?;
     assert_eq!(answer.status(), 202);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state IN ('dead', 'skipped')",
-        2,
-        Duration::from_secs(5),
-    )
-    .await?;
-    let states: Vec<(String, String)> = app
-        .db()?
-        .prepare(
-            "SELECT e.kind, d.state FROM deliveries d JOIN events e ON e.id = d.event_id \
-             ORDER BY d.id",
-        )?
-        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
-        .collect::<Result<_, _>>()?;
+    let deliveries = app
+        .wait_for_deliveries(
+            |delivery| matches!(delivery.state.as_str(), "dead" | "skipped"),
+            2,
+            Duration::from_secs(5),
+        )
+        .await?;
+    let kinds: HashMap<String, String> = app
+        .events()
+        .await?
+        .into_iter()
+        .map(|event| (event.id.to_string(), event.kind.to_string()))
+        .collect();
+    let states: Vec<(String, String)> = deliveries
+        .into_iter()
+        .map(|delivery| {
+            let kind = kinds.get(&delivery.event_id).cloned().unwrap_or_default();
+            (kind, delivery.state)
+        })
+        .collect();
     assert_eq!(
         states,
         [

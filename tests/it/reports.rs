@@ -2,7 +2,10 @@
 //! `/events`, the Send API proxy (against a mock Graph), echo/outgoing dedupe, and Dashbot's
 //! pause webhook, including a pause that survives a restart of the relay on the same store.
 
-use crate::support::{MockSink, Reply, TestApp, TestResult, fixture, spawn_app, text_message};
+use crate::support::{
+    DeliveryProbe, Event, EventKind, FAST_RETRY, MockSink, Reply, Source, TestApp, TestResult,
+    assert_stays, fast_bot, fixture, payload, spawn_app, stored_text_contains, text_message,
+};
 use botrelay::event::EventId;
 use botrelay::signing::sign_sha1;
 use serde_json::{Value, json};
@@ -16,11 +19,10 @@ const GRAPH_TIMEOUT: Duration = Duration::from_millis(300);
 /// Ingest token, a bot with fast retries, Graph at `graph`, and the Dashbot pause secret.
 fn config(bot: &MockSink, graph: &str) -> String {
     format!(
-        "[ingest]\ntoken = \"{TOKEN}\"\n\
-         [bot]\nurl = \"{}\"\nbackoff = \"10ms\"\nmax_backoff = \"50ms\"\n\
+        "[ingest]\ntoken = \"{TOKEN}\"\n{}\
          [graph]\nbase_url = \"{graph}\"\ntimeout = \"300ms\"\n\
          [dashbot]\nsecret = \"{DASHBOT_SECRET}\"\n",
-        bot.url("/bot")
+        fast_bot(&bot.url("/bot"))
     )
 }
 
@@ -116,6 +118,29 @@ fn outgoing_id(mid: &str) -> String {
     EventId::outgoing(mid).to_string()
 }
 
+/// The stored event with `id`.
+fn stored<'a>(events: &'a [Event], id: &str) -> TestResult<&'a Event> {
+    events
+        .iter()
+        .find(|event| event.id.as_str() == id)
+        .ok_or_else(|| format!("no event {id} stored").into())
+}
+
+/// How many times `user` is in the store's paused users.
+async fn paused_count(app: &TestApp, user: &str) -> TestResult<usize> {
+    let paused = app.store.paused_users().await?;
+    Ok(paused.iter().filter(|(paused, _)| paused == user).count())
+}
+
+/// The bot's delivery of a message from `user`, skipped (a delivery's lane is its user).
+fn skipped_for_the_bot(user: &'static str) -> impl Fn(&DeliveryProbe) -> bool {
+    move |delivery| {
+        delivery.sink == "bot"
+            && delivery.state == "skipped"
+            && delivery.user.as_deref() == Some(user)
+    }
+}
+
 #[tokio::test]
 async fn outgoing_takes_both_shapes_single_or_batched_and_keeps_no_token() -> TestResult {
     let (app, _bot) = app_with_bot().await?;
@@ -150,16 +175,22 @@ async fn outgoing_takes_both_shapes_single_or_batched_and_keeps_no_token() -> Te
 
     // The 202 came after the commit: every row is there the moment it arrives.
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND source = 'outgoing'")?,
+        app.count_events(
+            |event| event.kind == EventKind::Outgoing && event.source == Source::Outgoing
+        )
+        .await?,
         5
     );
+    let events = app.events().await?;
     let row = |id: String| -> TestResult<(Option<String>, Option<String>, bool, bool)> {
-        Ok(app.db()?.query_row(
-            "SELECT user_id, page_id, json_extract(payload, '$.data.succeeded'),
-                    json_extract(payload, '$.data.from_echo') FROM events WHERE id = ?1",
-            [id],
-            |row| Ok((row.get(0)?, row.get(1)?, row.get(2)?, row.get(3)?)),
-        )?)
+        let event = stored(&events, &id)?;
+        let data = &payload(event)["data"];
+        Ok((
+            event.user_id.clone(),
+            event.page_id.clone(),
+            data["succeeded"] == true,
+            data["from_echo"] == true,
+        ))
     };
     assert_eq!(
         row(outgoing_id("m_single"))?,
@@ -181,25 +212,32 @@ async fn outgoing_takes_both_shapes_single_or_batched_and_keeps_no_token() -> Te
     );
     // Graph's error is recorded as a failed send, and fanned out to nobody.
     assert_eq!(
-        app.count(
-            "SELECT COUNT(*) FROM events WHERE user_id = 'U3' AND json_extract(payload, '$.data.succeeded') = 0"
-        )?,
+        app.count_events(|event| {
+            event.user_id.as_deref() == Some("U3") && payload(event)["data"]["succeeded"] == false
+        })
+        .await?,
         1
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 0);
+    assert_eq!(app.deliveries().await?.len(), 0);
     // intent and platformUserJson pass through; the page token and proof do not.
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE json_extract(payload, '$.data.intent.name') = 'greeting'")?,
+        app.count_events(|event| payload(event)["data"]["intent"]["name"] == "greeting")
+            .await?,
         2
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE json_extract(payload, '$.data.platform_user_json.first_name') = 'Ada'")?,
+        app.count_events(
+            |event| payload(event)["data"]["platform_user_json"]["first_name"] == "Ada"
+        )
+        .await?,
         1
     );
     assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%' OR payload LIKE '%proof-never-stored%'"
-        ))?,
+        app.count_events(|event| {
+            stored_text_contains(event, PAGE_TOKEN)
+                || stored_text_contains(event, "proof-never-stored")
+        })
+        .await?,
         0
     );
     app.stop().await
@@ -239,7 +277,7 @@ async fn reports_need_the_bearer_token() -> TestResult {
             .await?;
         assert_eq!(basic.status(), 401, "{path} with another scheme");
     }
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -261,8 +299,8 @@ async fn reports_and_pause_are_404_while_their_keys_are_unset() -> TestResult {
         json_body(paused).await?["error"],
         json!("/dashbot/pause is disabled: `dashbot.secret` is not set")
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
-    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
+    assert_eq!(app.store.paused_users().await?.len(), 0);
     app.stop().await
 }
 
@@ -285,24 +323,27 @@ async fn sends_without_a_user_id_and_quoted_tokens_are_recorded_safely() -> Test
     let response = post(&app, "/outgoing", Some(TOKEN), &batch).await?;
     assert_eq!(response.status(), 202);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND user_id IS NULL")?,
+        app.count_events(|event| event.kind == EventKind::Outgoing && event.user_id.is_none())
+            .await?,
         1
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing' AND user_id = 'U9'")?,
+        app.count_events(
+            |event| event.kind == EventKind::Outgoing && event.user_id.as_deref() == Some("U9")
+        )
+        .await?,
         2
     );
     assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM events WHERE instr(payload, '{}') > 0",
-            &token[..16]
-        ))?,
+        app.count_events(|event| stored_text_contains(event, &token[..16]))
+            .await?,
         0
     );
     assert_eq!(
-        app.count(
-            "SELECT COUNT(*) FROM events WHERE instr(payload, 'Malformed access token [redacted]') > 0"
-        )?,
+        app.count_events(|event| {
+            stored_text_contains(event, "Malformed access token [redacted]")
+        })
+        .await?,
         1
     );
     app.stop().await
@@ -348,7 +389,7 @@ async fn a_bad_item_rejects_the_whole_batch_naming_the_field() -> TestResult {
         json!({"error": "body must be a JSON object or an array of objects"})
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events")?,
+        app.events().await?.len(),
         0,
         "nothing of a bad batch is stored"
     );
@@ -382,29 +423,38 @@ async fn events_takes_every_type_and_a_retried_post_dedupes() -> TestResult {
         "lead",
     ] {
         assert_eq!(
-            app.count(&format!(
-                "SELECT COUNT(*) FROM events WHERE source = 'custom' AND kind = '{kind}'"
-            ))?,
+            app.count_events(|event| event.source == Source::Custom && event.kind.as_str() == kind)
+                .await?,
             1,
             "{kind}"
         );
     }
-    let (amount, currency): (f64, String) = app.db()?.query_row(
-        "SELECT json_extract(payload, '$.data.amount'), json_extract(payload, '$.data.currency')
-         FROM events WHERE kind = 'revenue'",
-        [],
-        |row| Ok((row.get(0)?, row.get(1)?)),
-    )?;
-    assert_eq!((amount, currency.as_str()), (57.23, "USD"));
+    let revenue: Vec<(Option<f64>, Option<String>)> = app
+        .events()
+        .await?
+        .iter()
+        .filter(|event| event.kind == EventKind::Revenue)
+        .map(|event| {
+            let data = &payload(event)["data"];
+            (
+                data["amount"].as_f64(),
+                data["currency"].as_str().map(str::to_owned),
+            )
+        })
+        .collect();
+    assert_eq!(revenue, [(Some(57.23), Some("USD".to_owned()))]);
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE page_id = '111' AND kind = 'page_launch'")?,
+        app.count_events(
+            |event| event.page_id.as_deref() == Some("111") && event.kind == EventKind::PageLaunch
+        )
+        .await?,
         1
     );
 
     // The bot retries the same POST (each item has its eventId): acked again, stored once.
     let again = post(&app, "/events", Some(TOKEN), &body).await?;
     assert_eq!(again.status(), 202);
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 6);
+    assert_eq!(app.events().await?.len(), 6);
     app.stop().await
 }
 
@@ -429,7 +479,7 @@ async fn revenue_without_an_amount_is_rejected_naming_amount() -> TestResult {
         json_body(response).await?,
         json!({"error": "amount must be a number"})
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -473,20 +523,22 @@ async fn a_proxied_send_reaches_graph_verbatim_and_is_recorded() -> TestResult {
     assert_eq!(forwarded.body, sent.as_bytes());
     assert_eq!(forwarded.header("content-type"), Some("application/json"));
 
-    app.wait_for_count(
-        &format!(
-            "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND source = 'outgoing'
-             AND user_id = 'U7' AND page_id = '111'",
-            outgoing_id("m_proxied")
-        ),
+    let id = outgoing_id("m_proxied");
+    app.wait_for_events(
+        |event| {
+            event.id.as_str() == id
+                && event.kind == EventKind::Outgoing
+                && event.source == Source::Outgoing
+                && event.user_id.as_deref() == Some("U7")
+                && event.page_id.as_deref() == Some("111")
+        },
         1,
         Duration::from_secs(2),
     )
     .await?;
     assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%'"
-        ))?,
+        app.count_events(|event| stored_text_contains(event, PAGE_TOKEN))
+            .await?,
         0
     );
     app.stop().await
@@ -571,20 +623,23 @@ async fn proxied_multipart_and_query_string_sends_are_recorded() -> TestResult {
     assert_eq!(received[0].body, multipart);
     assert_eq!(received[1].uri, format!("/v20.0/111/messages?{query}"));
     for (mid, user) in [("m_upload", "U8"), ("m_query", "U9")] {
-        app.wait_for_count(
-            &format!(
-                "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND user_id = '{user}'",
-                outgoing_id(mid)
-            ),
+        let id = outgoing_id(mid);
+        app.wait_for_events(
+            |event| {
+                event.id.as_str() == id
+                    && event.kind == EventKind::Outgoing
+                    && event.user_id.as_deref() == Some(user)
+            },
             1,
             Duration::from_secs(2),
         )
         .await?;
     }
     assert_eq!(
-        app.count(&format!(
-            "SELECT COUNT(*) FROM events WHERE payload LIKE '%{PAGE_TOKEN}%' OR payload LIKE '%PNG-BYTES%'"
-        ))?,
+        app.count_events(|event| {
+            stored_text_contains(event, PAGE_TOKEN) || stored_text_contains(event, "PNG-BYTES")
+        })
+        .await?,
         0
     );
     app.stop().await
@@ -613,11 +668,13 @@ async fn a_proxied_upload_of_several_megabytes_is_recorded() -> TestResult {
     )
     .await?;
     assert_eq!(answer.status(), 200);
-    app.wait_for_count(
-        &format!(
-            "SELECT COUNT(*) FROM events WHERE id = '{}' AND kind = 'outgoing' AND user_id = 'U10'",
-            outgoing_id("m_big_upload")
-        ),
+    let id = outgoing_id("m_big_upload");
+    app.wait_for_events(
+        |event| {
+            event.id.as_str() == id
+                && event.kind == EventKind::Outgoing
+                && event.user_id.as_deref() == Some("U10")
+        },
         1,
         Duration::from_secs(2),
     )
@@ -655,7 +712,7 @@ async fn graph_errors_pass_through_the_proxy_and_record_nothing() -> TestResult 
         graph.received()[0].uri,
         format!("/v2.6/me/messages?access_token={PAGE_TOKEN}")
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -691,7 +748,7 @@ async fn the_proxy_answers_502_within_the_timeout_when_graph_hangs() -> TestResu
     let error: Value = serde_json::from_str(&text)?;
     assert_eq!(error, json!({"error": "Graph did not answer within 300ms"}));
     assert_eq!(graph.received().len(), 1, "the call did reach Graph");
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -752,20 +809,20 @@ async fn an_echo_and_the_report_of_its_send_are_one_outgoing_event() -> TestResu
     assert_eq!(app.post_webhook(&later_echo).await?.status(), 200);
 
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'outgoing'")?,
+        app.count_events(|event| event.kind == EventKind::Outgoing)
+            .await?,
         2
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'echo'")?,
+        app.count_events(|event| event.kind == EventKind::Echo)
+            .await?,
         2
     );
     // Whichever arrived first is the one kept.
+    let events = app.events().await?;
     let from_echo = |mid: &str| -> TestResult<bool> {
-        Ok(app.db()?.query_row(
-            "SELECT json_extract(payload, '$.data.from_echo') FROM events WHERE id = ?1",
-            [outgoing_id(mid)],
-            |row| row.get(0),
-        )?)
+        let event = stored(&events, &outgoing_id(mid))?;
+        Ok(payload(event)["data"]["from_echo"] == true)
     };
     assert!(from_echo(mid)?);
     assert!(!from_echo("m_reported_first")?);
@@ -774,13 +831,18 @@ async fn an_echo_and_the_report_of_its_send_are_one_outgoing_event() -> TestResu
     bot.wait_for(2, Duration::from_secs(5)).await?;
     assert_eq!(app.post_webhook(&echo).await?.status(), 200);
     assert_eq!(app.post_webhook(&later_echo).await?.status(), 200);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(bot.received().len(), 2);
+    assert_stays(
+        "the bot gets no echo again",
+        Duration::from_millis(300),
+        || bot.received().len() == 2,
+    )
+    .await?;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?,
+        app.count_deliveries(|delivery| delivery.sink == "bot")
+            .await?,
         2
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 4);
+    assert_eq!(app.events().await?.len(), 4);
     app.stop().await
 }
 
@@ -790,10 +852,7 @@ async fn a_paused_user_is_not_forwarded_to_the_bot_until_unpaused() -> TestResul
     let paused = pause(&app, "U1", true).await?;
     assert_eq!(paused.status(), 200);
     assert_eq!(paused.text().await?, "ok");
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'")?,
-        1
-    );
+    assert_eq!(paused_count(&app, "U1").await?, 1);
     let stored = app.store.paused_users().await?;
     assert_eq!(
         stored
@@ -816,21 +875,20 @@ async fn a_paused_user_is_not_forwarded_to_the_bot_until_unpaused() -> TestResul
         200
     );
     let received = bot.wait_for(1, Duration::from_secs(5)).await?;
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
-        1,
-        Duration::from_secs(5),
+    // A delivery's lane is its event's user.
+    app.wait_for_deliveries(skipped_for_the_bot("U1"), 1, Duration::from_secs(5))
+        .await?;
+    assert_stays(
+        "only U2's message reaches the bot",
+        Duration::from_millis(200),
+        || bot.received().len() == 1,
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let received_now = bot.received();
-    assert_eq!(received_now.len(), 1, "only U2's message reaches the bot");
     assert!(received[0].text().contains("m_u2_a"));
 
     let resumed = pause(&app, "U1", false).await?;
     assert_eq!(resumed.status(), 200);
-    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+    assert_eq!(app.store.paused_users().await?.len(), 0);
     assert_eq!(
         app.post_webhook(&text_message("111", "U1", "m_u1_b", "back", 3))
             .await?
@@ -860,7 +918,7 @@ async fn the_pause_webhook_checks_its_signature_and_body() -> TestResult {
         .send()
         .await?;
     assert_eq!(wrong.status(), 401);
-    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 0);
+    assert_eq!(app.store.paused_users().await?.len(), 0);
 
     // Dashbot's own examples sign the compact re-serialization, not the bytes sent.
     let pretty = "{\n  \"userId\": \"U9\",\n  \"paused\": true\n}";
@@ -878,10 +936,7 @@ async fn the_pause_webhook_checks_its_signature_and_body() -> TestResult {
         .send()
         .await?;
     assert_eq!(compact_signed.status(), 200);
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U9'")?,
-        1
-    );
+    assert_eq!(paused_count(&app, "U9").await?, 1);
 
     for (bad, field) in [
         (r#"{"userId":"U1"}"#, "paused is missing"),
@@ -904,7 +959,7 @@ async fn the_pause_webhook_checks_its_signature_and_body() -> TestResult {
         assert_eq!(response.status(), 400, "{bad}");
         assert_eq!(json_body(response).await?, json!({"error": field}));
     }
-    assert_eq!(app.count("SELECT COUNT(*) FROM paused_users")?, 1);
+    assert_eq!(app.store.paused_users().await?.len(), 1);
     app.stop().await
 }
 
@@ -925,10 +980,7 @@ async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
         .await?;
     assert_eq!(paused.status(), 200);
     // The durable row, read the way an operator's sqlite3 would.
-    assert_eq!(
-        app.count("SELECT COUNT(*) FROM paused_users WHERE user_id = 'U1'")?,
-        1
-    );
+    assert_eq!(paused_count(&app, "U1").await?, 1);
 
     let app = app.restart().await?;
     assert_eq!(
@@ -946,19 +998,14 @@ async fn a_pause_survives_a_restart_on_the_same_store() -> TestResult {
     }
     let received = bot.wait_for(1, Duration::from_secs(5)).await?;
     assert!(received[0].text().contains("m_after_restart_2"));
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries d JOIN events e ON e.id = d.event_id
-         WHERE d.sink = 'bot' AND d.state = 'skipped' AND e.user_id = 'U1'",
-        1,
-        Duration::from_secs(5),
+    app.wait_for_deliveries(skipped_for_the_bot("U1"), 1, Duration::from_secs(5))
+        .await?;
+    assert_stays(
+        "the paused user stays paused after the restart",
+        Duration::from_millis(200),
+        || bot.received().len() == 1,
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(
-        bot.received().len(),
-        1,
-        "the paused user stays paused after the restart"
-    );
     app.stop().await
 }
 
@@ -968,8 +1015,8 @@ async fn an_echo_and_its_report_reach_each_analytics_sink_once() -> TestResult {
     let kochava = MockSink::start().await?;
     let dashbot = MockSink::start().await?;
     let app = spawn_app(&format!(
-        "{}[sinks.kochava]\nurl = \"{}\"\napp_id = \"ko-app\"\nbackoff = \"10ms\"\n\
-         [sinks.dashbot]\nurl = \"{}\"\napi_key = \"dash-key\"\nbackoff = \"10ms\"\n",
+        "{}[sinks.kochava]\nurl = \"{}\"\napp_id = \"ko-app\"\n{FAST_RETRY}\
+         [sinks.dashbot]\nurl = \"{}\"\napi_key = \"dash-key\"\n{FAST_RETRY}",
         config(&bot, "http://127.0.0.1:9"),
         kochava.url("/track/json"),
         dashbot.url("/track"),
@@ -999,13 +1046,14 @@ async fn an_echo_and_its_report_reach_each_analytics_sink_once() -> TestResult {
     assert_eq!(app.post_webhook(&second).await?.status(), 200);
     assert_eq!(app.post_webhook(&first).await?.status(), 200);
 
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state IN ('waiting', 'pending', 'in_flight')",
-        0,
-        Duration::from_secs(10),
+    app.wait_until_settled(Duration::from_secs(10)).await?;
+    let settled = (kochava.received().len(), dashbot.received().len());
+    assert_stays(
+        "no sink gets anything more",
+        Duration::from_millis(200),
+        || (kochava.received().len(), dashbot.received().len()) == settled,
     )
     .await?;
-    tokio::time::sleep(Duration::from_millis(200)).await;
     let kochava_sends: Vec<String> = kochava
         .received()
         .iter()
@@ -1058,11 +1106,10 @@ async fn reports_whose_text_was_cut_inside_an_emoji_are_accepted() -> TestResult
     let response = post_text(&app, "/outgoing", Some(TOKEN), &format!("[{send}]")).await?;
     assert_eq!(response.status(), 202);
     assert_eq!(json_body(response).await?, json!({"accepted": 1}));
-    let text: String = app.db()?.query_row(
-        "SELECT json_extract(payload, '$.data.request.message.text') FROM events WHERE id = ?1",
-        [outgoing_id("m_cut")],
-        |row| row.get(0),
-    )?;
+    let events = app.events().await?;
+    let text =
+        payload(stored(&events, &outgoing_id("m_cut"))?)["data"]["request"]["message"]["text"]
+            .clone();
     assert_eq!(text, "cut \u{fffd}");
 
     let event = r#"{"name":"searched","type":"customEvent","userId":"U1","extraInfo":{"query":"cut \ud83d"}}"#;
@@ -1070,7 +1117,8 @@ async fn reports_whose_text_was_cut_inside_an_emoji_are_accepted() -> TestResult
     assert_eq!(response.status(), 202);
     assert_eq!(json_body(response).await?, json!({"accepted": 1}));
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE source = 'custom' AND kind = 'custom'")?,
+        app.count_events(|event| event.source == Source::Custom && event.kind == EventKind::Custom)
+            .await?,
         1
     );
     app.stop().await
@@ -1100,11 +1148,13 @@ async fn a_proxied_send_whose_text_was_cut_inside_an_emoji_is_recorded() -> Test
         .await?;
     assert_eq!(answer.status(), 200);
     assert_eq!(graph.received()[0].body, sent.as_bytes());
-    app.wait_for_count(
-        &format!(
-            "SELECT COUNT(*) FROM events WHERE id = '{}' AND user_id = 'U8' AND page_id = '111'",
-            outgoing_id("m_proxied_cut")
-        ),
+    let id = outgoing_id("m_proxied_cut");
+    app.wait_for_events(
+        |event| {
+            event.id.as_str() == id
+                && event.user_id.as_deref() == Some("U8")
+                && event.page_id.as_deref() == Some("111")
+        },
         1,
         Duration::from_secs(2),
     )

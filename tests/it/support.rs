@@ -13,6 +13,72 @@ use tokio::sync::{Notify, oneshot};
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
+pub use botrelay::event::{Event, EventKind, Source};
+pub use botrelay::store::DeliveryProbe;
+
+/// How often the waits here look again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Fast retries for a sink table: tests that retry should not take seconds.
+pub const FAST_RETRY: &str = "backoff = \"10ms\"\nmax_backoff = \"50ms\"\n";
+
+/// A `[bot]` table sending to `url`, with [`FAST_RETRY`].
+pub fn fast_bot(url: &str) -> String {
+    format!("[bot]\nurl = \"{url}\"\n{FAST_RETRY}")
+}
+
+/// A delivery not yet done: `waiting`, `pending` or `in_flight`.
+pub fn is_open(delivery: &DeliveryProbe) -> bool {
+    matches!(delivery.state.as_str(), "waiting" | "pending" | "in_flight")
+}
+
+/// An event in the store's own encoding (what the `payload` column holds), to look into its
+/// data the way the store keeps it.
+pub fn payload(event: &Event) -> serde_json::Value {
+    serde_json::to_value(event).unwrap_or_default()
+}
+
+/// Whether the store's encoding of `event` contains `text` anywhere.
+pub fn stored_text_contains(event: &Event, text: &str) -> bool {
+    serde_json::to_string(event).is_ok_and(|json| json.contains(text))
+}
+
+/// Waits until `done` is true, or fails after `within` naming `what`.
+pub async fn wait_until(
+    what: &str,
+    within: Duration,
+    mut done: impl FnMut() -> bool,
+) -> TestResult {
+    let deadline = Instant::now() + within;
+    while !done() {
+        if Instant::now() > deadline {
+            return Err(format!("not within {within:?}: {what}").into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    Ok(())
+}
+
+/// A negative assertion: `holds` stays true for all of `during` (looked at every few ms), for
+/// what must NOT happen (a request sent again, a retry that should not come). Fails as soon as
+/// it turns false.
+pub async fn assert_stays(
+    what: &str,
+    during: Duration,
+    mut holds: impl FnMut() -> bool,
+) -> TestResult {
+    let until = Instant::now() + during;
+    loop {
+        if !holds() {
+            return Err(format!("no longer true: {what}").into());
+        }
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 pub const APP_SECRET: &str = "test_app_secret";
 pub const VERIFY_TOKEN: &str = "test_verify_token";
 
@@ -153,30 +219,99 @@ impl TestApp {
         Ok(post_signed(&self.http, &self.url, body).await?)
     }
 
-    /// Opens the store file read-only, as an operator's `sqlite3` would.
-    pub fn db(&self) -> TestResult<rusqlite::Connection> {
-        Ok(rusqlite::Connection::open_with_flags(
-            &self.store_path,
-            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-        )?)
+    /// Every delivery row, oldest first (through the store API, not the file).
+    pub async fn deliveries(&self) -> TestResult<Vec<DeliveryProbe>> {
+        Ok(self.store.probe_deliveries().await?)
     }
 
-    pub fn count(&self, sql: &str) -> TestResult<i64> {
-        Ok(self.db()?.query_row(sql, [], |row| row.get(0))?)
+    /// Every stored event, in the order of receipt.
+    pub async fn events(&self) -> TestResult<Vec<Event>> {
+        Ok(self.store.probe_events().await?)
     }
 
-    /// Waits until `sql` (a count) reaches `expected`, or fails after `within`.
-    pub async fn wait_for_count(&self, sql: &str, expected: i64, within: Duration) -> TestResult {
+    /// How many delivery rows match `matches` now.
+    pub async fn count_deliveries(
+        &self,
+        matches: impl Fn(&DeliveryProbe) -> bool,
+    ) -> TestResult<usize> {
+        Ok(self
+            .deliveries()
+            .await?
+            .iter()
+            .filter(|d| matches(d))
+            .count())
+    }
+
+    /// How many stored events match `matches` now.
+    pub async fn count_events(&self, matches: impl Fn(&Event) -> bool) -> TestResult<usize> {
+        Ok(self.events().await?.iter().filter(|e| matches(e)).count())
+    }
+
+    /// Waits until exactly `expected` delivery rows match `matches`, or fails after `within`;
+    /// returns every delivery row as it was then.
+    pub async fn wait_for_deliveries(
+        &self,
+        matches: impl Fn(&DeliveryProbe) -> bool,
+        expected: usize,
+        within: Duration,
+    ) -> TestResult<Vec<DeliveryProbe>> {
         let deadline = Instant::now() + within;
         loop {
-            let count = self.count(sql)?;
+            let deliveries = self.deliveries().await?;
+            let count = deliveries.iter().filter(|d| matches(d)).count();
             if count == expected {
+                return Ok(deliveries);
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "{count} deliveries match, expected {expected}, after {within:?}: {deliveries:#?}"
+                )
+                .into());
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until exactly `expected` stored events match `matches`, or fails after `within`.
+    pub async fn wait_for_events(
+        &self,
+        matches: impl Fn(&Event) -> bool,
+        expected: usize,
+        within: Duration,
+    ) -> TestResult<Vec<Event>> {
+        let deadline = Instant::now() + within;
+        loop {
+            let events = self.events().await?;
+            let count = events.iter().filter(|e| matches(e)).count();
+            if count == expected {
+                return Ok(events);
+            }
+            if Instant::now() > deadline {
+                return Err(
+                    format!("{count} events match, expected {expected}, after {within:?}").into(),
+                );
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Waits until no delivery is open (`waiting`, `pending` or `in_flight`).
+    pub async fn wait_until_settled(&self, within: Duration) -> TestResult<Vec<DeliveryProbe>> {
+        self.wait_for_deliveries(is_open, 0, within).await
+    }
+
+    /// Waits until the relay answers `GET /readyz` with 200 (it serves, and its store writes).
+    pub async fn wait_until_ready(&self, within: Duration) -> TestResult {
+        let deadline = Instant::now() + within;
+        loop {
+            let ready = self.http.get(format!("{}/readyz", self.url)).send().await;
+            if ready.is_ok_and(|answer| answer.status() == 200) {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("`{sql}` is {count}, expected {expected}").into());
+                return Err(format!("the relay was not ready within {within:?}").into());
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(POLL).await;
         }
     }
 
@@ -186,7 +321,16 @@ impl TestApp {
     }
 
     /// Stops the relay gracefully and starts a new one on the same store file and config.
-    pub async fn restart(mut self) -> TestResult<TestApp> {
+    pub async fn restart(self) -> TestResult<TestApp> {
+        self.restart_with(|_| Ok(())).await
+    }
+
+    /// Stops the relay gracefully, runs `between` on the store file while no relay holds it,
+    /// and starts a new one on the same store file and config.
+    pub async fn restart_with(
+        mut self,
+        between: impl FnOnce(&Path) -> TestResult,
+    ) -> TestResult<TestApp> {
         self.stop_in_place().await?;
         let dir = self.dir.take().ok_or("the store directory is gone")?;
         let (extra, env) = (
@@ -196,7 +340,17 @@ impl TestApp {
         // Releases the file lock before the new relay opens the file.
         self.store.close().await;
         drop(self);
+        between(&dir.path().join("botrelay.db"))?;
         start(dir, extra, env).await
+    }
+
+    /// Stops the relay gracefully and releases its store; returns its directory (the store
+    /// file is `botrelay.db` in it), kept for as long as the caller holds it, for a look at
+    /// what the relay left through `Store::open_sqlite`.
+    pub async fn stop_keeping_files(mut self) -> TestResult<tempfile::TempDir> {
+        self.stop_in_place().await?;
+        self.store.close().await;
+        Ok(self.dir.take().ok_or("the store directory is gone")?)
     }
 
     async fn stop_in_place(&mut self) -> TestResult {
@@ -482,4 +636,168 @@ pub async fn post_signed(
         .body(body.to_vec())
         .send()
         .await
+}
+
+/// The real `botrelay` binary running in a child process, its log (stdout and stderr, line by
+/// line) collected as it comes; killed on drop if it is still running.
+pub struct RelayProcess {
+    pub child: std::process::Child,
+    /// `http://` + the public listener's address, from its `Listening` log line.
+    pub url: String,
+    /// `http://` + the admin listener's address.
+    pub admin_url: String,
+    lines: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
+    _cwd: tempfile::TempDir,
+}
+
+/// Starts `botrelay args…` (see [`relay_command`]) with `env` and a JSON log, in an empty
+/// working directory (no `config/botrelay.toml` but the one `args` name), and waits until
+/// it logs `Listening` (ready: both listeners bound, the store open), or fails when it exits
+/// first or after 30 s.
+pub async fn start_relay(
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &str)],
+) -> TestResult<RelayProcess> {
+    use std::process::Stdio;
+    let cwd = tempfile::tempdir()?;
+    let mut command = relay_command();
+    command
+        .args(args)
+        .current_dir(cwd.path())
+        .env("BOTRELAY__LOG__FORMAT", "json")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    let mut child = command.spawn()?;
+    let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let readers = vec![
+        collect_lines(stdout, lines.clone()),
+        collect_lines(stderr, lines.clone()),
+    ];
+    let mut relay = RelayProcess {
+        child,
+        url: String::new(),
+        admin_url: String::new(),
+        lines,
+        readers,
+        _cwd: cwd,
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listening = relay.log().iter().find_map(|line| {
+            let entry: serde_json::Value = serde_json::from_str(line).ok()?;
+            (entry["message"] == "Listening").then(|| {
+                (
+                    entry["public"].as_str().unwrap_or_default().to_owned(),
+                    entry["admin"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+        });
+        if let Some((public, admin)) = listening {
+            relay.url = format!("http://{public}");
+            relay.admin_url = format!("http://{admin}");
+            return Ok(relay);
+        }
+        if let Some(status) = relay.child.try_wait()? {
+            return Err(format!(
+                "the relay exited ({status}) before listening:\n{}",
+                relay.log().join("\n")
+            )
+            .into());
+        }
+        if Instant::now() > deadline {
+            return Err("the relay did not log `Listening` within 30s".into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
+impl RelayProcess {
+    /// Every log line so far.
+    pub fn log(&self) -> Vec<String> {
+        self.lines
+            .lock()
+            .map(|lines| lines.clone())
+            .unwrap_or_default()
+    }
+
+    /// The log lines up to and including `Listening`, parsed (a line that is not JSON fails).
+    pub fn start_up_log(&self) -> TestResult<Vec<serde_json::Value>> {
+        let mut start_up = Vec::new();
+        for line in self.log() {
+            let entry: serde_json::Value = serde_json::from_str(&line)
+                .map_err(|_| format!("the relay's log is not JSON: {line}"))?;
+            let listening = entry["message"] == "Listening";
+            start_up.push(entry);
+            if listening {
+                break;
+            }
+        }
+        Ok(start_up)
+    }
+
+    /// SIGTERM, then waits for the exit (and the whole log) for up to `within`.
+    pub async fn terminate(&mut self, within: Duration) -> TestResult<std::process::ExitStatus> {
+        terminate(&self.child)?;
+        self.wait_exit(within).await
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill(&mut self) -> TestResult<std::process::ExitStatus> {
+        self.child.kill()?;
+        let status = self.child.wait()?;
+        self.join_readers();
+        Ok(status)
+    }
+
+    async fn wait_exit(&mut self, within: Duration) -> TestResult<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("the relay did not exit within {within:?}").into());
+            }
+            tokio::time::sleep(POLL).await;
+        };
+        self.join_readers();
+        Ok(status)
+    }
+
+    fn join_readers(&mut self) {
+        for reader in self.readers.drain(..) {
+            let _ = reader.join();
+        }
+    }
+}
+
+impl Drop for RelayProcess {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Collects every line of `stream` into `lines`.
+fn collect_lines(
+    stream: impl std::io::Read + Send + 'static,
+    lines: Arc<Mutex<Vec<String>>>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stream).lines() {
+            let Ok(line) = line else { break };
+            if let Ok(mut lines) = lines.lock() {
+                lines.push(line);
+            }
+        }
+    })
 }

@@ -1,7 +1,8 @@
 //! `GET /webhook`, `POST /webhook`, `/healthz`, `/readyz`: the verified, durable ingress.
 
 use crate::support::{
-    APP_SECRET, TestResult, VERIFY_TOKEN, fixture, run_cli, spawn_app, stderr, stdout, text_message,
+    APP_SECRET, EventKind, TestResult, VERIFY_TOKEN, fixture, run_cli, spawn_app, stderr, stdout,
+    text_message,
 };
 use botrelay::signing::{sign_sha1, sign_sha256};
 use std::time::Duration;
@@ -54,19 +55,25 @@ async fn signed_batch_is_stored_before_the_ack_with_one_delivery_per_sink() -> T
     assert_eq!(response.text().await?, "EVENT_RECEIVED");
     // The ack came after the commit: the rows are there the moment it arrives.
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?,
+        app.count_events(|event| event.kind == EventKind::Message)
+            .await?,
         1
     );
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM deliveries WHERE sink = 'bot'")?,
+        app.count_deliveries(|delivery| delivery.sink == "bot")
+            .await?,
         1
     );
-    let (user, page): (String, String) =
-        app.db()?
-            .query_row("SELECT user_id, page_id FROM events", [], |row| {
-                Ok((row.get(0)?, row.get(1)?))
-            })?;
-    assert_eq!((user.as_str(), page.as_str()), ("USER_ID", "111111"));
+    let stored: Vec<(Option<String>, Option<String>)> = app
+        .events()
+        .await?
+        .into_iter()
+        .map(|event| (event.user_id, event.page_id))
+        .collect();
+    assert_eq!(
+        stored,
+        [(Some("USER_ID".to_owned()), Some("111111".to_owned()))]
+    );
     app.stop().await
 }
 
@@ -115,8 +122,8 @@ async fn missing_or_bad_signatures_get_401_and_store_nothing() -> TestResult {
         .send()
         .await?;
     assert_eq!(sha1_only.status(), 401);
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
+    assert_eq!(app.deliveries().await?.len(), 0);
     app.stop().await
 }
 
@@ -137,7 +144,7 @@ async fn legacy_sha1_signature_is_accepted_when_enabled() -> TestResult {
         .send()
         .await?;
     assert_eq!(response.status(), 200);
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+    assert_eq!(app.events().await?.len(), 1);
     app.stop().await
 }
 
@@ -149,7 +156,7 @@ async fn body_over_the_limit_gets_413() -> TestResult {
     assert_eq!(response.status(), 413);
     let small = text_message("1", "2", "m.small", "hi", 1_700_000_000_000);
     assert_eq!(app.post_webhook(&small).await?.status(), 200);
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 1);
+    assert_eq!(app.events().await?.len(), 1);
     app.stop().await
 }
 
@@ -162,7 +169,7 @@ async fn signed_non_json_gets_400_and_stores_nothing() -> TestResult {
         response.text().await?,
         r#"{"error":"body is not JSON: expected ident at line 1 column 2"}"#
     );
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -173,7 +180,7 @@ async fn signed_json_that_is_not_a_batch_is_acked_and_ignored() -> TestResult {
     let response = app.post_webhook(&body).await?;
     assert_eq!(response.status(), 200);
     assert_eq!(response.text().await?, "EVENT_RECEIVED");
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, 0);
+    assert_eq!(app.events().await?.len(), 0);
     app.stop().await
 }
 
@@ -182,14 +189,14 @@ async fn a_repeated_post_stores_nothing_new() -> TestResult {
     let app = spawn_app(BOT).await?;
     let body = fixture("messenger/batch-multi-entry.json");
     assert_eq!(app.post_webhook(&body).await?.status(), 200);
-    let events = app.count("SELECT COUNT(*) FROM events")?;
-    let deliveries = app.count("SELECT COUNT(*) FROM deliveries")?;
+    let events = app.events().await?.len();
+    let deliveries = app.deliveries().await?.len();
     assert!(events >= 2, "multi-page batch stored {events} events");
     for _ in 0..3 {
         assert_eq!(app.post_webhook(&body).await?.status(), 200);
     }
-    assert_eq!(app.count("SELECT COUNT(*) FROM events")?, events);
-    assert_eq!(app.count("SELECT COUNT(*) FROM deliveries")?, deliveries);
+    assert_eq!(app.events().await?.len(), events);
+    assert_eq!(app.deliveries().await?.len(), deliveries);
     app.stop().await
 }
 
@@ -201,20 +208,20 @@ async fn escaped_bodies_verify_and_the_raw_item_is_stored_verbatim() -> TestResu
     assert_eq!(app.post_webhook(&reactions).await?.status(), 200);
     let escaped = br#"{"object":"page","entry":[{"id":"42","time":1,"messaging":[{"sender":{"id":"7"},"recipient":{"id":"42"},"timestamp":1700000000000,"message":{"mid":"m.esc","text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a"}}]}]}"#;
     assert_eq!(app.post_webhook(escaped).await?.status(), 200);
-    let payload: String = app.db()?.query_row(
-        "SELECT payload FROM events WHERE kind = 'message'",
-        [],
-        |row| row.get(0),
-    )?;
+    let events = app.events().await?;
+    let stored = |kind: EventKind| -> TestResult<String> {
+        let event = events
+            .iter()
+            .find(|event| event.kind == kind)
+            .ok_or(format!("no {kind} stored"))?;
+        Ok(serde_json::to_string(event)?)
+    };
+    let payload = stored(EventKind::Message)?;
     assert!(
         payload.contains(r#""text":"caf\u00e9 \u00e4\u00f6\u00e5 https:\/\/example.com\/a""#),
         "{payload}"
     );
-    let reaction: String = app.db()?.query_row(
-        "SELECT payload FROM events WHERE kind = 'reaction'",
-        [],
-        |row| row.get(0),
-    )?;
+    let reaction = stored(EventKind::Reaction)?;
     assert!(
         reaction.contains(r#""emoji": "\u2764\ufe0f""#),
         "{reaction}"
@@ -310,24 +317,21 @@ async fn health_endpoints_answer() -> TestResult {
 #[tokio::test]
 async fn an_item_with_a_lone_surrogate_is_stored_and_forwarded_verbatim() -> TestResult {
     let bot = crate::support::MockSink::start().await?;
-    let app = spawn_app(&format!(
-        "[bot]\nurl = \"{}\"\nbackoff = \"10ms\"\n",
-        bot.url("/webhook")
-    ))
-    .await?;
+    let app = spawn_app(&crate::support::fast_bot(&bot.url("/webhook"))).await?;
     let item = r#"{"sender":{"id":"U1"},"recipient":{"id":"111"},"timestamp":1700000000000,"message":{"mid":"m.cut","text":"cut \ud83d"}}"#;
     let body = format!(
         r#"{{"object":"page","entry":[{{"id":"111","time":1700000000000,"messaging":[{item}]}}]}}"#
     );
     assert_eq!(app.post_webhook(body.as_bytes()).await?.status(), 200);
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
         1,
         std::time::Duration::from_secs(5),
     )
     .await?;
     assert_eq!(
-        app.count("SELECT COUNT(*) FROM events WHERE kind = 'message'")?,
+        app.count_events(|event| event.kind == EventKind::Message)
+            .await?,
         1
     );
     let received = bot.received();
@@ -412,17 +416,17 @@ async fn a_full_store_restarts_and_delivers_everything_it_acknowledged() -> Test
         .await?;
     bot.set_default(crate::support::Reply::hang());
     // Every user's delivery failed: the sink is in outage, so its one probe is what hangs.
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'in_flight'",
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "in_flight",
         1,
         Duration::from_secs(5),
     )
     .await?;
     let app = app.restart().await?;
     bot.set_default(crate::support::Reply::status(200));
-    app.wait_for_count(
-        "SELECT COUNT(*) FROM deliveries WHERE state = 'delivered'",
-        acknowledged,
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
+        acknowledged as usize,
         Duration::from_secs(10),
     )
     .await?;

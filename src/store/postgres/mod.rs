@@ -17,6 +17,7 @@
 mod listen;
 mod queries;
 mod schema;
+mod enqueue;
 mod write;
 #[cfg(test)]
 mod tests;
@@ -189,7 +190,7 @@ struct Inner {
     wakers: Arc<Wakers>,
     paused: Arc<RwLock<HashSet<String>>>,
     /// The enqueue batcher's queue.
-    enqueue: mpsc::Sender<write::EnqueueJob>,
+    enqueue: mpsc::Sender<enqueue::EnqueueJob>,
     stop: CancellationToken,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -268,7 +269,7 @@ impl PostgresStore {
         let store = PostgresStore { inner };
         // The paused users are known before the first delivery is claimed.
         store.reload_paused().await?;
-        let batcher = tokio::spawn(write::batch_loop(store.batcher(), queue));
+        let batcher = tokio::spawn(enqueue::batch_loop(store.batcher(), queue));
         let listener = tokio::spawn(listen::listen_loop(store.listener()));
         if let Ok(mut tasks) = store.inner.tasks.lock() {
             tasks.push(batcher);
@@ -278,8 +279,8 @@ impl PostgresStore {
     }
 
     /// What the batcher needs, without a handle of the store (which would keep its queue open).
-    fn batcher(&self) -> write::Batcher {
-        write::Batcher {
+    fn batcher(&self) -> enqueue::Batcher {
+        enqueue::Batcher {
             pool: self.inner.pool.clone(),
             target: self.inner.target.clone(),
             wakers: self.inner.wakers.clone(),
@@ -322,7 +323,7 @@ impl PostgresStore {
         if events.is_empty() {
             return Ok(EnqueueReport::default());
         }
-        let job = write::EnqueueJob::new(events, now)?;
+        let job = enqueue::EnqueueJob::new(events, now)?;
         let (job, answer) = job;
         self.inner
             .enqueue

@@ -1,29 +1,23 @@
-//! The PostgreSQL store's writes: the enqueue batcher (the events of concurrent requests go to
-//! the database in ONE transaction, committed before any of their callers is answered), claims,
-//! lease renewal, settles, replays, purges, pauses and the writable probe.
+//! The PostgreSQL store's writes other than enqueue (`enqueue.rs`): claims, lease renewal,
+//! settles, replays, purges, pauses and the writable probe.
 //!
 //! Lanes across relays: every write that can change who heads a lane (enqueue, a settle that
 //! ends the head, a replay) first locks the lane's row in `lanes`, in (sink, lane) order, so
 //! that what it reads about the lane stays true until it commits. The unique index
 //! `deliveries_lane_head` makes a second head impossible whatever happens.
 
+use super::enqueue::wake_and_notify;
 use super::queries::{self, CLAIM, NEXT_DUE};
-use super::{PgError, PostgresStore, Target, column, retrying};
+use super::{PgError, PostgresStore, column, retrying};
 use crate::clock::{Millis, millis};
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    ClaimBatch, Claimed, DeadLetterFilter, EnqueueReport, NewEvent, Purged, ReplayOutcome,
-    Retention, Settle, StoreError, Wakers,
+    ClaimBatch, Claimed, DeadLetterFilter, Purged, ReplayOutcome, Retention, Settle, StoreError,
 };
 use deadpool_postgres::{GenericClient, Pool};
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::BTreeSet;
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
-
-/// The most events one enqueue transaction takes.
-const MAX_BATCH_EVENTS: usize = 2000;
 
 /// The most rows one purge statement deletes.
 pub(super) const PURGE_CHUNK: i64 = 2000;
@@ -38,32 +32,11 @@ pub(super) const WORK_CHANNEL: &str = "botrelay_work";
 /// The channel a relay NOTIFYs (at commit) after it paused or unpaused a user.
 pub(super) const PAUSE_CHANNEL: &str = "botrelay_pause";
 
-const INSERT_EVENTS: &str = "
-    INSERT INTO events (id, source, kind, page_id, user_id, timestamp_ms, received_at, payload)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::int8[], $7::int8[], $8::text[])
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id";
-
 /// Creates the lanes that do not exist and locks them all, in the order given.
-const LOCK_LANES: &str = "
+pub(super) const LOCK_LANES: &str = "
     INSERT INTO lanes (sink, lane, touched_at)
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
     ON CONFLICT (sink, lane) DO UPDATE SET touched_at = GREATEST(lanes.touched_at, EXCLUDED.touched_at)";
-
-/// Which of the given lanes have a head.
-const BUSY_LANES: &str = "
-    SELECT d.sink, d.lane FROM unnest($1::text[], $2::text[]) AS l (sink, lane)
-    JOIN deliveries d ON d.sink = l.sink AND d.lane = l.lane
-        AND d.state IN ('pending', 'in_flight')";
-
-/// Inserts deliveries in the order given (ids are the order of receipt).
-const INSERT_DELIVERIES: &str = "
-    INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-    SELECT event_id, sink, lane, state, at, at, at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
-        WITH ORDINALITY AS u (event_id, sink, lane, state, at, n)
-    ORDER BY n";
 
 /// Lets the oldest waiting delivery of lane ($1, $2) go, if the lane has no head.
 pub(super) const PROMOTE: &str = "
@@ -99,340 +72,6 @@ pub(super) const PURGE_LANES: &str = "DELETE FROM lanes WHERE (sink, lane) IN (
       AND NOT EXISTS (SELECT 1 FROM deliveries d WHERE d.sink = l.sink AND d.lane = l.lane
                       AND d.state = 'waiting')
     LIMIT $2 FOR UPDATE SKIP LOCKED)";
-
-type Answer = oneshot::Sender<Result<EnqueueReport, StoreError>>;
-
-/// One caller's enqueue, waiting for the batcher.
-pub(super) struct EnqueueJob {
-    events: Vec<(NewEvent, String)>,
-    now: Millis,
-    answer: Answer,
-}
-
-impl EnqueueJob {
-    /// The job (events encoded here, on the caller's task) and where its answer will come.
-    pub(super) fn new(
-        events: Vec<NewEvent>,
-        now: Millis,
-    ) -> Result<
-        (
-            EnqueueJob,
-            oneshot::Receiver<Result<EnqueueReport, StoreError>>,
-        ),
-        StoreError,
-    > {
-        let events = events
-            .into_iter()
-            .map(|new| {
-                serde_json::to_string(&new.event)
-                    .map(|payload| (new, payload))
-                    .map_err(|error| StoreError::Database(format!("cannot encode event: {error}")))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        let (answer, receiver) = oneshot::channel();
-        Ok((
-            EnqueueJob {
-                events,
-                now,
-                answer,
-            },
-            receiver,
-        ))
-    }
-}
-
-/// What the batcher task holds (not a store handle: the handles alone keep its queue open).
-pub(super) struct Batcher {
-    pub(super) pool: Pool,
-    pub(super) target: Target,
-    pub(super) wakers: Arc<Wakers>,
-}
-
-/// The batcher: takes every enqueue that arrived while the previous transaction committed,
-/// up to `MAX_BATCH_EVENTS`, and writes them in one transaction; answers each caller after
-/// the commit; then wakes the local dispatchers and NOTIFYs the other relays.
-pub(super) async fn batch_loop(batcher: Batcher, mut queue: mpsc::Receiver<EnqueueJob>) {
-    while let Some(first) = queue.recv().await {
-        let mut events = first.events.len();
-        let mut jobs = vec![first];
-        while events < MAX_BATCH_EVENTS {
-            match queue.try_recv() {
-                Ok(job) => {
-                    events += job.events.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        batcher.run(jobs).await;
-    }
-}
-
-impl Batcher {
-    async fn run(&self, jobs: Vec<EnqueueJob>) {
-        let mut touched = BTreeSet::new();
-        let (pool, batch) = (&self.pool, jobs.as_slice());
-        match retrying(move || enqueue_batch(pool, batch)).await {
-            Ok((reports, sinks)) => {
-                touched = sinks;
-                for (job, report) in jobs.into_iter().zip(reports) {
-                    let _ = job.answer.send(Ok(report));
-                }
-            }
-            // One caller's events may be what failed (a value the database refuses): each
-            // job alone, so that the failure is only that caller's.
-            Err(error) if jobs.len() > 1 && !connection_lost(&error) => {
-                tracing::debug!(error = %self.target.scrub(&error.to_string()), "An enqueue batch failed; writing its requests one by one");
-                for job in jobs {
-                    let single = std::slice::from_ref(&job);
-                    let result = retrying(move || enqueue_batch(pool, single)).await;
-                    match result {
-                        Ok((mut reports, sinks)) => {
-                            touched.extend(sinks);
-                            let _ = job.answer.send(Ok(reports.pop().unwrap_or_default()));
-                        }
-                        Err(error) => {
-                            let _ = job.answer.send(Err(self.target.error(error)));
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                let error = self.target.error(error);
-                for job in jobs {
-                    let _ = job.answer.send(Err(error.clone()));
-                }
-            }
-        }
-        wake_and_notify(&self.pool, &self.target, &self.wakers, &touched).await;
-    }
-}
-
-fn connection_lost(error: &PgError) -> bool {
-    match error {
-        PgError::Postgres(error) => error.is_closed() || error.code().is_none(),
-        PgError::Pool(_) => true,
-        PgError::Other(_) => false,
-    }
-}
-
-/// One delivery row to insert.
-struct NewDelivery<'a> {
-    event_id: &'a str,
-    sink: SinkName,
-    lane: Option<String>,
-    at: Millis,
-}
-
-/// Writes the jobs' events and deliveries in one transaction; the report of each job, and the
-/// sinks that got rows.
-async fn enqueue_batch(
-    pool: &Pool,
-    jobs: &[EnqueueJob],
-) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
-    // The first occurrence of each id in the batch is the one that may be new.
-    let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
-    for (j, job) in jobs.iter().enumerate() {
-        for (k, (new, _)) in job.events.iter().enumerate() {
-            first.entry(new.event.id.as_str()).or_insert((j, k));
-        }
-    }
-    // Inserted in id order, so that two relays inserting the same ids never deadlock.
-    let mut unique: Vec<(&Event, &str, Millis)> = first
-        .values()
-        .map(|&(j, k)| {
-            let (new, payload) = &jobs[j].events[k];
-            (&new.event, payload.as_str(), jobs[j].now)
-        })
-        .collect();
-    unique.sort_by(|a, b| a.0.id.as_str().cmp(b.0.id.as_str()));
-    let ids: Vec<&str> = unique
-        .iter()
-        .map(|(event, _, _)| event.id.as_str())
-        .collect();
-    let sources: Vec<&str> = unique
-        .iter()
-        .map(|(event, _, _)| event.source.as_str())
-        .collect();
-    let kinds: Vec<&str> = unique
-        .iter()
-        .map(|(event, _, _)| event.kind.as_str())
-        .collect();
-    let pages: Vec<Option<String>> = unique
-        .iter()
-        .map(|(event, _, _)| {
-            event
-                .page_id
-                .as_deref()
-                .map(|page| column(page).into_owned())
-        })
-        .collect();
-    let users: Vec<Option<String>> = unique
-        .iter()
-        .map(|(event, _, _)| {
-            event
-                .user_id
-                .as_deref()
-                .map(|user| column(user).into_owned())
-        })
-        .collect();
-    let timestamps: Vec<i64> = unique
-        .iter()
-        .map(|(event, _, _)| event.timestamp_ms)
-        .collect();
-    let received: Vec<i64> = unique.iter().map(|(_, _, now)| *now).collect();
-    let payloads: Vec<&str> = unique.iter().map(|(_, payload, _)| *payload).collect();
-
-    let mut client = pool.get().await?;
-    let transaction = client.transaction().await?;
-    let insert_events = transaction.prepare_cached(INSERT_EVENTS).await?;
-    let inserted: HashSet<String> = transaction
-        .query(
-            &insert_events,
-            &[
-                &ids,
-                &sources,
-                &kinds,
-                &pages,
-                &users,
-                &timestamps,
-                &received,
-                &payloads,
-            ],
-        )
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-
-    let mut reports = vec![EnqueueReport::default(); jobs.len()];
-    let mut deliveries: Vec<NewDelivery> = Vec::new();
-    for (j, job) in jobs.iter().enumerate() {
-        for (k, (new, _)) in job.events.iter().enumerate() {
-            let id = new.event.id.as_str();
-            let is_new = first.get(id) == Some(&(j, k)) && inserted.contains(id);
-            if !is_new {
-                reports[j].duplicates += 1;
-                continue;
-            }
-            reports[j].stored += 1;
-            for sink in &new.sinks {
-                deliveries.push(NewDelivery {
-                    event_id: id,
-                    sink: *sink,
-                    lane: new
-                        .event
-                        .user_id
-                        .as_deref()
-                        .map(|user| column(user).into_owned()),
-                    at: job.now,
-                });
-                reports[j].deliveries += 1;
-            }
-        }
-    }
-    let touched: BTreeSet<SinkName> = deliveries.iter().map(|delivery| delivery.sink).collect();
-    if deliveries.is_empty() {
-        transaction.commit().await?;
-        return Ok((reports, touched));
-    }
-
-    // Lock the lanes (sorted: a fixed order across relays), then see which have a head.
-    let mut lanes: BTreeMap<(&str, &str), Millis> = BTreeMap::new();
-    for delivery in &deliveries {
-        if let Some(lane) = &delivery.lane {
-            let at = lanes
-                .entry((delivery.sink.as_str(), lane.as_str()))
-                .or_insert(delivery.at);
-            *at = (*at).max(delivery.at);
-        }
-    }
-    let mut busy: HashSet<(String, String)> = HashSet::new();
-    if !lanes.is_empty() {
-        let lane_sinks: Vec<&str> = lanes.keys().map(|(sink, _)| *sink).collect();
-        let lane_users: Vec<&str> = lanes.keys().map(|(_, lane)| *lane).collect();
-        let lane_times: Vec<i64> = lanes.values().copied().collect();
-        let lock = transaction.prepare_cached(LOCK_LANES).await?;
-        transaction
-            .execute(&lock, &[&lane_sinks, &lane_users, &lane_times])
-            .await?;
-        let heads = transaction.prepare_cached(BUSY_LANES).await?;
-        for row in transaction
-            .query(&heads, &[&lane_sinks, &lane_users])
-            .await?
-        {
-            busy.insert((row.try_get(0)?, row.try_get(1)?));
-        }
-    }
-    let mut states: Vec<&str> = Vec::with_capacity(deliveries.len());
-    for delivery in &deliveries {
-        let state = match &delivery.lane {
-            None => "pending",
-            Some(lane) => {
-                if busy.insert((delivery.sink.as_str().to_owned(), lane.clone())) {
-                    "pending"
-                } else {
-                    "waiting"
-                }
-            }
-        };
-        states.push(state);
-    }
-    let event_ids: Vec<&str> = deliveries
-        .iter()
-        .map(|delivery| delivery.event_id)
-        .collect();
-    let sinks: Vec<&str> = deliveries
-        .iter()
-        .map(|delivery| delivery.sink.as_str())
-        .collect();
-    let delivery_lanes: Vec<Option<&str>> = deliveries
-        .iter()
-        .map(|delivery| delivery.lane.as_deref())
-        .collect();
-    let times: Vec<i64> = deliveries.iter().map(|delivery| delivery.at).collect();
-    let insert = transaction.prepare_cached(INSERT_DELIVERIES).await?;
-    transaction
-        .execute(
-            &insert,
-            &[&event_ids, &sinks, &delivery_lanes, &states, &times],
-        )
-        .await?;
-    transaction.commit().await?;
-    Ok((reports, touched))
-}
-
-/// Wakes this relay's dispatchers of `sinks`, then tells the other relays (after the commit,
-/// outside any transaction). A lost NOTIFY costs only latency: every relay also claims at its
-/// next due time, and at least once per lease.
-async fn wake_and_notify(
-    pool: &Pool,
-    target: &Target,
-    wakers: &Wakers,
-    sinks: &BTreeSet<SinkName>,
-) {
-    if sinks.is_empty() {
-        return;
-    }
-    for sink in sinks {
-        wakers.wake(*sink);
-    }
-    let payload = sinks
-        .iter()
-        .map(|sink| sink.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
-    let sent = async {
-        let client = pool.get().await?;
-        client
-            .execute("SELECT pg_notify($1, $2)", &[&WORK_CHANNEL, &payload])
-            .await?;
-        Ok::<_, PgError>(())
-    };
-    if let Err(error) = sent.await {
-        tracing::debug!(error = %target.scrub(&error.to_string()), "Cannot notify the other relays of new work");
-    }
-}
 
 /// A claimed row; the payload is decoded after the claim.
 struct ClaimedRow {

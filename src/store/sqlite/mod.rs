@@ -23,6 +23,7 @@
 //! checkpointer threads: group commit and durability), `queries` (each store operation's SQL),
 //! `files` (the lock file, the WAL's fsync, the directory).
 
+mod dead_letters;
 mod engine;
 mod files;
 mod queries;

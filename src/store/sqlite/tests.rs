@@ -2,6 +2,7 @@
 //! migrations, a full store.
 #![allow(clippy::expect_used)]
 
+use super::dead_letters::*;
 use super::engine::*;
 use super::files::*;
 use super::queries::*;
