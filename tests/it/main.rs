@@ -7,5 +7,6 @@ mod crash;
 mod delivery;
 mod reports;
 mod sinks;
+mod vendor_sinks;
 mod vendors;
 mod webhook;
