@@ -780,6 +780,94 @@ mod tests {
         Ok(())
     }
 
+    /// The table's new keys: defaults, consent from a TOML table or an environment JSON
+    /// string, Install Authentication only with both keys, secrets never quoted.
+    #[test]
+    fn the_table_reads_consent_and_authentication() -> TestResult {
+        use crate::config::{Config, ConfigError};
+        use crate::sinks::Sink;
+        use std::collections::HashMap;
+        let base = "[messenger]\napp_secret = \"s\"\nverify_token = \"v\"\n\
+                    [sinks.kochava]\napp_id = \"k\"\n";
+        let kochava_of = |config: &Config| {
+            config.sinks.iter().find_map(|route| match &route.sink {
+                Sink::Kochava(kochava) => Some(kochava.clone()),
+                _ => None,
+            })
+        };
+        let config = Config::from_sources(base, HashMap::new())?;
+        let defaults = kochava_of(&config).ok_or("no kochava")?;
+        assert_eq!(
+            (
+                defaults.origination_ip.as_str(),
+                defaults.device_ver.as_str()
+            ),
+            ("0.0.0.0", "Messenger-bot")
+        );
+        assert_eq!(
+            Value::Object(defaults.gdpr_privacy_consent),
+            serde_json::json!({"gdpr_applies": false})
+        );
+        assert!(defaults.authentication.is_none());
+
+        let table = format!(
+            "{base}gdpr_privacy_consent = {{ gdpr_applies = 1, tc_string = \"T\" }}\n\
+             api_key = \"ko-key\"\nauth_secret = \"ko-secret\"\n"
+        );
+        let config = Config::from_sources(&table, HashMap::new())?;
+        let kochava = kochava_of(&config).ok_or("no kochava")?;
+        assert_eq!(
+            Value::Object(kochava.gdpr_privacy_consent),
+            serde_json::json!({"gdpr_applies": 1, "tc_string": "T"})
+        );
+        assert!(kochava.authentication.is_some());
+        let secrets = config.secrets();
+        assert!(
+            secrets.contains(&"ko-key".to_owned()) && secrets.contains(&"ko-secret".to_owned())
+        );
+
+        let from_env = HashMap::from([(
+            "BOTRELAY__SINKS__KOCHAVA__GDPR_PRIVACY_CONSENT".to_owned(),
+            r#"{"gdpr_applies": true, "ad_user_data": 1}"#.to_owned(),
+        )]);
+        let config = Config::from_sources(base, from_env)?;
+        assert_eq!(
+            Value::Object(
+                kochava_of(&config)
+                    .ok_or("no kochava")?
+                    .gdpr_privacy_consent
+            ),
+            serde_json::json!({"gdpr_applies": true, "ad_user_data": 1})
+        );
+
+        for (extra, key) in [
+            ("api_key = \"ko-key\"\n", "sinks.kochava.auth_secret"),
+            ("auth_secret = \"ko-secret\"\n", "sinks.kochava.api_key"),
+            (
+                "gdpr_privacy_consent = \"not json\"\n",
+                "sinks.kochava.gdpr_privacy_consent",
+            ),
+            (
+                "origination_ip = \"somewhere\"\n",
+                "sinks.kochava.origination_ip",
+            ),
+        ] {
+            match Config::from_sources(&format!("{base}{extra}"), HashMap::new()) {
+                Err(ConfigError::Invalid(problems)) => {
+                    assert_eq!(problems.len(), 1, "{problems:?}");
+                    assert_eq!(problems[0].key, key);
+                    let text = problems[0].to_string();
+                    assert!(
+                        !text.contains("ko-key") && !text.contains("ko-secret"),
+                        "{text}"
+                    );
+                }
+                other => panic!("{extra}: {other:?}"),
+            }
+        }
+        Ok(())
+    }
+
     #[test]
     fn escaping_slashes_is_exact() -> TestResult {
         let value = serde_json::json!({"a/b": "https://x.test/é/\\/\"/", "n": [1, "/"]});

@@ -343,7 +343,7 @@ async fn conversions_items_carry_our_event_id_and_channel_and_graph_warnings_sho
         let views = admin_sinks(&app).await?;
         let conversions = sink_view(&views, "conversions")?;
         if conversions.last_success_at.is_some() && !conversions.warnings.is_empty() {
-            assert_eq!(conversions.warnings, [wanted.clone()], "{conversions:?}");
+            assert_eq!(conversions.warnings, [wanted], "{conversions:?}");
             break;
         }
         if tokio::time::Instant::now() > deadline {
