@@ -233,7 +233,7 @@ pub fn device_id(app_id: &str, page_id: &str, psid: &str) -> String {
     mac.update(b":");
     mac.update(psid.as_bytes());
     let digest = hex::encode(mac.finalize().into_bytes());
-    format!("fbm-{}", &digest[..32])
+    format!("fbm-{}", digest.get(..32).unwrap_or(&digest))
 }
 
 /// JSON text with every `/` escaped as `\/`, as Install Authentication requires. Exact: in
