@@ -61,6 +61,47 @@ pub enum Outcome {
     },
 }
 
+/// What an attempt brought back: its [`Outcome`], and the vendor's API version warning when
+/// the answer carried one ([`version_warning`]), whatever the outcome.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    pub outcome: Outcome,
+    pub notice: Option<String>,
+}
+
+/// The headers by which a vendor says that the API version called is going away: Graph's
+/// Marketing API `X-Ad-Api-Version-Warning`, and the standard `Deprecation` (RFC 9745) and
+/// `Sunset` (RFC 8594).
+pub const VERSION_WARNING_HEADERS: [&str; 3] =
+    ["x-ad-api-version-warning", "deprecation", "sunset"];
+
+/// Longest version warning kept (a vendor's header is a sentence, not a body).
+const NOTICE_MAX_CHARS: usize = 300;
+
+/// The answer's version warning headers as one line (`Deprecation: …; Sunset: …`), or `None`
+/// when it carries none.
+pub fn version_warning(headers: &HeaderMap) -> Option<String> {
+    let parts: Vec<String> = VERSION_WARNING_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = headers.get(*name)?;
+            let value = String::from_utf8_lossy(value.as_bytes());
+            let value: String = value
+                .chars()
+                .filter(|c| !c.is_control())
+                .take(NOTICE_MAX_CHARS)
+                .collect();
+            let display = match *name {
+                "x-ad-api-version-warning" => "X-Ad-Api-Version-Warning",
+                "deprecation" => "Deprecation",
+                _ => "Sunset",
+            };
+            Some(format!("{display}: {}", value.trim()))
+        })
+        .collect();
+    (!parts.is_empty()).then(|| parts.join("; "))
+}
+
 /// A response as a sink's classifier sees it.
 #[derive(Debug)]
 pub struct Response<'a> {
@@ -99,8 +140,20 @@ impl Client {
         &self.http
     }
 
-    /// Sends `request` within `timeout` and classifies the answer.
-    pub async fn send(&self, request: &Request, timeout: Duration, classify: Classify) -> Outcome {
+    /// Sends `request` within `timeout` and classifies the answer; notes its version warning.
+    pub async fn send(&self, request: &Request, timeout: Duration, classify: Classify) -> Sent {
+        let mut notice = None;
+        let outcome = self.attempt(request, timeout, classify, &mut notice).await;
+        Sent { outcome, notice }
+    }
+
+    async fn attempt(
+        &self,
+        request: &Request,
+        timeout: Duration,
+        classify: Classify,
+        notice: &mut Option<String>,
+    ) -> Outcome {
         let method = match request.method {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
@@ -127,6 +180,7 @@ impl Client {
         };
         let status = response.status().as_u16();
         let headers = response.headers().clone();
+        *notice = version_warning(&headers);
         let mut body = Vec::new();
         while body.len() < MAX_ANSWER_BYTES {
             match response.chunk().await {
@@ -273,6 +327,34 @@ mod tests {
             },
             SystemTime::UNIX_EPOCH,
         )
+    }
+
+    #[test]
+    fn version_warnings_are_read_from_the_headers() {
+        let (headers, _, _) = response(
+            200,
+            &[
+                ("sunset", "Tue, 23 Feb 2027 00:00:00 GMT"),
+                (
+                    "x-ad-api-version-warning",
+                    "The call was made to v24.0, which is deprecated; it was upgraded to v25.0",
+                ),
+            ],
+            b"",
+        );
+        assert_eq!(
+            version_warning(&headers).as_deref(),
+            Some(
+                "X-Ad-Api-Version-Warning: The call was made to v24.0, which is deprecated; it was upgraded to v25.0; Sunset: Tue, 23 Feb 2027 00:00:00 GMT"
+            )
+        );
+        let (none, _, _) = response(200, &[("x-fb-trace-id", "x")], b"");
+        assert_eq!(version_warning(&none), None);
+        let (long, _, _) = response(200, &[("deprecation", &"d".repeat(1000))], b"");
+        assert_eq!(
+            version_warning(&long).map(|text| text.len()),
+            Some("Deprecation: ".len() + NOTICE_MAX_CHARS)
+        );
     }
 
     #[test]

@@ -86,6 +86,11 @@ pub async fn run_with_store(
         sinks.routes().iter().map(|route| route.name).collect();
     let active: Vec<&str> = active_sinks.iter().map(|sink| sink.as_str()).collect();
     tracing::info!(sinks = ?active, "Active sinks");
+    for route in sinks.routes() {
+        for warning in route.warnings() {
+            tracing::warn!(sink = %route.name, %warning, "Sink warning");
+        }
+    }
     telemetry::register_metrics(&active_sinks);
     if active.is_empty() {
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");

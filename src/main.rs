@@ -36,7 +36,8 @@ struct Cli {
 enum Command {
     /// Run the relay (the default).
     Serve,
-    /// Load and validate the config; print every problem and exit 2, or the active sinks and exit 0.
+    /// Load and validate the config; print every problem and exit 2, or the active sinks (and
+    /// any warning about them) and exit 0.
     CheckConfig,
     /// List or replay the dead letters of a running relay (through its admin API).
     #[command(subcommand)]
@@ -258,6 +259,12 @@ fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
     }
     for (name, reason) in &config.disabled_sinks {
         println!("  disabled sink {:<width$}{reason}", name.as_str());
+    }
+    // Warnings leave the exit code alone: the config is valid.
+    for sink in &config.sinks {
+        for warning in sink.warnings() {
+            println!("  warning: {}: {warning}", sink.name.as_str());
+        }
     }
     if config.sinks.is_empty() {
         println!("  no sink is active: events will be stored and acknowledged, and go nowhere");

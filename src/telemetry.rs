@@ -381,7 +381,18 @@ pub struct SinkActivity {
     pub last_error: Option<LastError>,
     /// When the sink's current outage began, as this relay's dispatcher sees it.
     pub outage_since: Option<Millis>,
+    /// The vendor's latest distinct API version warnings (newest last, at most
+    /// [`WARNINGS_KEPT`]), from its answers' headers.
+    pub warnings: Vec<String>,
+    /// When a version warning of this sink was last logged.
+    pub warning_logged_at: Option<Millis>,
 }
+
+/// How many distinct version warnings are kept per sink.
+pub const WARNINGS_KEPT: usize = 3;
+
+/// A sink's version warnings are logged at most once in this long.
+pub const WARNING_LOG_EVERY: Millis = 3600 * 1000;
 
 /// The in-memory record of each sink's last success and last error, fed by the dispatcher
 /// (one call per settled attempt) and read by `GET /admin/sinks`. A cheap `Clone` handle: one
@@ -430,6 +441,36 @@ impl SinkStatus {
         } else {
             0.0
         });
+    }
+
+    /// Records a vendor's API version warning (`delivery::version_warning`) seen at `now`:
+    /// kept among the sink's latest distinct warnings for `/admin/sinks`, and logged at most
+    /// once per [`WARNING_LOG_EVERY`] per sink.
+    pub fn warn(&self, sink: SinkName, warning: &str, now: Millis) {
+        let log = {
+            let Ok(mut by_sink) = self.by_sink.write() else {
+                return;
+            };
+            let activity = by_sink.entry(sink).or_default();
+            activity.warnings.retain(|kept| kept != warning);
+            activity.warnings.push(warning.to_owned());
+            let excess = activity.warnings.len().saturating_sub(WARNINGS_KEPT);
+            activity.warnings.drain(..excess);
+            let due = activity
+                .warning_logged_at
+                .is_none_or(|at| now - at >= WARNING_LOG_EVERY);
+            if due {
+                activity.warning_logged_at = Some(now);
+            }
+            due
+        };
+        if log {
+            tracing::warn!(
+                sink = %sink,
+                %warning,
+                "The sink's API version is going away (logged at most once an hour)"
+            );
+        }
     }
 
     pub fn get(&self, sink: SinkName) -> SinkActivity {
@@ -553,6 +594,28 @@ mod tests {
             (13, None, true, LAST_ERROR_MAX_CHARS)
         );
         assert_eq!(status.get(SinkName::Kochava), SinkActivity::default());
+    }
+
+    #[test]
+    fn version_warnings_are_kept_distinct_and_logged_once_an_hour() {
+        let status = SinkStatus::default();
+        status.warn(SinkName::Conversions, "Sunset: a", 1_000);
+        status.warn(SinkName::Conversions, "Sunset: a", 2_000);
+        let activity = status.get(SinkName::Conversions);
+        assert_eq!(activity.warnings, ["Sunset: a"]);
+        assert_eq!(activity.warning_logged_at, Some(1_000));
+        for (text, at) in [("b", 3_000), ("c", 4_000), ("d", 5_000), ("b", 6_000)] {
+            status.warn(SinkName::Conversions, text, at);
+        }
+        let activity = status.get(SinkName::Conversions);
+        assert_eq!(activity.warnings, ["c", "d", "b"]);
+        assert_eq!(activity.warning_logged_at, Some(1_000));
+        status.warn(SinkName::Conversions, "e", 1_000 + WARNING_LOG_EVERY);
+        assert_eq!(
+            status.get(SinkName::Conversions).warning_logged_at,
+            Some(1_000 + WARNING_LOG_EVERY)
+        );
+        assert!(status.get(SinkName::PageActivities).warnings.is_empty());
     }
 
     #[test]

@@ -412,13 +412,28 @@ async fn list_sinks(
             dead: figures.dead,
             last_success_at: activity.last_success_at.map(rfc3339),
             last_error,
-            warnings: (!enabled)
-                .then(|| disabled_reason(&state, sink))
-                .into_iter()
-                .collect(),
+            warnings: warnings(&state, sink, enabled, &activity.warnings),
         });
     }
     Ok(axum::Json(views))
+}
+
+/// What `/admin/sinks` lists under `warnings`: why the sink is not enabled, or what its config
+/// warns of (a retired API, a fallback), then the vendor's latest API version warnings.
+fn warnings(state: &AdminState, sink: SinkName, enabled: bool, seen: &[String]) -> Vec<String> {
+    let mut warnings = if enabled {
+        state
+            .config
+            .sinks
+            .iter()
+            .filter(|route| route.name == sink)
+            .flat_map(|route| route.warnings())
+            .collect()
+    } else {
+        vec![disabled_reason(state, sink)]
+    };
+    warnings.extend(seen.iter().map(|warning| state.redactor.redact(warning)));
+    warnings
 }
 
 /// Why `sink`, not active, is not enabled.

@@ -280,7 +280,7 @@ mod tests {
             found,
             [
                 "bot.retries: unknown key; [bot] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`",
-                "sinks.kochava.gdpr: unknown key; [sinks.kochava] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`, `app_id`, `include_text`, `impression_url`, `click_url`, `smartlink_prefix`, `click_payloads`, `names`",
+                "sinks.kochava.gdpr: unknown key; [sinks.kochava] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`, `app_id`, `include_text`, `impression_url`, `click_url`, `smartlink_prefix`, `click_payloads`, `origination_ip`, `device_ver`, `gdpr_privacy_consent`, `api_key`, `auth_secret`, `names`",
                 "bot.api_key: is not a key of [bot]",
                 "bot.page_tokens: is not a key of [bot]",
                 "bot.names: is not a key of [bot]",

@@ -201,7 +201,7 @@ impl Dispatcher {
                 // A delivery its sink skips was never to be sent: skipped however long it
                 // waited, not dead-lettered for its ttl.
                 let ttl_ran_out = expired(&route.delivery, &delivery, now_ms());
-                match (route.encode(&delivery.event), ttl_ran_out) {
+                match (route.encode(&delivery.event, now_ms()), ttl_ran_out) {
                     (Err(EncodeError::Skip(reason)), _) => Settle::Skipped { reason },
                     (Err(EncodeError::Invalid(reason)), _) => Settle::Dead {
                         status: None,
@@ -217,7 +217,12 @@ impl Dispatcher {
                         let send =
                             self.client
                                 .send(&request, route.delivery.timeout, route.classifier());
-                        let outcome = self.holding_lease(send, &mut delivery, lease).await;
+                        let sent = self.holding_lease(send, &mut delivery, lease).await;
+                        if let Some(notice) = sent.notice.filter(|_| route.heeds_version_warnings())
+                        {
+                            self.status.warn(route.name, &notice, now_ms());
+                        }
+                        let outcome = sent.outcome;
                         metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
                             .record(started.elapsed().as_secs_f64());
                         let counted = delivery.attempts.saturating_sub(delivery.throttled);

@@ -1,7 +1,9 @@
 //! The `[sinks.conversions]` sink (SPEC §4.5): Meta's Conversions API for Business Messaging,
 //! `POST /{dataset_id}/events`, the successor of `page_activities`. Only Meta's business
-//! messaging event names are sent; others are skipped. Pure; tokens only in the query string.
-//! Its table, `[sinks.conversions]`, is read and validated here too.
+//! messaging event names are sent; others are skipped. Each item carries botrelay's own event
+//! id as `event_id` (Meta does not deduplicate for business messaging; a repeated delivery keeps
+//! its id) and the channel the event came on. Pure; tokens only in the query string. Its table,
+//! `[sinks.conversions]`, is read and validated here too.
 
 use crate::check::{Checker, DeliveryPolicy, secret};
 use crate::delivery::{Method, Request};
@@ -65,7 +67,7 @@ pub fn from_table(
         check,
         "sinks.conversions.api_version",
         table.api_version,
-        "v23.0",
+        DEFAULT_API_VERSION,
     );
     let Some(base_url) = context.graph_base_url else {
         return Ok(None);
@@ -81,6 +83,19 @@ pub fn from_table(
         app_secret: context.app_secret.clone(),
         names,
     }))
+}
+
+/// Graph's newest version (v27.0, 2026-11-04). Marketing API versions live about a year and do
+/// not auto-upgrade, so this default moves with each release.
+pub const DEFAULT_API_VERSION: &str = "v27.0";
+
+/// `messaging_channel`: `instagram` for an event that came with `object = instagram`, else
+/// `messenger` (events posted to `/events` have no webhook origin: `messenger`).
+pub fn messaging_channel(event: &Event) -> &'static str {
+    match &event.webhook {
+        Some(origin) if origin.object == "instagram" => "instagram",
+        _ => "messenger",
+    }
 }
 
 /// The event names Meta accepts for business messaging.
@@ -198,8 +213,9 @@ impl Conversions {
         let mut item = json!({
             "event_name": name,
             "event_time": seconds(event.timestamp_ms),
+            "event_id": event.id.as_str(),
             "action_source": "business_messaging",
-            "messaging_channel": "messenger",
+            "messaging_channel": messaging_channel(event),
             "user_data": {"page_id": page, "page_scoped_user_id": user},
         });
         if let (false, Some(fields)) = (custom_data.is_empty(), item.as_object_mut()) {
@@ -238,7 +254,7 @@ mod tests {
     fn sink() -> Result<Conversions, url::ParseError> {
         Ok(Conversions {
             base_url: Url::parse("https://graph.facebook.com")?,
-            api_version: "v23.0".into(),
+            api_version: DEFAULT_API_VERSION.into(),
             dataset_id: Some("DATASET-DEFAULT".into()),
             dataset_ids: BTreeMap::new(),
             access_token: Some(SecretString::from("SYSTEM-USER-TOKEN")),
@@ -277,10 +293,47 @@ mod tests {
                 ),
             ),
             ("revenue-per-page-dataset-and-token", per_page, revenue()),
+            ("instagram-message", named_messages()?, instagram_message()?),
+            (
+                "messenger-message",
+                named_messages()?,
+                fixture_event("message-text-quick-reply", EventKind::Message)?,
+            ),
         ];
         for (name, sink, event) in cases {
             assert_snapshot!(format!("conversions-{name}"), render(&sink.encode(&event)?));
         }
+        Ok(())
+    }
+
+    /// A sink that sends messages too, as `ViewContent` (when `kinds` lists them).
+    fn named_messages() -> Result<Conversions, url::ParseError> {
+        let mut sink = sink()?;
+        sink.names.insert(EventKind::Message, "ViewContent".into());
+        Ok(sink)
+    }
+
+    fn instagram_message() -> Result<Event, Box<dyn std::error::Error>> {
+        let mut event = fixture_event("instagram", EventKind::Message)?;
+        event.user_id = Some("1784140000846".into());
+        Ok(event)
+    }
+
+    #[test]
+    fn event_id_is_ours_and_the_channel_follows_the_webhook_object() -> TestResult {
+        let sink = named_messages()?;
+        let instagram = instagram_message()?;
+        let body = body_json(&sink.encode(&instagram)?);
+        assert_eq!(body["data"][0]["messaging_channel"], "instagram");
+        assert_eq!(body["data"][0]["event_id"], instagram.id.as_str());
+        let messenger = fixture_event("message-text-quick-reply", EventKind::Message)?;
+        let body = body_json(&sink.encode(&messenger)?);
+        assert_eq!(body["data"][0]["messaging_channel"], "messenger");
+        assert_eq!(body["data"][0]["event_id"], messenger.id.as_str());
+        // `/events` items have no webhook origin.
+        let body = body_json(&sink.encode(&revenue())?);
+        assert_eq!(body["data"][0]["messaging_channel"], "messenger");
+        assert_eq!(body["data"][0]["event_id"], revenue().id.as_str());
         Ok(())
     }
 
@@ -295,7 +348,7 @@ mod tests {
         assert_eq!(
             request.url,
             format!(
-                "https://graph.facebook.com/v23.0/DATASET-DEFAULT/events?access_token=SYSTEM-USER-TOKEN&appsecret_proof={proof}"
+                "https://graph.facebook.com/v27.0/DATASET-DEFAULT/events?access_token=SYSTEM-USER-TOKEN&appsecret_proof={proof}"
             )
         );
         Ok(())

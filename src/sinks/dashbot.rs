@@ -1,9 +1,13 @@
-//! The `[sinks.dashbot]` sink (SPEC §4.3): Dashbot's REST `track` API. Incoming webhook items
-//! go as `type=incoming` single-item webhook bodies, bot sends as `type=outgoing` records,
-//! custom events as `type=event` objects. Pure; the API key appears only in the query string.
-//! Its table, `[sinks.dashbot]`, is read and validated here too.
+//! The `[sinks.dashbot]` sink (SPEC §4.3): Dashbot's REST `track` API, now run by Dimension
+//! Labs (same API and payloads). Incoming webhook items go as `type=incoming` single-item
+//! webhook bodies, bot sends as `type=outgoing` records, custom events as `type=event` objects.
+//! The realtime endpoint takes only events less than 24 hours old: an older one (after an
+//! outage, a replay) goes to `historical_url`, decided at send time from the `now` the
+//! dispatcher passes in. Pure; the API key appears only in the query string. Its table,
+//! `[sinks.dashbot]`, is read and validated here too.
 
-use crate::check::{Checker, DeliveryPolicy, secret};
+use crate::check::{Checker, DeliveryPolicy, secret, without_userinfo};
+use crate::clock::Millis;
 use crate::delivery::{Method, Request};
 use crate::event::{Custom, Event, EventData, EventKind, Outgoing};
 use crate::sinks::bot::single_item_body;
@@ -17,7 +21,7 @@ use url::Url;
 
 /// `[sinks.dashbot]` (SPEC §4.3).
 pub const SPEC: TableSpec = TableSpec {
-    keys: &["url", "api_key", "names"],
+    keys: &["url", "historical_url", "api_key", "names"],
     secret_keys: &["api_key"],
     kinds: &[
         EventKind::Message,
@@ -40,8 +44,15 @@ pub const SPEC: TableSpec = TableSpec {
 #[serde(deny_unknown_fields)]
 pub struct Table {
     url: Option<String>,
+    historical_url: Option<String>,
     api_key: Option<String>,
 }
+
+/// The realtime tracker (Dimension Labs, formerly `https://tracker.dashbot.io/track`).
+pub const DEFAULT_URL: &str = "https://tracker.dimensionlabs.io/track";
+
+/// Events older than this at send time go to `historical_url` (24 hours).
+pub const REALTIME_WINDOW_MS: Millis = 24 * 3600 * 1000;
 
 /// Validates `[sinks.dashbot]`: `Ok(None)` when a problem is recorded; disabled without an API
 /// key.
@@ -50,18 +61,44 @@ pub fn from_table(
     names: BTreeMap<EventKind, String>,
     check: &mut Checker,
 ) -> Result<Option<Dashbot>, Disabled> {
-    let url = check.url(
-        "sinks.dashbot.url",
-        table.url.as_deref(),
-        Some("https://tracker.dashbot.io/track"),
-    );
+    let url = check.url("sinks.dashbot.url", table.url.as_deref(), Some(DEFAULT_URL));
+    let historical_url = table
+        .historical_url
+        .as_deref()
+        .map(|text| check.url("sinks.dashbot.historical_url", Some(text), None));
     let api_key = secret(table.api_key).ok_or("sinks.dashbot.api_key is not set")?;
     let Some(url) = url else { return Ok(None) };
+    let (historical_url, historical_derived) = match historical_url {
+        Some(Some(historical)) => (historical, true),
+        Some(None) => return Ok(None),
+        None => match historical_of(&url) {
+            Some(historical) => (historical, true),
+            // Said by `config_warnings`: older events go to `url`, which may refuse them.
+            None => (url.clone(), false),
+        },
+    };
     Ok(Some(Dashbot {
         url,
+        historical_url,
+        historical_derived,
         api_key,
         names,
     }))
+}
+
+/// `url` with its last path segment `track` replaced by `trackhistorical`; `None` when the
+/// last segment is something else.
+pub fn historical_of(url: &Url) -> Option<Url> {
+    if url.path_segments()?.next_back()? != "track" {
+        return None;
+    }
+    let mut historical = url.clone();
+    historical
+        .path_segments_mut()
+        .ok()?
+        .pop()
+        .push("trackhistorical");
+    Some(historical)
 }
 
 /// The client version tag Dashbot's REST docs use.
@@ -84,23 +121,52 @@ const OWN_FIELDS: [&str; 8] = [
 
 #[derive(Debug, Clone)]
 pub struct Dashbot {
+    /// The realtime endpoint.
     pub url: Url,
+    /// Where events older than 24 hours at send time go.
+    pub historical_url: Url,
+    /// False when `historical_url` was neither set nor derivable from `url` (whose last path
+    /// segment is not `track`), and is `url` itself.
+    pub historical_derived: bool,
     pub api_key: SecretString,
     /// `[sinks.dashbot.names]`: overrides the `name` of `type=event` objects per kind.
     pub names: BTreeMap<EventKind, String>,
 }
 
 impl Dashbot {
-    /// A password in its URL, and the API key.
+    /// A password in its URLs, and the API key.
     pub fn secrets(&self) -> Vec<String> {
-        let mut secrets: Vec<String> = self.url.password().map(str::to_owned).into_iter().collect();
+        let mut secrets: Vec<String> = [&self.url, &self.historical_url]
+            .into_iter()
+            .filter_map(|url| url.password().map(str::to_owned))
+            .collect();
         secrets.push(self.api_key.expose_secret().to_owned());
         secrets
     }
 
+    /// When `historical_url` could not be derived from `url`, that older events go to `url`.
+    pub fn config_warnings(&self) -> Vec<String> {
+        if self.historical_derived {
+            return Vec::new();
+        }
+        vec![format!(
+            "sinks.dashbot.historical_url is not set and sinks.dashbot.url (`{}`) does not end in \
+             /track, so events older than 24 hours are sent to url itself, whose realtime \
+             endpoint may refuse them; set historical_url",
+            without_userinfo(self.url.as_str())
+        )]
+    }
+
+    /// Whether an event is too old for the realtime endpoint when sent at `now`: its platform
+    /// timestamp (or receipt time, for reports and custom events) is more than 24 hours ago.
+    pub fn is_historical(event: &Event, now: Millis) -> bool {
+        now.saturating_sub(event.timestamp_ms) > REALTIME_WINDOW_MS
+    }
+
     /// `POST {url}?platform=facebook&v=11.1.0-rest&type=<t>&apiKey=<key>` (any query the
-    /// configured URL has is kept), `content-type: application/json`.
-    pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
+    /// configured URL has is kept), `content-type: application/json`; `historical_url` with the
+    /// same query and body for an event more than 24 hours old at `now`, the send time.
+    pub fn encode(&self, event: &Event, now: Millis) -> Result<Request, EncodeError> {
         let (track_type, body) = match (&event.data, &event.webhook) {
             (EventData::Custom(custom), _) => {
                 ("event", event_body(self, event, custom)?.to_string())
@@ -121,7 +187,11 @@ impl Dashbot {
                 )));
             }
         };
-        let mut url = self.url.clone();
+        let mut url = if Dashbot::is_historical(event, now) {
+            self.historical_url.clone()
+        } else {
+            self.url.clone()
+        };
         url.query_pairs_mut()
             .append_pair("platform", "facebook")
             .append_pair("v", VERSION)
@@ -218,9 +288,12 @@ mod tests {
     use crate::sinks::testing::*;
     use insta::assert_snapshot;
 
-    fn dashbot(url: &str) -> Result<Dashbot, url::ParseError> {
+    fn dashbot(url: &str) -> Result<Dashbot, Box<dyn std::error::Error>> {
+        let url = Url::parse(url)?;
         Ok(Dashbot {
-            url: Url::parse(url)?,
+            historical_url: historical_of(&url).ok_or("no historical URL")?,
+            historical_derived: true,
+            url,
             api_key: SecretString::from("DASHBOT-API-KEY"),
             names: BTreeMap::new(),
         })
@@ -228,7 +301,7 @@ mod tests {
 
     #[test]
     fn snapshots_of_every_kind() -> TestResult {
-        let sink = dashbot("https://tracker.dashbot.io/track")?;
+        let sink = dashbot("https://tracker.dimensionlabs.io/track")?;
         let cases = [
             (
                 "incoming-message",
@@ -296,17 +369,116 @@ mod tests {
                 "event-lead",
                 custom(EventKind::Lead, "leadEvent", "lead_submitted", json!({})),
             ),
+            // Off by default; sent as incoming when `kinds` lists them.
+            (
+                "incoming-message-edit",
+                fixture_event("message-edits", EventKind::MessageEdit)?,
+            ),
+            (
+                "incoming-response-feedback",
+                fixture_event("response-feedback", EventKind::ResponseFeedback)?,
+            ),
         ];
         for (name, event) in cases {
-            assert_snapshot!(format!("dashbot-{name}"), render(&sink.encode(&event)?));
+            // Sent as soon as it came: the realtime endpoint.
+            let now = event.timestamp_ms;
+            assert_snapshot!(
+                format!("dashbot-{name}"),
+                render(&sink.encode(&event, now)?)
+            );
         }
+        Ok(())
+    }
+
+    /// Older than 24 hours at send time: the historical endpoint, same query and body.
+    #[test]
+    fn events_older_than_a_day_at_send_time_go_to_the_historical_url() -> TestResult {
+        let sink = dashbot("https://dashbot.test/api/track?region=eu")?;
+        assert_eq!(
+            sink.historical_url.as_str(),
+            "https://dashbot.test/api/trackhistorical?region=eu"
+        );
+        for event in [
+            fixture_event("message-text-quick-reply", EventKind::Message)?,
+            outgoing(),
+            revenue(),
+        ] {
+            let fresh = sink.encode(&event, event.timestamp_ms + REALTIME_WINDOW_MS)?;
+            let old = sink.encode(&event, event.timestamp_ms + REALTIME_WINDOW_MS + 1)?;
+            assert!(
+                fresh.url.starts_with(
+                    "https://dashbot.test/api/track?region=eu&platform=facebook&v=11.1.0-rest&type="
+                ),
+                "{}",
+                fresh.url
+            );
+            assert_eq!(
+                old.url,
+                fresh.url.replace("/api/track?", "/api/trackhistorical?")
+            );
+            assert_eq!(old.body, fresh.body);
+            assert_eq!(old.headers, fresh.headers);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn historical_url_is_derived_set_or_warned_about() -> TestResult {
+        let table = |url: Option<&str>, historical: Option<&str>| Table {
+            url: url.map(str::to_owned),
+            historical_url: historical.map(str::to_owned),
+            api_key: Some("k".into()),
+        };
+        let mut check = Checker::default();
+        let default = from_table(table(None, None), BTreeMap::new(), &mut check)
+            .ok()
+            .flatten()
+            .ok_or("not enabled")?;
+        assert_eq!(default.url.as_str(), DEFAULT_URL);
+        assert_eq!(
+            default.historical_url.as_str(),
+            "https://tracker.dimensionlabs.io/trackhistorical"
+        );
+        assert!(default.config_warnings().is_empty());
+        let set = from_table(
+            table(Some("https://a.test/in"), Some("https://b.test/old")),
+            BTreeMap::new(),
+            &mut check,
+        )
+        .ok()
+        .flatten()
+        .ok_or("not enabled")?;
+        assert_eq!(set.historical_url.as_str(), "https://b.test/old");
+        assert!(set.config_warnings().is_empty());
+        assert!(check.problems.is_empty(), "{:?}", check.problems);
+        let fallback = from_table(
+            table(Some("https://u:pw@a.test/in"), None),
+            BTreeMap::new(),
+            &mut check,
+        )
+        .ok()
+        .flatten()
+        .ok_or("not enabled")?;
+        assert_eq!(fallback.historical_url, fallback.url);
+        let warnings = fallback.config_warnings();
+        assert_eq!(warnings.len(), 1);
+        assert!(
+            warnings[0].contains("sinks.dashbot.historical_url") && !warnings[0].contains("pw"),
+            "{warnings:?}"
+        );
+        assert!(fallback.secrets().contains(&"pw".to_owned()));
+        let bad = from_table(table(None, Some("not a url")), BTreeMap::new(), &mut check);
+        assert!(matches!(bad, Ok(None)));
+        assert_eq!(check.problems.len(), 1);
+        assert_eq!(check.problems[0].key, "sinks.dashbot.historical_url");
         Ok(())
     }
 
     #[test]
     fn incoming_is_the_bot_sinks_single_item_body_byte_for_byte() -> TestResult {
         let event = fixture_event("message-reactions", EventKind::Reaction)?;
-        let request = dashbot("https://tracker.dashbot.io/track")?.encode(&event)?;
+        let request =
+            dashbot("https://tracker.dashbot.io/track")?.encode(&event, event.timestamp_ms)?;
         let origin = event.webhook.as_ref().ok_or("no origin")?;
         assert_eq!(
             request.body.as_deref(),
@@ -326,7 +498,7 @@ mod tests {
             outgoing(),
             revenue(),
         ] {
-            let request = sink.encode(&event)?;
+            let request = sink.encode(&event, event.timestamp_ms)?;
             let url = Url::parse(&request.url)?;
             let pairs: Vec<(String, String)> = url.query_pairs().into_owned().collect();
             assert_eq!(pairs[0], ("region".into(), "eu".into()));
@@ -353,7 +525,7 @@ mod tests {
             outgoing(),
             fixture_event("message-echo", EventKind::Outgoing)?,
         ] {
-            let body = body_json(&sink.encode(&event)?);
+            let body = body_json(&sink.encode(&event, event.timestamp_ms)?);
             assert_eq!(body["qs"], json!({"access_token": ""}));
             assert_eq!(body["method"], "POST");
         }
@@ -364,12 +536,19 @@ mod tests {
     fn names_override_event_names_and_echoes_or_foreign_events_are_skipped() -> TestResult {
         let mut sink = dashbot("https://tracker.dashbot.io/track")?;
         sink.names.insert(EventKind::Revenue, "purchase".into());
-        assert_eq!(body_json(&sink.encode(&revenue())?)["name"], "purchase");
+        let now = revenue().timestamp_ms;
+        assert_eq!(
+            body_json(&sink.encode(&revenue(), now)?)["name"],
+            "purchase"
+        );
         let echo = fixture_event("message-echo", EventKind::Echo)?;
-        assert!(matches!(sink.encode(&echo), Err(EncodeError::Skip(_))));
+        assert!(matches!(sink.encode(&echo, now), Err(EncodeError::Skip(_))));
         let mut anonymous = revenue();
         anonymous.user_id = None;
-        assert!(matches!(sink.encode(&anonymous), Err(EncodeError::Skip(_))));
+        assert!(matches!(
+            sink.encode(&anonymous, now),
+            Err(EncodeError::Skip(_))
+        ));
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ pub mod kochava;
 pub mod page_activities;
 
 use crate::check::DeliveryPolicy;
+use crate::clock::Millis;
 use crate::delivery::{Classify, Request};
 use crate::event::{Event, EventData, EventKind};
 use crate::sink_name::SinkName;
@@ -49,12 +50,14 @@ pub enum Sink {
 }
 
 impl Sink {
-    fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
+    /// `now` is the send time (Dashbot routes events older than 24 hours to its historical
+    /// endpoint); no encoder reads the clock itself.
+    fn encode(&self, event: &Event, now: Millis) -> Result<Request, EncodeError> {
         match self {
             Sink::Bot(bot) => bot.encode(event),
             Sink::Kochava(kochava) => kochava.encode(event),
             Sink::KochavaSmartlink(smartlink) => smartlink.encode(event),
-            Sink::Dashbot(dashbot) => dashbot.encode(event),
+            Sink::Dashbot(dashbot) => dashbot.encode(event, now),
             Sink::PageActivities(page_activities) => page_activities.encode(event),
             Sink::Conversions(conversions) => conversions.encode(event),
         }
@@ -86,6 +89,24 @@ impl Sink {
             Sink::PageActivities(page_activities) => page_activities.secrets(),
             Sink::Conversions(conversions) => conversions.secrets(),
         }
+    }
+
+    /// What an operator should know about this sink as configured (a retired API, a fallback
+    /// the config chose): said once by `check-config`, the start-up log and `/admin/sinks`.
+    pub fn config_warnings(&self) -> Vec<String> {
+        match self {
+            Sink::PageActivities(page_activities) => page_activities.config_warnings(),
+            Sink::Dashbot(dashbot) => dashbot.config_warnings(),
+            Sink::Bot(_) | Sink::Kochava(_) | Sink::KochavaSmartlink(_) | Sink::Conversions(_) => {
+                Vec::new()
+            }
+        }
+    }
+
+    /// Whether the vendor's API version warnings in its answers (`X-Ad-Api-Version-Warning`,
+    /// `Deprecation`, `Sunset`) are worth showing: Graph's (SPEC §4.5).
+    pub fn heeds_version_warnings(&self) -> bool {
+        matches!(self, Sink::PageActivities(_) | Sink::Conversions(_))
     }
 
     fn classifier(&self) -> Classify {
@@ -134,8 +155,19 @@ impl Route {
         self.sink.wants(event)
     }
 
-    pub fn encode(&self, event: &Event) -> Result<Request, EncodeError> {
-        self.sink.encode(event)
+    /// The request for `event`, sent at `now` (pure: `now` is passed in, never read).
+    pub fn encode(&self, event: &Event, now: Millis) -> Result<Request, EncodeError> {
+        self.sink.encode(event, now)
+    }
+
+    /// See [`Sink::config_warnings`].
+    pub fn warnings(&self) -> Vec<String> {
+        self.sink.config_warnings()
+    }
+
+    /// See [`Sink::heeds_version_warnings`].
+    pub fn heeds_version_warnings(&self) -> bool {
+        self.sink.heeds_version_warnings()
     }
 
     pub fn classifier(&self) -> Classify {
@@ -432,7 +464,7 @@ mod tests {
         }
         // The graph base URL (with its path) comes from [graph].
         let route = sinks.get(SinkName::PageActivities).ok_or("no route")?;
-        let request = route.encode(&revenue())?;
+        let request = route.encode(&revenue(), 1_700_000_200_000)?;
         assert!(
             request.url.starts_with(
                 "http://graph.test/mock/v20.0/1/page_activities?access_token=t&appsecret_proof="

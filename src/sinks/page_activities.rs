@@ -1,7 +1,9 @@
 //! The `[sinks.page_activities]` sink (SPEC §4.4): Meta's Messaging Events API, `POST
 //! /{app_id}/page_activities` with the Page's token, one custom event per request. Served on
-//! Graph v20.0 and below only. Pure; the page token goes only into the query string. Its
-//! table, `[sinks.page_activities]`, is read and validated here too.
+//! Graph v20.0 and below only, and retired by Meta (v20.0 reached its end of life on
+//! 2026-09-24): whenever it is enabled, [`RETIRED`] is said by `check-config`, the start-up log
+//! and `/admin/sinks`. Pure; the page token goes only into the query string. Its table,
+//! `[sinks.page_activities]`, is read and validated here too.
 
 use crate::check::{Checker, DeliveryPolicy};
 use crate::delivery::{Method, Request};
@@ -86,6 +88,12 @@ pub fn from_table(
     }))
 }
 
+/// The warning for an enabled `[sinks.page_activities]` (SPEC §4.4).
+pub const RETIRED: &str = "[sinks.page_activities] uses Meta's Messaging Events API, which Meta \
+    retired: it was served on Graph v20.0 and below only, and v20.0 reached its end of life on \
+    2026-09-24, so Graph no longer accepts these calls. Use [sinks.conversions] (the Conversions \
+    API for business messaging) instead";
+
 #[derive(Debug, Clone)]
 pub struct PageActivities {
     /// `graph.base_url`.
@@ -108,6 +116,12 @@ impl PageActivities {
             .values()
             .map(|token| token.expose_secret().to_owned())
             .collect()
+    }
+
+    /// Always [`RETIRED`]: the sink stays for relays whose `graph.base_url` points at a
+    /// compatible endpoint.
+    pub fn config_warnings(&self) -> Vec<String> {
+        vec![RETIRED.to_owned()]
     }
 
     /// `POST {graph}/{api_version}/{app_id}/page_activities?access_token=…[&appsecret_proof=…]`.

@@ -8,5 +8,6 @@ mod delivery;
 mod postgres;
 mod reports;
 mod sinks;
+mod vendor_sinks;
 mod vendors;
 mod webhook;

@@ -177,15 +177,23 @@ fn conversions_uri(token: &str) -> String {
     )
 }
 
+/// Every event here is on [`PAGE`]; the device id and the required fields are SPEC §4.2's
+/// (checked in detail by `vendor_sinks.rs`).
 fn kochava_body(user: &str, name: &str, data: Value, usertime: i64) -> Value {
     json!({
         "action": "event",
         "kochava_app_id": KOCHAVA_APP,
+        "kochava_device_id": botrelay::sinks::kochava::device_id(KOCHAVA_APP, PAGE, user),
         "data": {
             "device_ids": {"fb_user_id": user},
             "event_name": name,
             "event_data": data,
             "usertime": usertime,
+            "origination_ip": "0.0.0.0",
+            "device_ver": "Messenger-bot",
+            "device_ua": "",
+            "app_tracking_transparency": {"att": false},
+            "gdpr_privacy_consent": {"gdpr_applies": false},
         }
     })
 }
@@ -548,16 +556,21 @@ async fn every_input_reaches_exactly_its_sinks_in_the_contracts_bytes() -> TestR
             &format!("kochava message_sent {mid}"),
             |request| request.json()["data"]["event_data"]["mid"] == mid,
         )?;
-        assert_json_post(
-            request,
-            kochava_uri,
-            &kochava_body(
-                USER_OUT,
-                "message_sent",
-                json!({"mid": mid}),
-                outgoing_seconds,
-            ),
+        let mut expected = kochava_body(
+            USER_OUT,
+            "message_sent",
+            json!({"mid": mid}),
+            outgoing_seconds,
         );
+        if mid == send_mid {
+            // Reported without a page id: the device id is made with an empty one.
+            expected["kochava_device_id"] = json!(botrelay::sinks::kochava::device_id(
+                KOCHAVA_APP,
+                "",
+                USER_OUT
+            ));
+        }
+        assert_json_post(request, kochava_uri, &expected);
     }
     assert_json_post(
         koch("checkout_complete", USER_BUY)?,
@@ -618,7 +631,8 @@ async fn every_input_reaches_exactly_its_sinks_in_the_contracts_bytes() -> TestR
     // --- Dashbot: incoming items as the exact single-item webhook bytes, sends as outgoing
     // records without the token, custom events as event objects.
     let dashbot_received = dashbot.received();
-    let incoming_uri = dashbot_uri("incoming");
+    // The webhooks' timestamps are long past: Dimension Labs' historical endpoint (SPEC §4.3).
+    let incoming_uri = dashbot_uri("incoming").replacen("/track?", "/trackhistorical?", 1);
     // The first five webhooks; the delivery and the read (the last two) are not Dashbot kinds,
     // nor Kochava's.
     for skipped in &expected_incoming[5..] {
@@ -757,10 +771,19 @@ async fn every_input_reaches_exactly_its_sinks_in_the_contracts_bytes() -> TestR
         })
     };
     let conversions_body = |name: &str, custom_data: Value| {
+        // `event_id` is the relay's own (random for `/events` items without a key).
+        let event_id = conversion(name).map_or(Value::Null, |request| {
+            request.json()["data"][0]["event_id"].clone()
+        });
+        assert!(
+            event_id.as_str().is_some_and(|id| id.len() == 32),
+            "{event_id}"
+        );
         json!({
             "data": [{
                 "event_name": name,
                 "event_time": custom_seconds,
+                "event_id": event_id,
                 "action_source": "business_messaging",
                 "messaging_channel": "messenger",
                 "user_data": {"page_id": PAGE, "page_scoped_user_id": USER_BUY},
