@@ -555,6 +555,28 @@ mod tests {
         Ok(())
     }
 
+    /// An outage shows in the status (for `/admin/sinks`) and in `botrelay_sink_outage`.
+    #[test]
+    fn an_outage_is_in_the_status_and_the_gauge() {
+        let handle = metrics();
+        let status = SinkStatus::default();
+        let gauge = |value: &str| {
+            format!(
+                "{}{{sink=\"page_activities\"}} {value}",
+                metric::SINK_OUTAGE
+            )
+        };
+        status.set_outage(SinkName::PageActivities, Some(1_000));
+        assert_eq!(
+            status.get(SinkName::PageActivities).outage_since,
+            Some(1_000)
+        );
+        assert!(handle.render().contains(&gauge("1")), "{}", handle.render());
+        status.set_outage(SinkName::PageActivities, None);
+        assert_eq!(status.get(SinkName::PageActivities).outage_since, None);
+        assert!(handle.render().contains(&gauge("0")));
+    }
+
     #[test]
     fn sink_status_keeps_the_last_success_and_the_last_error() {
         let status = SinkStatus::default();

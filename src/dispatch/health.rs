@@ -48,10 +48,11 @@ impl Observed {
         match outcome {
             Outcome::Delivered { .. } => Observed::Up,
             Outcome::Retry { status: None, .. } => Observed::Down,
+            // 401/403/404 as they come, or as `suspect_first` turned them into a retry.
             Outcome::Retry {
                 status: Some(status),
                 ..
-            } if *status == 408 || (500..=599).contains(status) => Observed::Down,
+            } if matches!(status, 401 | 403 | 404 | 408 | 500..=599) => Observed::Down,
             Outcome::Permanent {
                 status: Some(401 | 403 | 404),
                 ..
@@ -265,6 +266,8 @@ mod tests {
             assert_eq!(Observed::of(&status(code)), Observed::Answered, "{code}");
         }
         assert_eq!(Observed::of(&status(204)), Observed::Up);
+        // A 404 that `suspect_first` made a retry still says the sink is down.
+        assert_eq!(Observed::of(&suspect_first(status(404), 0)), Observed::Down);
     }
 
     #[test]

@@ -5,6 +5,7 @@ mod support;
 mod admin;
 mod crash;
 mod delivery;
+mod outage;
 mod postgres;
 mod reports;
 mod sinks;

@@ -372,6 +372,12 @@ impl Drop for TestApp {
     }
 }
 
+/// A loopback address where nothing listens (connection refused), for a mock to take later.
+pub async fn refused_address() -> TestResult<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    Ok(listener.local_addr()?)
+}
+
 /// One request a mock sink received.
 #[derive(Debug, Clone)]
 pub struct Received {
@@ -471,7 +477,13 @@ pub struct MockSink {
 
 impl MockSink {
     pub async fn start() -> TestResult<MockSink> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        MockSink::start_at("127.0.0.1:0".parse()?).await
+    }
+
+    /// A mock on `addr`: an address a test reserved with [`refused_address`], so that the
+    /// relay first finds nothing there (connection refused) and then this mock.
+    pub async fn start_at(addr: SocketAddr) -> TestResult<MockSink> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
         let addr = listener.local_addr()?;
         let mock = MockSink {
             addr,
