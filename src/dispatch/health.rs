@@ -50,9 +50,9 @@ impl Observed {
             Outcome::Retry { status: None, .. } => Observed::Down,
             // 401/403/404 as they come, or as `suspect_first` turned them into a retry.
             Outcome::Retry {
-                status: Some(status),
+                status: Some(401 | 403 | 404 | 408 | 500..=599),
                 ..
-            } if matches!(status, 401 | 403 | 404 | 408 | 500..=599) => Observed::Down,
+            } => Observed::Down,
             Outcome::Permanent {
                 status: Some(401 | 403 | 404),
                 ..
