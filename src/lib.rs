@@ -32,8 +32,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-pub use crate::server::BodyTimedOut;
-
 /// How often delivered rows, old dead letters and forgotten events are purged.
 const PURGE_EVERY: Duration = Duration::from_secs(60);
 

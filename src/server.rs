@@ -4,6 +4,7 @@
 //! [`BodyTimedOut`], the error a body read fails with at the deadline (ingest answers it 408).
 
 use crate::admin::access::AdminPeer;
+use crate::ingest::BodyTimedOut;
 use crate::telemetry;
 use anyhow::Context;
 use std::time::Duration;
@@ -113,26 +114,6 @@ async fn accept_failed(error: std::io::Error) {
     }
     tracing::error!(%error, "Cannot accept a connection");
     tokio::time::sleep(Duration::from_secs(1)).await;
-}
-
-/// Reading a request body failed because it did not arrive whole within `server.read_timeout`
-/// of its request's headers.
-#[derive(Debug, thiserror::Error)]
-#[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
-pub struct BodyTimedOut(pub Duration);
-
-impl BodyTimedOut {
-    /// The `BodyTimedOut` somewhere in `error`'s chain of sources (a failed body read).
-    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyTimedOut> {
-        let mut cause = Some(error);
-        while let Some(error) = cause {
-            if let Some(timed_out) = error.downcast_ref::<BodyTimedOut>() {
-                return Some(timed_out);
-            }
-            cause = error.source();
-        }
-        None
-    }
 }
 
 /// A request body that must arrive whole by a deadline: once it passes, reading fails with

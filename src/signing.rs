@@ -1,10 +1,13 @@
 //! HMAC signatures the relay computes: Meta's webhook signature (which the bot sink sends, and
 //! verification recomputes), the legacy SHA-1 one (also Dashbot's), and Graph's
-//! `appsecret_proof`. A leaf: bytes and a key in, lowercase hex out.
+//! `appsecret_proof`; and the constant-time bearer-token check both listeners use. A leaf.
 
+use axum::http::{HeaderMap, header};
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
-use sha2::Sha256;
+use sha2::{Digest, Sha256};
+use subtle::ConstantTimeEq;
 
 /// `sha256=<hex>` as Meta signs the bot-sink bodies, computed over exactly `body`.
 pub fn sign_sha256(app_secret: &[u8], body: &[u8]) -> String {
@@ -41,6 +44,24 @@ fn hmac_bytes<M: Mac + hmac::digest::KeyInit>(key: &[u8], message: &[u8]) -> Vec
     }
 }
 
+/// `Authorization: Bearer <token>`. The digests are compared in constant time, so that neither
+/// the token's bytes nor its length leak through timing.
+pub fn bearer_matches(expected: &SecretString, headers: &HeaderMap) -> bool {
+    let Some(value) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+    else {
+        return false;
+    };
+    let Some((scheme, presented)) = value.trim().split_once(' ') else {
+        return false;
+    };
+    let presented = Sha256::digest(presented.trim().as_bytes());
+    let expected = Sha256::digest(expected.expose_secret().as_bytes());
+    scheme.eq_ignore_ascii_case("bearer")
+        && bool::from(presented.as_slice().ct_eq(expected.as_slice()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +83,29 @@ mod tests {
         assert_eq!(proof.len(), 64);
         assert_eq!(proof, proof.to_lowercase());
         assert_eq!(format!("sha256={proof}"), sign_sha256(b"secret", b"token"));
+    }
+
+    #[test]
+    fn the_bearer_token_must_match_exactly() {
+        let token = SecretString::from("s3cret-admin");
+        let headers = |value: &str| {
+            let mut headers = HeaderMap::new();
+            if let Ok(value) = axum::http::HeaderValue::from_str(value) {
+                headers.insert(header::AUTHORIZATION, value);
+            }
+            headers
+        };
+        assert!(bearer_matches(&token, &headers("Bearer s3cret-admin")));
+        assert!(bearer_matches(&token, &headers("bearer  s3cret-admin ")));
+        for wrong in [
+            "",
+            "Bearer",
+            "Bearer s3cret",
+            "Bearer s3cret-admin2",
+            "Basic s3cret-admin",
+            "s3cret-admin",
+        ] {
+            assert!(!bearer_matches(&token, &headers(wrong)), "{wrong}");
+        }
     }
 }

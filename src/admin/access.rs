@@ -50,7 +50,7 @@ pub(super) async fn require_token(
         return next.run(request).await;
     }
     match state.config.admin.token.as_ref() {
-        Some(token) if !crate::ingest::verify::bearer_matches(token, request.headers()) => {
+        Some(token) if !crate::signing::bearer_matches(token, request.headers()) => {
             return AdminError::Unauthorized.into_response();
         }
         Some(_) => {}

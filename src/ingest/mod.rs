@@ -54,7 +54,7 @@ pub enum IngestError {
     #[error("request body is larger than {0} bytes")]
     TooLarge(usize),
     #[error("{0}")]
-    TimedOut(crate::BodyTimedOut),
+    TimedOut(BodyTimedOut),
     #[error("cannot read the request body: {0}")]
     BadBody(String),
     #[error("body is not JSON: {0}")]
@@ -110,8 +110,8 @@ impl IngestError {
     fn from_body(rejection: BytesRejection, limit: usize) -> IngestError {
         if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
             IngestError::TooLarge(limit)
-        } else if let Some(crate::BodyTimedOut(after)) = crate::BodyTimedOut::find(&rejection) {
-            IngestError::TimedOut(crate::BodyTimedOut(*after))
+        } else if let Some(BodyTimedOut(after)) = BodyTimedOut::find(&rejection) {
+            IngestError::TimedOut(BodyTimedOut(*after))
         } else {
             IngestError::BadBody(rejection.body_text())
         }
@@ -334,7 +334,7 @@ fn bearer_body(
             endpoint,
             key: "ingest.token",
         })?;
-    if !crate::ingest::verify::bearer_matches(token, headers) {
+    if !crate::signing::bearer_matches(token, headers) {
         return Err(IngestError::BadBearer);
     }
     body.map_err(|rejection| IngestError::from_body(rejection, state.config.server.max_body_bytes))
@@ -512,5 +512,25 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, &'static str) {
         (StatusCode::OK, "ready")
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "store is not writable")
+    }
+}
+
+/// Reading a request body failed because it did not arrive whole within `server.read_timeout`
+/// of its request's headers.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body did not arrive within {}", humantime::format_duration(*.0))]
+pub struct BodyTimedOut(pub Duration);
+
+impl BodyTimedOut {
+    /// The `BodyTimedOut` somewhere in `error`'s chain of sources (a failed body read).
+    pub fn find<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a BodyTimedOut> {
+        let mut cause = Some(error);
+        while let Some(error) = cause {
+            if let Some(timed_out) = error.downcast_ref::<BodyTimedOut>() {
+                return Some(timed_out);
+            }
+            cause = error.source();
+        }
+        None
     }
 }

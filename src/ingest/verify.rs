@@ -7,10 +7,8 @@
 //! check its signature first. Every comparison is constant-time.
 
 use crate::telemetry::metric;
-use axum::http::{HeaderMap, header};
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use secrecy::{ExposeSecret, SecretString};
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -113,24 +111,6 @@ pub fn handshake<'a>(
     (mode == Some("subscribe") && token_matches)
         .then_some(challenge)
         .flatten()
-}
-
-/// `Authorization: Bearer <token>`. The digests are compared in constant time, so that neither
-/// the token's bytes nor its length leak through timing.
-pub fn bearer_matches(expected: &SecretString, headers: &HeaderMap) -> bool {
-    let Some(value) = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-    else {
-        return false;
-    };
-    let Some((scheme, presented)) = value.trim().split_once(' ') else {
-        return false;
-    };
-    let presented = Sha256::digest(presented.trim().as_bytes());
-    let expected = Sha256::digest(expected.expose_secret().as_bytes());
-    scheme.eq_ignore_ascii_case("bearer")
-        && bool::from(presented.as_slice().ct_eq(expected.as_slice()))
 }
 
 fn decode_signature(header: &str, prefix: &str) -> Result<Vec<u8>, VerifyError> {
@@ -313,29 +293,5 @@ mod tests {
             verify_dashbot(secret, None, spaced).err(),
             Some(VerifyError::Missing)
         );
-    }
-
-    #[test]
-    fn the_bearer_token_must_match_exactly() {
-        let token = SecretString::from("s3cret-admin");
-        let headers = |value: &str| {
-            let mut headers = HeaderMap::new();
-            if let Ok(value) = axum::http::HeaderValue::from_str(value) {
-                headers.insert(header::AUTHORIZATION, value);
-            }
-            headers
-        };
-        assert!(bearer_matches(&token, &headers("Bearer s3cret-admin")));
-        assert!(bearer_matches(&token, &headers("bearer  s3cret-admin ")));
-        for wrong in [
-            "",
-            "Bearer",
-            "Bearer s3cret",
-            "Bearer s3cret-admin2",
-            "Basic s3cret-admin",
-            "s3cret-admin",
-        ] {
-            assert!(!bearer_matches(&token, &headers(wrong)), "{wrong}");
-        }
     }
 }
