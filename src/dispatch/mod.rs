@@ -12,8 +12,9 @@ use crate::clock::{Millis, now_ms};
 use crate::delivery::{Client, Outcome};
 use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
-use crate::store::{Claimed, IDLE_RECHECK, Settle, Store};
+use crate::store::{ClaimRef, Claimed, IDLE_RECHECK, Settle, Store};
 use crate::telemetry::{SinkStatus, metric};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
@@ -80,6 +81,9 @@ impl Dispatcher {
         // loop waits for an attempt to finish, not for a due time it could not act on.
         let batch_threshold = route.delivery.concurrency.div_ceil(4);
         let health = Arc::new(Mutex::new(Health::default()));
+        // The claims whose attempts run now (id → lease): what a shutdown that cuts them off
+        // gives back to the store, so that they do not count as cut off by a crash.
+        let claims: Arc<Mutex<HashMap<i64, ClaimRef>>> = Arc::default();
         let mut next_due: Option<Millis> = None;
         let mut wake_pending = true;
         loop {
@@ -114,10 +118,13 @@ impl Dispatcher {
                                 };
                                 let this = self.clone();
                                 let (route, health) = (route.clone(), health.clone());
+                                let claims = claims.clone();
+                                lock_map(&claims).insert(delivery.id, delivery.claim_ref());
                                 attempts.spawn(async move {
                                     let attempt = Attempt {
                                         route: &route,
                                         health: &health,
+                                        held: &claims,
                                         probe,
                                         lease,
                                     };
@@ -164,18 +171,21 @@ impl Dispatcher {
             if drained.is_err() {
                 tracing::warn!(sink = %route.name, unfinished = attempts.len(), "Grace period over; unfinished deliveries will be sent again after restart");
                 attempts.abort_all();
+                // Cut off by the shutdown, not by a crash: due again at once, nothing counted.
+                let cut: Vec<ClaimRef> =
+                    lock_map(&claims).drain().map(|(_, claim)| claim).collect();
+                for claim in cut {
+                    if let Err(error) = self.store.release(claim, now_ms()).await {
+                        tracing::warn!(delivery = claim.id, %error, "Cannot give back a delivery cut off by the shutdown");
+                    }
+                }
             }
         }
     }
 
     /// One attempt of one delivery, recorded in the store whatever happens.
     async fn attempt(&self, attempt: Attempt<'_>, mut delivery: Claimed) {
-        let Attempt {
-            route,
-            health,
-            probe,
-            lease,
-        } = attempt;
+        let Attempt { route, held, .. } = attempt;
         let span = tracing::info_span!(
             "delivery",
             event_id = %delivery.event.id,
@@ -198,68 +208,28 @@ impl Dispatcher {
                     reason: "user is paused".to_owned(),
                 }
             } else {
-                // A delivery its sink skips was never to be sent: skipped however long it
-                // waited, not dead-lettered for its ttl.
-                let ttl_ran_out = expired(&route.delivery, &delivery, now_ms());
-                match (route.encode(&delivery.event, now_ms()), ttl_ran_out) {
-                    (Err(EncodeError::Skip(reason)), _) => Settle::Skipped { reason },
-                    (Err(EncodeError::Invalid(reason)), _) => Settle::Dead {
-                        status: None,
-                        error: self.redactor.redact(&reason),
-                        attempted: false,
-                    },
-                    (Ok(_), Some(error)) => Settle::Dead {
-                        status: None,
-                        error,
-                        attempted: false,
-                    },
-                    (Ok(request), None) => {
-                        let send =
-                            self.client
-                                .send(&request, route.delivery.timeout, route.classifier());
-                        let sent = self.holding_lease(send, &mut delivery, lease).await;
-                        if let Some(notice) = sent.notice.filter(|_| route.heeds_version_warnings())
-                        {
-                            self.status.warn(route.name, &notice, now_ms());
-                        }
-                        let outcome = sent.outcome;
-                        metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
-                            .record(started.elapsed().as_secs_f64());
-                        let counted = delivery.attempts.saturating_sub(delivery.throttled);
-                        let outcome = health::suspect_first(outcome, counted);
-                        let (now, jitter) = (now_ms(), rand::random::<f64>());
-                        let user = delivery.event.user_id.as_deref();
-                        let (change, hold) = lock(health).observe(
-                            user,
-                            &outcome,
-                            probe,
-                            &route.delivery,
-                            now,
-                            jitter,
-                        );
-                        self.outage_changed(route, change, now);
-                        let mut settle = match (hold, outcome) {
-                            // The sink is down: wait for the probe, spending no attempt.
-                            (
-                                Some(until),
-                                Outcome::Retry { status, error, .. }
-                                | Outcome::Permanent { status, error },
-                            ) => Settle::Retry {
-                                due_at: until,
-                                counted: false,
-                                status,
-                                error,
-                            },
-                            (_, outcome) => {
-                                schedule(&route.delivery, &delivery, outcome, now, jitter)
-                            }
+                // A panic in the attempt (a bug) counts as a failed attempt, like a crash.
+                let once =
+                    std::panic::AssertUnwindSafe(self.try_once(&attempt, &mut delivery, started));
+                match futures_util::FutureExt::catch_unwind(once).await {
+                    Ok(settle) => settle,
+                    Err(panic) => {
+                        let failed = Outcome::Retry {
+                            status: None,
+                            after: None,
+                            error: format!("the attempt panicked (a bug): {}", panic_text(&*panic)),
                         };
-                        if let Settle::Retry { error, .. } | Settle::Dead { error, .. } =
-                            &mut settle
-                        {
-                            *error = self.redactor.redact(error);
-                        }
-                        settle
+                        tracing::error!(
+                            delivery = delivery.id,
+                            "A delivery attempt panicked; it counts as failed"
+                        );
+                        schedule(
+                            &route.delivery,
+                            &delivery,
+                            failed,
+                            now_ms(),
+                            rand::random::<f64>(),
+                        )
                     }
                 }
             };
@@ -267,7 +237,10 @@ impl Dispatcher {
             self.status.record(route.name, &settle);
             for retry in 0..5u32 {
                 match self.store.settle(&delivery, settle.clone(), now_ms()).await {
-                    Ok(()) => return,
+                    Ok(()) => {
+                        lock_map(held).remove(&delivery.id);
+                        return;
+                    }
                     Err(error) => {
                         tracing::warn!(%error, "Cannot record the delivery outcome; retrying");
                         tokio::time::sleep(Duration::from_millis(50 << retry)).await;
@@ -315,14 +288,13 @@ fn record(route: &Route, settle: &Settle) {
         .increment(1);
 }
 
-/// How long the dispatcher sleeps before it claims rows that come due: until `next_due` (an
-/// hour when nothing is scheduled), or not at all (`None`) while no permit is free. Then only
-/// a finished attempt or a wake-up can make progress, and a due time already past would
-/// otherwise fire at once, again and again (a spin of the loop).
 /// What one attempt needs besides its delivery.
+#[derive(Clone, Copy)]
 struct Attempt<'a> {
     route: &'a Route,
     health: &'a Mutex<Health>,
+    /// The sink loop's claims in flight; this attempt's entry follows its lease.
+    held: &'a Mutex<HashMap<i64, ClaimRef>>,
     /// The one delivery an outage lets through to see whether the sink is back.
     probe: bool,
     lease: Duration,
@@ -332,6 +304,23 @@ struct Attempt<'a> {
 fn lock(health: &Mutex<Health>) -> std::sync::MutexGuard<'_, Health> {
     health
         .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What a panic said, for the delivery's last error.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
+}
+
+/// The claims in flight, likewise.
+fn lock_map(
+    held: &Mutex<HashMap<i64, ClaimRef>>,
+) -> std::sync::MutexGuard<'_, HashMap<i64, ClaimRef>> {
+    held.lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
@@ -361,6 +350,76 @@ impl Dispatcher {
         }
     }
 
+    /// Encodes and sends one delivery, and decides what its outcome means: the attempt proper,
+    /// which `attempt` runs so that a panic in it counts as a failed attempt.
+    async fn try_once(
+        &self,
+        attempt: &Attempt<'_>,
+        delivery: &mut Claimed,
+        started: Instant,
+    ) -> Settle {
+        let Attempt {
+            route,
+            health,
+            held,
+            probe,
+            lease,
+        } = *attempt;
+        let delivery = &mut *delivery;
+        // A delivery its sink skips was never to be sent: skipped however long it
+        // waited, not dead-lettered for its ttl.
+        let ttl_ran_out = expired(&route.delivery, delivery, now_ms());
+        match (route.encode(&delivery.event, now_ms()), ttl_ran_out) {
+            (Err(EncodeError::Skip(reason)), _) => Settle::Skipped { reason },
+            (Err(EncodeError::Invalid(reason)), _) => Settle::Dead {
+                status: None,
+                error: self.redactor.redact(&reason),
+                attempted: false,
+            },
+            (Ok(_), Some(error)) => Settle::Dead {
+                status: None,
+                error,
+                attempted: false,
+            },
+            (Ok(request), None) => {
+                let send = self
+                    .client
+                    .send(&request, route.delivery.timeout, route.classifier());
+                let sent = self.holding_lease(send, delivery, lease, held).await;
+                if let Some(notice) = sent.notice.filter(|_| route.heeds_version_warnings()) {
+                    self.status.warn(route.name, &notice, now_ms());
+                }
+                let outcome = sent.outcome;
+                metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
+                    .record(started.elapsed().as_secs_f64());
+                let counted = delivery.attempts.saturating_sub(delivery.throttled);
+                let outcome = health::suspect_first(outcome, counted);
+                let (now, jitter) = (now_ms(), rand::random::<f64>());
+                let user = delivery.event.user_id.as_deref();
+                let (change, hold) =
+                    lock(health).observe(user, &outcome, probe, &route.delivery, now, jitter);
+                self.outage_changed(route, change, now);
+                let mut settle = match (hold, outcome) {
+                    // The sink is down: wait for the probe, spending no attempt.
+                    (
+                        Some(until),
+                        Outcome::Retry { status, error, .. } | Outcome::Permanent { status, error },
+                    ) => Settle::Retry {
+                        due_at: until,
+                        counted: false,
+                        status,
+                        error,
+                    },
+                    (_, outcome) => schedule(&route.delivery, delivery, outcome, now, jitter),
+                };
+                if let Settle::Retry { error, .. } | Settle::Dead { error, .. } = &mut settle {
+                    *error = self.redactor.redact(error);
+                }
+                settle
+            }
+        }
+    }
+
     /// Runs `attempt` while renewing `delivery`'s lease every third of it, so that a claim
     /// outlives an attempt however long the attempt takes. A lease that was lost (the store
     /// gave the delivery to someone else) is logged; its outcome will not count.
@@ -369,6 +428,7 @@ impl Dispatcher {
         attempt: impl Future<Output = T>,
         delivery: &mut Claimed,
         lease: Duration,
+        held: &Mutex<HashMap<i64, ClaimRef>>,
     ) -> T {
         let every = (lease / 3).max(Duration::from_millis(100));
         let mut renewal = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -377,7 +437,9 @@ impl Dispatcher {
             tokio::select! {
                 outcome = &mut attempt => return outcome,
                 _ = renewal.tick() => match self.store.renew(delivery, now_ms(), lease).await {
-                    Ok(true) => {}
+                    Ok(true) => {
+                        lock_map(held).insert(delivery.id, delivery.claim_ref());
+                    }
                     Ok(false) => tracing::warn!(delivery = delivery.id, "The delivery's lease was lost during its attempt"),
                     Err(error) => tracing::warn!(delivery = delivery.id, %error, "Cannot renew the delivery's lease"),
                 },
@@ -388,7 +450,9 @@ impl Dispatcher {
 
 /// How long a sink loop with free permits sleeps before it looks at the store again: until
 /// its next due delivery, and never longer than [`IDLE_RECHECK`], so that work a wake-up did
-/// not announce (a lost wake-up, another relay's commit) waits at most that long.
+/// not announce (a lost wake-up, another relay's commit) waits at most that long. `None`
+/// while no permit is free: then only a finished attempt or a wake-up can make progress, and a
+/// due time already past would fire again and again (a spin of the loop).
 fn due_timer(free_permits: usize, next_due: Option<Millis>, now: Millis) -> Option<Duration> {
     if free_permits == 0 {
         return None;

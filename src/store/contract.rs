@@ -636,6 +636,55 @@ pub(crate) async fn probe(store: &Store) -> TestResult {
     Ok(())
 }
 
+/// An attempt whose claim ran out unsettled (the relay stopped during it) counts as failed when
+/// the delivery is claimed again; the claim that would hand it out a `CRASH_LIMIT`-th time
+/// dead-letters it as `crashed the relay` instead, and its lane moves on. A claim given back by
+/// a shutdown (`release`) is due again at once and counts nothing.
+pub(crate) async fn crashes_count_and_a_crash_loop_is_dead(store: &Store) -> TestResult {
+    store
+        .enqueue(
+            vec![
+                event("poison", Some("u"), &[BOT]),
+                event("next", Some("u"), &[BOT]),
+            ],
+            T0,
+        )
+        .await?;
+    let lease = crate::clock::millis(LEASE);
+    let mut now = T0;
+    for crashes in 0..super::CRASH_LIMIT {
+        let claimed = claim(store, BOT, now).await?;
+        assert_eq!(names(&claimed), ["poison"], "claim after {crashes} crashes");
+        assert_eq!(claimed[0].attempts, crashes, "each cut-off attempt counts");
+        // The relay dies during the attempt: nothing is settled, the lease runs out.
+        now += lease + 1;
+    }
+    assert!(
+        claim(store, BOT, now).await?.is_empty(),
+        "dead, not handed out"
+    );
+    let letters = store.dead_letters(DeadLetterFilter::default()).await?;
+    let [letter] = letters.as_slice() else {
+        return Err(format!("{} dead letters", letters.len()).into());
+    };
+    assert!(
+        letter
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.starts_with(super::CRASHED)),
+        "{letter:?}"
+    );
+    assert_eq!(letter.attempts, super::CRASH_LIMIT);
+    // The lane moved on; a shutdown gives its claim back without counting.
+    let next = claim(store, BOT, now).await?;
+    assert_eq!(names(&next), ["next"]);
+    store.release(next[0].claim_ref(), now + 1).await?;
+    let again = claim(store, BOT, now + 1).await?;
+    assert_eq!(names(&again), ["next"]);
+    assert_eq!(again[0].attempts, 0, "a released claim counts nothing");
+    Ok(())
+}
+
 /// Runs the contract on a temporary embedded store.
 mod sqlite {
     use super::TestResult;
@@ -663,6 +712,7 @@ mod sqlite {
         depth,
         dead_letter_listing,
         dead_without_an_attempt_keeps_the_last_answer,
+        crashes_count_and_a_crash_loop_is_dead,
         probe,
     );
 }

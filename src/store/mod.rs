@@ -8,11 +8,15 @@
 //! 1. **Enqueue is durable and idempotent.** [`Store::enqueue`] returns only after the events
 //!    and their deliveries are committed durably (the caller answers 2xx after it). An event id
 //!    already known within the dedupe window is counted as a duplicate and gets no deliveries.
-//! 2. **A claim is a lease.** [`Store::claim`] hands out due deliveries, each leased until
-//!    [`Claimed::lease_until`], which identifies the claim. [`Store::renew`] extends a lease the
-//!    claim still holds. An outcome ([`Store::settle`]) counts only under its claim's lease: one
-//!    that comes after the lease ran out and the delivery was claimed again changes nothing.
-//!    A lease that runs out (a crashed relay) makes the delivery due again.
+//! 2. **A claim is a lease, and the attempt it starts is recorded.** [`Store::claim`] hands out
+//!    due deliveries, each leased until [`Claimed::lease_until`], which identifies the claim.
+//!    [`Store::renew`] extends a lease the claim still holds. An outcome ([`Store::settle`])
+//!    counts only under its claim's lease: one that comes after the lease ran out and the
+//!    delivery was claimed again changes nothing. A lease that runs out (a crashed relay) makes
+//!    the delivery due again, and the claim that takes it counts the cut-off attempt as failed;
+//!    the [`CRASH_LIMIT`]-th such claim dead-letters it ([`CRASHED`]) and its lane moves on.
+//!    [`Store::release`] gives back a claim whose attempt a shutdown cut off: due at once,
+//!    nothing counted.
 //! 3. **Lanes keep order.** One user's deliveries to one sink form a lane; only its head (the
 //!    oldest open delivery) is ever claimable. The next one goes when the head is delivered,
 //!    dead or skipped. A replayed dead letter rejoins its lane at its original place.
@@ -46,6 +50,36 @@ use std::path::Path;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use tokio::sync::Notify;
+
+/// How many times an attempt of one delivery may be cut off by the relay stopping (a crash, a
+/// `kill -9`, a power loss: its claim was never settled) before the delivery is taken for what
+/// brings the relay down and dead-lettered with `crashed the relay`, so that its lane moves on.
+pub const CRASH_LIMIT: u32 = 3;
+
+/// What a dead letter that brought the relay down says.
+pub const CRASHED: &str = "crashed the relay";
+
+/// What an attempt that the relay's stopping cut off leaves as its last error.
+pub(crate) const CUT_OFF: &str =
+    "the attempt was cut off: the relay stopped before its answer was recorded";
+
+/// Why a claimed row is dead-lettered instead of handed out: it crashed the relay
+/// [`CRASH_LIMIT`] times, or its stored event cannot be read.
+pub(crate) fn dead_on_claim(
+    crashed: bool,
+    decoded: Option<Result<Event, serde_json::Error>>,
+) -> String {
+    match decoded {
+        _ if crashed => {
+            tracing::error!(
+                "A delivery's attempts were cut off by the relay stopping {CRASH_LIMIT} times: dead-lettered as `{CRASHED}`, its lane moves on"
+            );
+            CRASHED.to_owned()
+        }
+        Some(Err(error)) => format!("the stored event is unreadable: {error}"),
+        Some(Ok(_)) | None => "the event is missing from the store".to_owned(),
+    }
+}
 
 /// The longest a sink's dispatcher sleeps without looking at the store, so that a wake-up that
 /// was lost (or sent by a relay this one cannot hear) costs at most this much delay.
@@ -98,6 +132,24 @@ pub struct Claimed {
     /// lease ran out and the delivery was claimed again changes nothing (the newer attempt's
     /// outcome counts).
     pub lease_until: Millis,
+}
+
+/// A claim, by what identifies it: the delivery and its lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClaimRef {
+    pub sink: SinkName,
+    pub id: i64,
+    pub lease_until: Millis,
+}
+
+impl Claimed {
+    pub fn claim_ref(&self) -> ClaimRef {
+        ClaimRef {
+            sink: self.sink,
+            id: self.id,
+            lease_until: self.lease_until,
+        }
+    }
 }
 
 /// The deliveries a claim got, and when the sink's next one falls due.
@@ -496,6 +548,16 @@ impl Store {
             delivery.lease_until = until;
         }
         Ok(renewed)
+    }
+
+    /// Gives back a claim whose attempt did not run to its end because the relay is shutting
+    /// down: due again at `now`, no attempt counted (unlike an attempt a crash cut off).
+    pub async fn release(&self, claim: ClaimRef, now: Millis) -> Result<(), StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.release(claim, now).await,
+            Backend::Postgres(store) => store.release(claim, now).await,
+            Backend::Discard => Ok(()),
+        }
     }
 
     /// Stops the backend and releases what it holds (the embedded store's file lock); returns

@@ -123,3 +123,94 @@ async fn acked_webhooks_survive_kill_9_and_arrive_after_restart() -> TestResult 
     assert!(status.success(), "exit status after SIGTERM: {status}");
     Ok(())
 }
+
+/// A delivery whose attempt is under way each time the relay dies (a poison event: here the
+/// relay is killed with SIGKILL while the bot holds that one request) is dead-lettered as
+/// `crashed the relay` after three such crashes, and its user's next message goes out; the
+/// relay does not crash-loop on it for its `ttl`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delivery_that_crashed_the_relay_three_times_is_dead_lettered() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let bot = MockSink::start().await?;
+    bot.decide(|request| request.text().contains("m.poison").then(Reply::hang));
+    let config = write_config(dir.path(), &bot)?;
+    let mut relay = start(&config).await?;
+    let http = reqwest::Client::new();
+    for mid in ["m.poison", "m.next"] {
+        let body = text_message("PAGE", "victim", mid, "hi", 1_700_000_000_000);
+        assert_eq!(post_signed(&http, &relay.url, &body).await?.status(), 200);
+    }
+    let sent = |mid: &str| {
+        bot.received()
+            .iter()
+            .filter(|request| request.text().contains(mid))
+            .count()
+    };
+    for crash in 1..=botrelay::store::CRASH_LIMIT as usize {
+        wait_until(
+            "the poison's attempt is under way",
+            Duration::from_secs(20),
+            || sent("m.poison") == crash,
+        )
+        .await?;
+        relay.kill()?;
+        relay = start(&config).await?;
+    }
+    wait_until(
+        "the user's next message goes out",
+        Duration::from_secs(20),
+        || sent("m.next") == 1,
+    )
+    .await?;
+    assert_eq!(sent("m.poison"), botrelay::store::CRASH_LIMIT as usize);
+    relay.terminate(Duration::from_secs(20)).await?;
+    let store = botrelay::store::Store::open_sqlite(&dir.path().join("botrelay.db"), None)?;
+    let letters = store.dead_letters(Default::default()).await?;
+    store.close().await;
+    let [letter] = letters.as_slice() else {
+        return Err(format!("{} dead letters", letters.len()).into());
+    };
+    assert!(
+        letter
+            .last_error
+            .as_deref()
+            .is_some_and(|error| error.starts_with(botrelay::store::CRASHED)),
+        "{letter:?}"
+    );
+    assert_eq!(letter.user.as_deref(), Some("victim"));
+    Ok(())
+}
+
+/// An attempt that a graceful shutdown cuts off (it outlived `shutdown_grace`) is given back:
+/// after the restart it goes out again, and the cut-off attempt does not count as a crash.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attempt_cut_off_by_a_shutdown_is_given_back_uncounted() -> TestResult {
+    let dir = tempfile::tempdir()?;
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::hang());
+    let config = write_config(dir.path(), &bot)?;
+    let mut relay = start(&config).await?;
+    let body = text_message("PAGE", "patient", "m.slow", "hi", 1_700_000_000_000);
+    let http = reqwest::Client::new();
+    assert_eq!(post_signed(&http, &relay.url, &body).await?.status(), 200);
+    bot.wait_for(1, Duration::from_secs(20)).await?;
+    // The grace (2 s) runs out with the attempt still hanging.
+    let status = relay.terminate(Duration::from_secs(20)).await?;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    bot.set_default(Reply::status(200));
+    let mut relay = start(&config).await?;
+    bot.wait_for(2, Duration::from_secs(20)).await?;
+    relay.terminate(Duration::from_secs(20)).await?;
+    let store = botrelay::store::Store::open_sqlite(&dir.path().join("botrelay.db"), None)?;
+    let deliveries = store.probe_deliveries().await?;
+    store.close().await;
+    let [delivery] = deliveries.as_slice() else {
+        return Err(format!("{} deliveries", deliveries.len()).into());
+    };
+    assert_eq!(
+        (delivery.state.as_str(), delivery.attempts),
+        ("delivered", 1),
+        "the cut-off attempt counts nothing"
+    );
+    Ok(())
+}

@@ -358,6 +358,14 @@ impl PostgresStore {
         write::settle_row(self, row, settle, now).await
     }
 
+    pub(in crate::store) async fn release(
+        &self,
+        claim: crate::store::ClaimRef,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        write::release(self, claim, now).await
+    }
+
     pub(in crate::store) async fn renew(
         &self,
         delivery: &mut Claimed,

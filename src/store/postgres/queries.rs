@@ -20,10 +20,13 @@ pub(super) const CLAIM: &str = "
         ORDER BY due_at, id
         LIMIT $4
         FOR UPDATE SKIP LOCKED)
-    UPDATE deliveries d SET state = 'in_flight', due_at = $3, updated_at = $2
+    UPDATE deliveries d SET state = 'in_flight', due_at = $3, updated_at = $2,
+        crashes = d.crashes + CASE WHEN d.state = 'in_flight' THEN 1 ELSE 0 END,
+        attempts = d.attempts + CASE WHEN d.state = 'in_flight' THEN 1 ELSE 0 END,
+        last_error = CASE WHEN d.state = 'in_flight' THEN $5 ELSE d.last_error END
     FROM picked WHERE d.id = picked.id
     RETURNING d.id, d.event_id, d.attempts, d.throttled, COALESCE(d.replayed_at, d.created_at),
-              d.lane, (SELECT payload FROM events e WHERE e.id = d.event_id)";
+              d.lane, (SELECT payload FROM events e WHERE e.id = d.event_id), d.crashes";
 
 /// When the sink's next head falls due (a retry, or another relay's lease running out).
 pub(super) const NEXT_DUE: &str = "

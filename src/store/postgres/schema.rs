@@ -10,7 +10,7 @@ const MIGRATION_LOCK: i64 = 0x626f_7472_656c_6179;
 
 /// The migrations, in order; each runs once, in its own transaction. Never edit one that has
 /// shipped: add the next.
-pub(super) const MIGRATIONS: &[(i32, &str)] = &[(1, V1)];
+pub(super) const MIGRATIONS: &[(i32, &str)] = &[(1, V1), (2, V2)];
 
 /// Times are milliseconds since the epoch, from the relays' clocks (as in the embedded store).
 const V1: &str = "
@@ -74,6 +74,10 @@ CREATE TABLE paused_users (
     paused_at BIGINT NOT NULL
 );
 ";
+
+/// Attempts cut off by a relay stopping (its claim ran out unsettled), counted by the claim
+/// that takes the delivery next.
+const V2: &str = "ALTER TABLE deliveries ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;";
 
 /// Applies the migrations this database lacks, under the advisory lock.
 pub(super) async fn migrate(pool: &Pool) -> Result<(), PgError> {

@@ -146,6 +146,7 @@ on_postgres!(
     depth,
     dead_letter_listing,
     dead_without_an_attempt_keeps_the_last_answer,
+    crashes_count_and_a_crash_loop_is_dead,
     probe,
 );
 
@@ -451,7 +452,7 @@ async fn claims_use_the_lane_head_index_with_a_million_rows_queued() -> TestResu
         .await?;
     let mut plans = Vec::new();
     for (name, sql, types) in [
-        ("claim", CLAIM, "text, int8, int8, int8"),
+        ("claim", CLAIM, "text, int8, int8, int8, text"),
         ("next due", NEXT_DUE, "text"),
         ("promote", PROMOTE, "text, text, int8"),
         ("purge delivered", PURGE_DELIVERED, "int8, int8"),
@@ -459,7 +460,7 @@ async fn claims_use_the_lane_head_index_with_a_million_rows_queued() -> TestResu
         ("purge events", PURGE_EVENTS, "int8, int8"),
     ] {
         let arguments = match name {
-            "claim" => "'bot', 500000, 530000, 32",
+            "claim" => "'bot', 500000, 530000, 32, 'cut off'",
             "next due" => "'bot'",
             "promote" => "'bot', 'user-7', 1",
             _ => "3000, 2000",

@@ -13,7 +13,8 @@ use crate::clock::{Millis, millis};
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    ClaimBatch, Claimed, DeadLetterFilter, Purged, ReplayOutcome, Retention, Settle, StoreError,
+    CRASH_LIMIT, CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeadLetterFilter, Purged, ReplayOutcome,
+    Retention, Settle, StoreError,
 };
 use deadpool_postgres::{GenericClient, Pool};
 use std::collections::BTreeSet;
@@ -76,6 +77,8 @@ pub(super) const PURGE_LANES: &str = "DELETE FROM lanes WHERE (sink, lane) IN (
 /// A claimed row; the payload is decoded after the claim.
 struct ClaimedRow {
     id: i64,
+    /// Attempts cut off by a relay stopping, this claim's included.
+    crashes: u32,
     attempts: u32,
     throttled: u32,
     ttl_from: Millis,
@@ -97,12 +100,16 @@ pub(super) async fn claim(
         let client = pool.get().await?;
         let statement = client.prepare_cached(CLAIM).await?;
         let mut rows = client
-            .query(&statement, &[&sink.as_str(), &now, &lease_end, &limit])
+            .query(
+                &statement,
+                &[&sink.as_str(), &now, &lease_end, &limit, &CUT_OFF],
+            )
             .await?
             .iter()
             .map(|row| {
                 Ok(ClaimedRow {
                     id: row.try_get(0)?,
+                    crashes: queries::unsigned(row.try_get(7)?),
                     attempts: queries::unsigned(row.try_get(2)?),
                     throttled: queries::unsigned(row.try_get(3)?),
                     ttl_from: row.try_get(4)?,
@@ -131,15 +138,14 @@ pub(super) async fn claim(
         next_due: Some(next_due.map_or(look_again, |due| due.min(look_again))),
     };
     for row in rows {
-        let event = match row.payload.as_deref().map(serde_json::from_str::<Event>) {
-            Some(Ok(event)) => event,
-            // As in the embedded store: dead-letter the row so that neither its lane nor the
-            // sink's claims get stuck on it.
-            unreadable => {
-                let reason = match unreadable {
-                    Some(Err(error)) => format!("the stored event is unreadable: {error}"),
-                    _ => "the event is missing from the store".to_owned(),
-                };
+        let decoded = row.payload.as_deref().map(serde_json::from_str::<Event>);
+        let event = match (row.crashes >= CRASH_LIMIT, decoded) {
+            (false, Some(Ok(event))) => event,
+            // As in the embedded store: a delivery that keeps bringing relays down, or whose
+            // event is unreadable, is dead-lettered so that neither its lane nor the sink's
+            // claims get stuck on it.
+            (crashed, unreadable) => {
+                let reason = crate::store::dead_on_claim(crashed, unreadable);
                 let row = SettleRow {
                     id: row.id,
                     sink,
@@ -152,7 +158,7 @@ pub(super) async fn claim(
                     attempted: false,
                 };
                 if let Err(error) = settle_row(store, row, dead, now).await {
-                    tracing::warn!(%error, "Cannot dead-letter a delivery whose event is unreadable");
+                    tracing::warn!(%error, "Cannot dead-letter a delivery on its claim");
                 }
                 continue;
             }
@@ -390,6 +396,29 @@ async fn promote(
         .execute(&statement, &[&sink.as_str(), &lane, &now])
         .await?
         > 0)
+}
+
+/// Gives back a claim a shutdown cut off: due at `now`, nothing counted.
+pub(super) async fn release(
+    store: &PostgresStore,
+    claim: ClaimRef,
+    now: Millis,
+) -> Result<(), StoreError> {
+    let (id, held) = (claim.id, claim.lease_until);
+    let pool = &store.inner.pool;
+    retrying(move || async move {
+        let client = pool.get().await?;
+        client
+            .execute(
+                "UPDATE deliveries SET state = 'pending', due_at = $3, updated_at = $3
+                 WHERE id = $1 AND state = 'in_flight' AND due_at = $2",
+                &[&id, &held, &now],
+            )
+            .await?;
+        Ok(())
+    })
+    .await
+    .map_err(|error| store.error(error))
 }
 
 pub(super) async fn renew(

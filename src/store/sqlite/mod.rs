@@ -85,10 +85,11 @@ impl SqliteStore {
         writer.execute_batch(SCHEMA).map_err(database)?;
         migrate(&writer)?;
         // This process holds the file lock, so every lease in the file belongs to a process
-        // that is gone: release them now instead of waiting for them to run out.
+        // that is gone: end them now instead of waiting for them to run out. The rows stay
+        // `in_flight`, so that their next claim counts the attempt the crash cut off.
         writer
             .execute(
-                "UPDATE deliveries SET state = 'pending', due_at = 0 WHERE state = 'in_flight'",
+                "UPDATE deliveries SET due_at = 0 WHERE state = 'in_flight'",
                 [],
             )
             .map_err(database)?;

@@ -8,8 +8,8 @@ use crate::clock::{Millis, millis};
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    ClaimBatch, Claimed, DeliveryProbe, EnqueueReport, NewEvent, Purged, Retention, Settle,
-    SinkDepth, StoreError,
+    CRASH_LIMIT, CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeliveryProbe, EnqueueReport, NewEvent,
+    Purged, Retention, Settle, SinkDepth, StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
@@ -51,6 +51,8 @@ pub(super) const DEPTH: [&str; 3] = [
 pub(super) struct ClaimedRow {
     id: i64,
     event_id: String,
+    /// Attempts cut off by the relay stopping, this claim's included.
+    crashes: u32,
     attempts: u32,
     throttled: u32,
     ttl_from: Millis,
@@ -154,30 +156,37 @@ impl SqliteStore {
             .write(move |connection, _| {
                 let mut claim = connection
                     .prepare_cached(
-                        "UPDATE deliveries SET state = 'in_flight', due_at = ?3, updated_at = ?2
+                        "UPDATE deliveries SET state = 'in_flight', due_at = ?3, updated_at = ?2,
+                             crashes = crashes + (state = 'in_flight'),
+                             attempts = attempts + (state = 'in_flight'),
+                             last_error = CASE WHEN state = 'in_flight' THEN ?5 ELSE last_error END
                          WHERE id IN (
                              SELECT id FROM deliveries
                              WHERE sink = ?1 AND state IN ('pending', 'in_flight') AND due_at <= ?2
                              ORDER BY due_at, id LIMIT ?4)
                          RETURNING id, event_id, attempts, throttled,
-                                   COALESCE(replayed_at, created_at), lane",
+                                   COALESCE(replayed_at, created_at), lane, crashes",
                     )
                     .map_err(database)?;
                 let mut payload = connection
                     .prepare_cached("SELECT payload FROM events WHERE id = ?1")
                     .map_err(database)?;
                 let mut rows = claim
-                    .query_map(params![sink.as_str(), now, lease_end, limit], |row| {
-                        Ok(ClaimedRow {
-                            id: row.get(0)?,
-                            event_id: row.get(1)?,
-                            attempts: row.get(2)?,
-                            throttled: row.get(3)?,
-                            ttl_from: row.get(4)?,
-                            lane: row.get(5)?,
-                            payload: None,
-                        })
-                    })
+                    .query_map(
+                        params![sink.as_str(), now, lease_end, limit, CUT_OFF],
+                        |row| {
+                            Ok(ClaimedRow {
+                                id: row.get(0)?,
+                                event_id: row.get(1)?,
+                                crashes: row.get(6)?,
+                                attempts: row.get(2)?,
+                                throttled: row.get(3)?,
+                                ttl_from: row.get(4)?,
+                                lane: row.get(5)?,
+                                payload: None,
+                            })
+                        },
+                    )
                     .map_err(database)?
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(database)?;
@@ -206,16 +215,15 @@ impl SqliteStore {
             next_due,
         };
         for row in rows {
-            let event = match row.payload.as_deref().map(serde_json::from_str::<Event>) {
-                Some(Ok(event)) => event,
-                // Cannot happen while purge keeps events with open deliveries and the encoding
-                // is ours; if it does, dead-letter the row so that neither its lane nor the
-                // sink's claims get stuck on it.
-                unreadable => {
-                    let reason = match unreadable {
-                        Some(Err(error)) => format!("the stored event is unreadable: {error}"),
-                        _ => "the event is missing from the store".to_owned(),
-                    };
+            let decoded = row.payload.as_deref().map(serde_json::from_str::<Event>);
+            let event = match (row.crashes >= CRASH_LIMIT, decoded) {
+                (false, Some(Ok(event))) => event,
+                // A delivery whose attempts keep bringing the relay down, or (which cannot
+                // happen while purge keeps events with open deliveries and the encoding is
+                // ours) one whose event is unreadable: dead-letter the row so that neither its
+                // lane nor the sink's claims get stuck on it.
+                (crashed, unreadable) => {
+                    let reason = crate::store::dead_on_claim(crashed, unreadable);
                     let unreadable = SettleRow {
                         id: row.id,
                         sink,
@@ -236,7 +244,7 @@ impl SqliteStore {
                         )
                         .await
                     {
-                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery whose event is unreadable");
+                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery on its claim");
                     }
                     continue;
                 }
@@ -397,6 +405,28 @@ impl SqliteStore {
                 params![id, held, until, now],
             )?;
             Ok(changed == 1)
+        })
+        .await
+    }
+
+    /// Gives back a claim a shutdown cut off: due at `now`, nothing counted.
+    pub(crate) async fn release(&self, claim: ClaimRef, now: Millis) -> Result<(), StoreError> {
+        let ClaimRef {
+            sink: delivery_sink,
+            id,
+            lease_until: held,
+        } = claim;
+        self.write(move |connection, touched| {
+            let changed = execute(
+                connection,
+                "UPDATE deliveries SET state = 'pending', due_at = ?3, updated_at = ?3
+                 WHERE id = ?1 AND state = 'in_flight' AND due_at = ?2",
+                params![id, held, now],
+            )?;
+            if changed > 0 {
+                touched.insert(delivery_sink);
+            }
+            Ok(())
         })
         .await
     }

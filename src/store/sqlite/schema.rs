@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS deliveries (
     last_attempt_at  INTEGER,
     last_status      INTEGER,
     last_error       TEXT,             -- redacted
-    replayed_at      INTEGER           -- the last replay: the ttl counts from here (NULL: created_at)
+    replayed_at      INTEGER,          -- the last replay: the ttl counts from here (NULL: created_at)
+    crashes          INTEGER NOT NULL DEFAULT 0 -- attempts cut off by the relay stopping
 );
 CREATE INDEX IF NOT EXISTS deliveries_due ON deliveries (sink, due_at)
     WHERE state IN ('pending', 'in_flight');
@@ -80,6 +81,11 @@ pub(super) fn migrate(connection: &Connection) -> Result<(), StoreError> {
                   WHERE created_at > (SELECT received_at FROM events WHERE id = event_id);
                  COMMIT;",
             )
+            .map_err(database)?;
+    }
+    if !has_column(connection, "deliveries", "crashes").map_err(database)? {
+        connection
+            .execute_batch("ALTER TABLE deliveries ADD COLUMN crashes INTEGER NOT NULL DEFAULT 0;")
             .map_err(database)?;
     }
     Ok(())

@@ -394,7 +394,8 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
     let lease = Duration::from_secs(10);
     let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
     assert_eq!(first.deliveries.len(), 1);
-    // The first attempt hangs past its lease; the delivery is claimed again.
+    // The first attempt hangs past its lease; the delivery is claimed again, and the attempt
+    // whose lease ran out counts as failed.
     let second = store.claim(SinkName::Bot, 8, t0 + 11_000, lease).await?;
     assert_eq!(second.deliveries.len(), 1);
     assert_eq!(second.deliveries[0].id, first.deliveries[0].id);
@@ -413,7 +414,7 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
             .await?;
         assert_eq!(
             states().await?,
-            [("in_flight".to_owned(), 0), ("waiting".to_owned(), 0)]
+            [("in_flight".to_owned(), 1), ("waiting".to_owned(), 0)]
         );
     }
     store
@@ -425,7 +426,7 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
         .await?;
     assert_eq!(
         states().await?,
-        [("delivered".to_owned(), 1), ("pending".to_owned(), 0)]
+        [("delivered".to_owned(), 2), ("pending".to_owned(), 0)]
     );
     Ok(())
 }
