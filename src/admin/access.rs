@@ -197,7 +197,15 @@ mod tests {
     -> Result<(), Box<dyn std::error::Error>> {
         let open = admin_router(None)?;
         // (listener, host, origin, sec-fetch-site, method, status)
-        let cases: &[(&str, &str, Option<&str>, Option<&str>, &str, u16)] = &[
+        type Case<'a> = (
+            &'a str,
+            &'a str,
+            Option<&'a str>,
+            Option<&'a str>,
+            &'a str,
+            u16,
+        );
+        let cases: &[Case] = &[
             // The page's GET: no Origin, `same-origin`.
             (
                 "127.0.0.1:9091",

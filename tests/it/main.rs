@@ -8,6 +8,7 @@ mod delivery;
 mod postgres;
 mod reports;
 mod sinks;
+mod ui;
 mod vendor_sinks;
 mod vendors;
 mod webhook;

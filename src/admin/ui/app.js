@@ -12,6 +12,8 @@
   let token = sessionStorage.getItem(TOKEN_KEY) || '';
   let timer = null;
   let busy = false;
+  // Bumped when the token is forgotten: answers to requests made before are dropped.
+  let generation = 0;
   const letters = { afters: [], after: null, selected: new Set(), ids: [] };
 
   class Unauthorized extends Error {}
@@ -116,7 +118,7 @@
     return el('div', { 'data-figure': key }, el('b', {}, value), el('span', {}, label));
   }
 
-  const W = 360, H = 80, LEFT = 30, TOP = 6, BOTTOM = 12;
+  const W = 360, H = 80, LEFT = 42, TOP = 6, BOTTOM = 12;
 
   function frame(max, unit, start, count) {
     const group = svg('g');
@@ -294,11 +296,13 @@
     clearTimeout(timer);
     if (busy) { timer = setTimeout(refresh, 200); return; }
     busy = true;
+    const mine = generation;
     try {
       const [sinks, history, rows, paused] = await Promise.all([
         api('GET', '/admin/sinks'), api('GET', '/admin/sinks/history'),
         api('GET', lettersPath()), api('GET', '/admin/paused'),
       ]);
+      if (mine !== generation) return;
       renderSinks(sinks, history);
       renderLetters(rows);
       renderPaused(paused);
@@ -309,6 +313,7 @@
       $('updated').textContent = 'updated ' + new Date().toLocaleTimeString();
       timer = setTimeout(refresh, POLL_MS);
     } catch (error) {
+      if (mine !== generation) return;
       if (error instanceof Unauthorized) { busy = false; return signOut(token ? 'That token was refused.' : ''); }
       showProblem('Cannot read the admin API: ' + error.message);
       timer = setTimeout(refresh, POLL_MS);
@@ -319,6 +324,7 @@
 
   // Shows the token form and nothing else: every datum already on the page is removed.
   function signOut(message) {
+    generation += 1;
     clearTimeout(timer);
     token = '';
     sessionStorage.removeItem(TOKEN_KEY);
