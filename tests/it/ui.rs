@@ -19,6 +19,7 @@ use botrelay::signing::sign_sha256;
 use botrelay::sink_name::SinkName;
 use botrelay::store::{NewEvent, Settle, Store};
 use serde_json::json;
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -74,7 +75,9 @@ fn find_browser() -> TestResult<Option<Browser>> {
         )
         .into());
     }
-    eprintln!(
+    // Straight to stderr, past the test harness's capture, so that the skip shows.
+    let _ = writeln!(
+        std::io::stderr(),
         "skipped: the status page's browser tests need {} (BOTRELAY_REQUIRE_BROWSER=1 makes this a failure)",
         missing.join("; ")
     );
