@@ -27,6 +27,8 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::fmt::MakeWriter;
 use tracing_subscriber::util::SubscriberInitExt;
 
+pub mod history;
+
 /// Metric names (SPEC §5), so that code and tests agree on them.
 pub mod metric {
     pub const EVENTS_RECEIVED: &str = "botrelay_events_received_total";
@@ -400,6 +402,8 @@ pub const WARNING_LOG_EVERY: Millis = 3600 * 1000;
 #[derive(Debug, Clone, Default)]
 pub struct SinkStatus {
     by_sink: Arc<RwLock<HashMap<SinkName, SinkActivity>>>,
+    /// The last hour, minute by minute, for the status page.
+    history: history::History,
 }
 
 /// Longest error message kept per sink.
@@ -411,8 +415,10 @@ impl SinkStatus {
         self.record_at(sink, settle, now_ms());
     }
 
-    /// Records how an attempt ended at `at`. Skipped deliveries made no attempt: not recorded.
+    /// Records how an attempt ended at `at`, and counts it in the sink's history. Skipped
+    /// deliveries made no attempt: counted, but not recorded as a success or an error.
     pub fn record_at(&self, sink: SinkName, settle: &Settle, at: Millis) {
+        self.history.count(sink, history::Counted::of(settle), at);
         let Ok(mut by_sink) = self.by_sink.write() else {
             return;
         };
@@ -471,6 +477,11 @@ impl SinkStatus {
                 "The sink's API version is going away (logged at most once an hour)"
             );
         }
+    }
+
+    /// Each sink's last hour: outcomes and delivery times per minute.
+    pub fn history(&self) -> &history::History {
+        &self.history
     }
 
     pub fn get(&self, sink: SinkName) -> SinkActivity {

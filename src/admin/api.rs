@@ -1,6 +1,6 @@
 //! The admin API's wire types, shared by the server (`admin/mod.rs`) and the CLI's client
-//! (`admin/client.rs`): dead letters, replay requests and answers, pause state, sink status,
-//! the error body, and time as the API writes (`rfc3339`) and reads it (`parse_since`).
+//! (`admin/client.rs`): dead letters, replay requests and answers, pause state, sink status and
+//! history, the error body, and time as the API writes (`rfc3339`) and reads it (`parse_since`).
 
 use crate::clock::{Millis, millis};
 use serde::{Deserialize, Serialize};
@@ -122,6 +122,32 @@ pub struct LastErrorView {
     /// `"live"`: seen by the dispatcher since this process started; `"dead_letters"`: the
     /// newest dead letter in the store (nothing failed since the start).
     pub source: String,
+}
+
+/// `GET /admin/sinks/history`: each active sink's last hour in this relay process, a minute
+/// per entry, oldest first (on PostgreSQL each relay answers with its own deliveries).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HistoryView {
+    /// When the answer was made (RFC 3339).
+    pub now: String,
+    /// The start of the first minute of every list (RFC 3339).
+    pub start: String,
+    /// The length of one entry: 60.
+    pub step_seconds: u32,
+    pub sinks: Vec<SinkHistoryView>,
+}
+
+/// One sink's last hour: attempts by outcome, and the median and 99th percentile delivery
+/// time (milliseconds, null in a minute without attempts), one entry per minute.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SinkHistoryView {
+    pub sink: String,
+    pub delivered: Vec<u32>,
+    pub retried: Vec<u32>,
+    pub dead: Vec<u32>,
+    pub skipped: Vec<u32>,
+    pub p50_ms: Vec<Option<f64>>,
+    pub p99_ms: Vec<Option<f64>>,
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,11 +1,13 @@
 //! The admin listener (`admin.listen`): its `Router` and handlers for Prometheus metrics, dead
-//! letters and their replay, the paused users, sink status. Who may call `/admin/*` is
-//! `access.rs`'s; the JSON it speaks is `api.rs`'s, shared with the CLI's client (`client.rs`).
-//! [`AdminError`] has the one mapping to HTTP.
+//! letters and their replay, the paused users, sink status and history. Who may call `/admin/*`
+//! is `access.rs`'s; the JSON it speaks is `api.rs`'s, shared with the CLI's client
+//! (`client.rs`); the status page (`GET /`, `/ui/*`) is `ui.rs`'s. [`AdminError`] has the one
+//! mapping to HTTP.
 
 pub mod access;
 pub mod api;
 pub mod client;
+mod ui;
 
 use crate::clock::now_ms;
 use crate::config::Config;
@@ -13,9 +15,11 @@ use crate::redact::Redactor;
 use crate::sink_name::SinkName;
 use crate::store::{DeadLetter, DeadLetterFilter, SinkDepth, Store, StoreError};
 use crate::telemetry;
+use crate::telemetry::history;
 use api::{
-    BadSince, DEFAULT_LIMIT, DeadLetterView, ErrorBody, LastErrorView, MAX_LIMIT, PauseState,
-    PausedUser, ReplayRequest, Replayed, Since, SinkView, parse_since, rfc3339,
+    BadSince, DEFAULT_LIMIT, DeadLetterView, ErrorBody, HistoryView, LastErrorView, MAX_LIMIT,
+    PauseState, PausedUser, ReplayRequest, Replayed, Since, SinkHistoryView, SinkView, parse_since,
+    rfc3339,
 };
 use axum::Router;
 use axum::body::Bytes;
@@ -126,9 +130,12 @@ impl IntoResponse for AdminError {
 
 /// The admin router. `/metrics` and `/healthz` are open (the listener is meant to stay on a
 /// private address, and metrics carry no user ids or secrets); everything under `/admin` needs
-/// the bearer token when `admin.token` is set.
+/// the bearer token when `admin.token` is set. `/` and `/ui/*` are the status page, which
+/// holds no data (it asks for the token, then calls `/admin/*` like any client).
 pub fn router(state: AdminState) -> Router {
     Router::new()
+        .route("/", get(ui::page))
+        .route("/ui/{asset}", get(ui::asset))
         .route("/metrics", get(render_metrics))
         .route("/healthz", get(|| async { "ok" }))
         .route("/admin/dead-letters", get(list_dead_letters))
@@ -137,6 +144,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/admin/users/{psid}/unpause", post(unpause))
         .route("/admin/paused", get(list_paused))
         .route("/admin/sinks", get(list_sinks))
+        .route("/admin/sinks/history", get(sink_history))
         .fallback(|| async { AdminError::NotFound })
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -416,6 +424,35 @@ async fn list_sinks(
         });
     }
     Ok(axum::Json(views))
+}
+
+/// `GET /admin/sinks/history`: each active sink's last hour, minute by minute, as this relay
+/// process saw it (the dispatcher feeds it; nothing is stored).
+async fn sink_history(State(state): State<AdminState>) -> axum::Json<HistoryView> {
+    let now = now_ms();
+    let history = state.status.history();
+    let sinks = state
+        .active
+        .iter()
+        .map(|sink| {
+            let hour = history.last_hour(*sink, now);
+            SinkHistoryView {
+                sink: sink.as_str().to_owned(),
+                delivered: hour.delivered,
+                retried: hour.retried,
+                dead: hour.dead,
+                skipped: hour.skipped,
+                p50_ms: hour.p50_ms,
+                p99_ms: hour.p99_ms,
+            }
+        })
+        .collect();
+    axum::Json(HistoryView {
+        now: rfc3339(now),
+        start: rfc3339(history::first_minute(now)),
+        step_seconds: 60,
+        sinks,
+    })
 }
 
 /// What `/admin/sinks` lists under `warnings`: why the sink is not enabled, or what its config

@@ -390,8 +390,10 @@ impl Dispatcher {
                     self.status.warn(route.name, &notice, now_ms());
                 }
                 let outcome = sent.outcome;
+                let took = started.elapsed().as_secs_f64();
                 metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
-                    .record(started.elapsed().as_secs_f64());
+                    .record(took);
+                self.status.history().latency(route.name, took, now_ms());
                 let counted = delivery.attempts.saturating_sub(delivery.throttled);
                 let outcome = health::suspect_first(outcome, counted);
                 let (now, jitter) = (now_ms(), rand::random::<f64>());

@@ -9,6 +9,7 @@ mod outage;
 mod postgres;
 mod reports;
 mod sinks;
+mod ui;
 mod vendor_sinks;
 mod vendors;
 mod webhook;
