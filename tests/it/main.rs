@@ -7,6 +7,7 @@ mod crash;
 mod delivery;
 mod postgres;
 mod reports;
+mod resources;
 mod sinks;
 mod vendor_sinks;
 mod vendors;

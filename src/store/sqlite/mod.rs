@@ -63,6 +63,7 @@ impl SqliteStore {
             StoreError::Database(format!("cannot create {}: {error}", directory.display()))
         })?;
         let lock = lock_file(path)?;
+        make_private(path)?;
         let mut writer = Connection::open(path).map_err(database)?;
         // `synchronous = NORMAL` only because the syncer thread fsyncs the WAL itself after
         // every commit and before any caller is answered: as durable as FULL, but the fsync of
@@ -143,6 +144,9 @@ impl SqliteStore {
             .map_err(database)?;
 
         let wal_file = open_wal(path)?;
+        // The WAL and the shared-memory index exist now (SQLite gave them the database
+        // file's mode; this covers files an older relay made).
+        make_private(path)?;
         let (writes, receiver) = mpsc::channel::<ToWriter>(8192);
         let (committed, uncommitted) = std::sync::mpsc::sync_channel(MAX_UNSYNCED_GROUPS);
         let syncer_idle = Arc::new(AtomicBool::new(true));
