@@ -24,7 +24,7 @@ pub mod telemetry;
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::server::{drain, serve, with_request_ids};
+use crate::server::{DescriptorBudget, drain, raise_open_files_limit, serve, with_request_ids};
 use crate::store::{Retention, Store};
 use anyhow::Context;
 use std::future::Future;
@@ -92,6 +92,19 @@ pub async fn run_with_store(
         }
     }
     telemetry::register_metrics(&active_sinks);
+    raise_open_files_limit(&DescriptorBudget {
+        max_connections: config.server.max_connections,
+        store_connections: if config.store.url.is_some() {
+            config.store.pool_size + 1
+        } else {
+            0
+        },
+        deliveries: sinks
+            .routes()
+            .iter()
+            .map(|route| route.delivery.concurrency)
+            .sum(),
+    });
     if active.is_empty() {
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
     }
@@ -121,6 +134,7 @@ pub async fn run_with_store(
     }));
     let admin_token_set = state.config.admin.token.is_some();
     let read_timeout = state.config.server.read_timeout;
+    let max_connections = state.config.server.max_connections;
     let public = with_request_ids(ingest::router(state));
 
     let public_addr = listeners.public.local_addr()?;
@@ -132,8 +146,20 @@ pub async fn run_with_store(
             "admin.token is not set: /admin answers only clients on this machine (not through a proxy nor from a web page); /metrics and /healthz answer everyone"
         );
     }
-    let public_server = tokio::spawn(serve(listeners.public, public, read_timeout, stop.clone()));
-    let admin_server = tokio::spawn(serve(listeners.admin, admin, read_timeout, stop.clone()));
+    let public_server = tokio::spawn(serve(
+        listeners.public,
+        public,
+        read_timeout,
+        max_connections,
+        stop.clone(),
+    ));
+    let admin_server = tokio::spawn(serve(
+        listeners.admin,
+        admin,
+        read_timeout,
+        max_connections,
+        stop.clone(),
+    ));
     let dispatcher = Dispatcher {
         store: store.clone(),
         sinks,

@@ -1,7 +1,139 @@
-//! Bounded resources and the truth of the relay's health: the store's files are private.
+//! Bounded resources and the truth of the relay's health: connections held at once, the
+//! open-files limit, the store's files private.
 
-use crate::support::{TestResult, spawn_app, text_message};
+use crate::support::{
+    APP_SECRET, MockSink, TestResult, VERIFY_TOKEN, post_signed, spawn_app, start_relay,
+    text_message, wait_until,
+};
 use std::path::Path;
+use std::time::{Duration, Instant};
+
+/// Open file descriptors and resident memory (KiB) of process `pid`, from `/proc`.
+fn descriptors_and_rss(pid: u32) -> TestResult<(usize, u64)> {
+    let descriptors = std::fs::read_dir(format!("/proc/{pid}/fd"))?.count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .ok_or("no VmRSS")?;
+    Ok((descriptors, rss))
+}
+
+/// 300 idle connections against `max_connections = 64` (the real binary): the relay holds at
+/// most 64 of them (its descriptors say so), the rest wait in the kernel's accept queue; the
+/// read timeout cuts the idle ones 64 at a time, so a webhook posted behind them is acked and
+/// delivered; memory stays flat, and once the clients are gone no descriptor is left over.
+#[cfg(target_os = "linux")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_beyond_max_connections_wait_in_the_kernel_and_cost_nothing() -> TestResult
+{
+    const IDLE: usize = 300;
+    const MAX: usize = 64;
+    let dir = tempfile::tempdir()?;
+    let bot = MockSink::start().await?;
+    let config = dir.path().join("botrelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nread_timeout = \"1s\"\nmax_connections = {MAX}\n\
+             [admin]\nlisten = \"127.0.0.1:0\"\n[log]\nformat = \"json\"\n[store]\npath = \"{}\"\n\
+             [bot]\nurl = \"{}\"\n",
+            dir.path().join("botrelay.db").display(),
+            bot.url("/webhook")
+        ),
+    )?;
+    let mut relay = start_relay(
+        &["--config".as_ref(), config.as_os_str()],
+        &[
+            ("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET),
+            ("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN),
+        ],
+    )
+    .await?;
+    let limit = relay
+        .start_up_log()?
+        .into_iter()
+        .find(|line| line["message"] == "Open-files limit")
+        .ok_or("no `Open-files limit` line")?;
+    assert_eq!(
+        limit["soft"], limit["hard"],
+        "the soft limit is raised: {limit}"
+    );
+    let pid = relay.child.id();
+    let (descriptors_before, rss_before) = descriptors_and_rss(pid)?;
+    let address = relay.url.trim_start_matches("http://").to_owned();
+
+    let mut idle = Vec::with_capacity(IDLE);
+    for _ in 0..IDLE {
+        idle.push(tokio::net::TcpStream::connect(&address).await?);
+    }
+    // The relay accepts up to its cap, and no more.
+    wait_until(
+        "the relay holds max_connections connections",
+        Duration::from_secs(5),
+        || descriptors_and_rss(pid).is_ok_and(|(now, _)| now >= descriptors_before + MAX),
+    )
+    .await?;
+
+    // Posted behind 300 idle clients: served once the read timeout has cut the ones ahead.
+    let started = Instant::now();
+    let webhook = {
+        let url = relay.url.clone();
+        tokio::spawn(async move {
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?;
+            let body = text_message("PAGE", "u1", "m.behind.idle", "hi", 1_700_000_000_000);
+            let status = post_signed(&http, &url, &body).await?.status();
+            Ok::<_, reqwest::Error>(status)
+        })
+    };
+    let (mut most_descriptors, mut most_rss) = (0, 0);
+    while !webhook.is_finished() {
+        let (descriptors, rss) = descriptors_and_rss(pid)?;
+        most_descriptors = most_descriptors.max(descriptors);
+        most_rss = most_rss.max(rss);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let status = webhook.await??;
+    assert_eq!(status, 200);
+    println!(
+        "acked after {:?} behind {IDLE} idle connections; descriptors {descriptors_before} → at most {most_descriptors}; VmRSS {rss_before} KiB → at most {most_rss} KiB",
+        started.elapsed()
+    );
+    assert!(
+        most_descriptors <= descriptors_before + MAX + 2,
+        "at most {MAX} connections held: {descriptors_before} descriptors before, {most_descriptors} at most"
+    );
+    assert!(
+        most_rss < rss_before + 32 * 1024,
+        "VmRSS grew from {rss_before} KiB to {most_rss} KiB"
+    );
+    bot.wait_for(1, Duration::from_secs(10)).await?;
+
+    drop(idle);
+    // The delivery's connection to the bot stays in the client's pool, and SQLite may have
+    // opened the WAL once more for a read: a few descriptors, not 300.
+    let closed = wait_until(
+        "every idle connection is closed",
+        Duration::from_secs(10),
+        || descriptors_and_rss(pid).is_ok_and(|(now, _)| now <= descriptors_before + 3),
+    )
+    .await;
+    if closed.is_err() {
+        let open: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))?
+            .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+            .map(|target| target.display().to_string())
+            .collect();
+        return Err(
+            format!("descriptors left open (before: {descriptors_before}): {open:?}").into(),
+        );
+    }
+    let status = relay.terminate(Duration::from_secs(20)).await?;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    Ok(())
+}
 
 /// Every file in `dir` with its mode bits.
 #[cfg(unix)]
