@@ -2,9 +2,12 @@
 //! open-files limit, the store's files private.
 
 use crate::support::{
-    APP_SECRET, MockSink, TestResult, VERIFY_TOKEN, post_signed, spawn_app, start_relay,
+    APP_SECRET, MockSink, TestResult, VERIFY_TOKEN, fast_bot, post_signed, spawn_app, start_relay,
     text_message, wait_until,
 };
+use botrelay::config::Config;
+use botrelay::liveness::Liveness;
+use botrelay::store::Store;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -179,5 +182,129 @@ async fn store_files_are_readable_by_the_relays_user_only() -> TestResult {
     for (name, mode) in running.iter().chain(&stopped) {
         assert_eq!(*mode, 0o600, "{name} has mode {mode:o}");
     }
+    Ok(())
+}
+
+/// A relay in this process whose [`Liveness`] the test holds (for its fault hook).
+struct Watched {
+    url: String,
+    admin_url: String,
+    store: Store,
+    liveness: Liveness,
+    run: tokio::task::JoinHandle<anyhow::Result<()>>,
+    _stop: tokio::sync::oneshot::Sender<()>,
+    _dir: tempfile::TempDir,
+}
+
+async fn start_watched(extra: &str) -> TestResult<Watched> {
+    let dir = tempfile::tempdir()?;
+    let toml = format!(
+        "[messenger]\napp_secret = \"{APP_SECRET}\"\nverify_token = \"{VERIFY_TOKEN}\"\n\
+         [server]\nshutdown_grace = \"2s\"\n[store]\npath = \"{}\"\n{extra}",
+        dir.path().join("botrelay.db").display()
+    );
+    let config = Config::from_sources(&toml, std::collections::HashMap::new())?;
+    let store = Store::open_sqlite(&config.store.path, None)?;
+    let public = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", public.local_addr()?);
+    let admin_url = format!("http://{}", admin.local_addr()?);
+    let liveness = Liveness::new();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let run = tokio::spawn(botrelay::run_with_liveness(
+        config,
+        store.clone(),
+        botrelay::Listeners { public, admin },
+        async move {
+            let _ = stopped.await;
+        },
+        liveness.clone(),
+    ));
+    Ok(Watched {
+        url,
+        admin_url,
+        store,
+        liveness,
+        run,
+        _stop: stop,
+        _dir: dir,
+    })
+}
+
+impl Watched {
+    /// `/healthz` of both listeners: status and body each.
+    async fn health(&self) -> TestResult<[(u16, String); 2]> {
+        let http = reqwest::Client::new();
+        let mut answers = Vec::new();
+        for base in [&self.url, &self.admin_url] {
+            let response = http.get(format!("{base}/healthz")).send().await?;
+            answers.push((response.status().as_u16(), response.text().await?));
+        }
+        let [public, admin]: [(u16, String); 2] = answers.try_into().map_err(|_| "two answers")?;
+        Ok([public, admin])
+    }
+
+    /// Waits for the run to end (it must, within the grace and a margin) and returns its error.
+    async fn run_error(self) -> TestResult<String> {
+        let ended = tokio::time::timeout(Duration::from_secs(5), self.run).await??;
+        let error = ended.err().ok_or("the run ended without an error")?;
+        self.store.close().await;
+        Ok(format!("{error:#}"))
+    }
+}
+
+/// A background loop that dies while the relay is not shutting down (killed through the
+/// liveness fault hook: a bot dispatcher loop, the purge loop, the metrics upkeep) turns
+/// `/healthz` to 503 on both listeners, naming it, and the run ends with an error (a non-zero
+/// exit) within the shutdown grace.
+#[tokio::test]
+async fn a_dead_background_loop_fails_healthz_and_ends_the_run_with_an_error() -> TestResult {
+    let bot = MockSink::start().await?;
+    for name in ["bot dispatcher loop", "purge loop", "metrics upkeep loop"] {
+        let relay = start_watched(&fast_bot(&bot.url("/webhook"))).await?;
+        let [public, admin] = relay.health().await?;
+        assert_eq!((public.0, admin.0), (200, 200), "{name}: healthy at first");
+        assert!(
+            relay.liveness.abort_loop_for_test(name),
+            "no loop named {name}"
+        );
+        let started = Instant::now();
+        let mut health = relay.health().await?;
+        while health.iter().any(|(status, _)| *status != 503)
+            && started.elapsed() < Duration::from_secs(2)
+        {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            health = relay.health().await.unwrap_or(health);
+        }
+        for (status, body) in &health {
+            assert_eq!(*status, 503, "{name}: {body}");
+            assert!(body.contains(name), "{name}: {body}");
+        }
+        let error = relay.run_error().await?;
+        assert!(error.contains(name), "{name}: {error}");
+    }
+    Ok(())
+}
+
+/// A failed fsync of the store's WAL (the syncer's fault hook): the webhook it was for gets
+/// 503, `/healthz` turns 503, and the run ends with an error.
+#[tokio::test]
+async fn a_failed_fsync_fails_healthz_and_ends_the_run_with_an_error() -> TestResult {
+    let relay = start_watched("").await?;
+    let http = reqwest::Client::new();
+    let body = text_message("PAGE", "u1", "m.before", "hi", 1);
+    assert_eq!(post_signed(&http, &relay.url, &body).await?.status(), 200);
+    relay.store.fail_next_sync_for_test();
+    let body = text_message("PAGE", "u1", "m.unsynced", "hi", 2);
+    assert_eq!(post_signed(&http, &relay.url, &body).await?.status(), 503);
+    for (status, body) in relay.health().await? {
+        assert_eq!(status, 503, "{body}");
+        assert!(body.contains("could not sync"), "{body}");
+    }
+    let error = relay.run_error().await?;
+    assert!(
+        error.contains("could not sync its write-ahead log"),
+        "{error}"
+    );
     Ok(())
 }
