@@ -274,7 +274,14 @@ fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let redactor = botrelay::redact::Redactor::new(config.secrets());
-    botrelay::telemetry::init(&config.log, redactor);
+    let log = botrelay::telemetry::init(&config.log, redactor);
+    let code = serve_logged(config);
+    // What is still queued goes out, unless stdout stays stalled.
+    log.flush(std::time::Duration::from_secs(2));
+    code
+}
+
+fn serve_logged(config: Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -2,8 +2,8 @@
 //! open-files limit, the store's files private.
 
 use crate::support::{
-    APP_SECRET, MockSink, TestResult, VERIFY_TOKEN, fast_bot, post_signed, spawn_app, start_relay,
-    text_message, wait_until,
+    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, fast_bot, post_signed, relay_command,
+    spawn_app, start_relay, text_message, wait_until,
 };
 use botrelay::config::Config;
 use botrelay::liveness::Liveness;
@@ -306,5 +306,143 @@ async fn a_failed_fsync_fails_healthz_and_ends_the_run_with_an_error() -> TestRe
         error.contains("could not sync its write-ahead log"),
         "{error}"
     );
+    Ok(())
+}
+
+/// The real binary with a stdout pipe nobody reads once it said `Listening`, logging at
+/// `trace` (several lines per request and per failed delivery): webhooks are acked and
+/// deliveries go on long after the pipe's 64 KiB and the log's queue are full, since the log
+/// drops lines (and counts them) instead of waiting for stdout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_are_acked_while_stdout_is_stalled() -> TestResult {
+    use std::io::BufRead;
+    const WEBHOOKS: usize = 600;
+    // A bot failing for 300 users, retried every few ms: a flood of log lines on the delivery
+    // path too.
+    let bot = MockSink::start().await?;
+    // Half the users fail for good (so the sink as a whole is not in an outage, which would
+    // hold their retries back).
+    bot.decide(|request| {
+        let user = request.json()["entry"][0]["messaging"][0]["sender"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        let odd = user.ends_with(['1', '3', '5', '7', '9']);
+        Some(Reply::status(if odd { 500 } else { 200 }))
+    });
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("botrelay.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\n[admin]\nlisten = \"127.0.0.1:0\"\n\
+             [log]\nformat = \"json\"\nlevel = \"trace\"\n[store]\npath = \"{}\"\n\
+             {}max_attempts = 1000000\nconcurrency = 64\n",
+            dir.path().join("botrelay.db").display(),
+            fast_bot(&bot.url("/webhook"))
+        ),
+    )?;
+    let mut child = relay_command()
+        .arg("--config")
+        .arg(&config)
+        .current_dir(dir.path())
+        .env("BOTRELAY__MESSENGER__APP_SECRET", APP_SECRET)
+        .env("BOTRELAY__MESSENGER__VERIFY_TOKEN", VERIFY_TOKEN)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    // Read up to `Listening`, then never again (the pipe stays open).
+    let ((url, admin_url), _unread) = tokio::task::spawn_blocking(
+        move || -> TestResult<((String, String), std::io::BufReader<std::process::ChildStdout>)> {
+            let mut reader = std::io::BufReader::new(stdout);
+            let mut line = String::new();
+            loop {
+                line.clear();
+                if reader.read_line(&mut line)? == 0 {
+                    return Err("the relay closed stdout before listening".into());
+                }
+                let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                if entry["message"] == "Listening" {
+                    let address = |name: &str| {
+                        format!("http://{}", entry[name].as_str().unwrap_or_default())
+                    };
+                    return Ok(((address("public"), address("admin")), reader));
+                }
+            }
+        },
+    )
+    .await??;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let started = Instant::now();
+    let mut posting = tokio::task::JoinSet::new();
+    for worker in 0..8 {
+        let (http, url) = (http.clone(), url.clone());
+        posting.spawn(async move {
+            for index in (worker..WEBHOOKS).step_by(8) {
+                let mid = format!("m.stalled.{index}");
+                let body = text_message(
+                    "PAGE",
+                    &format!("u{index}"),
+                    &mid,
+                    &"long text ".repeat(20),
+                    1,
+                );
+                let status = post_signed(&http, &url, &body)
+                    .await
+                    .map_err(|error| error.to_string())?
+                    .status();
+                if status != 200 {
+                    return Err(format!("webhook {index}: {status}"));
+                }
+            }
+            Ok(())
+        });
+    }
+    while let Some(posted) = posting.join_next().await {
+        posted??;
+    }
+    println!(
+        "{WEBHOOKS} webhooks acked in {:?} with stdout stalled",
+        started.elapsed()
+    );
+    // The pipe is full, and the lines beyond the queue were dropped and counted (the metric is
+    // brought up to date every 5 s).
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let dropped = loop {
+        let metrics = http
+            .get(format!("{admin_url}/metrics"))
+            .send()
+            .await?
+            .text()
+            .await?;
+        let dropped: u64 = metrics
+            .lines()
+            .find_map(|line| line.strip_prefix("botrelay_log_lines_dropped_total "))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        if dropped > 0 || Instant::now() > deadline {
+            break dropped;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert!(
+        dropped > 0,
+        "no log line was dropped: was stdout ever stalled?"
+    );
+    // Deliveries go on too: the failing users' deliveries are tried again and again.
+    let tried = bot.received().len();
+    wait_until("the bot is tried again", Duration::from_secs(5), || {
+        bot.received().len() > tried + 100
+    })
+    .await?;
+    println!(
+        "{dropped} log lines dropped; the bot was tried {} times",
+        bot.received().len()
+    );
+    child.kill()?;
+    child.wait()?;
     Ok(())
 }
