@@ -6,6 +6,7 @@ mod admin;
 mod crash;
 mod delivery;
 mod postgres;
+mod powerloss;
 mod reports;
 mod resources;
 mod sinks;
