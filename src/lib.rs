@@ -20,11 +20,13 @@ pub mod sinks;
 pub mod delivery;
 pub mod admin;
 pub mod telemetry;
+pub mod liveness;
 
 use crate::clock::now_ms;
 use crate::config::Config;
 use crate::dispatch::Dispatcher;
-use crate::server::{drain, serve, with_request_ids};
+use crate::liveness::{Liveness, with_liveness};
+use crate::server::{DescriptorBudget, drain, raise_open_files_limit, serve, with_request_ids};
 use crate::store::{Retention, Store};
 use anyhow::Context;
 use std::future::Future;
@@ -70,11 +72,27 @@ pub async fn run(
 /// Runs the relay on an already open store: serves both listeners, dispatches deliveries,
 /// purges; on `shutdown` stops accepting, finishes in-flight requests and deliveries (bounded by
 /// `server.shutdown_grace`) and returns.
+///
+/// When the relay fails instead (a background loop ended or panicked, the store failed an
+/// fsync: see [`liveness`]), `/healthz` answers 503, and it drains the same way and returns
+/// the failure as an error, so that the process exits non-zero and is restarted.
 pub async fn run_with_store(
     config: Config,
     store: Store,
     listeners: Listeners,
     shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    run_with_liveness(config, store, listeners, shutdown, Liveness::new()).await
+}
+
+/// [`run_with_store`] with the caller's [`Liveness`] (tests kill a loop through its fault hook).
+#[doc(hidden)]
+pub async fn run_with_liveness(
+    config: Config,
+    store: Store,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    liveness: Liveness,
 ) -> anyhow::Result<()> {
     let sinks = sinks::Sinks::new(&config.sinks);
     for (name, reason) in &config.disabled_sinks {
@@ -90,6 +108,19 @@ pub async fn run_with_store(
         }
     }
     telemetry::register_metrics(&active_sinks);
+    raise_open_files_limit(&DescriptorBudget {
+        max_connections: config.server.max_connections,
+        store_connections: if config.store.url.is_some() {
+            config.store.pool_size + 1
+        } else {
+            0
+        },
+        deliveries: sinks
+            .routes()
+            .iter()
+            .map(|route| route.delivery.concurrency)
+            .sum(),
+    });
     if active.is_empty() {
         tracing::warn!("No sink is active: events are stored and acknowledged, and go nowhere");
     }
@@ -117,9 +148,15 @@ pub async fn run_with_store(
         redactor: redactor.clone(),
         status: status.clone(),
     }));
+    let admin = with_liveness(admin, liveness.clone(), store.clone());
     let admin_token_set = state.config.admin.token.is_some();
     let read_timeout = state.config.server.read_timeout;
-    let public = with_request_ids(ingest::router(state));
+    let max_connections = state.config.server.max_connections;
+    let public = with_liveness(
+        with_request_ids(ingest::router(state)),
+        liveness.clone(),
+        store.clone(),
+    );
 
     let public_addr = listeners.public.local_addr()?;
     let admin_addr = listeners.admin.local_addr()?;
@@ -130,8 +167,23 @@ pub async fn run_with_store(
             "admin.token is not set: /admin answers only clients on this machine (not through a proxy nor from a web page); /metrics and /healthz answer everyone"
         );
     }
-    let public_server = tokio::spawn(serve(listeners.public, public, read_timeout, stop.clone()));
-    let admin_server = tokio::spawn(serve(listeners.admin, admin, read_timeout, stop.clone()));
+    // The listeners stop on their own token: a failing relay keeps answering for a while
+    // (`/healthz` 503) after its loops stopped.
+    let stop_serving = CancellationToken::new();
+    let public_server = tokio::spawn(serve(
+        listeners.public,
+        public,
+        read_timeout,
+        max_connections,
+        stop_serving.clone(),
+    ));
+    let admin_server = tokio::spawn(serve(
+        listeners.admin,
+        admin,
+        read_timeout,
+        max_connections,
+        stop_serving.clone(),
+    ));
     let dispatcher = Dispatcher {
         store: store.clone(),
         sinks,
@@ -139,20 +191,57 @@ pub async fn run_with_store(
         redactor,
         status,
     };
-    let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace));
-    let purging = tokio::spawn(purge_loop(store, retention, stop.clone()));
-    let metrics_upkeep = tokio::spawn(telemetry::metrics_upkeep(stop.clone()));
+    let dispatching = tokio::spawn(dispatcher.run(stop.clone(), grace, liveness.clone()));
+    let purging = liveness.spawn(
+        "purge loop".into(),
+        &stop,
+        purge_loop(store.clone(), retention, stop.clone()),
+    );
+    let metrics_upkeep = liveness.spawn(
+        "metrics upkeep loop".into(),
+        &stop,
+        telemetry::metrics_upkeep(stop.clone()),
+    );
+    let store_watch = liveness.spawn(
+        "store watch".into(),
+        &stop,
+        liveness.clone().watch_store(store, stop.clone()),
+    );
 
-    shutdown.await;
-    tracing::info!("Shutting down: no new requests; finishing in-flight work");
+    let failed = tokio::select! {
+        () = shutdown => None,
+        () = liveness.failed() => liveness.failure(),
+    };
     stop.cancel();
-    let (public_result, admin_result, _, _, _) = tokio::join!(
-        drain(public_server, grace, "public"),
-        drain(admin_server, grace, "admin"),
+    let serving_grace = match &failed {
+        None => {
+            tracing::info!("Shutting down: no new requests; finishing in-flight work");
+            stop_serving.cancel();
+            grace
+        }
+        Some(reason) => {
+            tracing::error!(
+                %reason,
+                "Failing: finishing in-flight work, answering /healthz 503 for half the shutdown grace, then exiting non-zero"
+            );
+            // Load balancers and orchestrators probing /healthz see the 503 (and stop sending
+            // traffic) while the deliveries drain; the listeners drain in the other half.
+            tokio::time::sleep(grace / 2).await;
+            stop_serving.cancel();
+            grace - grace / 2
+        }
+    };
+    let (public_result, admin_result, _, _, _, _) = tokio::join!(
+        drain(public_server, serving_grace, "public"),
+        drain(admin_server, serving_grace, "admin"),
         dispatching,
         purging,
-        metrics_upkeep
+        metrics_upkeep,
+        store_watch
     );
+    if let Some(reason) = failed {
+        anyhow::bail!("the relay failed: {reason}");
+    }
     public_result?;
     admin_result?;
     tracing::info!("Stopped");

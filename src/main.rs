@@ -274,7 +274,14 @@ fn check_config(config: &Config, path: &std::path::Path) -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     let redactor = botrelay::redact::Redactor::new(config.secrets());
-    botrelay::telemetry::init(&config.log, redactor);
+    let log = botrelay::telemetry::init(&config.log, redactor);
+    let code = serve_logged(config);
+    // What is still queued goes out, unless stdout stays stalled.
+    log.flush(std::time::Duration::from_secs(2));
+    code
+}
+
+fn serve_logged(config: Config) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -286,13 +293,12 @@ fn serve(config: Config) -> ExitCode {
         }
     };
     let result = runtime.block_on(async move {
-        let bind = |key: &'static str, address: std::net::SocketAddr| async move {
-            tokio::net::TcpListener::bind(address)
-                .await
+        let bind = |key: &'static str, address: std::net::SocketAddr| {
+            listen(address)
                 .map_err(|error| anyhow::anyhow!("cannot listen on {key} {address}: {error}"))
         };
-        let public = bind("server.listen", config.server.listen).await?;
-        let admin = bind("admin.listen", config.admin.listen).await?;
+        let public = bind("server.listen", config.server.listen)?;
+        let admin = bind("admin.listen", config.admin.listen)?;
         botrelay::run(
             config,
             botrelay::Listeners { public, admin },
@@ -308,6 +314,24 @@ fn serve(config: Config) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// The kernel's accept queue of each listener: the clients beyond `server.max_connections`
+/// wait here (the kernel caps it at `net.core.somaxconn`). The standard library's 128 would
+/// turn a burst away sooner.
+const LISTEN_BACKLOG: u32 = 4096;
+
+/// Binds a listener as `TcpListener::bind` does (`SO_REUSEADDR`), with [`LISTEN_BACKLOG`].
+fn listen(address: std::net::SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if address.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Completes on SIGINT or SIGTERM.

@@ -1,14 +1,17 @@
 //! Serving a `Router` on a listener: hyper's HTTP/1 accept loop with a bound on slow clients
-//! (`server.read_timeout` for headers and for bodies), request ids and a 500 for a panicking
-//! handler, and the graceful drain at shutdown. Only `lib.rs` uses it; it re-exports
+//! (`server.read_timeout` for headers and for bodies) and on connections served at once
+//! (`server.max_connections`), the open-files limit those bounds must fit under, request ids
+//! and a 500 for a panicking handler, and the graceful drain at shutdown. Only `lib.rs` uses it; it re-exports
 //! [`BodyTimedOut`], the error a body read fails with at the deadline (ingest answers it 408).
 
 use crate::admin::access::AdminPeer;
 use crate::ingest::BodyTimedOut;
 use crate::telemetry;
 use anyhow::Context;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
@@ -55,17 +58,31 @@ pub(crate) fn with_request_ids(router: axum::Router) -> axum::Router {
 /// ([`ReadDeadline`]). So a slow client (slowloris) cannot hold a connection, and the body
 /// buffer it fills, for as long as it likes. Each request carries its connection's
 /// `ConnectInfo<AdminPeer>`, which the admin API's rule without a token reads.
+///
+/// At most `max_connections` connections are served at once: each holds a permit, and while
+/// none is free the loop does not call `accept`, so further clients wait in the kernel's accept
+/// queue (the listen backlog) and cost the relay neither memory nor a file descriptor.
 pub(crate) async fn serve(
     listener: TcpListener,
     router: axum::Router,
     read_timeout: Duration,
+    max_connections: usize,
     stop: CancellationToken,
 ) {
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(read_timeout);
     let connections = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(Semaphore::new(max_connections));
     loop {
+        let permit = tokio::select! {
+            () = stop.cancelled() => break,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // Never closed.
+                Err(_) => break,
+            },
+        };
         let (stream, remote) = tokio::select! {
             () = stop.cancelled() => break,
             accepted = listener.accept() => match accepted {
@@ -96,10 +113,77 @@ pub(crate) async fn serve(
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "Connection closed with an error");
             }
+            drop(permit);
         });
     }
     drop(listener);
     connections.shutdown().await;
+}
+
+/// Descriptors the relay keeps for itself beyond its connections: stdio, the runtime's epoll
+/// and wake-up descriptors, the store's files and connections (SQLite: the database, its WAL
+/// and shared memory per connection, the lock, the syncer's WAL handle), DNS lookups.
+const DESCRIPTOR_RESERVE: u64 = 64;
+
+/// What the relay's descriptors are spent on, at most, for [`raise_open_files_limit`].
+pub(crate) struct DescriptorBudget {
+    /// `server.max_connections`: each listener serves this many at once.
+    pub max_connections: usize,
+    /// The store's own connections (PostgreSQL's pool plus its LISTEN connection; 0 for SQLite,
+    /// whose few files are in the reserve).
+    pub store_connections: usize,
+    /// The sinks' concurrency, summed: one outbound connection per attempt in flight.
+    pub deliveries: usize,
+}
+
+impl DescriptorBudget {
+    /// Two listeners' connections, one outbound Graph connection per public connection (the
+    /// Send API proxy), the deliveries, the store and the reserve.
+    pub(crate) fn needed(&self) -> u64 {
+        let count = |value: usize| u64::try_from(value).unwrap_or(u64::MAX);
+        count(self.max_connections)
+            .saturating_mul(3)
+            .saturating_add(count(self.store_connections))
+            .saturating_add(count(self.deliveries))
+            .saturating_add(DESCRIPTOR_RESERVE)
+    }
+}
+
+/// Raises the process's open-files soft limit to its hard limit, logs both, and warns when the
+/// connections the relay may hold at once (`budget`) do not fit under it: then a burst of
+/// clients could take the descriptors that deliveries and the store need. Returns the soft
+/// limit in force.
+pub(crate) fn raise_open_files_limit(budget: &DescriptorBudget) -> Option<u64> {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(error) => {
+            tracing::warn!(%error, "Cannot read the open-files limit");
+            return None;
+        }
+    };
+    let raised = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(error) => {
+                tracing::warn!(%error, soft, hard, "Cannot raise the open-files limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    let needed = budget.needed();
+    tracing::info!(soft = raised, hard, was = soft, needed, "Open-files limit");
+    if needed > raised {
+        tracing::warn!(
+            limit = raised,
+            needed,
+            max_connections = budget.max_connections,
+            "The open-files limit may not hold 2 listeners × server.max_connections, the Send API proxy's calls, the sinks' concurrency and the store: lower server.max_connections or raise the hard limit (ulimit -Hn, LimitNOFILE=, docker --ulimit nofile=)"
+        );
+    }
+    Some(raised)
 }
 
 /// As `axum::serve` does: a connection the peer gave up on before it was accepted is nothing;

@@ -2,6 +2,11 @@
 //! metric names and the Prometheus recorder, the in-memory sink status, and the log writer that
 //! passes every line through the [`Redactor`] before it is written.
 //!
+//! Logging never blocks the request and delivery paths: lines go through a bounded queue to a
+//! writer thread ([`non_blocking`]); when stdout does not keep up (a stalled log collector, a
+//! pipe nobody reads), lines beyond the queue are dropped, counted in
+//! `botrelay_log_lines_dropped_total` and reported in a log line once a minute.
+//!
 //! Redaction happens twice, on purpose: the dispatcher redacts errors before they reach the
 //! dead-letter store, and the log writer redacts every formatted line before it reaches stdout,
 //! so a token inside a URL or an error message from a library is masked too.
@@ -42,6 +47,7 @@ pub mod metric {
     pub const WEBHOOK_IGNORED: &str = "botrelay_webhook_ignored_total";
     pub const DUPLICATES: &str = "botrelay_duplicate_events_total";
     pub const PROXY_REQUESTS: &str = "botrelay_send_api_proxy_total";
+    pub const LOG_LINES_DROPPED: &str = "botrelay_log_lines_dropped_total";
 
     /// The `reason` label values of [`WEBHOOK_REJECTED`]: the three signature failures, a body
     /// over `server.max_body_bytes`, and a signed body that is not JSON.
@@ -116,10 +122,69 @@ where
     }
 }
 
+/// Lines queued for stdout at most; beyond them lines are dropped (and counted), never waited
+/// for. 16,384 lines of about 300 bytes: some 5 MiB at worst.
+pub const LOG_QUEUE_LINES: usize = 16_384;
+
+/// The process's count of dropped log lines (set by [`init`]).
+static DROPPED_LINES: OnceLock<tracing_appender::non_blocking::ErrorCounter> = OnceLock::new();
+
+/// A writer that never blocks its caller: each line (one `write` of a [`RedactingLine`]) goes
+/// into a queue of at most `lines` lines, which a thread of its own writes to `writer`. A line
+/// that finds the queue full is dropped and counted ([`ErrorCounter`]). Keep the guard for the
+/// life of the process: dropping it flushes the queue and stops the thread.
+///
+/// [`ErrorCounter`]: tracing_appender::non_blocking::ErrorCounter
+pub fn non_blocking<W: Write + Send + 'static>(
+    writer: W,
+    lines: usize,
+) -> (tracing_appender::non_blocking::NonBlocking, LogGuard) {
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(true)
+        .buffered_lines_limit(lines)
+        .thread_name("botrelay-log")
+        .finish(writer);
+    (writer, LogGuard(Some(guard)))
+}
+
+/// Keeps the log's writer thread; [`LogGuard::flush`] writes out what is queued at exit.
+#[must_use = "dropping the guard stops the log's writer thread"]
+pub struct LogGuard(Option<tracing_appender::non_blocking::WorkerGuard>);
+
+impl LogGuard {
+    /// Writes out the queued lines and stops the writer thread, waiting at most `within`: a
+    /// stdout that stays stalled must not keep the process from exiting.
+    pub fn flush(mut self, within: Duration) {
+        let Some(guard) = self.0.take() else {
+            return;
+        };
+        let (done, finished) = std::sync::mpsc::channel();
+        let flushing = std::thread::Builder::new()
+            .name("botrelay-log-flush".into())
+            .spawn(move || {
+                drop(guard);
+                let _ = done.send(());
+            });
+        if flushing.is_ok() {
+            let _ = finished.recv_timeout(within);
+        }
+    }
+}
+
+/// Log lines dropped so far because stdout did not keep up.
+pub fn log_lines_dropped() -> u64 {
+    DROPPED_LINES.get().map_or(0, |counter| {
+        u64::try_from(counter.dropped_lines()).unwrap_or(u64::MAX)
+    })
+}
+
 /// Installs the global subscriber: `log.level` as an env-filter (overridden by `RUST_LOG`),
-/// JSON or pretty lines on stdout, every line redacted.
-pub fn init(log: &LogConfig, redactor: Redactor) {
-    init_with_writer(log, redactor, io::stdout);
+/// JSON or pretty lines on stdout, every line redacted, written through [`non_blocking`].
+/// Keep the guard until the process exits, then [`LogGuard::flush`] it.
+pub fn init(log: &LogConfig, redactor: Redactor) -> LogGuard {
+    let (writer, guard) = non_blocking(io::stdout(), LOG_QUEUE_LINES);
+    let _ = DROPPED_LINES.set(writer.error_counter());
+    init_with_writer(log, redactor, writer);
     // A panic's message can quote the data it choked on: it goes through the log, and so
     // through its redaction, instead of straight to stderr.
     std::panic::set_hook(Box::new(|info| {
@@ -139,6 +204,7 @@ pub fn init(log: &LogConfig, redactor: Redactor) {
             "A task panicked"
         );
     }));
+    guard
 }
 
 /// Like [`init`], with another writer (tests capture logs with it). A second call is a no-op.
@@ -278,6 +344,10 @@ fn describe_metrics() {
         metric::PROXY_REQUESTS,
         "Send API proxy requests, by outcome."
     );
+    describe_counter!(
+        metric::LOG_LINES_DROPPED,
+        "Log lines dropped because stdout did not keep up (the log never blocks the relay)."
+    );
 }
 
 /// Registers every series a dashboard expects at zero, so that the names are in `/metrics`
@@ -307,6 +377,7 @@ pub fn register_metrics(active: &[SinkName]) {
     for reason in metric::REJECTED_REASONS {
         metrics::counter!(metric::WEBHOOK_REJECTED, "reason" => reason).increment(0);
     }
+    metrics::counter!(metric::LOG_LINES_DROPPED).absolute(log_lines_dropped());
     for sink in active {
         for outcome in OUTCOMES {
             metrics::counter!(metric::DELIVERIES, "sink" => sink.as_str(), "outcome" => outcome)
@@ -350,14 +421,31 @@ pub fn set_queue_gauges(sink: SinkName, queued: u64, in_flight: u64, dead: u64) 
     metrics::gauge!(metric::DEAD_LETTERS, "sink" => sink.as_str()).set(as_gauge(dead));
 }
 
+/// Dropped log lines are reported in the log at most this often.
+const DROPPED_LINES_REPORT_EVERY: Duration = Duration::from_secs(60);
+
 /// Folds histogram samples into their buckets every few seconds until `stop`, so that memory
-/// stays bounded when nobody scrapes `/metrics`.
+/// stays bounded when nobody scrapes `/metrics`; brings `botrelay_log_lines_dropped_total` up
+/// to date, and once a minute logs how many lines were dropped since the last report.
 pub async fn metrics_upkeep(stop: CancellationToken) {
     let handle = metrics();
+    let mut reported = log_lines_dropped();
+    let mut reported_at = tokio::time::Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(METRICS_UPKEEP_EVERY) => handle.run_upkeep(),
+        }
+        let dropped = log_lines_dropped();
+        metrics::counter!(metric::LOG_LINES_DROPPED).absolute(dropped);
+        if dropped > reported && reported_at.elapsed() >= DROPPED_LINES_REPORT_EVERY {
+            tracing::warn!(
+                dropped = dropped - reported,
+                total = dropped,
+                "Log lines were dropped: stdout did not keep up (the log never blocks the relay)"
+            );
+            reported = dropped;
+            reported_at = tokio::time::Instant::now();
         }
     }
 }
@@ -586,6 +674,84 @@ mod tests {
         status.set_outage(SinkName::PageActivities, None);
         assert_eq!(status.get(SinkName::PageActivities).outage_since, None);
         assert!(handle.render().contains(&gauge("0")));
+    }
+
+    /// A stdout nobody reads: every write waits until the test opens the gate.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        gate: Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>,
+        written: Capture,
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
+            let (open, opened) = &*self.gate;
+            let mut open = open.lock().map_err(|_| io::Error::other("poisoned"))?;
+            while !*open {
+                open = opened
+                    .wait(open)
+                    .map_err(|_| io::Error::other("poisoned"))?;
+            }
+            self.written.write(bytes)
+        }
+
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// With stdout stalled, logging returns at once: lines beyond the queue are dropped and
+    /// counted, never waited for; once stdout moves again the queued lines come out whole and
+    /// redacted.
+    #[test]
+    fn a_stalled_stdout_never_blocks_logging() -> Result<(), Box<dyn std::error::Error>> {
+        const QUEUE: usize = 64;
+        const LINES: usize = 5_000;
+        let stalled = Stalled::default();
+        let (writer, guard) = non_blocking(stalled.clone(), QUEUE);
+        let dropped = writer.error_counter();
+        let log = LogConfig {
+            format: Some(LogFormat::Json),
+            level: "info".into(),
+        };
+        let redactor = Redactor::new(vec!["the-app-secret".into()]);
+        let started = std::time::Instant::now();
+        tracing::subscriber::with_default(subscriber(&log, redactor, writer), || {
+            for line in 0..LINES {
+                tracing::info!(
+                    line,
+                    "Webhook acked with the-app-secret {}",
+                    "x".repeat(200)
+                );
+            }
+        });
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_secs(5),
+            "logging waited for stdout: {took:?}"
+        );
+        // The writer thread holds one line, the queue QUEUE more; the rest were dropped.
+        let lost = dropped.dropped_lines();
+        assert!(lost >= LINES - QUEUE - 1, "only {lost} lines dropped");
+        assert!(stalled.written.0.lock().map_err(|_| "poisoned")?.is_empty());
+
+        let (open, opened) = &*stalled.gate;
+        *open.lock().map_err(|_| "poisoned")? = true;
+        opened.notify_all();
+        guard.flush(Duration::from_secs(5));
+        let text = String::from_utf8(stalled.written.0.lock().map_err(|_| "poisoned")?.clone())?;
+        let lines: Vec<serde_json::Value> = text
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?;
+        assert_eq!(lines.len(), LINES - lost, "{text}");
+        assert!(!text.contains("the-app-secret"));
+        assert!(
+            lines[0]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("[redacted]"))
+        );
+        Ok(())
     }
 
     #[test]

@@ -62,6 +62,7 @@ struct RawServer {
     max_body_bytes: Option<Count>,
     shutdown_grace: Option<String>,
     read_timeout: Option<String>,
+    max_connections: Option<Count>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -146,6 +147,8 @@ pub struct ServerConfig {
     /// How long a client may take to send a request's headers, and then its body (both
     /// listeners). Slower clients are cut off, so that none can hold a connection open.
     pub read_timeout: Duration,
+    /// Connections served at once on each listener; more wait in the kernel's accept queue.
+    pub max_connections: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -327,6 +330,14 @@ fn validate(raw: RawConfig, foreign: &BTreeSet<String>) -> Result<Config, Config
             raw.server.read_timeout.as_deref(),
             Duration::from_secs(30),
         ),
+        max_connections: match raw.server.max_connections {
+            None => 1024,
+            Some(Count(0)) => {
+                check.problem("server.max_connections", "must be at least 1");
+                1024
+            }
+            Some(Count(count)) => usize::try_from(count).unwrap_or(usize::MAX),
+        },
     };
     if server.read_timeout.is_zero() {
         check.problem("server.read_timeout", "must be greater than 0");
@@ -540,6 +551,7 @@ mod tests {
         assert_eq!(config.server.max_body_bytes, 1024 * 1024);
         assert_eq!(config.server.shutdown_grace, Duration::from_secs(10));
         assert_eq!(config.server.read_timeout, Duration::from_secs(30));
+        assert_eq!(config.server.max_connections, 1024);
         assert_eq!(config.admin.listen.to_string(), "127.0.0.1:9091");
         assert_eq!(
             config.graph.base_url.as_str(),
@@ -748,6 +760,8 @@ mod tests {
             let found = problems(&format!("{MINIMAL}[store]\n{store}\n"), &[]);
             assert_eq!(found, [expected]);
         }
+        let found = problems(&format!("{MINIMAL}[server]\nmax_connections = 0\n"), &[]);
+        assert_eq!(found, ["server.max_connections: must be at least 1"]);
         Ok(())
     }
 }

@@ -297,7 +297,7 @@ mod tests {
         assert_eq!(
             found,
             [
-                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`"
+                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`, `max_connections`"
             ]
         );
     }
@@ -324,7 +324,7 @@ mod tests {
                 "bot.retries: unknown key; [bot] takes `concurrency`, `timeout`, `max_attempts`, `backoff`, `max_backoff`, `ttl`, `kinds`, `url`",
                 "logs: unknown key; expected one of `server`, `admin`, `log`, `messenger`, `ingest`, `graph`, `dashbot`, `store`, `bot`, `sinks`",
                 "messenger.accept_sha1: expected a boolean, found string \"maybe\" (from BOTRELAY__MESSENGER__ACCEPT_SHA1)",
-                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`",
+                "server.lisen: unknown key; expected one of `listen`, `max_body_bytes`, `shutdown_grace`, `read_timeout`, `max_connections`",
                 "server.max_body_bytes: expected a whole number, found string \"lots\"",
                 "sinks.nope: unknown key; expected one of `kochava`, `dashbot`, `page_activities`, `conversions`",
                 "store.retension: unknown key; expected one of `path`, `url`, `pool_size`, `lease`, `dedupe_window`, `retention`, `dead_letter_retention`, `max_bytes`",

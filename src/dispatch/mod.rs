@@ -10,6 +10,7 @@
 
 use crate::clock::{Millis, now_ms};
 use crate::delivery::{Client, Outcome};
+use crate::liveness::Liveness;
 use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
 use crate::store::{ClaimRef, Claimed, IDLE_RECHECK, Settle, Store};
@@ -48,17 +49,26 @@ impl Dispatcher {
     /// Runs one loop per sink until `shutdown`; then lets in-flight attempts finish within
     /// `grace`. Attempts cut off by the grace period stay leased in the store and are sent
     /// again after a restart.
-    pub async fn run(self, shutdown: CancellationToken, grace: Duration) {
+    ///
+    /// Each sink's loop is watched by `liveness`: one that ends or panics before `shutdown`
+    /// makes the relay failing (`/healthz` 503, a non-zero exit), naming the sink.
+    pub async fn run(self, shutdown: CancellationToken, grace: Duration, liveness: Liveness) {
         let wakers = self.store.wakers();
-        let mut loops = JoinSet::new();
+        let mut loops = Vec::new();
         for route in self.sinks.routes() {
             let notify = wakers.for_sink(route.name);
-            loops.spawn(
-                self.clone()
-                    .run_sink(route.clone(), notify, shutdown.clone(), grace),
+            loops.push(
+                liveness.spawn(
+                    format!("{} dispatcher loop", route.name),
+                    &shutdown,
+                    self.clone()
+                        .run_sink(route.clone(), notify, shutdown.clone(), grace),
+                ),
             );
         }
-        while loops.join_next().await.is_some() {}
+        for sink_loop in loops {
+            let _ = sink_loop.await;
+        }
     }
 
     async fn run_sink(

@@ -31,6 +31,10 @@
 //!    dispatcher's idle recheck ([`IDLE_RECHECK`]), never more.
 //! 8. [`Store::close`] stops the backend and releases what it holds (SQLite's file lock) before
 //!    it returns.
+//! 9. **A broken store says so.** [`Store::failure`] is cheap (no IO) and names a failure the
+//!    store cannot recover from without a restart (SQLite: a failed fsync, after which nothing
+//!    is known about what reached the disk); `/healthz` turns 503 and the relay exits non-zero
+//!    on it. A passing outage (a full store, a lost database connection) is not one.
 //!
 //! Backends: `sqlite` (the embedded default: one relay owns one file), `postgres` (several
 //! relays on one database: claims, leases and lane heads in the database, wake-ups and pauses
@@ -595,6 +599,30 @@ impl Store {
             Backend::Sqlite(store) => store.paused_users().await,
             Backend::Postgres(store) => store.paused_users().await,
             Backend::Discard => Ok(Vec::new()),
+        }
+    }
+
+    /// A failure the store cannot recover from until the relay restarts, if there was one
+    /// (SQLite: a failed fsync of its WAL). Reads no IO: for `/healthz` and the liveness watch.
+    /// PostgreSQL recovers from its failures by itself (a new connection): always `None`.
+    pub fn failure(&self) -> Option<StoreError> {
+        match &self.backend {
+            Backend::Sqlite(store) => store.failure(),
+            Backend::Postgres(_) | Backend::Discard => None,
+        }
+    }
+
+    /// True unless [`Store::failure`] names a failure.
+    pub fn is_healthy(&self) -> bool {
+        self.failure().is_none()
+    }
+
+    /// A fault hook for tests: the embedded store's next fsync of its WAL fails as a failing
+    /// disk's would (no effect on other backends).
+    #[doc(hidden)]
+    pub fn fail_next_sync_for_test(&self) {
+        if let Backend::Sqlite(store) = &self.backend {
+            store.fail_next_sync();
         }
     }
 

@@ -344,54 +344,74 @@ pub(super) struct CommittedGroup {
 ///
 /// After a failed fsync nothing is known about what reached the disk (the kernel may have
 /// dropped the dirty pages), so the store answers errors from then on, until a restart.
-pub(super) fn sync_loop(
-    wal_file: &File,
-    groups: &std::sync::mpsc::Receiver<CommittedGroup>,
-    wakers: &Wakers,
-    wal: &WalProgress,
-    idle: &AtomicBool,
-    writer: &mpsc::WeakSender<ToWriter>,
-) {
-    let mut broken: Option<StoreError> = None;
-    while let Ok(first) = groups.recv() {
-        let mut ready = vec![first];
-        ready.extend(groups.try_iter());
-        let synced = match &broken {
-            Some(error) => Err(error.clone()),
-            None if ready.iter().all(|group| group.result.is_err()) => Ok(()),
-            None => match wal_file.sync_all() {
-                Ok(()) => {
-                    wal.syncs.fetch_add(1, Ordering::Relaxed);
-                    Ok(())
+pub(super) struct Syncer<'a> {
+    pub(super) wal_file: &'a File,
+    pub(super) wakers: &'a Wakers,
+    pub(super) wal: &'a WalProgress,
+    pub(super) idle: &'a AtomicBool,
+    pub(super) writer: &'a mpsc::WeakSender<ToWriter>,
+    pub(super) faults: &'a SyncFaults,
+}
+
+/// What the syncer shares with the store's handles: its failure, once an fsync failed (read by
+/// `Store::failure`, so `/healthz` tells), and the tests' fault hook.
+#[derive(Default)]
+pub(super) struct SyncFaults {
+    pub(super) failure: std::sync::OnceLock<StoreError>,
+    /// Set by a test: the next fsync fails as a failing disk's would.
+    pub(super) fail_next: AtomicBool,
+}
+
+impl Syncer<'_> {
+    pub(super) fn run(&self, groups: &std::sync::mpsc::Receiver<CommittedGroup>) {
+        while let Ok(first) = groups.recv() {
+            let mut ready = vec![first];
+            ready.extend(groups.try_iter());
+            let synced = match self.faults.failure.get() {
+                Some(error) => Err(error.clone()),
+                None if ready.iter().all(|group| group.result.is_err()) => Ok(()),
+                None => match self.sync() {
+                    Ok(()) => {
+                        self.wal.syncs.fetch_add(1, Ordering::Relaxed);
+                        Ok(())
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "The store could not sync its write-ahead log; restart the relay");
+                        let error = StoreError::Database(format!(
+                            "the store could not sync its write-ahead log ({error}); restart the relay"
+                        ));
+                        let _ = self.faults.failure.set(error.clone());
+                        Err(error)
+                    }
+                },
+            };
+            // Free before answering: the writer can commit its next group while this one's
+            // callers are woken.
+            self.idle.store(true, Ordering::Release);
+            // A full queue means the writer has work and will see `idle` without this word.
+            if let Some(writer) = self.writer.upgrade() {
+                let _ = writer.try_send(ToWriter::Synced);
+            }
+            for group in ready {
+                let result = group.result.and(synced.clone());
+                if result.is_ok() {
+                    for sink in &group.touched {
+                        self.wakers.wake(*sink);
+                    }
                 }
-                Err(error) => {
-                    tracing::error!(%error, "The store could not sync its write-ahead log; restart the relay");
-                    let error = StoreError::Database(format!(
-                        "the store could not sync its write-ahead log ({error}); restart the relay"
-                    ));
-                    broken = Some(error.clone());
-                    Err(error)
-                }
-            },
-        };
-        // Free before answering: the writer can commit its next group while this one's
-        // callers are woken.
-        idle.store(true, Ordering::Release);
-        // A full queue means the writer has work and will see `idle` without this word.
-        if let Some(writer) = writer.upgrade() {
-            let _ = writer.try_send(ToWriter::Synced);
-        }
-        for group in ready {
-            let result = group.result.and(synced.clone());
-            if result.is_ok() {
-                for sink in &group.touched {
-                    wakers.wake(*sink);
+                for job in group.jobs {
+                    job.answer(result.clone());
                 }
             }
-            for job in group.jobs {
-                job.answer(result.clone());
-            }
         }
+    }
+
+    /// Fsyncs the WAL (or fails as the tests' fault hook asks: EIO, as a failing disk).
+    fn sync(&self) -> std::io::Result<()> {
+        if self.faults.fail_next.swap(false, Ordering::AcqRel) {
+            return Err(std::io::Error::from_raw_os_error(5));
+        }
+        self.wal_file.sync_all()
     }
 }
 

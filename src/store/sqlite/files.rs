@@ -1,5 +1,6 @@
 //! The files beside the store: the exclusive `<path>.lock`, the WAL the syncer fsyncs, and the
-//! directory whose entries must be durable too.
+//! directory whose entries must be durable too. Every one of them is readable and writable by
+//! the relay's user only (mode 0600, whatever the umask): they hold message text.
 
 use super::StoreError;
 use std::fs::File;
@@ -58,7 +59,7 @@ pub(super) fn sibling(path: &Path, suffix: &str) -> std::path::PathBuf {
 /// Takes an exclusive lock on `<path>.lock` so that two relays never share one store file.
 pub(super) fn lock_file(path: &Path) -> Result<File, StoreError> {
     let lock_path = sibling(path, ".lock");
-    let file = File::options()
+    let file = private_options()
         .create(true)
         .truncate(false)
         .write(true)
@@ -76,4 +77,53 @@ pub(super) fn lock_file(path: &Path) -> Result<File, StoreError> {
             lock_path.display()
         ))),
     }
+}
+
+/// The mode of every file of the store: the relay's user only.
+#[cfg(unix)]
+const PRIVATE: u32 = 0o600;
+
+/// `File::options()` that create a file with mode 0600 (before the umask, which can only take
+/// bits away).
+fn private_options() -> std::fs::OpenOptions {
+    let mut options = File::options();
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE);
+    options
+}
+
+/// Creates the database file with mode 0600 before SQLite opens it (SQLite creates `-wal` and
+/// `-shm` with the database file's mode), and sets 0600 on the database, its `-wal`, `-shm`
+/// and `.lock` where they exist already (files of an older relay, or made under another
+/// umask). Called before the store opens its connections and again once the WAL exists.
+pub(super) fn make_private(path: &Path) -> Result<(), StoreError> {
+    let cannot = |file: &Path, error: std::io::Error| {
+        StoreError::Database(format!(
+            "cannot restrict {} to its owner: {error}",
+            file.display()
+        ))
+    };
+    private_options()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|error| cannot(path, error))?;
+    #[cfg(unix)]
+    for file in [
+        path.to_path_buf(),
+        sibling(path, "-wal"),
+        sibling(path, "-shm"),
+        sibling(path, ".lock"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(&file) {
+            Ok(metadata) if metadata.permissions().mode() & 0o777 == PRIVATE => {}
+            Ok(_) => std::fs::set_permissions(&file, std::fs::Permissions::from_mode(PRIVATE))
+                .map_err(|error| cannot(&file, error))?,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {}
+            Err(error) => return Err(cannot(&file, error)),
+        }
+    }
+    Ok(())
 }

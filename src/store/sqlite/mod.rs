@@ -48,6 +48,8 @@ pub(super) struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Becomes true once the writer and the syncer have stopped and the file lock is released.
     closed: tokio::sync::watch::Receiver<bool>,
+    /// The syncer's failure (a failed fsync), and the tests' fault hook.
+    faults: Arc<SyncFaults>,
     #[cfg(test)]
     wal: Arc<WalProgress>,
 }
@@ -63,10 +65,11 @@ impl SqliteStore {
             StoreError::Database(format!("cannot create {}: {error}", directory.display()))
         })?;
         let lock = lock_file(path)?;
+        make_private(path)?;
         let mut writer = Connection::open(path).map_err(database)?;
         // `synchronous = NORMAL` only because the syncer thread fsyncs the WAL itself after
         // every commit and before any caller is answered: as durable as FULL, but the fsync of
-        // one group overlaps the next group's work (see `sync_loop`). NORMAL still syncs the WAL
+        // one group overlaps the next group's work (see `Syncer`). NORMAL still syncs the WAL
         // before a checkpoint and the database file after one.
         // Checkpoints are not run inside the writer's commits (where every caller of the batch
         // would wait for them) but by a checkpointer thread; see `checkpoint_loop`.
@@ -144,18 +147,31 @@ impl SqliteStore {
             .map_err(database)?;
 
         let wal_file = open_wal(path)?;
+        // The WAL and the shared-memory index exist now (SQLite gave them the database
+        // file's mode; this covers files an older relay made).
+        make_private(path)?;
         let (writes, receiver) = mpsc::channel::<ToWriter>(8192);
         let (committed, uncommitted) = std::sync::mpsc::sync_channel(MAX_UNSYNCED_GROUPS);
         let syncer_idle = Arc::new(AtomicBool::new(true));
+        let faults = Arc::new(SyncFaults::default());
         let (closed_sender, closed) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
             .name("botrelay-sync".into())
             .spawn({
                 // Weak: the store's handles alone keep the writer's queue open.
                 let (wal, idle, writer) = (wal.clone(), syncer_idle.clone(), writes.downgrade());
+                let faults = faults.clone();
                 move || {
                     // The syncer is the last to finish, so it holds the file lock.
-                    sync_loop(&wal_file, &uncommitted, &wakers, &wal, &idle, &writer);
+                    let syncer = Syncer {
+                        wal_file: &wal_file,
+                        wakers: &wakers,
+                        wal: &wal,
+                        idle: &idle,
+                        writer: &writer,
+                        faults: &faults,
+                    };
+                    syncer.run(&uncommitted);
                     wal.stop.store(true, Ordering::Relaxed);
                     drop(lock);
                     let _ = closed_sender.send(true);
@@ -176,6 +192,7 @@ impl SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
             closed,
+            faults,
             #[cfg(test)]
             wal: wal_progress,
         })
@@ -207,6 +224,16 @@ impl SqliteStore {
         let _ = self.writes.send(ToWriter::Close).await;
         let mut closed = self.closed.clone();
         let _ = closed.wait_for(|closed| *closed).await;
+    }
+
+    /// The failed fsync after which this store answers only errors, if there was one.
+    pub(super) fn failure(&self) -> Option<StoreError> {
+        self.faults.failure.get().cloned()
+    }
+
+    /// Makes the syncer's next fsync fail (tests).
+    pub(super) fn fail_next_sync(&self) {
+        self.faults.fail_next.store(true, Ordering::Release);
     }
 
     async fn read<T, F>(&self, read: F) -> Result<T, StoreError>

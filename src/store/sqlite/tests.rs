@@ -250,6 +250,33 @@ fn only_a_filesystem_without_directory_sync_is_tolerated() {
     )));
 }
 
+/// The store's files are the relay's user's only, whatever the umask allowed, including the
+/// files an older relay left readable by others.
+#[cfg(unix)]
+#[tokio::test]
+async fn every_store_file_is_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.db");
+    std::fs::write(&path, b"").expect("an old, readable store file");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    let store = SqliteStore::open(&path, None, Arc::new(Wakers::new())).expect("open");
+    insert_meta(&store, "k".into(), false).await.expect("write");
+    let mut seen = Vec::new();
+    for entry in std::fs::read_dir(dir.path()).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let mode = entry.metadata().expect("metadata").permissions().mode() & 0o777;
+        seen.push(entry.file_name().to_string_lossy().into_owned());
+        assert_eq!(mode, 0o600, "{:?} has mode {mode:o}", entry.file_name());
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        ["store.db", "store.db-shm", "store.db-wal", "store.db.lock"]
+    );
+    store.close().await;
+}
+
 #[tokio::test]
 async fn every_answer_waits_for_an_fsync_of_the_wal() {
     let dir = tempfile::tempdir().expect("tempdir");
