@@ -7,12 +7,8 @@
 
 mod common;
 
-use botrelay::clock::now_ms;
-use botrelay::ingest::messenger::normalize;
-use botrelay::ingest::verify::{SignatureHeaders, verify_webhook};
-use botrelay::sink_name::SinkName;
-use botrelay::store::{NewEvent, Store};
-use common::{SECRET, SinkMode, ms, open_loop, signed_message, start_relay, start_sink};
+use botrelay::store::Store;
+use common::{SinkMode, ms, open_loop, preload, start_relay, start_sink};
 use hdrhistogram::Histogram;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -32,18 +28,7 @@ fn main() {
         println!("botrelay fan-out benchmark: {events} deliveries, {USERS} users, one sink on loopback");
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open_sqlite(&dir.path().join("fanout.db"), None).unwrap();
-        for chunk_start in (0..events).step_by(500) {
-            let batch = (chunk_start..(chunk_start + 500).min(events))
-                .map(|n| {
-                    let (body, signature, _) = signed_message(n, USERS);
-                    let headers = SignatureHeaders { sha256: Some(&signature), sha1: None };
-                    let verified = verify_webhook(SECRET.as_bytes(), false, headers, body.into()).unwrap();
-                    let mut normalized = normalize(&verified, now_ms()).unwrap();
-                    NewEvent { event: normalized.events.remove(0), sinks: vec![SinkName::Bot] }
-                })
-                .collect();
-            store.enqueue(batch, now_ms()).await.unwrap();
-        }
+        preload(&store, events, USERS).await;
         let (sink_url, stats) = start_sink(SinkMode::Count { timed: false }).await;
         let started = Instant::now();
         let (_url, _stop) = start_relay(store, &sink_url, "concurrency = 64\n").await;

@@ -167,12 +167,24 @@ pub async fn closed_loop(
     duration: Duration,
     first_id: u64,
 ) -> LoadResult {
+    closed_loop_over(&[url.to_owned()], connections, duration, first_id).await
+}
+
+/// [`closed_loop`] against several relays: worker `i` sends to `urls[i % urls.len()]`, so the
+/// same generator loads one relay or spreads evenly over several.
+pub async fn closed_loop_over(
+    urls: &[String],
+    connections: u64,
+    duration: Duration,
+    first_id: u64,
+) -> LoadResult {
     let client = client();
     let next = Arc::new(AtomicU64::new(first_id));
     let stop = Arc::new(AtomicBool::new(false));
     let started = Instant::now();
     let mut workers = tokio::task::JoinSet::new();
-    for _ in 0..connections {
+    for worker in 0..connections {
+        let url = &urls[worker as usize % urls.len()];
         let (client, next, stop, url) = (
             client.clone(),
             next.clone(),
@@ -226,6 +238,17 @@ pub async fn open_loop(
     first_id: u64,
     record_acks: bool,
 ) -> LoadResult {
+    open_loop_over(&[url.to_owned()], rate, duration, first_id, record_acks).await
+}
+
+/// [`open_loop`] against several relays: request `i` goes to `urls[i % urls.len()]`.
+pub async fn open_loop_over(
+    urls: &[String],
+    rate: u64,
+    duration: Duration,
+    first_id: u64,
+    record_acks: bool,
+) -> LoadResult {
     let client = client();
     let total = rate * duration.as_secs();
     let interval = Duration::from_secs_f64(1.0 / rate as f64);
@@ -234,6 +257,7 @@ pub async fn open_loop(
     for index in 0..total {
         let scheduled = started + interval.mul_f64(index as f64);
         tokio::time::sleep_until(scheduled.into()).await;
+        let url = &urls[index as usize % urls.len()];
         let (client, url) = (client.clone(), format!("{url}/webhook"));
         let (body, signature, mid) = signed_message(first_id + index, 1000);
         requests.spawn(async move {
@@ -268,4 +292,33 @@ pub async fn open_loop(
     }
     result.elapsed = started.elapsed();
     result
+}
+
+/// Stores `events` one-message webhooks from `users` users, each with a delivery to the bot, as
+/// ingest would (verified, normalized), in enqueues of 500: a backlog for the fan-out to drain.
+pub async fn preload(store: &Store, events: u64, users: u64) {
+    use botrelay::clock::now_ms;
+    use botrelay::ingest::messenger::normalize;
+    use botrelay::ingest::verify::{SignatureHeaders, verify_webhook};
+    use botrelay::sink_name::SinkName;
+    use botrelay::store::NewEvent;
+    for chunk_start in (0..events).step_by(500) {
+        let batch = (chunk_start..(chunk_start + 500).min(events))
+            .map(|n| {
+                let (body, signature, _) = signed_message(n, users);
+                let headers = SignatureHeaders {
+                    sha256: Some(&signature),
+                    sha1: None,
+                };
+                let verified =
+                    verify_webhook(SECRET.as_bytes(), false, headers, body.into()).unwrap();
+                let mut normalized = normalize(&verified, now_ms()).unwrap();
+                NewEvent {
+                    event: normalized.events.remove(0),
+                    sinks: vec![SinkName::Bot],
+                }
+            })
+            .collect();
+        store.enqueue(batch, now_ms()).await.unwrap();
+    }
 }

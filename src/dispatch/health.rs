@@ -6,14 +6,17 @@
 //! - An attempt's outcome is [`Observed::Down`] when it says nothing about the event and
 //!   everything about the sink: no connection, a timeout, 408, 5xx, and 401/403/404 (an endpoint
 //!   being redeployed or misconfigured). 429 and every other answer say the sink is up.
-//! - The sink is in outage once the last [`OUTAGE_AFTER`] outcomes were all `Down` and came from
-//!   at least two users' lanes (one user's failing lane is that user's problem).
+//! - The sink is in outage once the last [`OUTAGE_AFTER`] outcomes were all `Down`, came from
+//!   at least two users' lanes (one user's failing lane is that user's problem), and nothing
+//!   answered for [`outage_quiet`] (a sink that fails some users' events and takes the others'
+//!   is up, however the failures happen to bunch).
 //! - In outage, the dispatcher claims nothing but one probe at a time, at the backoff pace
 //!   (`backoff` doubling to `max_backoff` with each failed probe). Every failed attempt is held:
 //!   retried at the next probe's time, uncounted. The first probe that the sink answers (a
 //!   success, or an answer about the event itself) ends the outage, and claims resume at once.
-//! - Outside an outage, a 401/403/404 is not final at once: it is retried (counted) until
-//!   [`SUSPECT_ATTEMPTS`], so that the first failures of a redeploy, which come before the
+//! - A 401/403/404 is final for the event only while the sink answers other deliveries (it
+//!   answered within the quiet period), and then after [`SUSPECT_ATTEMPTS`] tries; while nothing
+//!   answers it is retried, so that the first failures of a redeploy, which come before the
 //!   outage is recognised, are not dead-lettered.
 //!
 //! With several relays on one database each relay reaches its verdict on its own, from its own
@@ -28,6 +31,13 @@ use std::time::Duration;
 
 /// Consecutive sink-level failures, over two users at least, that make an outage.
 pub const OUTAGE_AFTER: usize = 5;
+
+/// How long without any answer from the sink (a delivery, or an answer about the event) before
+/// failures can make an outage: twice the sink's `backoff` (so every failing lane was tried
+/// again at least once), at least 100 ms and at most a second.
+pub fn outage_quiet(policy: &DeliveryPolicy) -> Millis {
+    millis(policy.backoff.saturating_mul(2)).clamp(100, 1_000)
+}
 
 /// Counted failures with 401, 403 or 404 before such an answer is taken as final for the event.
 pub const SUSPECT_ATTEMPTS: u32 = 3;
@@ -62,14 +72,15 @@ impl Observed {
     }
 }
 
-/// Outside an outage, a 401/403/404 is retried until [`SUSPECT_ATTEMPTS`] counted failures:
-/// it may be the start of a redeploy that is not yet recognised as an outage.
-pub fn suspect_first(outcome: Outcome, counted_failures: u32) -> Outcome {
+/// A 401/403/404 is retried while the sink answers nothing else (`sink_answering` false: it may
+/// be the start of a redeploy that is not yet recognised as an outage), and otherwise until
+/// [`SUSPECT_ATTEMPTS`] counted failures.
+pub fn suspect_first(outcome: Outcome, counted_failures: u32, sink_answering: bool) -> Outcome {
     match outcome {
         Outcome::Permanent {
             status: Some(status @ (401 | 403 | 404)),
             error,
-        } if counted_failures + 1 < SUSPECT_ATTEMPTS => Outcome::Retry {
+        } if !sink_answering || counted_failures + 1 < SUSPECT_ATTEMPTS => Outcome::Retry {
             status: Some(status),
             after: None,
             error,
@@ -112,6 +123,10 @@ struct Outage {
 pub struct Health {
     /// The latest outcomes, newest last: whether each was `Down`, and its lane.
     recent: VecDeque<(bool, Option<String>)>,
+    /// When the sink last answered (a delivery, or an answer about the event).
+    last_answer: Option<Millis>,
+    /// When the sink was first tried: the quiet period counts from here until it answers.
+    first_tried: Option<Millis>,
     outage: Option<Outage>,
 }
 
@@ -119,6 +134,12 @@ impl Health {
     /// When the current outage began; `None` while the sink is ok.
     pub fn outage_since(&self) -> Option<Millis> {
         self.outage.as_ref().map(|outage| outage.since)
+    }
+
+    /// Whether the sink answered (anything but a failure of its own) within its quiet period.
+    pub fn answering(&self, now: Millis, policy: &DeliveryPolicy) -> bool {
+        self.last_answer
+            .is_some_and(|at| now.saturating_sub(at) < outage_quiet(policy))
     }
 
     /// What may be claimed now; a `Probe` answer counts the probe as out.
@@ -179,10 +200,16 @@ impl Health {
             let since = outage.since;
             self.outage = None;
             self.recent.clear();
+            self.last_answer = Some(now);
             return (Change::OutageEnded { since }, None);
         }
-        self.recent
-            .push_back((observed == Observed::Down, lane.map(str::to_owned)));
+        let down = observed == Observed::Down;
+        let first_tried = *self.first_tried.get_or_insert(now);
+        if !down {
+            self.last_answer = Some(now);
+        }
+        let last_answer = self.last_answer.unwrap_or(first_tried);
+        self.recent.push_back((down, lane.map(str::to_owned)));
         while self.recent.len() > OUTAGE_AFTER {
             self.recent.pop_front();
         }
@@ -190,7 +217,8 @@ impl Health {
             self.recent.len() == OUTAGE_AFTER && self.recent.iter().all(|(down, _)| *down);
         let first = self.recent.front().map(|(_, lane)| lane);
         let several_users = self.recent.iter().any(|(_, lane)| Some(lane) != first);
-        if !(all_down && several_users) {
+        let quiet = now.saturating_sub(last_answer) >= outage_quiet(policy);
+        if !(all_down && several_users && quiet) {
             return (Change::None, None);
         }
         let probe_at = now.saturating_add(millis(probe_pace(policy, 0, jitter)));
@@ -267,7 +295,10 @@ mod tests {
         }
         assert_eq!(Observed::of(&status(204)), Observed::Up);
         // A 404 that `suspect_first` made a retry still says the sink is down.
-        assert_eq!(Observed::of(&suspect_first(status(404), 0)), Observed::Down);
+        assert_eq!(
+            Observed::of(&suspect_first(status(404), 0, true)),
+            Observed::Down
+        );
     }
 
     #[test]
@@ -308,12 +339,54 @@ mod tests {
         assert_eq!(health.outage_since(), Some(2_000));
     }
 
+    /// Five failures in a row over several users, while the sink took other users' events a
+    /// moment ago, are a bunch, not an outage.
+    #[test]
+    fn the_quiet_period_follows_the_backoff_within_bounds() {
+        let with = |backoff: u64| DeliveryPolicy {
+            backoff: Duration::from_millis(backoff),
+            ..policy()
+        };
+        assert_eq!(outage_quiet(&with(10)), 100);
+        assert_eq!(outage_quiet(&with(200)), 400);
+        assert_eq!(outage_quiet(&with(1_000)), 1_000);
+    }
+
+    #[test]
+    fn failures_that_bunch_between_answers_are_no_outage() {
+        let mut health = Health::default();
+        health.observe(Some("U0"), &status(200), false, &policy(), 10_000, 0.5);
+        for n in 1..=OUTAGE_AFTER {
+            let lane = format!("U{n}");
+            let (change, _) =
+                health.observe(Some(&lane), &status(500), false, &policy(), 10_500, 0.5);
+            assert_eq!(change, Change::None);
+        }
+        assert_eq!(health.outage_since(), None);
+    }
+
+    /// Failures of several users, the first a quiet period before the fifth: an outage at `at`.
+    fn in_outage(at: Millis, jitter: f64) -> Health {
+        let mut health = Health::default();
+        let quiet = outage_quiet(&policy());
+        for n in 0..OUTAGE_AFTER {
+            let when = at - quiet + quiet * n as i64 / (OUTAGE_AFTER as i64 - 1);
+            health.observe(
+                Some(&format!("U{n}")),
+                &down(),
+                false,
+                &policy(),
+                when,
+                jitter,
+            );
+        }
+        assert_eq!(health.outage_since(), Some(at));
+        health
+    }
+
     #[test]
     fn an_outage_holds_everything_and_sends_one_probe_at_the_backoff_pace() {
-        let mut health = Health::default();
-        for n in 0..OUTAGE_AFTER {
-            health.observe(Some(&format!("U{n}")), &down(), false, &policy(), 0, 1.0);
-        }
+        let mut health = in_outage(0, 1.0);
         assert_eq!(health.admit(500), Admit::Not { until: Some(1_000) });
         // An attempt that was out when the outage began and fails too: held until the probe.
         assert_eq!(
@@ -352,10 +425,7 @@ mod tests {
 
     #[test]
     fn a_probe_that_finds_nothing_due_is_not_out() {
-        let mut health = Health::default();
-        for n in 0..OUTAGE_AFTER {
-            health.observe(Some(&format!("U{n}")), &down(), false, &policy(), 0, 0.0);
-        }
+        let mut health = in_outage(0, 0.0);
         assert_eq!(health.admit(10_000), Admit::Probe);
         health.probe_not_sent();
         assert_eq!(health.admit(10_000), Admit::Probe);
@@ -363,22 +433,31 @@ mod tests {
 
     #[test]
     fn a_redeploy_s_404_is_retried_before_it_is_final() {
+        let retried = Outcome::Retry {
+            status: Some(404),
+            after: None,
+            error: "HTTP 404".into(),
+        };
+        assert_eq!(suspect_first(status(404), 0, true), retried);
+        // While the sink answers other deliveries, the third 404 is final.
         assert_eq!(
-            suspect_first(status(404), 0),
-            Outcome::Retry {
-                status: Some(404),
-                after: None,
-                error: "HTTP 404".into()
-            }
-        );
-        assert_eq!(
-            suspect_first(status(404), SUSPECT_ATTEMPTS - 1),
+            suspect_first(status(404), SUSPECT_ATTEMPTS - 1, true),
             status(404)
         );
+        // While nothing answers (a redeploy), it is retried however often it came.
+        assert_eq!(suspect_first(status(404), 50, false), retried);
         assert_eq!(
-            suspect_first(status(400), 0),
+            suspect_first(status(400), 0, false),
             status(400),
             "a 400 is final at once"
+        );
+        let mut health = Health::default();
+        assert!(!health.answering(1_000, &policy()));
+        health.observe(Some("U1"), &status(200), false, &policy(), 1_000, 0.5);
+        assert!(health.answering(1_999, &policy()));
+        assert!(
+            !health.answering(2_000, &policy()),
+            "quiet: 2 × backoff, a second at most"
         );
     }
 }

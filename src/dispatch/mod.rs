@@ -405,8 +405,9 @@ impl Dispatcher {
                     .record(took);
                 self.status.history().latency(route.name, took, now_ms());
                 let counted = delivery.attempts.saturating_sub(delivery.throttled);
-                let outcome = health::suspect_first(outcome, counted);
                 let (now, jitter) = (now_ms(), rand::random::<f64>());
+                let answering = lock(health).answering(now, &route.delivery);
+                let outcome = health::suspect_first(outcome, counted, answering);
                 let user = delivery.event.user_id.as_deref();
                 let (change, hold) =
                     lock(health).observe(user, &outcome, probe, &route.delivery, now, jitter);

@@ -79,6 +79,32 @@ pub async fn assert_stays(
     }
 }
 
+/// Waits until exactly `expected` delivery rows of `store` match `matches`, or fails after
+/// `within`; returns every delivery row as it was then. For a store the test opened itself,
+/// such as a PostgreSQL database that relay processes share.
+pub async fn wait_for_store_deliveries(
+    store: &Store,
+    matches: impl Fn(&DeliveryProbe) -> bool,
+    expected: usize,
+    within: Duration,
+) -> TestResult<Vec<DeliveryProbe>> {
+    let deadline = Instant::now() + within;
+    loop {
+        let deliveries = store.probe_deliveries().await?;
+        let count = deliveries.iter().filter(|d| matches(d)).count();
+        if count == expected {
+            return Ok(deliveries);
+        }
+        if Instant::now() > deadline {
+            return Err(format!(
+                "{count} deliveries match, expected {expected}, after {within:?}: {deliveries:#?}"
+            )
+            .into());
+        }
+        tokio::time::sleep(POLL).await;
+    }
+}
+
 pub const APP_SECRET: &str = "test_app_secret";
 pub const VERIFY_TOKEN: &str = "test_verify_token";
 
@@ -255,21 +281,7 @@ impl TestApp {
         expected: usize,
         within: Duration,
     ) -> TestResult<Vec<DeliveryProbe>> {
-        let deadline = Instant::now() + within;
-        loop {
-            let deliveries = self.deliveries().await?;
-            let count = deliveries.iter().filter(|d| matches(d)).count();
-            if count == expected {
-                return Ok(deliveries);
-            }
-            if Instant::now() > deadline {
-                return Err(format!(
-                    "{count} deliveries match, expected {expected}, after {within:?}: {deliveries:#?}"
-                )
-                .into());
-            }
-            tokio::time::sleep(POLL).await;
-        }
+        wait_for_store_deliveries(&self.store, matches, expected, within).await
     }
 
     /// Waits until exactly `expected` stored events match `matches`, or fails after `within`.
