@@ -310,6 +310,14 @@ async fn main() {
     let mut refused = 0u64;
     let mut requests = tokio::task::JoinSet::new();
     let mut last_report = Instant::now();
+    let mut count = |(ok, took, mid): (bool, Duration, String)| {
+        if ok {
+            latency.record(took.as_micros() as u64).unwrap();
+            acked.push(mid);
+        } else {
+            refused += 1;
+        }
+    };
     for n in 0..total {
         let scheduled = started + interval.mul_f64(n as f64);
         tokio::time::sleep_until(scheduled.into()).await;
@@ -327,35 +335,21 @@ async fn main() {
             (ok, scheduled.elapsed(), mid)
         });
         while let Some(done) = requests.try_join_next() {
-            let (ok, took, mid) = done.unwrap();
-            if ok {
-                latency.record(took.as_micros() as u64).unwrap();
-                acked.push(mid);
-            } else {
-                refused += 1;
-            }
+            count(done.unwrap());
         }
         if last_report.elapsed() >= Duration::from_secs(60) {
             last_report = Instant::now();
             let rss = rss.lock().unwrap().last().copied().unwrap_or(0);
             println!(
-                "  {:>5.1} min: acked {}, rss {} MiB, ack p99 {:.1} ms",
+                "  {:>5.1} min: rss {} MiB",
                 started.elapsed().as_secs_f64() / 60.0,
-                acked.len(),
                 rss / 1024,
-                latency.value_at_quantile(0.99) as f64 / 1000.0
             );
             let _ = std::io::stdout().flush();
         }
     }
     while let Some(done) = requests.join_next().await {
-        let (ok, took, mid) = done.unwrap();
-        if ok {
-            latency.record(took.as_micros() as u64).unwrap();
-            acked.push(mid);
-        } else {
-            refused += 1;
-        }
+        count(done.unwrap());
     }
     let load_ended = Instant::now();
     sampler.abort();

@@ -67,21 +67,21 @@ pub const CRASHED: &str = "crashed the relay";
 pub(crate) const CUT_OFF: &str =
     "the attempt was cut off: the relay stopped before its answer was recorded";
 
-/// Why a claimed row is dead-lettered instead of handed out: it crashed the relay
-/// [`CRASH_LIMIT`] times, or its stored event cannot be read.
-pub(crate) fn dead_on_claim(
-    crashed: bool,
-    decoded: Option<Result<Event, serde_json::Error>>,
-) -> String {
-    match decoded {
-        _ if crashed => {
-            tracing::error!(
-                "A delivery's attempts were cut off by the relay stopping {CRASH_LIMIT} times: dead-lettered as `{CRASHED}`, its lane moves on"
-            );
-            CRASHED.to_owned()
-        }
-        Some(Err(error)) => format!("the stored event is unreadable: {error}"),
-        Some(Ok(_)) | None => "the event is missing from the store".to_owned(),
+/// The event a claimed row hands out, or why the row is dead-lettered instead: it crashed the
+/// relay [`CRASH_LIMIT`] times, or (which cannot happen while the purge keeps events with open
+/// deliveries and the encoding is ours) its stored event is missing or unreadable. Either way
+/// the row must not keep its lane, or the sink's claims, stuck.
+pub(crate) fn claimed_event(crashes: u32, payload: Option<&str>) -> Result<Event, String> {
+    if crashes >= CRASH_LIMIT {
+        tracing::error!(
+            "A delivery's attempts were cut off by the relay stopping {CRASH_LIMIT} times: dead-lettered as `{CRASHED}`, its lane moves on"
+        );
+        return Err(CRASHED.to_owned());
+    }
+    match payload.map(serde_json::from_str::<Event>) {
+        Some(Ok(event)) => Ok(event),
+        Some(Err(error)) => Err(format!("the stored event is unreadable: {error}")),
+        None => Err("the event is missing from the store".to_owned()),
     }
 }
 

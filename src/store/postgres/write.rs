@@ -10,11 +10,10 @@ use super::enqueue::wake_and_notify;
 use super::queries::{self, CLAIM, NEXT_DUE};
 use super::{PgError, PostgresStore, column, retrying};
 use crate::clock::{Millis, millis};
-use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    CRASH_LIMIT, CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeadLetterFilter, Purged, ReplayOutcome,
-    Retention, Settle, StoreError,
+    CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeadLetterFilter, Purged, ReplayOutcome, Retention,
+    Settle, StoreError,
 };
 use deadpool_postgres::{GenericClient, Pool};
 use std::collections::BTreeSet;
@@ -138,14 +137,9 @@ pub(super) async fn claim(
         next_due: Some(next_due.map_or(look_again, |due| due.min(look_again))),
     };
     for row in rows {
-        let decoded = row.payload.as_deref().map(serde_json::from_str::<Event>);
-        let event = match (row.crashes >= CRASH_LIMIT, decoded) {
-            (false, Some(Ok(event))) => event,
-            // As in the embedded store: a delivery that keeps bringing relays down, or whose
-            // event is unreadable, is dead-lettered so that neither its lane nor the sink's
-            // claims get stuck on it.
-            (crashed, unreadable) => {
-                let reason = crate::store::dead_on_claim(crashed, unreadable);
+        let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
+            Ok(event) => event,
+            Err(reason) => {
                 let row = SettleRow {
                     id: row.id,
                     sink,

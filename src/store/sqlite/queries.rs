@@ -8,8 +8,8 @@ use crate::clock::{Millis, millis};
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    CRASH_LIMIT, CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeliveryProbe, EnqueueReport, NewEvent,
-    Purged, Retention, Settle, SinkDepth, StoreError,
+    CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeliveryProbe, EnqueueReport, NewEvent, Purged,
+    Retention, Settle, SinkDepth, StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
@@ -215,15 +215,9 @@ impl SqliteStore {
             next_due,
         };
         for row in rows {
-            let decoded = row.payload.as_deref().map(serde_json::from_str::<Event>);
-            let event = match (row.crashes >= CRASH_LIMIT, decoded) {
-                (false, Some(Ok(event))) => event,
-                // A delivery whose attempts keep bringing the relay down, or (which cannot
-                // happen while purge keeps events with open deliveries and the encoding is
-                // ours) one whose event is unreadable: dead-letter the row so that neither its
-                // lane nor the sink's claims get stuck on it.
-                (crashed, unreadable) => {
-                    let reason = crate::store::dead_on_claim(crashed, unreadable);
+            let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
+                Ok(event) => event,
+                Err(reason) => {
                     let unreadable = SettleRow {
                         id: row.id,
                         sink,
