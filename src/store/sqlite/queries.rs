@@ -18,6 +18,11 @@ use std::time::Duration;
 /// The most rows one purge write deletes.
 pub(super) const PURGE_CHUNK: u32 = 2000;
 
+/// How long one purge write should take: chunks shrink (to 20 rows at least) when a write
+/// takes longer, and grow back (to `PURGE_CHUNK`) when it is quick, so that the webhooks whose
+/// answers wait behind it never wait long.
+const PURGE_STEP: Duration = Duration::from_millis(20);
+
 // Queries on finished rows repeat `deliveries_finished`'s own condition: SQLite uses a partial
 // index only when the query's WHERE visibly implies the index's, and it does not see that
 // `state = 'dead'` implies `state IN ('delivered', 'dead', 'skipped')` (without it: a scan of
@@ -32,11 +37,15 @@ pub(super) const PURGE_DEAD: &str = "DELETE FROM deliveries WHERE id IN (SELECT 
      WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead'
      AND updated_at < ?1 LIMIT ?2)";
 /// An event is kept while any delivery refers to it. Its deliveries were created in the same
-/// write with `created_at` = its `received_at`, so only deliveries created before the cut can
-/// refer to an event before it: an index range, not the whole table.
-pub(super) const PURGE_EVENTS: &str = "DELETE FROM events WHERE rowid IN (SELECT rowid FROM events
-     WHERE received_at < ?1
-     AND id NOT IN (SELECT event_id FROM deliveries WHERE created_at < ?1) LIMIT ?2)";
+/// write with `created_at` = its `received_at`, so "is it referred to?" is one seek of
+/// `deliveries_created` per event (at that exact time), whatever the number of deliveries kept:
+/// a chunk's cost does not grow with the table (a `NOT IN` over every old delivery did).
+pub(super) const PURGE_EVENTS: &str =
+    "DELETE FROM events WHERE rowid IN (SELECT e.rowid FROM events e
+     WHERE e.received_at < ?1
+     AND NOT EXISTS (SELECT 1 FROM deliveries d
+                     WHERE d.created_at = e.received_at AND d.event_id = e.id)
+     LIMIT ?2)";
 
 /// Queue depth per sink and state, each state through its own partial index.
 pub(super) const DEPTH: [&str; 3] = [
@@ -534,21 +543,34 @@ impl SqliteStore {
     }
 
     /// Runs one purge statement (`?1` = the cut, `?2` = the chunk) in writes of at most
-    /// `PURGE_CHUNK` rows until a write deletes fewer; returns the rows deleted.
+    /// `PURGE_CHUNK` rows, sized so that each takes about `PURGE_STEP`, until a write deletes
+    /// fewer than it may; returns the rows deleted.
     async fn purge_in_chunks(
         &self,
         sql: &'static str,
         before: Millis,
     ) -> Result<usize, StoreError> {
         let mut total = 0;
+        let mut chunk: u32 = 100;
         loop {
+            // The whole write as its caller sees it: the statement, and the commit and fsync of
+            // the pages it dirtied (the larger part), which the webhooks of its group wait for.
+            let started = std::time::Instant::now();
             let deleted = self
-                .write(move |connection, _| execute(connection, sql, params![before, PURGE_CHUNK]))
+                .write(move |connection, _| execute(connection, sql, params![before, chunk]))
                 .await?;
+            let took = started.elapsed();
             total += deleted;
-            if deleted < PURGE_CHUNK as usize {
+            if deleted < chunk as usize {
                 return Ok(total);
             }
+            chunk = if took > PURGE_STEP {
+                (chunk / 2).max(20)
+            } else if took < PURGE_STEP / 2 {
+                chunk.saturating_mul(2).min(PURGE_CHUNK)
+            } else {
+                chunk
+            };
         }
     }
 
