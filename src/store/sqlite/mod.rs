@@ -48,6 +48,9 @@ pub(super) struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// Becomes true once the writer and the syncer have stopped and the file lock is released.
     closed: tokio::sync::watch::Receiver<bool>,
+    /// The checkpointer thread, and whether it has stopped.
+    checkpointer: std::thread::Thread,
+    checkpointer_done: tokio::sync::watch::Receiver<bool>,
     /// The syncer's failure (a failed fsync), and the tests' fault hook.
     faults: Arc<SyncFaults>,
     #[cfg(test)]
@@ -117,11 +120,18 @@ impl SqliteStore {
             .execute_batch("PRAGMA busy_timeout = 5000;")
             .map_err(database)?;
         let wal = Arc::new(WalProgress::default());
+        // Becomes true once the checkpointer has stopped and closed its connection: after
+        // that, nothing of this store writes the database file (see `close`).
+        let (checkpointer_stopped, checkpointer_done) = tokio::sync::watch::channel(false);
         let checkpointer = std::thread::Builder::new()
             .name("botrelay-checkpoint".into())
             .spawn({
                 let wal = wal.clone();
-                move || checkpoint_loop(&checkpointer, &wal)
+                move || {
+                    checkpoint_loop(&checkpointer, &wal);
+                    drop(checkpointer);
+                    let _ = checkpointer_stopped.send(true);
+                }
             })
             .map_err(|error| {
                 StoreError::Database(format!("cannot start the checkpoint thread: {error}"))
@@ -129,6 +139,7 @@ impl SqliteStore {
             .thread()
             .clone();
         // After every commit SQLite tells the writer how many frames the WAL holds.
+        let checkpointer_thread = checkpointer.clone();
         writer
             .wal_hook(Some({
                 let wal = wal.clone();
@@ -192,6 +203,8 @@ impl SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
             closed,
+            checkpointer: checkpointer_thread,
+            checkpointer_done,
             faults,
             #[cfg(test)]
             wal: wal_progress,
@@ -224,6 +237,12 @@ impl SqliteStore {
         let _ = self.writes.send(ToWriter::Close).await;
         let mut closed = self.closed.clone();
         let _ = closed.wait_for(|closed| *closed).await;
+        // The syncer has told the checkpointer to stop: wake it, and wait until it has, so that
+        // no checkpoint writes the database file after `close` returns (a copy of the files, or
+        // the next relay on them, sees them whole).
+        self.checkpointer.unpark();
+        let mut done = self.checkpointer_done.clone();
+        let _ = done.wait_for(|done| *done).await;
     }
 
     /// The failed fsync after which this store answers only errors, if there was one.
