@@ -685,6 +685,27 @@ pub(crate) async fn crashes_count_and_a_crash_loop_is_dead(store: &Store) -> Tes
     Ok(())
 }
 
+/// Calls `$run!(test, …)` with every contract test, so that each backend runs the same list.
+macro_rules! every_contract_test {
+    ($run:ident) => {
+        $run!(
+            dedupe,
+            outcome_only_under_its_lease,
+            renew_extends_the_lease,
+            lanes_keep_their_order,
+            pause,
+            replay,
+            purge,
+            depth,
+            dead_letter_listing,
+            dead_without_an_attempt_keeps_the_last_answer,
+            crashes_count_and_a_crash_loop_is_dead,
+            probe,
+        );
+    };
+}
+pub(crate) use every_contract_test;
+
 /// Runs the contract on a temporary embedded store.
 mod sqlite {
     use super::TestResult;
@@ -701,18 +722,5 @@ mod sqlite {
         )*};
     }
 
-    on_sqlite!(
-        dedupe,
-        outcome_only_under_its_lease,
-        renew_extends_the_lease,
-        lanes_keep_their_order,
-        pause,
-        replay,
-        purge,
-        depth,
-        dead_letter_listing,
-        dead_without_an_attempt_keeps_the_last_answer,
-        crashes_count_and_a_crash_loop_is_dead,
-        probe,
-    );
+    crate::store::contract::every_contract_test!(on_sqlite);
 }

@@ -135,20 +135,7 @@ macro_rules! on_postgres {
     )*};
 }
 
-on_postgres!(
-    dedupe,
-    outcome_only_under_its_lease,
-    renew_extends_the_lease,
-    lanes_keep_their_order,
-    pause,
-    replay,
-    purge,
-    depth,
-    dead_letter_listing,
-    dead_without_an_attempt_keeps_the_last_answer,
-    crashes_count_and_a_crash_loop_is_dead,
-    probe,
-);
+contract::every_contract_test!(on_postgres);
 
 fn message(name: &str, user: &str) -> NewEvent {
     NewEvent {

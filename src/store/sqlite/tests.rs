@@ -458,58 +458,6 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
     Ok(())
 }
 
-/// A delivery retried after a 503 whose ttl then runs out before its next attempt (the
-/// relay was down): its dead letter keeps the one attempt made, its status and its error.
-#[tokio::test]
-async fn dead_without_an_attempt_keeps_the_last_answer() -> Result<(), Box<dyn std::error::Error>> {
-    let dir = tempfile::tempdir()?;
-    let store = open(&dir);
-    let t0: Millis = 1_000_000;
-    store
-        .enqueue(vec![bot_message(b"ttl-after-503", t0)], t0)
-        .await?;
-    let lease = Duration::from_secs(10);
-    let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
-    store
-        .settle(
-            &first.deliveries[0],
-            Settle::Retry {
-                due_at: t0 + 1_000,
-                counted: true,
-                status: Some(503),
-                error: "HTTP 503: busy".into(),
-            },
-            t0,
-        )
-        .await?;
-    let later = t0 + 10_000_000;
-    let second = store.claim(SinkName::Bot, 8, later, lease).await?;
-    store
-        .settle(
-            &second.deliveries[0],
-            Settle::Dead {
-                status: None,
-                error: "ttl of 1h ran out before this attempt".into(),
-                attempted: false,
-            },
-            later,
-        )
-        .await?;
-    let letters = store.dead_letters(DeadLetterFilter::default()).await?;
-    let [letter] = letters.as_slice() else {
-        return Err(format!("{} dead letters", letters.len()).into());
-    };
-    assert_eq!(letter.attempts, 1);
-    assert_eq!(letter.last_status, Some(503));
-    assert_eq!(
-        letter.last_error.as_deref(),
-        Some("ttl of 1h ran out before this attempt; last error: HTTP 503: busy")
-    );
-    assert_eq!(letter.last_attempt_at, Some(t0));
-    assert_eq!(letter.dead_at, later);
-    Ok(())
-}
-
 /// Opens the store in `dir` with `max_bytes` and drops it again (a dropped store lets its
 /// file lock go when its threads have finished).
 async fn reopen_capped(
