@@ -6,8 +6,9 @@ use super::StoreError;
 use std::fs::File;
 use std::path::Path;
 
-/// Opens the store's WAL for the syncer, and makes its directory entry durable once (with
-/// `synchronous = NORMAL`, SQLite itself would not until the first checkpoint).
+/// Opens the store's WAL for the syncer, after syncing the database file, and makes the WAL's
+/// directory entry durable once (with `synchronous = NORMAL`, SQLite itself would not until
+/// the first checkpoint).
 pub(super) fn open_wal(path: &Path) -> Result<File, StoreError> {
     let wal_path = sibling(path, "-wal");
     let cannot = |what: &str, file: &Path, error: std::io::Error| {
@@ -18,6 +19,14 @@ pub(super) fn open_wal(path: &Path) -> Result<File, StoreError> {
         .write(true)
         .open(&wal_path)
         .map_err(|error| cannot("open", &wal_path, error))?;
+    // Pages of the database file still dirty in the page cache (a copy or a restore just
+    // before this start) are written out now, before anything is acknowledged: left there,
+    // the first checkpoint's fsync would flush them all while acks wait behind it (measured
+    // with `benches/purge.rs` on a 415 MiB file written without a sync: ack p99 109 ms in the
+    // first seconds, against 9-14 ms with this sync).
+    File::open(path)
+        .and_then(|database| database.sync_all())
+        .map_err(|error| cannot("sync", path, error))?;
     let directory = directory_of(path);
     match File::open(directory).and_then(|directory| directory.sync_all()) {
         Ok(()) => {}

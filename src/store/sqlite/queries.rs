@@ -543,8 +543,8 @@ impl SqliteStore {
     }
 
     /// Runs one purge statement (`?1` = the cut, `?2` = the chunk) in writes of at most
-    /// `PURGE_CHUNK` rows, sized so that each takes about `PURGE_STEP`, until a write deletes
-    /// fewer than it may; returns the rows deleted.
+    /// `PURGE_CHUNK` rows, sized so that each takes about `PURGE_STEP` and followed by a pause
+    /// as long, until a write deletes fewer than it may; returns the rows deleted.
     async fn purge_in_chunks(
         &self,
         sql: &'static str,
@@ -564,6 +564,11 @@ impl SqliteStore {
             if deleted < chunk as usize {
                 return Ok(total);
             }
+            // The writer is shared with every webhook's answer: between two chunks, leave it
+            // to them for as long as the chunk took, so that at most about half of the groups
+            // carry a chunk's pages (and its fsync), and the checkpointer keeps up with the
+            // frames a purge writes.
+            tokio::time::sleep(took.min(PURGE_STEP * 4)).await;
             chunk = if took > PURGE_STEP {
                 (chunk / 2).max(20)
             } else if took < PURGE_STEP / 2 {
