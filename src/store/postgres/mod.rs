@@ -183,6 +183,8 @@ impl Tls {
 /// What every handle of one store shares.
 struct Inner {
     pool: Pool,
+    /// The enqueue batcher's own connection.
+    batcher_pool: Pool,
     pg_config: tokio_postgres::Config,
     tls: Tls,
     target: Target,
@@ -228,24 +230,9 @@ impl PostgresStore {
         }
         let tls = Tls::for_config(&mut pg_config)
             .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let manager = match &tls {
-            Tls::Plain => {
-                Manager::from_config(pg_config.clone(), tokio_postgres::NoTls, manager_config)
-            }
-            Tls::Rustls(make) => {
-                Manager::from_config(pg_config.clone(), make.clone(), manager_config)
-            }
-        };
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()
+        let pool = build_pool(&pg_config, &tls, pool_size.max(1))
+            .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
+        let batcher_pool = build_pool(&pg_config, &tls, 1)
             .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
         schema::migrate(&pool)
             .await
@@ -256,6 +243,7 @@ impl PostgresStore {
         let paused = Arc::new(RwLock::new(HashSet::new()));
         let inner = Arc::new(Inner {
             pool: pool.clone(),
+            batcher_pool,
             pg_config,
             tls,
             target,
@@ -281,7 +269,7 @@ impl PostgresStore {
     /// What the batcher needs, without a handle of the store (which would keep its queue open).
     fn batcher(&self) -> enqueue::Batcher {
         enqueue::Batcher {
-            pool: self.inner.pool.clone(),
+            pool: self.inner.batcher_pool.clone(),
             target: self.inner.target.clone(),
             wakers: self.inner.wakers.clone(),
         }
@@ -460,7 +448,30 @@ impl PostgresStore {
             let _ = task.await;
         }
         self.inner.pool.close();
+        self.inner.batcher_pool.close();
     }
+}
+
+/// A pool of at most `size` connections to the server.
+fn build_pool(
+    pg_config: &tokio_postgres::Config,
+    tls: &Tls,
+    size: usize,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        Tls::Plain => Manager::from_config(pg_config.clone(), tokio_postgres::NoTls, manager_config),
+        Tls::Rustls(make) => Manager::from_config(pg_config.clone(), make.clone(), manager_config),
+    };
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
 }
 
 /// Runs `op` (one transaction) again when it failed only because it met a concurrent one

@@ -16,6 +16,7 @@ use crate::store::{
     Settle, StoreError,
 };
 use deadpool_postgres::{GenericClient, Pool};
+use tokio_postgres::types::ToSql;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
@@ -32,11 +33,15 @@ pub(super) const WORK_CHANNEL: &str = "botrelay_work";
 /// The channel a relay NOTIFYs (at commit) after it paused or unpaused a user.
 pub(super) const PAUSE_CHANNEL: &str = "botrelay_pause";
 
-/// Creates the lanes that do not exist and locks them all, in the order given.
+/// Creates the lanes that do not exist and locks them all, in the order given. A lane that
+/// exists is locked without a new row version, unless its `touched_at` (which only the purge
+/// reads, against the dedupe window) is a minute old or more: `ON CONFLICT DO UPDATE` locks
+/// the row whether or not its `WHERE` lets it be updated.
 pub(super) const LOCK_LANES: &str = "
     INSERT INTO lanes (sink, lane, touched_at)
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
-    ON CONFLICT (sink, lane) DO UPDATE SET touched_at = GREATEST(lanes.touched_at, EXCLUDED.touched_at)";
+    ON CONFLICT (sink, lane) DO UPDATE SET touched_at = EXCLUDED.touched_at
+        WHERE lanes.touched_at < EXCLUDED.touched_at - 60000";
 
 /// Lets the oldest waiting delivery of lane ($1, $2) go, if the lane has no head.
 pub(super) const PROMOTE: &str = "
@@ -206,26 +211,51 @@ pub(super) async fn settle_row(
     let pool = &store.inner.pool;
     let (settle, lane_ref) = (&settle, &lane);
     let settled = retrying(move || async move {
-        let mut client = pool.get().await?;
-        let transaction = client.transaction().await?;
+        let client = pool.get().await?;
         let done = !matches!(*settle, Settle::Retry { .. });
-        if done && let Some(lane) = lane_ref {
-            lock_lane(&transaction, sink, lane, now).await?;
-        }
-        let changed = record(&transaction, id, settle, now, lease_until).await?;
-        if changed == 0 {
-            transaction.rollback().await?;
-            return Ok(Settled::Stale);
-        }
-        let promoted = match (lane_ref, done) {
-            (Some(lane), true) => promote(&transaction, sink, lane, now).await?,
-            _ => false,
+        let values = record_values(id, settle, now, lease_until);
+        let values = queries::parameters(&values);
+        let record = client.prepare_cached(record_sql(settle)).await?;
+        let Some(lane) = lane_ref.as_deref().filter(|_| done) else {
+            // Nothing about who heads a lane changes: one statement.
+            let changed = client.execute(&record, &values).await?;
+            return Ok(if changed == 0 {
+                Settled::Stale
+            } else if done {
+                Settled::Done { promoted: false }
+            } else {
+                Settled::Retried
+            });
         };
-        transaction.commit().await?;
-        Ok(if done {
-            Settled::Done { promoted }
+        // The head of a lane is done: under the lane's lock, the outcome, then the next of the
+        // lane, in one transaction sent in one round trip. Should the outcome be stale, the
+        // promotion is still right: it lets a waiting row go only when the lane has no head.
+        let (lock, promote) = tokio::try_join!(
+            client.prepare_cached(LOCK_LANES),
+            client.prepare_cached(PROMOTE)
+        )?;
+        let (sinks, lanes, times) = (vec![sink.as_str()], vec![lane], vec![now]);
+        let lock_values: [&(dyn ToSql + Sync); 3] = [&sinks, &lanes, &times];
+        let name = sink.as_str();
+        let promote_values: [&(dyn ToSql + Sync); 3] = [&name, &lane, &now];
+        let (began, locked, changed, promoted, committed) = tokio::join!(
+            client.batch_execute("BEGIN"),
+            client.execute(&lock, &lock_values),
+            client.execute(&record, &values),
+            client.execute(&promote, &promote_values),
+            client.batch_execute("COMMIT"),
+        );
+        began?;
+        locked?;
+        let changed = changed?;
+        let promoted = promoted?;
+        committed?;
+        Ok(if changed == 0 {
+            Settled::Stale
         } else {
-            Settled::Retried
+            Settled::Done {
+                promoted: promoted > 0,
+            }
         })
     })
     .await
@@ -251,130 +281,92 @@ pub(super) async fn settle_row(
     Ok(())
 }
 
-/// Records an outcome, only while the row is still under this claim's lease; rows changed.
-async fn record(
-    client: &impl GenericClient,
+/// The statement that records an outcome, only while the row is still under this claim's
+/// lease (parameters from `record_values`).
+fn record_sql(settle: &Settle) -> &'static str {
+    match settle {
+        Settle::Delivered { .. } => {
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+                 last_status = $3, last_error = NULL, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
+        }
+        Settle::Retry { .. } => {
+            "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                 throttled = throttled + $3, due_at = $4, last_status = $5,
+                 last_error = $6, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $7"
+        }
+        Settle::Dead {
+            attempted: true, ..
+        } => {
+            "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                 last_status = $3, last_error = $4, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
+        }
+        // Dead before this claim's request: the attempts, their times and the last answer (of
+        // an earlier attempt) stay, the reason goes in front of its error.
+        Settle::Dead {
+            attempted: false, ..
+        } => {
+            "UPDATE deliveries SET state = 'dead',
+                 last_status = COALESCE($3, last_status),
+                 last_error = CASE WHEN last_error IS NULL THEN $4::text
+                     ELSE $4::text || '; last error: ' || last_error END,
+                 updated_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
+        }
+        Settle::Skipped { .. } => {
+            "UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
+        }
+    }
+}
+
+/// The parameters of `record_sql(settle)`.
+fn record_values(
     id: i64,
     settle: &Settle,
     now: Millis,
     lease_until: Millis,
-) -> Result<u64, PgError> {
-    let changed = match settle {
-        Settle::Delivered { status } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
-                         last_status = $3, last_error = NULL, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $4",
-                    &[&id, &now, &i32::from(*status), &lease_until],
-                )
-                .await?
-        }
+) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    match settle {
+        Settle::Delivered { status } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(i32::from(*status)),
+            Box::new(lease_until),
+        ],
         Settle::Retry {
             due_at,
             counted,
             status,
             error,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
-                         throttled = throttled + $3, due_at = $4, last_status = $5,
-                         last_error = $6, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $7",
-                    &[
-                        &id,
-                        &now,
-                        &i32::from(!counted),
-                        due_at,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        Settle::Dead {
-            status,
-            error,
-            attempted: true,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
-                         last_status = $3, last_error = $4, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $5",
-                    &[
-                        &id,
-                        &now,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        // Dead before this claim's request: the attempts, their times and the last answer (of
-        // an earlier attempt) stay, the reason goes in front of its error.
-        Settle::Dead {
-            status,
-            error,
-            attempted: false,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'dead',
-                         last_status = COALESCE($3, last_status),
-                         last_error = CASE WHEN last_error IS NULL THEN $4::text
-                             ELSE $4::text || '; last error: ' || last_error END,
-                         updated_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $5",
-                    &[
-                        &id,
-                        &now,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        Settle::Skipped { reason } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $4",
-                    &[&id, &now, &column(reason).as_ref(), &lease_until],
-                )
-                .await?
-        }
-    };
-    Ok(changed)
-}
-
-/// Locks one lane's row (creating it if a purge removed it).
-async fn lock_lane(
-    client: &impl GenericClient,
-    sink: SinkName,
-    lane: &str,
-    now: Millis,
-) -> Result<(), PgError> {
-    let locked = client
-        .query_opt(
-            "SELECT 1 FROM lanes WHERE sink = $1 AND lane = $2 FOR UPDATE",
-            &[&sink.as_str(), &lane],
-        )
-        .await?;
-    if locked.is_none() {
-        let statement = client.prepare_cached(LOCK_LANES).await?;
-        client
-            .execute(&statement, &[&vec![sink.as_str()], &vec![lane], &vec![now]])
-            .await?;
+        } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(i32::from(!counted)),
+            Box::new(*due_at),
+            Box::new(status.map(i32::from)),
+            Box::new(column(error).into_owned()),
+            Box::new(lease_until),
+        ],
+        Settle::Dead { status, error, .. } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(status.map(i32::from)),
+            Box::new(column(error).into_owned()),
+            Box::new(lease_until),
+        ],
+        Settle::Skipped { reason } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(column(reason).into_owned()),
+            Box::new(lease_until),
+        ],
     }
-    Ok(())
 }
 
 /// After the head of a lane is done, lets the next waiting delivery go; true when one did.
