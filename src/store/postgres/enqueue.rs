@@ -16,10 +16,10 @@ use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{EnqueueReport, NewEvent, StoreError, Wakers};
 use deadpool_postgres::{Object as Client, Pool};
-use tokio_postgres::types::ToSql;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
 pub(super) type Answer = oneshot::Sender<Result<EnqueueReport, StoreError>>;
 
@@ -179,7 +179,7 @@ async fn write_batch(
     enqueue_batch(&client, jobs, true).await
 }
 
-fn connection_lost(error: &PgError) -> bool {
+pub(super) fn connection_lost(error: &PgError) -> bool {
     match error {
         PgError::Postgres(error) => error.is_closed() || error.code().is_none(),
         PgError::Pool(_) => true,

@@ -8,6 +8,7 @@
 
 use super::enqueue::wake_and_notify;
 use super::queries::{self, CLAIM, NEXT_DUE};
+use super::settle::{SettleJob, Settled};
 use super::{PgError, PostgresStore, column, retrying};
 use crate::clock::{Millis, millis};
 use crate::sink_name::SinkName;
@@ -16,9 +17,9 @@ use crate::store::{
     Settle, StoreError,
 };
 use deadpool_postgres::{GenericClient, Pool};
-use tokio_postgres::types::ToSql;
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 /// The most rows one purge statement deletes.
 pub(super) const PURGE_CHUNK: i64 = 2000;
@@ -184,17 +185,6 @@ pub(super) struct SettleRow {
     pub(super) lease_until: Millis,
 }
 
-/// What a settle changed.
-#[derive(PartialEq)]
-enum Settled {
-    /// The lease had been lost: nothing recorded.
-    Stale,
-    /// Retry scheduled.
-    Retried,
-    /// Done; the next of the lane (if any) is due now when `promoted`.
-    Done { promoted: bool },
-}
-
 pub(super) async fn settle_row(
     store: &PostgresStore,
     row: SettleRow,
@@ -207,83 +197,35 @@ pub(super) async fn settle_row(
         lane,
         lease_until,
     } = row;
-    let lane = lane.map(|lane| column(&lane).into_owned());
-    let pool = &store.inner.pool;
-    let (settle, lane_ref) = (&settle, &lane);
-    let settled = retrying(move || async move {
-        let client = pool.get().await?;
-        let done = !matches!(*settle, Settle::Retry { .. });
-        let values = record_values(id, settle, now, lease_until);
-        let values = queries::parameters(&values);
-        let record = client.prepare_cached(record_sql(settle)).await?;
-        let Some(lane) = lane_ref.as_deref().filter(|_| done) else {
-            // Nothing about who heads a lane changes: one statement.
-            let changed = client.execute(&record, &values).await?;
-            return Ok(if changed == 0 {
-                Settled::Stale
-            } else if done {
-                Settled::Done { promoted: false }
-            } else {
-                Settled::Retried
-            });
-        };
-        // The head of a lane is done: under the lane's lock, the outcome, then the next of the
-        // lane, in one transaction sent in one round trip. Should the outcome be stale, the
-        // promotion is still right: it lets a waiting row go only when the lane has no head.
-        let (lock, promote) = tokio::try_join!(
-            client.prepare_cached(LOCK_LANES),
-            client.prepare_cached(PROMOTE)
-        )?;
-        let (sinks, lanes, times) = (vec![sink.as_str()], vec![lane], vec![now]);
-        let lock_values: [&(dyn ToSql + Sync); 3] = [&sinks, &lanes, &times];
-        let name = sink.as_str();
-        let promote_values: [&(dyn ToSql + Sync); 3] = [&name, &lane, &now];
-        let (began, locked, changed, promoted, committed) = tokio::join!(
-            client.batch_execute("BEGIN"),
-            client.execute(&lock, &lock_values),
-            client.execute(&record, &values),
-            client.execute(&promote, &promote_values),
-            client.batch_execute("COMMIT"),
-        );
-        began?;
-        locked?;
-        let changed = changed?;
-        let promoted = promoted?;
-        committed?;
-        Ok(if changed == 0 {
-            Settled::Stale
-        } else {
-            Settled::Done {
-                promoted: promoted > 0,
-            }
-        })
-    })
-    .await
-    .map_err(|error| store.error(error))?;
-    match settled {
-        Settled::Stale => tracing::warn!(
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let job = SettleJob {
+        id,
+        sink,
+        lane: lane.map(|lane| column(&lane).into_owned()),
+        lease_until,
+        settle,
+        now,
+        answer,
+    };
+    store
+        .inner
+        .settles
+        .send(job)
+        .await
+        .map_err(|_| StoreError::Unavailable)?;
+    let settled = answered.await.map_err(|_| StoreError::Unavailable)??;
+    if settled == Settled::Stale {
+        tracing::warn!(
             delivery = id,
             "An attempt's outcome came after its lease ran out; it is not recorded"
-        ),
-        // A retry is this relay's to schedule: wake its own dispatcher only.
-        Settled::Retried => store.inner.wakers.wake(sink),
-        Settled::Done { promoted: true } => {
-            wake_and_notify(
-                pool,
-                &store.inner.target,
-                &store.inner.wakers,
-                &BTreeSet::from([sink]),
-            )
-            .await;
-        }
-        Settled::Done { promoted: false } => {}
+        );
     }
     Ok(())
 }
 
 /// The statement that records an outcome, only while the row is still under this claim's
 /// lease (parameters from `record_values`).
-fn record_sql(settle: &Settle) -> &'static str {
+pub(super) fn record_sql(settle: &Settle) -> &'static str {
     match settle {
         Settle::Delivered { .. } => {
             "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
@@ -326,7 +268,7 @@ fn record_sql(settle: &Settle) -> &'static str {
 }
 
 /// The parameters of `record_sql(settle)`.
-fn record_values(
+pub(super) fn record_values(
     id: i64,
     settle: &Settle,
     now: Millis,
