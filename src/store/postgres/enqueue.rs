@@ -314,8 +314,9 @@ async fn enqueue_batch(
         client.prepare_cached(ENQUEUE),
         client.prepare_cached(NOTIFY),
     )?;
-    // All sent before the first answer: one round trip. Should a statement fail, those after
-    // it fail too and the COMMIT rolls back; the first error is the one returned.
+    // All sent before the first answer, in this order (`biased`: the first poll polls each in
+    // turn, and a statement is sent when first polled): one round trip. Should a statement
+    // fail, those after it fail too and the COMMIT rolls back; the first error is returned.
     let lock_params: [&(dyn ToSql + Sync); 3] = [&lane_sinks, &lane_users, &lane_times];
     let enqueue_params: [&(dyn ToSql + Sync); 12] = [
         &ids,
@@ -347,6 +348,7 @@ async fn enqueue_batch(
         }
     };
     let (began, locked, rows, committed, notified) = tokio::join!(
+        biased;
         client.batch_execute("BEGIN"),
         locked,
         client.query(&enqueue, &enqueue_params),
