@@ -1,7 +1,13 @@
 //! The PostgreSQL store's enqueue: a batching task collects what concurrent requests enqueue
 //! while the previous transaction commits, writes it in ONE transaction (`UNNEST` arrays,
 //! `ON CONFLICT DO NOTHING` on the event id, so relays dedupe against each other), answers every
-//! caller after the commit, and only then wakes the dispatchers and NOTIFYs the other relays.
+//! caller after the commit, and wakes the dispatchers; the NOTIFY to the other relays follows
+//! the COMMIT on the connection (outside the transaction).
+//!
+//! The transaction takes one round trip: `BEGIN`, the lane locks, one statement that inserts the
+//! events and their deliveries, and `COMMIT` are sent together (pipelined), on a connection of
+//! the batcher's own. Under load the database's time per batch, not the number of round trips
+//! nor a wait for a pooled connection, is what an ack waits for.
 
 use super::write::{LOCK_LANES, WORK_CHANNEL};
 use super::{PgError, Target, column, retrying};
@@ -9,36 +15,49 @@ use crate::clock::Millis;
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{EnqueueReport, NewEvent, StoreError, Wakers};
-use deadpool_postgres::{GenericClient, Pool};
+use deadpool_postgres::{Object as Client, Pool};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::types::ToSql;
 
 pub(super) type Answer = oneshot::Sender<Result<EnqueueReport, StoreError>>;
 
 /// The most events one enqueue transaction takes.
 const MAX_BATCH_EVENTS: usize = 2000;
 
-const INSERT_EVENTS: &str = "
-    INSERT INTO events (id, source, kind, page_id, user_id, timestamp_ms, received_at, payload)
-    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                         $6::int8[], $7::int8[], $8::text[])
-    ON CONFLICT (id) DO NOTHING
-    RETURNING id";
-
-/// Which of the given lanes have a head.
-const BUSY_LANES: &str = "
-    SELECT d.sink, d.lane FROM unnest($1::text[], $2::text[]) AS l (sink, lane)
-    JOIN deliveries d ON d.sink = l.sink AND d.lane = l.lane
-        AND d.state IN ('pending', 'in_flight')";
-
-/// Inserts deliveries in the order given (ids are the order of receipt).
-const INSERT_DELIVERIES: &str = "
-    INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-    SELECT event_id, sink, lane, state, at, at, at
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[])
-        WITH ORDINALITY AS u (event_id, sink, lane, state, at, n)
-    ORDER BY n";
+/// The whole enqueue after the lanes are locked, in one statement: inserts the events that are
+/// new (`ON CONFLICT DO NOTHING`, in id order, so that two relays inserting the same ids never
+/// deadlock), then the deliveries of the new ones in the order given (ids are the order of
+/// receipt); a delivery heads its lane when it is the lane's first here and the lane has no
+/// head. Returns the ids of the events inserted. Under the lanes' locks, taken by the statement
+/// before it, what it reads about the lanes' heads stays true until the commit.
+const ENQUEUE: &str = "
+    WITH new_events AS (
+        INSERT INTO events (id, source, kind, page_id, user_id, timestamp_ms, received_at, payload)
+        SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                             $6::int8[], $7::int8[], $8::text[])
+        ON CONFLICT (id) DO NOTHING
+        RETURNING id),
+    wanted AS (
+        SELECT u.event_id, u.sink, u.lane, u.at, u.n,
+               row_number() OVER (PARTITION BY u.sink, u.lane ORDER BY u.n) AS place
+        FROM unnest($9::text[], $10::text[], $11::text[], $12::int8[])
+            WITH ORDINALITY AS u (event_id, sink, lane, at, n)
+        JOIN new_events e ON e.id = u.event_id),
+    inserted AS (
+        INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+        SELECT w.event_id, w.sink, w.lane,
+               CASE WHEN w.lane IS NULL THEN 'pending'
+                    WHEN w.place = 1 AND NOT EXISTS (
+                        SELECT 1 FROM deliveries h WHERE h.sink = w.sink AND h.lane = w.lane
+                            AND h.state IN ('pending', 'in_flight')) THEN 'pending'
+                    ELSE 'waiting' END,
+               w.at, w.at, w.at
+        FROM wanted w
+        ORDER BY w.n
+        RETURNING 1)
+    SELECT id FROM new_events";
 
 /// One caller's enqueue, waiting for the batcher.
 pub(super) struct EnqueueJob {
@@ -81,6 +100,8 @@ impl EnqueueJob {
 
 /// What the batcher task holds (not a store handle: the handles alone keep its queue open).
 pub(super) struct Batcher {
+    /// The batcher's own connection (a pool of one, which reconnects): an enqueue never waits
+    /// for a connection behind the dispatchers' claims and settles.
     pub(super) pool: Pool,
     pub(super) target: Target,
     pub(super) wakers: Arc<Wakers>,
@@ -110,7 +131,7 @@ impl Batcher {
     async fn run(&self, jobs: Vec<EnqueueJob>) {
         let mut touched = BTreeSet::new();
         let (pool, batch) = (&self.pool, jobs.as_slice());
-        match retrying(move || enqueue_batch(pool, batch)).await {
+        match retrying(move || write_batch(pool, batch)).await {
             Ok((reports, sinks)) => {
                 touched = sinks;
                 for (job, report) in jobs.into_iter().zip(reports) {
@@ -123,7 +144,7 @@ impl Batcher {
                 tracing::debug!(error = %self.target.scrub(&error.to_string()), "An enqueue batch failed; writing its requests one by one");
                 for job in jobs {
                     let single = std::slice::from_ref(&job);
-                    let result = retrying(move || enqueue_batch(pool, single)).await;
+                    let result = retrying(move || write_batch(pool, single)).await;
                     match result {
                         Ok((mut reports, sinks)) => {
                             touched.extend(sinks);
@@ -142,11 +163,23 @@ impl Batcher {
                 }
             }
         }
-        wake_and_notify(&self.pool, &self.target, &self.wakers, &touched).await;
+        // The other relays were notified right behind the commit.
+        for sink in touched {
+            self.wakers.wake(sink);
+        }
     }
 }
 
-fn connection_lost(error: &PgError) -> bool {
+/// One batch on the batcher's own connection.
+async fn write_batch(
+    pool: &Pool,
+    jobs: &[EnqueueJob],
+) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
+    let client = pool.get().await?;
+    enqueue_batch(&client, jobs, true).await
+}
+
+pub(super) fn connection_lost(error: &PgError) -> bool {
     match error {
         PgError::Postgres(error) => error.is_closed() || error.code().is_none(),
         PgError::Pool(_) => true,
@@ -154,7 +187,7 @@ fn connection_lost(error: &PgError) -> bool {
     }
 }
 
-/// One delivery row to insert.
+/// One delivery row to insert, should its event be new.
 struct NewDelivery<'a> {
     event_id: &'a str,
     sink: SinkName,
@@ -162,11 +195,14 @@ struct NewDelivery<'a> {
     at: Millis,
 }
 
-/// Writes the jobs' events and deliveries in one transaction; the report of each job, and the
-/// sinks that got rows.
+/// Writes the jobs' events and deliveries in one transaction, sent in one round trip (`BEGIN`,
+/// the lane locks, the enqueue, `COMMIT`, pipelined on the connection) and, when `notify`, the
+/// NOTIFY to the other relays right behind it; the report of each job, and the sinks that got
+/// rows.
 async fn enqueue_batch(
-    pool: &Pool,
+    client: &Client,
     jobs: &[EnqueueJob],
+    notify: bool,
 ) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
     // The first occurrence of each id in the batch is the one that may be new.
     let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
@@ -221,39 +257,15 @@ async fn enqueue_batch(
     let received: Vec<i64> = unique.iter().map(|(_, _, now)| *now).collect();
     let payloads: Vec<&str> = unique.iter().map(|(_, payload, _)| *payload).collect();
 
-    let mut client = pool.get().await?;
-    let transaction = client.transaction().await?;
-    let insert_events = transaction.prepare_cached(INSERT_EVENTS).await?;
-    let inserted: HashSet<String> = transaction
-        .query(
-            &insert_events,
-            &[
-                &ids,
-                &sources,
-                &kinds,
-                &pages,
-                &users,
-                &timestamps,
-                &received,
-                &payloads,
-            ],
-        )
-        .await?
-        .iter()
-        .map(|row| row.try_get(0))
-        .collect::<Result<_, _>>()?;
-
-    let mut reports = vec![EnqueueReport::default(); jobs.len()];
+    // The deliveries of every first occurrence, in the order of receipt; the statement keeps
+    // those of the events it inserted.
     let mut deliveries: Vec<NewDelivery> = Vec::new();
     for (j, job) in jobs.iter().enumerate() {
         for (k, (new, _)) in job.events.iter().enumerate() {
             let id = new.event.id.as_str();
-            let is_new = first.get(id) == Some(&(j, k)) && inserted.contains(id);
-            if !is_new {
-                reports[j].duplicates += 1;
+            if first.get(id) != Some(&(j, k)) {
                 continue;
             }
-            reports[j].stored += 1;
             for sink in &new.sinks {
                 deliveries.push(NewDelivery {
                     event_id: id,
@@ -265,17 +277,10 @@ async fn enqueue_batch(
                         .map(|user| column(user).into_owned()),
                     at: job.now,
                 });
-                reports[j].deliveries += 1;
             }
         }
     }
-    let touched: BTreeSet<SinkName> = deliveries.iter().map(|delivery| delivery.sink).collect();
-    if deliveries.is_empty() {
-        transaction.commit().await?;
-        return Ok((reports, touched));
-    }
-
-    // Lock the lanes (sorted: a fixed order across relays), then see which have a head.
+    // The lanes, sorted: locked in a fixed order across relays.
     let mut lanes: BTreeMap<(&str, &str), Millis> = BTreeMap::new();
     for delivery in &deliveries {
         if let Some(lane) = &delivery.lane {
@@ -285,37 +290,9 @@ async fn enqueue_batch(
             *at = (*at).max(delivery.at);
         }
     }
-    let mut busy: HashSet<(String, String)> = HashSet::new();
-    if !lanes.is_empty() {
-        let lane_sinks: Vec<&str> = lanes.keys().map(|(sink, _)| *sink).collect();
-        let lane_users: Vec<&str> = lanes.keys().map(|(_, lane)| *lane).collect();
-        let lane_times: Vec<i64> = lanes.values().copied().collect();
-        let lock = transaction.prepare_cached(LOCK_LANES).await?;
-        transaction
-            .execute(&lock, &[&lane_sinks, &lane_users, &lane_times])
-            .await?;
-        let heads = transaction.prepare_cached(BUSY_LANES).await?;
-        for row in transaction
-            .query(&heads, &[&lane_sinks, &lane_users])
-            .await?
-        {
-            busy.insert((row.try_get(0)?, row.try_get(1)?));
-        }
-    }
-    let mut states: Vec<&str> = Vec::with_capacity(deliveries.len());
-    for delivery in &deliveries {
-        let state = match &delivery.lane {
-            None => "pending",
-            Some(lane) => {
-                if busy.insert((delivery.sink.as_str().to_owned(), lane.clone())) {
-                    "pending"
-                } else {
-                    "waiting"
-                }
-            }
-        };
-        states.push(state);
-    }
+    let lane_sinks: Vec<&str> = lanes.keys().map(|(sink, _)| *sink).collect();
+    let lane_users: Vec<&str> = lanes.keys().map(|(_, lane)| *lane).collect();
+    let lane_times: Vec<i64> = lanes.values().copied().collect();
     let event_ids: Vec<&str> = deliveries
         .iter()
         .map(|delivery| delivery.event_id)
@@ -329,16 +306,96 @@ async fn enqueue_batch(
         .map(|delivery| delivery.lane.as_deref())
         .collect();
     let times: Vec<i64> = deliveries.iter().map(|delivery| delivery.at).collect();
-    let insert = transaction.prepare_cached(INSERT_DELIVERIES).await?;
-    transaction
-        .execute(
-            &insert,
-            &[&event_ids, &sinks, &delivery_lanes, &states, &times],
-        )
-        .await?;
-    transaction.commit().await?;
+    let may_touch: BTreeSet<SinkName> = deliveries.iter().map(|delivery| delivery.sink).collect();
+    let payload = sink_list(&may_touch);
+
+    let (lock, enqueue, notify_statement) = tokio::try_join!(
+        client.prepare_cached(LOCK_LANES),
+        client.prepare_cached(ENQUEUE),
+        client.prepare_cached(NOTIFY),
+    )?;
+    // All sent before the first answer, in this order (`biased`: the first poll polls each in
+    // turn, and a statement is sent when first polled): one round trip. Should a statement
+    // fail, those after it fail too and the COMMIT rolls back; the first error is returned.
+    let lock_params: [&(dyn ToSql + Sync); 3] = [&lane_sinks, &lane_users, &lane_times];
+    let enqueue_params: [&(dyn ToSql + Sync); 12] = [
+        &ids,
+        &sources,
+        &kinds,
+        &pages,
+        &users,
+        &timestamps,
+        &received,
+        &payloads,
+        &event_ids,
+        &sinks,
+        &delivery_lanes,
+        &times,
+    ];
+    let notify_params: [&(dyn ToSql + Sync); 2] = [&WORK_CHANNEL, &payload];
+    let locked = async {
+        if lanes.is_empty() {
+            Ok(0)
+        } else {
+            client.execute(&lock, &lock_params).await
+        }
+    };
+    let notified = async {
+        if notify && !may_touch.is_empty() {
+            Some(client.execute(&notify_statement, &notify_params).await)
+        } else {
+            None
+        }
+    };
+    let (began, locked, rows, committed, notified) = tokio::join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        locked,
+        client.query(&enqueue, &enqueue_params),
+        client.batch_execute("COMMIT"),
+        notified,
+    );
+    began?;
+    locked?;
+    let rows = rows?;
+    committed?;
+    // A lost NOTIFY costs only latency (see `wake_and_notify`).
+    if let Some(Err(error)) = notified {
+        tracing::debug!(%error, "Cannot notify the other relays of new work");
+    }
+    let inserted: HashSet<&str> = rows
+        .iter()
+        .map(|row| row.try_get(0))
+        .collect::<Result<_, _>>()?;
+
+    let mut reports = vec![EnqueueReport::default(); jobs.len()];
+    let mut touched = BTreeSet::new();
+    for (j, job) in jobs.iter().enumerate() {
+        for (k, (new, _)) in job.events.iter().enumerate() {
+            let id = new.event.id.as_str();
+            let is_new = first.get(id) == Some(&(j, k)) && inserted.contains(id);
+            if !is_new {
+                reports[j].duplicates += 1;
+                continue;
+            }
+            reports[j].stored += 1;
+            reports[j].deliveries += new.sinks.len();
+            touched.extend(new.sinks.iter().copied());
+        }
+    }
     Ok((reports, touched))
 }
+
+/// The NOTIFY payload: the sinks' names, comma-separated.
+fn sink_list(sinks: &BTreeSet<SinkName>) -> String {
+    sinks
+        .iter()
+        .map(|sink| sink.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+const NOTIFY: &str = "SELECT pg_notify($1, $2)";
 
 /// Wakes this relay's dispatchers of `sinks`, then tells the other relays (after the commit,
 /// outside any transaction). A lost NOTIFY costs only latency: every relay also claims at its
@@ -355,15 +412,12 @@ pub(super) async fn wake_and_notify(
     for sink in sinks {
         wakers.wake(*sink);
     }
-    let payload = sinks
-        .iter()
-        .map(|sink| sink.as_str())
-        .collect::<Vec<_>>()
-        .join(",");
+    let payload = sink_list(sinks);
     let sent = async {
         let client = pool.get().await?;
+        let statement = client.prepare_cached(NOTIFY).await?;
         client
-            .execute("SELECT pg_notify($1, $2)", &[&WORK_CHANNEL, &payload])
+            .execute(&statement, &[&WORK_CHANNEL, &payload])
             .await?;
         Ok::<_, PgError>(())
     };

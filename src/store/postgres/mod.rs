@@ -18,6 +18,7 @@ mod listen;
 mod queries;
 mod schema;
 mod enqueue;
+mod settle;
 mod write;
 #[cfg(test)]
 mod tests;
@@ -183,6 +184,12 @@ impl Tls {
 /// What every handle of one store shares.
 struct Inner {
     pool: Pool,
+    /// The enqueue batcher's own connection.
+    batcher_pool: Pool,
+    /// The settle batcher's own connection.
+    settle_pool: Pool,
+    /// The settle batcher's queue.
+    settles: mpsc::Sender<settle::SettleJob>,
     pg_config: tokio_postgres::Config,
     tls: Tls,
     target: Target,
@@ -228,34 +235,25 @@ impl PostgresStore {
         }
         let tls = Tls::for_config(&mut pg_config)
             .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
-        let manager_config = ManagerConfig {
-            recycling_method: RecyclingMethod::Fast,
-        };
-        let manager = match &tls {
-            Tls::Plain => {
-                Manager::from_config(pg_config.clone(), tokio_postgres::NoTls, manager_config)
-            }
-            Tls::Rustls(make) => {
-                Manager::from_config(pg_config.clone(), make.clone(), manager_config)
-            }
-        };
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(CONNECT_TIMEOUT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .recycle_timeout(Some(CONNECT_TIMEOUT))
-            .build()
+        let pool = build_pool(&pg_config, &tls, pool_size.max(1))
+            .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
+        let batcher_pool = build_pool(&pg_config, &tls, 1)
+            .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
+        let settle_pool = build_pool(&pg_config, &tls, 1)
             .map_err(|error| StoreError::Database(format!("{}: {error}", target.described)))?;
         schema::migrate(&pool)
             .await
             .map_err(|error| target.error(error))?;
 
         let (enqueue, queue) = mpsc::channel(4096);
+        let (settles, settle_queue) = mpsc::channel(4096);
         let stop = CancellationToken::new();
         let paused = Arc::new(RwLock::new(HashSet::new()));
         let inner = Arc::new(Inner {
             pool: pool.clone(),
+            batcher_pool,
+            settle_pool,
+            settles,
             pg_config,
             tls,
             target,
@@ -271,8 +269,17 @@ impl PostgresStore {
         store.reload_paused().await?;
         let batcher = tokio::spawn(enqueue::batch_loop(store.batcher(), queue));
         let listener = tokio::spawn(listen::listen_loop(store.listener()));
+        let settler = tokio::spawn(settle::settle_loop(
+            settle::SettleBatcher {
+                pool: store.inner.settle_pool.clone(),
+                target: store.inner.target.clone(),
+                wakers: store.inner.wakers.clone(),
+            },
+            settle_queue,
+        ));
         if let Ok(mut tasks) = store.inner.tasks.lock() {
             tasks.push(batcher);
+            tasks.push(settler);
             tasks.push(listener);
         }
         Ok(store)
@@ -281,7 +288,7 @@ impl PostgresStore {
     /// What the batcher needs, without a handle of the store (which would keep its queue open).
     fn batcher(&self) -> enqueue::Batcher {
         enqueue::Batcher {
-            pool: self.inner.pool.clone(),
+            pool: self.inner.batcher_pool.clone(),
             target: self.inner.target.clone(),
             wakers: self.inner.wakers.clone(),
         }
@@ -460,7 +467,59 @@ impl PostgresStore {
             let _ = task.await;
         }
         self.inner.pool.close();
+        self.inner.batcher_pool.close();
+        self.inner.settle_pool.close();
     }
+}
+
+/// Polls the futures (each a statement on one connection) in the order given until all are
+/// done: the first poll sends them all, in order, so that they reach the server in one
+/// round trip, in that order (pipelining). Their results, in the same order.
+async fn pipeline<T>(steps: Vec<futures_util::future::BoxFuture<'_, T>>) -> Vec<T> {
+    use futures_util::future::{MaybeDone, maybe_done};
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::Poll;
+    let mut steps: Vec<Pin<Box<MaybeDone<_>>>> = steps
+        .into_iter()
+        .map(|step| Box::pin(maybe_done(step)))
+        .collect();
+    std::future::poll_fn(|cx| {
+        let mut done = true;
+        for step in &mut steps {
+            done &= step.as_mut().poll(cx).is_ready();
+        }
+        if done { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+    steps
+        .iter_mut()
+        .filter_map(|step| step.as_mut().take_output())
+        .collect()
+}
+
+/// A pool of at most `size` connections to the server.
+fn build_pool(
+    pg_config: &tokio_postgres::Config,
+    tls: &Tls,
+    size: usize,
+) -> Result<Pool, deadpool_postgres::BuildError> {
+    let manager_config = ManagerConfig {
+        recycling_method: RecyclingMethod::Fast,
+    };
+    let manager = match tls {
+        Tls::Plain => {
+            Manager::from_config(pg_config.clone(), tokio_postgres::NoTls, manager_config)
+        }
+        Tls::Rustls(make) => Manager::from_config(pg_config.clone(), make.clone(), manager_config),
+    };
+    Pool::builder(manager)
+        .max_size(size)
+        .runtime(Runtime::Tokio1)
+        .wait_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .recycle_timeout(Some(CONNECT_TIMEOUT))
+        .build()
 }
 
 /// Runs `op` (one transaction) again when it failed only because it met a concurrent one

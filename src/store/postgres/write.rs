@@ -8,6 +8,7 @@
 
 use super::enqueue::wake_and_notify;
 use super::queries::{self, CLAIM, NEXT_DUE};
+use super::settle::{SettleJob, Settled};
 use super::{PgError, PostgresStore, column, retrying};
 use crate::clock::{Millis, millis};
 use crate::sink_name::SinkName;
@@ -18,6 +19,7 @@ use crate::store::{
 use deadpool_postgres::{GenericClient, Pool};
 use std::collections::BTreeSet;
 use std::time::Duration;
+use tokio_postgres::types::ToSql;
 
 /// The most rows one purge statement deletes.
 pub(super) const PURGE_CHUNK: i64 = 2000;
@@ -32,11 +34,15 @@ pub(super) const WORK_CHANNEL: &str = "botrelay_work";
 /// The channel a relay NOTIFYs (at commit) after it paused or unpaused a user.
 pub(super) const PAUSE_CHANNEL: &str = "botrelay_pause";
 
-/// Creates the lanes that do not exist and locks them all, in the order given.
+/// Creates the lanes that do not exist and locks them all, in the order given. A lane that
+/// exists is locked without a new row version, unless its `touched_at` (which only the purge
+/// reads, against the dedupe window) is a minute old or more: `ON CONFLICT DO UPDATE` locks
+/// the row whether or not its `WHERE` lets it be updated.
 pub(super) const LOCK_LANES: &str = "
     INSERT INTO lanes (sink, lane, touched_at)
     SELECT * FROM unnest($1::text[], $2::text[], $3::int8[])
-    ON CONFLICT (sink, lane) DO UPDATE SET touched_at = GREATEST(lanes.touched_at, EXCLUDED.touched_at)";
+    ON CONFLICT (sink, lane) DO UPDATE SET touched_at = EXCLUDED.touched_at
+        WHERE lanes.touched_at < EXCLUDED.touched_at - 60000";
 
 /// Lets the oldest waiting delivery of lane ($1, $2) go, if the lane has no head.
 pub(super) const PROMOTE: &str = "
@@ -179,17 +185,6 @@ pub(super) struct SettleRow {
     pub(super) lease_until: Millis,
 }
 
-/// What a settle changed.
-#[derive(PartialEq)]
-enum Settled {
-    /// The lease had been lost: nothing recorded.
-    Stale,
-    /// Retry scheduled.
-    Retried,
-    /// Done; the next of the lane (if any) is due now when `promoted`.
-    Done { promoted: bool },
-}
-
 pub(super) async fn settle_row(
     store: &PostgresStore,
     row: SettleRow,
@@ -202,179 +197,118 @@ pub(super) async fn settle_row(
         lane,
         lease_until,
     } = row;
-    let lane = lane.map(|lane| column(&lane).into_owned());
-    let pool = &store.inner.pool;
-    let (settle, lane_ref) = (&settle, &lane);
-    let settled = retrying(move || async move {
-        let mut client = pool.get().await?;
-        let transaction = client.transaction().await?;
-        let done = !matches!(*settle, Settle::Retry { .. });
-        if done && let Some(lane) = lane_ref {
-            lock_lane(&transaction, sink, lane, now).await?;
-        }
-        let changed = record(&transaction, id, settle, now, lease_until).await?;
-        if changed == 0 {
-            transaction.rollback().await?;
-            return Ok(Settled::Stale);
-        }
-        let promoted = match (lane_ref, done) {
-            (Some(lane), true) => promote(&transaction, sink, lane, now).await?,
-            _ => false,
-        };
-        transaction.commit().await?;
-        Ok(if done {
-            Settled::Done { promoted }
-        } else {
-            Settled::Retried
-        })
-    })
-    .await
-    .map_err(|error| store.error(error))?;
-    match settled {
-        Settled::Stale => tracing::warn!(
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    let job = SettleJob {
+        id,
+        sink,
+        lane: lane.map(|lane| column(&lane).into_owned()),
+        lease_until,
+        settle,
+        now,
+        answer,
+    };
+    store
+        .inner
+        .settles
+        .send(job)
+        .await
+        .map_err(|_| StoreError::Unavailable)?;
+    let settled = answered.await.map_err(|_| StoreError::Unavailable)??;
+    if settled == Settled::Stale {
+        tracing::warn!(
             delivery = id,
             "An attempt's outcome came after its lease ran out; it is not recorded"
-        ),
-        // A retry is this relay's to schedule: wake its own dispatcher only.
-        Settled::Retried => store.inner.wakers.wake(sink),
-        Settled::Done { promoted: true } => {
-            wake_and_notify(
-                pool,
-                &store.inner.target,
-                &store.inner.wakers,
-                &BTreeSet::from([sink]),
-            )
-            .await;
-        }
-        Settled::Done { promoted: false } => {}
+        );
     }
     Ok(())
 }
 
-/// Records an outcome, only while the row is still under this claim's lease; rows changed.
-async fn record(
-    client: &impl GenericClient,
+/// The statement that records an outcome, only while the row is still under this claim's
+/// lease (parameters from `record_values`).
+pub(super) fn record_sql(settle: &Settle) -> &'static str {
+    match settle {
+        Settle::Delivered { .. } => {
+            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+                 last_status = $3, last_error = NULL, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
+        }
+        Settle::Retry { .. } => {
+            "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                 throttled = throttled + $3, due_at = $4, last_status = $5,
+                 last_error = $6, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $7"
+        }
+        Settle::Dead {
+            attempted: true, ..
+        } => {
+            "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                 last_status = $3, last_error = $4, updated_at = $2,
+                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
+        }
+        // Dead before this claim's request: the attempts, their times and the last answer (of
+        // an earlier attempt) stay, the reason goes in front of its error.
+        Settle::Dead {
+            attempted: false, ..
+        } => {
+            "UPDATE deliveries SET state = 'dead',
+                 last_status = COALESCE($3, last_status),
+                 last_error = CASE WHEN last_error IS NULL THEN $4::text
+                     ELSE $4::text || '; last error: ' || last_error END,
+                 updated_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
+        }
+        Settle::Skipped { .. } => {
+            "UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
+             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
+        }
+    }
+}
+
+/// The parameters of `record_sql(settle)`.
+pub(super) fn record_values(
     id: i64,
     settle: &Settle,
     now: Millis,
     lease_until: Millis,
-) -> Result<u64, PgError> {
-    let changed = match settle {
-        Settle::Delivered { status } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
-                         last_status = $3, last_error = NULL, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $4",
-                    &[&id, &now, &i32::from(*status), &lease_until],
-                )
-                .await?
-        }
+) -> Vec<Box<dyn ToSql + Sync + Send>> {
+    match settle {
+        Settle::Delivered { status } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(i32::from(*status)),
+            Box::new(lease_until),
+        ],
         Settle::Retry {
             due_at,
             counted,
             status,
             error,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
-                         throttled = throttled + $3, due_at = $4, last_status = $5,
-                         last_error = $6, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $7",
-                    &[
-                        &id,
-                        &now,
-                        &i32::from(!counted),
-                        due_at,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        Settle::Dead {
-            status,
-            error,
-            attempted: true,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
-                         last_status = $3, last_error = $4, updated_at = $2,
-                         first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $5",
-                    &[
-                        &id,
-                        &now,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        // Dead before this claim's request: the attempts, their times and the last answer (of
-        // an earlier attempt) stay, the reason goes in front of its error.
-        Settle::Dead {
-            status,
-            error,
-            attempted: false,
-        } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'dead',
-                         last_status = COALESCE($3, last_status),
-                         last_error = CASE WHEN last_error IS NULL THEN $4::text
-                             ELSE $4::text || '; last error: ' || last_error END,
-                         updated_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $5",
-                    &[
-                        &id,
-                        &now,
-                        &status.map(i32::from),
-                        &column(error).as_ref(),
-                        &lease_until,
-                    ],
-                )
-                .await?
-        }
-        Settle::Skipped { reason } => {
-            client
-                .execute(
-                    "UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
-                     WHERE id = $1 AND state = 'in_flight' AND due_at = $4",
-                    &[&id, &now, &column(reason).as_ref(), &lease_until],
-                )
-                .await?
-        }
-    };
-    Ok(changed)
-}
-
-/// Locks one lane's row (creating it if a purge removed it).
-async fn lock_lane(
-    client: &impl GenericClient,
-    sink: SinkName,
-    lane: &str,
-    now: Millis,
-) -> Result<(), PgError> {
-    let locked = client
-        .query_opt(
-            "SELECT 1 FROM lanes WHERE sink = $1 AND lane = $2 FOR UPDATE",
-            &[&sink.as_str(), &lane],
-        )
-        .await?;
-    if locked.is_none() {
-        let statement = client.prepare_cached(LOCK_LANES).await?;
-        client
-            .execute(&statement, &[&vec![sink.as_str()], &vec![lane], &vec![now]])
-            .await?;
+        } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(i32::from(!counted)),
+            Box::new(*due_at),
+            Box::new(status.map(i32::from)),
+            Box::new(column(error).into_owned()),
+            Box::new(lease_until),
+        ],
+        Settle::Dead { status, error, .. } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(status.map(i32::from)),
+            Box::new(column(error).into_owned()),
+            Box::new(lease_until),
+        ],
+        Settle::Skipped { reason } => vec![
+            Box::new(id),
+            Box::new(now),
+            Box::new(column(reason).into_owned()),
+            Box::new(lease_until),
+        ],
     }
-    Ok(())
 }
 
 /// After the head of a lane is done, lets the next waiting delivery go; true when one did.
