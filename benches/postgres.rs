@@ -25,16 +25,15 @@ mod common;
 
 use botrelay::store::Store;
 use common::{
-    LoadResult, SinkMode, closed_loop_over, open_loop_over, preload, start_relay, start_sink,
+    LoadResult, PgServer, SinkMode, USERS, closed_loop_over, open_loop_over, preload, start_relay,
+    start_sink,
 };
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 const CONNECTIONS: u64 = 64;
 const RATE: u64 = 2000;
-const USERS: u64 = 1000;
 const P99_TARGET_MS: f64 = 20.0;
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 #[derive(Clone, Copy, PartialEq)]
 enum Setup {
@@ -55,65 +54,6 @@ impl Setup {
     }
 }
 
-/// The PostgreSQL server: where to connect as its administrator, to create a database per
-/// set-up.
-struct Server {
-    admin: tokio_postgres::Client,
-    url: url::Url,
-}
-
-impl Server {
-    /// Connects, or says in one line why not.
-    async fn connect() -> Result<Server, String> {
-        let admin_url = std::env::var("BOTRELAY_BENCH_DATABASE_URL")
-            .or_else(|_| std::env::var("BOTRELAY_TEST_DATABASE_URL"))
-            .unwrap_or_else(|_| DEFAULT_URL.into());
-        let url = url::Url::parse(&admin_url).map_err(|error| format!("bad URL: {error}"))?;
-        let mut shown = url.clone();
-        let _ = shown.set_password(None);
-        let connected = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio_postgres::connect(&admin_url, tokio_postgres::NoTls),
-        )
-        .await;
-        match connected {
-            Ok(Ok((admin, connection))) => {
-                tokio::spawn(connection);
-                Ok(Server { admin, url })
-            }
-            Ok(Err(error)) => Err(format!("no PostgreSQL at {shown} ({error})")),
-            Err(_) => Err(format!("no PostgreSQL at {shown} (timed out)")),
-        }
-    }
-
-    async fn version(&self) -> String {
-        self.admin
-            .query_one("SHOW server_version", &[])
-            .await
-            .and_then(|row| row.try_get(0))
-            .unwrap_or_default()
-    }
-
-    /// A new, empty database; its URL and name.
-    async fn create(&self) -> (String, String) {
-        let name = format!("botrelay_bench_{:016x}", rand::random::<u64>());
-        self.admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
-            .await
-            .unwrap();
-        let mut url = self.url.clone();
-        url.set_path(&name);
-        (url.to_string(), name)
-    }
-
-    async fn drop_database(&self, name: &str) {
-        let _ = self
-            .admin
-            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-            .await;
-    }
-}
-
 /// A set-up's stores, one per relay, and what to remove afterwards.
 struct Stores {
     stores: Vec<Store>,
@@ -122,7 +62,7 @@ struct Stores {
 }
 
 impl Stores {
-    async fn open(setup: Setup, server: &Server) -> Stores {
+    async fn open(setup: Setup, server: &PgServer) -> Stores {
         let dir = tempfile::tempdir().unwrap();
         let relays = if setup == Setup::TwoRelays { 2 } else { 1 };
         let (stores, database) = match setup {
@@ -167,7 +107,7 @@ impl Stores {
     }
 
     /// Stops the relays (by dropping `stops`), closes the stores and drops the database.
-    async fn finish(self, stops: Vec<tokio::sync::oneshot::Sender<()>>, server: &Server) {
+    async fn finish(self, stops: Vec<tokio::sync::oneshot::Sender<()>>, server: &PgServer) {
         drop(stops);
         for store in &self.stores {
             store.close().await;
@@ -220,7 +160,7 @@ fn main() {
         .build()
         .unwrap();
     runtime.block_on(async move {
-        let server = match Server::connect().await {
+        let server = match PgServer::connect().await {
             Ok(server) => server,
             Err(reason) => {
                 println!("postgres benchmark skipped: {reason}");
@@ -247,11 +187,11 @@ fn main() {
                 .start(&parked_bot, "concurrency = 1\ntimeout = \"1h\"\n")
                 .await;
             let first = index as u64 * 100_000_000;
-            closed_loop_over(&urls, CONNECTIONS, Duration::from_secs(1), first).await; // warm-up
-            let load = closed_loop_over(&urls, CONNECTIONS, phase, first + 20_000_000).await;
+            closed_loop_over(&urls, CONNECTIONS, Duration::from_secs(1), first, USERS).await; // warm-up
+            let load = closed_loop_over(&urls, CONNECTIONS, phase, first + 20_000_000, USERS).await;
             println!("  {} {}", setup.name(), load.summary());
             ingest.push(load.rate());
-            let paced = open_loop_over(&urls, RATE, phase, first + 50_000_000, false).await;
+            let paced = open_loop_over(&urls, RATE, phase, first + 50_000_000, USERS, false).await;
             ingest_paced.push((setup, paced));
             stores.finish(stops, &server).await;
         }
@@ -305,7 +245,7 @@ fn main() {
             let (bot_url, _) = start_sink(SinkMode::Count { timed: false }).await;
             let (urls, stops) = stores.start(&bot_url, "concurrency = 64\n").await;
             let first = 1_000_000_000 + index as u64 * 100_000_000;
-            let load = open_loop_over(&urls, RATE, phase, first, false).await;
+            let load = open_loop_over(&urls, RATE, phase, first, USERS, false).await;
             println!("  {} {}", setup.name(), load.summary());
             paced.push((setup, load));
             stores.finish(stops, &server).await;

@@ -14,7 +14,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod common;
+
 use botrelay::signing::sign_sha256;
+use common::{start_relay_process, status_kib};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
 use std::io::Write;
@@ -188,17 +191,6 @@ fn between(text: &str, start: &str, end: &str) -> Option<String> {
     Some(text[from..to].to_owned())
 }
 
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))?
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
-}
-
 fn webhook(n: u64, users: u64) -> (Vec<u8>, String, String) {
     let mid = format!("m_soak_{n}");
     let body = format!(
@@ -207,39 +199,6 @@ fn webhook(n: u64, users: u64) -> (Vec<u8>, String, String) {
     );
     let signature = sign_sha256(SECRET.as_bytes(), body.as_bytes());
     (body.into_bytes(), signature, mid)
-}
-
-/// Starts the real binary on `config` and returns it with its public and admin URLs.
-fn start_relay(config: &std::path::Path) -> (std::process::Child, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
-        .args(["--config".as_ref(), config.as_os_str()])
-        .env("BOTRELAY__LOG__FORMAT", "json")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start botrelay");
-    let stdout = child.stdout.take().expect("stdout");
-    let (sender, receiver) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        let mut sent = false;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if !sent && line.contains("\"Listening\"") {
-                let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
-                let urls = (
-                    format!("http://{}", entry["public"].as_str().unwrap_or_default()),
-                    format!("http://{}", entry["admin"].as_str().unwrap_or_default()),
-                );
-                let _ = sender.send(urls);
-                sent = true;
-            }
-        }
-    });
-    let (public, admin) = receiver
-        .recv_timeout(Duration::from_secs(30))
-        .expect("the relay did not start");
-    (child, public, admin)
 }
 
 #[tokio::main]
@@ -267,7 +226,7 @@ async fn main() {
         ),
     )
     .unwrap();
-    let (mut relay, url, admin) = start_relay(&config);
+    let (mut relay, url, admin) = start_relay_process(&config);
     let pid = relay.id();
     let duration = Duration::from_secs_f64(options.minutes * 60.0);
     println!(
@@ -290,7 +249,7 @@ async fn main() {
                 let elapsed = started.elapsed();
                 let step = (elapsed.as_secs_f64() / phase_length.as_secs_f64()) as usize;
                 phase.store(SCHEDULE[step % SCHEDULE.len()] as u8, Ordering::Relaxed);
-                if let Some(kib) = rss_kib(pid) {
+                if let Some(kib) = status_kib(pid, "VmRSS:") {
                     rss.lock().unwrap().push(kib);
                 }
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -368,7 +327,7 @@ async fn main() {
         if delivered == acked.len() || Instant::now() > drain_deadline {
             break;
         }
-        if let Some(kib) = rss_kib(pid) {
+        if let Some(kib) = status_kib(pid, "VmRSS:") {
             rss.lock().unwrap().push(kib);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;

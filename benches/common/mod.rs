@@ -1,6 +1,8 @@
-//! Shared benchmark harness: the relay in-process on port 0, a local sink that answers at once
-//! (or never), signed webhook bodies, and closed- and open-loop load generators that report
-//! throughput and latency percentiles (HDR histograms, microseconds).
+//! Shared benchmark harness: the relay in-process on port 0 or the real binary as a child
+//! process, a local sink that answers at once (or never), signed webhook bodies, closed- and
+//! open-loop load generators that report throughput and latency percentiles (HDR histograms,
+//! microseconds), a process's memory from `/proc`, and a PostgreSQL server to make fresh
+//! databases on.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use botrelay::config::Config;
@@ -45,6 +47,53 @@ pub async fn start_relay(
     (url, stop)
 }
 
+/// Starts the real `botrelay` binary (cargo builds it, with the bench profile, for every bench
+/// target) on `config`; returns the process and its public and admin URLs, read from its
+/// "Listening" log line.
+pub fn start_relay_process(config: &std::path::Path) -> (std::process::Child, String, String) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+        .args(["--config".as_ref(), config.as_os_str()])
+        .env("BOTRELAY__LOG__FORMAT", "json")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start botrelay");
+    let stdout = child.stdout.take().expect("stdout");
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut sent = false;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if !sent && line.contains("\"Listening\"") {
+                let entry: serde_json::Value = serde_json::from_str(&line).unwrap_or_default();
+                let urls = (
+                    format!("http://{}", entry["public"].as_str().unwrap_or_default()),
+                    format!("http://{}", entry["admin"].as_str().unwrap_or_default()),
+                );
+                let _ = sender.send(urls);
+                sent = true;
+            }
+        }
+    });
+    let (public, admin) = receiver
+        .recv_timeout(Duration::from_secs(30))
+        .expect("the relay did not start");
+    (child, public, admin)
+}
+
+/// A `kB` field of `/proc/<pid>/status`: `"VmRSS:"` (resident now), `"VmHWM:"` (its peak).
+pub fn status_kib(pid: u32, field: &str) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix(field))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
 /// What the local sink does with each request.
 #[derive(Clone)]
 pub enum SinkMode {
@@ -58,6 +107,21 @@ pub enum SinkMode {
 pub struct SinkStats {
     pub received: Arc<AtomicU64>,
     pub arrivals: Arc<Mutex<HashMap<String, Instant>>>,
+    /// Requests answered per first path segment (`/bot`, `/kochava/...`: "bot", "kochava"), so
+    /// that one sink stands in for several.
+    pub by_path: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+impl SinkStats {
+    /// Requests answered whose path began with `/{segment}`.
+    pub fn received_at(&self, segment: &str) -> u64 {
+        self.by_path
+            .lock()
+            .unwrap()
+            .get(segment)
+            .copied()
+            .unwrap_or(0)
+    }
 }
 
 pub async fn start_sink(mode: SinkMode) -> (String, SinkStats) {
@@ -65,7 +129,7 @@ pub async fn start_sink(mode: SinkMode) -> (String, SinkStats) {
     let url = format!("http://{}/webhook", listener.local_addr().unwrap());
     let stats = SinkStats::default();
     let handler_stats = stats.clone();
-    let app = axum::Router::new().fallback(move |body: axum::body::Bytes| {
+    let app = axum::Router::new().fallback(move |uri: axum::http::Uri, body: axum::body::Bytes| {
         let stats = handler_stats.clone();
         let mode = mode.clone();
         async move {
@@ -78,6 +142,13 @@ pub async fn start_sink(mode: SinkMode) -> (String, SinkStats) {
                             stats.arrivals.lock().unwrap().insert(mid, arrived);
                         }
                     }
+                    let segment = uri.path().split('/').nth(1).unwrap_or_default();
+                    *stats
+                        .by_path
+                        .lock()
+                        .unwrap()
+                        .entry(segment.to_owned())
+                        .or_default() += 1;
                     stats.received.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -167,16 +238,20 @@ pub async fn closed_loop(
     duration: Duration,
     first_id: u64,
 ) -> LoadResult {
-    closed_loop_over(&[url.to_owned()], connections, duration, first_id).await
+    closed_loop_over(&[url.to_owned()], connections, duration, first_id, USERS).await
 }
 
+/// How many users the webhooks of [`closed_loop`] and [`open_loop`] come from.
+pub const USERS: u64 = 1000;
+
 /// [`closed_loop`] against several relays: worker `i` sends to `urls[i % urls.len()]`, so the
-/// same generator loads one relay or spreads evenly over several.
+/// same generator loads one relay or spreads evenly over several; webhooks from `users` users.
 pub async fn closed_loop_over(
     urls: &[String],
     connections: u64,
     duration: Duration,
     first_id: u64,
+    users: u64,
 ) -> LoadResult {
     let client = client();
     let next = Arc::new(AtomicU64::new(first_id));
@@ -196,7 +271,7 @@ pub async fn closed_loop_over(
             let (mut requests, mut errors) = (0, 0);
             while !stop.load(Ordering::Relaxed) {
                 let (body, signature, _) =
-                    signed_message(next.fetch_add(1, Ordering::Relaxed), 1000);
+                    signed_message(next.fetch_add(1, Ordering::Relaxed), users);
                 let sent = Instant::now();
                 let response = client
                     .post(&url)
@@ -238,15 +313,25 @@ pub async fn open_loop(
     first_id: u64,
     record_acks: bool,
 ) -> LoadResult {
-    open_loop_over(&[url.to_owned()], rate, duration, first_id, record_acks).await
+    open_loop_over(
+        &[url.to_owned()],
+        rate,
+        duration,
+        first_id,
+        USERS,
+        record_acks,
+    )
+    .await
 }
 
-/// [`open_loop`] against several relays: request `i` goes to `urls[i % urls.len()]`.
+/// [`open_loop`] against several relays: request `i` goes to `urls[i % urls.len()]`; webhooks
+/// from `users` users.
 pub async fn open_loop_over(
     urls: &[String],
     rate: u64,
     duration: Duration,
     first_id: u64,
+    users: u64,
     record_acks: bool,
 ) -> LoadResult {
     let client = client();
@@ -259,7 +344,7 @@ pub async fn open_loop_over(
         tokio::time::sleep_until(scheduled.into()).await;
         let url = &urls[index as usize % urls.len()];
         let (client, url) = (client.clone(), format!("{url}/webhook"));
-        let (body, signature, mid) = signed_message(first_id + index, 1000);
+        let (body, signature, mid) = signed_message(first_id + index, users);
         requests.spawn(async move {
             let response = client
                 .post(&url)
@@ -320,5 +405,69 @@ pub async fn preload(store: &Store, events: u64, users: u64) {
             })
             .collect();
         store.enqueue(batch, now_ms()).await.unwrap();
+    }
+}
+
+/// The PostgreSQL server the benchmarks use when no URL is set.
+pub const PG_DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+/// A PostgreSQL server for the benchmarks: where to connect as its administrator, to create a
+/// fresh database per set-up and drop it afterwards. The server is
+/// `BOTRELAY_BENCH_DATABASE_URL`, else `BOTRELAY_TEST_DATABASE_URL`, else [`PG_DEFAULT_URL`]
+/// (a user that may create databases).
+pub struct PgServer {
+    pub admin: tokio_postgres::Client,
+    pub url: url::Url,
+}
+
+impl PgServer {
+    /// Connects, or says in one line why not.
+    pub async fn connect() -> Result<PgServer, String> {
+        let admin_url = std::env::var("BOTRELAY_BENCH_DATABASE_URL")
+            .or_else(|_| std::env::var("BOTRELAY_TEST_DATABASE_URL"))
+            .unwrap_or_else(|_| PG_DEFAULT_URL.into());
+        let url = url::Url::parse(&admin_url).map_err(|error| format!("bad URL: {error}"))?;
+        let mut shown = url.clone();
+        let _ = shown.set_password(None);
+        let connected = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio_postgres::connect(&admin_url, tokio_postgres::NoTls),
+        )
+        .await;
+        match connected {
+            Ok(Ok((admin, connection))) => {
+                tokio::spawn(connection);
+                Ok(PgServer { admin, url })
+            }
+            Ok(Err(error)) => Err(format!("no PostgreSQL at {shown} ({error})")),
+            Err(_) => Err(format!("no PostgreSQL at {shown} (timed out)")),
+        }
+    }
+
+    pub async fn version(&self) -> String {
+        self.admin
+            .query_one("SHOW server_version", &[])
+            .await
+            .and_then(|row| row.try_get(0))
+            .unwrap_or_default()
+    }
+
+    /// A new, empty database; its URL and name.
+    pub async fn create(&self) -> (String, String) {
+        let name = format!("botrelay_bench_{:016x}", rand::random::<u64>());
+        self.admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+        let mut url = self.url.clone();
+        url.set_path(&name);
+        (url.to_string(), name)
+    }
+
+    pub async fn drop_database(&self, name: &str) {
+        let _ = self
+            .admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
     }
 }
