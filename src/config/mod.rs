@@ -199,7 +199,8 @@ pub struct StoreConfig {
     pub path: PathBuf,
     /// `postgres://…`: the PostgreSQL store (several relays on one database) instead of `path`.
     pub url: Option<SecretString>,
-    /// The most connections this relay opens to PostgreSQL.
+    /// Pooled PostgreSQL connections (claims, reads, admin); the enqueue batcher, the settle
+    /// batcher and LISTEN hold one more each.
     pub pool_size: usize,
     /// How long a PostgreSQL claim is leased (renewed while its attempt runs): how soon
     /// another relay takes over the deliveries of a relay that died.
