@@ -10,7 +10,7 @@
 //! nor a wait for a pooled connection, is what an ack waits for.
 
 use super::write::{LOCK_LANES, WORK_CHANNEL};
-use super::{PgError, Target, column, retrying};
+use super::{PgError, Target, batch, column};
 use crate::clock::Millis;
 use crate::event::Event;
 use crate::sink_name::SinkName;
@@ -111,62 +111,37 @@ pub(super) struct Batcher {
 /// up to `MAX_BATCH_EVENTS`, and writes them in one transaction; answers each caller after
 /// the commit; then wakes the local dispatchers and NOTIFYs the other relays.
 pub(super) async fn batch_loop(batcher: Batcher, mut queue: mpsc::Receiver<EnqueueJob>) {
-    while let Some(first) = queue.recv().await {
-        let mut events = first.events.len();
-        let mut jobs = vec![first];
-        while events < MAX_BATCH_EVENTS {
-            match queue.try_recv() {
-                Ok(job) => {
-                    events += job.events.len();
-                    jobs.push(job);
-                }
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) =
+        batch::next_batch(&mut queue, MAX_BATCH_EVENTS, |job| job.events.len()).await
+    {
         batcher.run(jobs).await;
     }
 }
 
 impl Batcher {
     async fn run(&self, jobs: Vec<EnqueueJob>) {
-        let mut touched = BTreeSet::new();
-        let (pool, batch) = (&self.pool, jobs.as_slice());
-        match retrying(move || write_batch(pool, batch)).await {
-            Ok((reports, sinks)) => {
-                touched = sinks;
-                for (job, report) in jobs.into_iter().zip(reports) {
-                    let _ = job.answer.send(Ok(report));
-                }
-            }
-            // One caller's events may be what failed (a value the database refuses): each
-            // job alone, so that the failure is only that caller's.
-            Err(error) if jobs.len() > 1 && !connection_lost(&error) => {
-                tracing::debug!(error = %self.target.scrub(&error.to_string()), "An enqueue batch failed; writing its requests one by one");
-                for job in jobs {
-                    let single = std::slice::from_ref(&job);
-                    let result = retrying(move || write_batch(pool, single)).await;
-                    match result {
-                        Ok((mut reports, sinks)) => {
-                            touched.extend(sinks);
-                            let _ = job.answer.send(Ok(reports.pop().unwrap_or_default()));
-                        }
-                        Err(error) => {
-                            let _ = job.answer.send(Err(self.target.error(error)));
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                let error = self.target.error(error);
-                for job in jobs {
-                    let _ = job.answer.send(Err(error.clone()));
-                }
-            }
-        }
+        let touched = batch::write_all(self, &self.target, jobs, |job, report| {
+            let _ = job.answer.send(report);
+        })
+        .await;
         // The other relays were notified right behind the commit.
         for sink in touched {
             self.wakers.wake(sink);
         }
+    }
+}
+
+impl batch::BatchWrite for Batcher {
+    type Job = EnqueueJob;
+    type Outcome = EnqueueReport;
+    const WHAT: &'static str = "enqueue";
+
+    fn write<'a>(
+        &'a self,
+        jobs: &'a [EnqueueJob],
+    ) -> impl Future<Output = Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError>> + Send + 'a
+    {
+        write_batch(&self.pool, jobs)
     }
 }
 
@@ -177,14 +152,6 @@ async fn write_batch(
 ) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
     let client = pool.get().await?;
     enqueue_batch(&client, jobs, true).await
-}
-
-pub(super) fn connection_lost(error: &PgError) -> bool {
-    match error {
-        PgError::Postgres(error) => error.is_closed() || error.code().is_none(),
-        PgError::Pool(_) => true,
-        PgError::Other(_) => false,
-    }
 }
 
 /// One delivery row to insert, should its event be new.

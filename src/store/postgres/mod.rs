@@ -14,6 +14,7 @@
 //! unique partial index, and every change of who heads a lane happens under the lane's row lock
 //! in `lanes`, so two relays never promote two heads nor leave waiting rows without one.
 
+mod batch;
 mod listen;
 mod queries;
 mod schema;

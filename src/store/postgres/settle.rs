@@ -7,7 +7,7 @@
 
 use super::enqueue::wake_and_notify;
 use super::write::{LOCK_LANES, PROMOTE, record_sql, record_values};
-use super::{PgError, Target, pipeline, queries, retrying};
+use super::{PgError, Target, batch, pipeline, queries};
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
 use crate::store::{Settle, StoreError, Wakers};
@@ -64,14 +64,7 @@ pub(super) struct SettleBatcher {
 }
 
 pub(super) async fn settle_loop(batcher: SettleBatcher, mut queue: mpsc::Receiver<SettleJob>) {
-    while let Some(first) = queue.recv().await {
-        let mut jobs = vec![first];
-        while jobs.len() < MAX_BATCH_SETTLES {
-            match queue.try_recv() {
-                Ok(job) => jobs.push(job),
-                Err(_) => break,
-            }
-        }
+    while let Some(jobs) = batch::next_batch(&mut queue, MAX_BATCH_SETTLES, |_| 1).await {
         batcher.run(jobs).await;
     }
 }
@@ -80,51 +73,32 @@ impl SettleBatcher {
     async fn run(&self, jobs: Vec<SettleJob>) {
         let pool = &self.pool;
         let mut wake = BTreeSet::new();
-        let mut promoted = BTreeSet::new();
-        let batch = jobs.as_slice();
-        match retrying(move || settle_batch(pool, batch)).await {
-            Ok((outcomes, lanes)) => {
-                promoted = lanes;
-                for (job, outcome) in jobs.into_iter().zip(outcomes) {
-                    if outcome == Settled::Retried {
-                        wake.insert(job.sink);
-                    }
-                    let _ = job.answer.send(Ok(outcome));
-                }
+        let promoted = batch::write_all(self, &self.target, jobs, |job, outcome| {
+            if matches!(outcome, Ok(Settled::Retried)) {
+                wake.insert(job.sink);
             }
-            // One outcome may be what failed (a value the database refuses): each alone.
-            Err(error) if jobs.len() > 1 && !super::enqueue::connection_lost(&error) => {
-                tracing::debug!(error = %self.target.scrub(&error.to_string()), "A settle batch failed; recording its outcomes one by one");
-                for job in jobs {
-                    let single = std::slice::from_ref(&job);
-                    match retrying(move || settle_batch(pool, single)).await {
-                        Ok((outcomes, lanes)) => {
-                            promoted.extend(lanes);
-                            let outcome = outcomes.first().copied().unwrap_or(Settled::Stale);
-                            if outcome == Settled::Retried {
-                                wake.insert(job.sink);
-                            }
-                            let _ = job.answer.send(Ok(outcome));
-                        }
-                        Err(error) => {
-                            let _ = job.answer.send(Err(self.target.error(error)));
-                        }
-                    }
-                }
-            }
-            Err(error) => {
-                let error = self.target.error(error);
-                for job in jobs {
-                    let _ = job.answer.send(Err(error.clone()));
-                }
-            }
-        }
+            let _ = job.answer.send(outcome);
+        })
+        .await;
         // A retry is this relay's to schedule: its own dispatcher only. A promoted delivery is
         // due now: every relay may take it.
         for sink in wake.difference(&promoted) {
             self.wakers.wake(*sink);
         }
         wake_and_notify(pool, &self.target, &self.wakers, &promoted).await;
+    }
+}
+
+impl batch::BatchWrite for SettleBatcher {
+    type Job = SettleJob;
+    type Outcome = Settled;
+    const WHAT: &'static str = "settle";
+
+    fn write<'a>(
+        &'a self,
+        jobs: &'a [SettleJob],
+    ) -> impl Future<Output = Result<(Vec<Settled>, BTreeSet<SinkName>), PgError>> + Send + 'a {
+        settle_batch(&self.pool, jobs)
     }
 }
 
