@@ -64,7 +64,7 @@ pub(super) async fn write_all<W: BatchWrite>(
             touched
         }
         Err(error) if jobs.len() > 1 && !connection_lost(&error) => {
-            tracing::debug!(error = %target.scrub(&error.to_string()), batch = W::WHAT, "A batch failed; writing its jobs one by one");
+            tracing::debug!(error = %target.scrub(&error.to_string()), "A {} batch failed; writing its jobs one by one", W::WHAT);
             let mut touched = BTreeSet::new();
             for job in jobs {
                 let single = std::slice::from_ref(&job);

@@ -959,7 +959,7 @@ async fn an_outcome_the_database_refuses_does_not_fail_the_rest_of_its_batch() -
     let logged = captured.text();
     assert_eq!(
         logged
-            .matches("A settle batch failed; recording its outcomes one by one")
+            .matches("A settle batch failed; writing its jobs one by one")
             .count(),
         1,
         "the outcomes were not one batch that fell back:\n{logged}"
