@@ -141,7 +141,9 @@ impl Dispatcher {
                                         lease,
                                         span_made: false,
                                     };
-                                    this.attempt(attempt, delivery).await;
+                                    // Boxed: the attempt's state is large, and the task
+                                    // would otherwise be copied whole into its cell.
+                                    Box::pin(this.attempt(attempt, delivery)).await;
                                     drop(permit);
                                 });
                             }
@@ -461,7 +463,7 @@ impl Dispatcher {
             (Ok(request), None) => {
                 let send = self
                     .client
-                    .send(&request, route.delivery.timeout, route.classifier());
+                    .send(request, route.delivery.timeout, route.classifier());
                 let sent = self.holding_lease(send, delivery, attempt).await;
                 if let Some(notice) = sent.notice.filter(|_| route.heeds_version_warnings()) {
                     attempt
