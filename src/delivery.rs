@@ -141,7 +141,9 @@ impl Client {
     }
 
     /// Sends `request` within `timeout` and classifies the answer; notes its version warning.
-    pub async fn send(&self, request: &Request, timeout: Duration, classify: Classify) -> Sent {
+    /// The request is taken whole: its header values and body become the HTTP request's
+    /// without a copy.
+    pub async fn send(&self, request: Request, timeout: Duration, classify: Classify) -> Sent {
         let mut notice = None;
         let outcome = self.attempt(request, timeout, classify, &mut notice).await;
         Sent { outcome, notice }
@@ -149,30 +151,40 @@ impl Client {
 
     async fn attempt(
         &self,
-        request: &Request,
+        request: Request,
         timeout: Duration,
         classify: Classify,
         notice: &mut Option<String>,
     ) -> Outcome {
-        let method = match request.method {
+        let Request {
+            method,
+            url,
+            headers,
+            body,
+        } = request;
+        let method = match method {
             Method::Get => reqwest::Method::GET,
             Method::Post => reqwest::Method::POST,
         };
-        let mut builder = self.http.request(method, &request.url).timeout(timeout);
-        for (name, value) in &request.headers {
-            let (Ok(name), Ok(value)) = (
-                HeaderName::try_from(*name),
-                HeaderValue::try_from(value.as_str()),
-            ) else {
+        let mut header_map = HeaderMap::with_capacity(headers.len());
+        for (name, value) in headers {
+            let (Ok(header), Ok(value)) =
+                (HeaderName::try_from(name), HeaderValue::try_from(value))
+            else {
                 return Outcome::Permanent {
                     status: None,
                     error: format!("invalid header {name}"),
                 };
             };
-            builder = builder.header(name, value);
+            header_map.append(header, value);
         }
-        if let Some(body) = &request.body {
-            builder = builder.body(body.clone());
+        let mut builder = self
+            .http
+            .request(method, url)
+            .timeout(timeout)
+            .headers(header_map);
+        if let Some(body) = body {
+            builder = builder.body(body);
         }
         let mut response = match builder.send().await {
             Ok(response) => response,

@@ -49,9 +49,12 @@ pub async fn start_relay(
 
 /// Starts the real `botrelay` binary (cargo builds it, with the bench profile, for every bench
 /// target) on `config`; returns the process and its public and admin URLs, read from its
-/// "Listening" log line.
+/// "Listening" log line. `BENCH_RELAY_BIN` names another binary to run instead (a build of
+/// another commit, to compare two builds under one load generator).
 pub fn start_relay_process(config: &std::path::Path) -> (std::process::Child, String, String) {
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_botrelay"))
+    let binary = std::env::var_os("BENCH_RELAY_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_botrelay").into());
+    let mut child = std::process::Command::new(binary)
         .args(["--config".as_ref(), config.as_os_str()])
         .env("BOTRELAY__LOG__FORMAT", "json")
         .stdout(std::process::Stdio::piped())

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tracing::Instrument;
+use tracing::{Instrument, Level, Span};
 
 mod health;
 mod schedule;
@@ -90,6 +90,7 @@ impl Dispatcher {
         // comes while every permit is busy is kept until a permit is free. While none is, the
         // loop waits for an attempt to finish, not for a due time it could not act on.
         let batch_threshold = route.delivery.concurrency.div_ceil(4);
+        let metrics = Arc::new(SinkMetrics::new(route.name.as_str()));
         let health = Arc::new(Mutex::new(Health::default()));
         // The claims whose attempts run now (id → lease): what a shutdown that cuts them off
         // gives back to the store, so that they do not count as cut off by a crash.
@@ -128,17 +129,21 @@ impl Dispatcher {
                                 };
                                 let this = self.clone();
                                 let (route, health) = (route.clone(), health.clone());
-                                let claims = claims.clone();
+                                let (claims, metrics) = (claims.clone(), metrics.clone());
                                 lock_map(&claims).insert(delivery.id, delivery.claim_ref());
                                 attempts.spawn(async move {
                                     let attempt = Attempt {
                                         route: &route,
                                         health: &health,
                                         held: &claims,
+                                        metrics: &metrics,
                                         probe,
                                         lease,
+                                        span_made: false,
                                     };
-                                    this.attempt(attempt, delivery).await;
+                                    // Boxed: the attempt's state is large, and the task
+                                    // would otherwise be copied whole into its cell.
+                                    Box::pin(this.attempt(attempt, delivery)).await;
                                     drop(permit);
                                 });
                             }
@@ -194,15 +199,20 @@ impl Dispatcher {
     }
 
     /// One attempt of one delivery, recorded in the store whatever happens.
-    async fn attempt(&self, attempt: Attempt<'_>, mut delivery: Claimed) {
+    ///
+    /// Its lines carry the `delivery` span. Made for every attempt it would cost more than the
+    /// attempt's own work, so it is made up front only when debug lines (which every attempt
+    /// logs) are on; otherwise each line an attempt logs, which is rare, makes it then
+    /// ([`Attempt::log_span`]).
+    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) {
         let Attempt { route, held, .. } = attempt;
-        let span = tracing::info_span!(
-            "delivery",
-            event_id = %delivery.event.id,
-            sink = %route.name,
-            kind = %delivery.event.kind,
-            attempt = delivery.attempts + 1,
-        );
+        attempt.span_made = tracing::enabled!(Level::DEBUG)
+            || tracing::enabled!(target: "botrelay::delivery", Level::DEBUG);
+        let span = if attempt.span_made {
+            delivery_span(route, &delivery)
+        } else {
+            Span::none()
+        };
         async {
             let started = Instant::now();
             // Pause is decided at dispatch time, before any encoding: a paused user's events
@@ -229,10 +239,12 @@ impl Dispatcher {
                             after: None,
                             error: format!("the attempt panicked (a bug): {}", panic_text(&*panic)),
                         };
-                        tracing::error!(
-                            delivery = delivery.id,
-                            "A delivery attempt panicked; it counts as failed"
-                        );
+                        attempt.log_span(&delivery).in_scope(|| {
+                            tracing::error!(
+                                delivery = delivery.id,
+                                "A delivery attempt panicked; it counts as failed"
+                            );
+                        });
                         schedule(
                             &route.delivery,
                             &delivery,
@@ -243,7 +255,14 @@ impl Dispatcher {
                     }
                 }
             };
-            record(route, &settle);
+            match settle {
+                Settle::Delivered { .. } | Settle::Skipped { .. } => {
+                    record(attempt.metrics, &settle);
+                }
+                Settle::Retry { .. } | Settle::Dead { .. } => attempt
+                    .log_span(&delivery)
+                    .in_scope(|| record(attempt.metrics, &settle)),
+            }
             self.status.record(route.name, &settle);
             for retry in 0..5u32 {
                 match self.store.settle(&delivery, settle.clone(), now_ms()).await {
@@ -252,25 +271,62 @@ impl Dispatcher {
                         return;
                     }
                     Err(error) => {
-                        tracing::warn!(%error, "Cannot record the delivery outcome; retrying");
+                        attempt.log_span(&delivery).in_scope(|| {
+                            tracing::warn!(%error, "Cannot record the delivery outcome; retrying");
+                        });
                         tokio::time::sleep(Duration::from_millis(50 << retry)).await;
                     }
                 }
             }
-            tracing::error!(
-                "Delivery outcome not recorded; the lease will run out and it will be sent again"
-            );
+            attempt.log_span(&delivery).in_scope(|| {
+                tracing::error!(
+                    "Delivery outcome not recorded; the lease will run out and it will be sent again"
+                );
+            });
         }
         .instrument(span)
         .await
     }
 }
 
-fn record(route: &Route, settle: &Settle) {
-    let outcome = match settle {
+/// The span of one delivery attempt's lines.
+fn delivery_span(route: &Route, delivery: &Claimed) -> Span {
+    tracing::info_span!(
+        "delivery",
+        event_id = %delivery.event.id,
+        sink = %route.name,
+        kind = %delivery.event.kind,
+        attempt = delivery.attempts + 1,
+    )
+}
+
+/// A sink's delivery metrics, looked up once for its loop instead of once per attempt.
+struct SinkMetrics {
+    delivered: metrics::Counter,
+    retried: metrics::Counter,
+    dead: metrics::Counter,
+    skipped: metrics::Counter,
+    seconds: metrics::Histogram,
+}
+
+impl SinkMetrics {
+    fn new(sink: &'static str) -> SinkMetrics {
+        let outcome = |outcome: &'static str| metrics::counter!(metric::DELIVERIES, "sink" => sink, "outcome" => outcome);
+        SinkMetrics {
+            delivered: outcome("delivered"),
+            retried: outcome("retried"),
+            dead: outcome("dead"),
+            skipped: outcome("skipped"),
+            seconds: metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => sink),
+        }
+    }
+}
+
+fn record(metrics: &SinkMetrics, settle: &Settle) {
+    let counter = match settle {
         Settle::Delivered { status } => {
             tracing::debug!(status, "Delivered");
-            "delivered"
+            &metrics.delivered
         }
         Settle::Retry {
             due_at,
@@ -279,7 +335,7 @@ fn record(route: &Route, settle: &Settle) {
             error,
         } => {
             tracing::info!(status, %error, retry_in_ms = due_at - now_ms(), counted, "Delivery failed; will retry");
-            "retried"
+            &metrics.retried
         }
         Settle::Dead {
             status,
@@ -287,15 +343,14 @@ fn record(route: &Route, settle: &Settle) {
             attempted,
         } => {
             tracing::warn!(status, %error, attempted, "Delivery failed for good; dead-lettered");
-            "dead"
+            &metrics.dead
         }
         Settle::Skipped { reason } => {
             tracing::debug!(%reason, "Delivery skipped");
-            "skipped"
+            &metrics.skipped
         }
     };
-    metrics::counter!(metric::DELIVERIES, "sink" => route.name.as_str(), "outcome" => outcome)
-        .increment(1);
+    counter.increment(1);
 }
 
 /// What one attempt needs besides its delivery.
@@ -305,9 +360,23 @@ struct Attempt<'a> {
     health: &'a Mutex<Health>,
     /// The sink loop's claims in flight; this attempt's entry follows its lease.
     held: &'a Mutex<HashMap<i64, ClaimRef>>,
+    metrics: &'a SinkMetrics,
     /// The one delivery an outage lets through to see whether the sink is back.
     probe: bool,
     lease: Duration,
+    /// The attempt runs in its `delivery` span (made up front because debug lines are on).
+    span_made: bool,
+}
+
+impl Attempt<'_> {
+    /// The span for a line the attempt logs: the one it runs in, else one made now.
+    fn log_span(&self, delivery: &Claimed) -> Span {
+        if self.span_made {
+            Span::current()
+        } else {
+            delivery_span(self.route, delivery)
+        }
+    }
 }
 
 /// The sink's health; a panic elsewhere while it was held leaves it as it was.
@@ -371,9 +440,9 @@ impl Dispatcher {
         let Attempt {
             route,
             health,
-            held,
+            metrics,
             probe,
-            lease,
+            ..
         } = *attempt;
         let delivery = &mut *delivery;
         // A delivery its sink skips was never to be sent: skipped however long it
@@ -394,15 +463,16 @@ impl Dispatcher {
             (Ok(request), None) => {
                 let send = self
                     .client
-                    .send(&request, route.delivery.timeout, route.classifier());
-                let sent = self.holding_lease(send, delivery, lease, held).await;
+                    .send(request, route.delivery.timeout, route.classifier());
+                let sent = self.holding_lease(send, delivery, attempt).await;
                 if let Some(notice) = sent.notice.filter(|_| route.heeds_version_warnings()) {
-                    self.status.warn(route.name, &notice, now_ms());
+                    attempt
+                        .log_span(delivery)
+                        .in_scope(|| self.status.warn(route.name, &notice, now_ms()));
                 }
                 let outcome = sent.outcome;
                 let took = started.elapsed().as_secs_f64();
-                metrics::histogram!(metric::DELIVERY_SECONDS, "sink" => route.name.as_str())
-                    .record(took);
+                metrics.seconds.record(took);
                 self.status.history().latency(route.name, took, now_ms());
                 let counted = delivery.attempts.saturating_sub(delivery.throttled);
                 let (now, jitter) = (now_ms(), rand::random::<f64>());
@@ -411,7 +481,11 @@ impl Dispatcher {
                 let user = delivery.event.user_id.as_deref();
                 let (change, hold) =
                     lock(health).observe(user, &outcome, probe, &route.delivery, now, jitter);
-                self.outage_changed(route, change, now);
+                if !matches!(change, Change::None) {
+                    attempt
+                        .log_span(delivery)
+                        .in_scope(|| self.outage_changed(route, change, now));
+                }
                 let mut settle = match (hold, outcome) {
                     // The sink is down: wait for the probe, spending no attempt.
                     (
@@ -438,23 +512,27 @@ impl Dispatcher {
     /// gave the delivery to someone else) is logged; its outcome will not count.
     async fn holding_lease<T>(
         &self,
-        attempt: impl Future<Output = T>,
+        send: impl Future<Output = T>,
         delivery: &mut Claimed,
-        lease: Duration,
-        held: &Mutex<HashMap<i64, ClaimRef>>,
+        attempt: &Attempt<'_>,
     ) -> T {
+        let (lease, held) = (attempt.lease, attempt.held);
         let every = (lease / 3).max(Duration::from_millis(100));
         let mut renewal = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tokio::pin!(attempt);
+        tokio::pin!(send);
         loop {
             tokio::select! {
-                outcome = &mut attempt => return outcome,
+                outcome = &mut send => return outcome,
                 _ = renewal.tick() => match self.store.renew(delivery, now_ms(), lease).await {
                     Ok(true) => {
                         lock_map(held).insert(delivery.id, delivery.claim_ref());
                     }
-                    Ok(false) => tracing::warn!(delivery = delivery.id, "The delivery's lease was lost during its attempt"),
-                    Err(error) => tracing::warn!(delivery = delivery.id, %error, "Cannot renew the delivery's lease"),
+                    Ok(false) => attempt.log_span(delivery).in_scope(|| {
+                        tracing::warn!(delivery = delivery.id, "The delivery's lease was lost during its attempt");
+                    }),
+                    Err(error) => attempt.log_span(delivery).in_scope(|| {
+                        tracing::warn!(delivery = delivery.id, %error, "Cannot renew the delivery's lease");
+                    }),
                 },
             }
         }
