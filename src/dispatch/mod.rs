@@ -240,8 +240,11 @@ impl Dispatcher {
                             error: format!("the attempt panicked (a bug): {}", panic_text(&*panic)),
                         };
                         attempt.log_span(&delivery).in_scope(|| {
+                            // The panic hook's own line came before this span existed: the
+                            // message goes here too, beside the delivery's fields.
                             tracing::error!(
                                 delivery = delivery.id,
+                                panic = panic_text(&*panic),
                                 "A delivery attempt panicked; it counts as failed"
                             );
                         });

@@ -90,10 +90,18 @@ pub(super) async fn write_all<W: BatchWrite>(
     }
 }
 
-/// Whether the connection itself is gone (then writing each job alone would fail alike).
+/// Whether the connection itself is gone (then writing each job alone would fail alike): closed,
+/// an error without a SQLSTATE (I/O), or the server ending the session (class 08, connection
+/// exception; 57P01-57P05, shut down or terminated), which arrives as an ordinary error.
 pub(super) fn connection_lost(error: &PgError) -> bool {
     match error {
-        PgError::Postgres(error) => error.is_closed() || error.code().is_none(),
+        PgError::Postgres(error) => {
+            error.is_closed()
+                || error.code().is_none_or(|code| {
+                    let code = code.code();
+                    code.starts_with("08") || code.starts_with("57P")
+                })
+        }
         PgError::Pool(_) => true,
         PgError::Other(_) => false,
     }

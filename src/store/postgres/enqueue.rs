@@ -328,6 +328,7 @@ async fn enqueue_batch(
     committed?;
     // A lost NOTIFY costs only latency (see `wake_and_notify`).
     if let Some(Err(error)) = notified {
+        // The log writer redacts the database password from every line, this one included.
         tracing::debug!(%error, "Cannot notify the other relays of new work");
     }
     let inserted: HashSet<&str> = rows

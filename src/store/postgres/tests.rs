@@ -400,6 +400,35 @@ async fn a_pause_reaches_every_relay_within_a_second() -> TestResult {
     Ok(())
 }
 
+/// A session the server ends (a failover, `pg_terminate_backend`, an idle-session timeout)
+/// fails with an ordinary error that carries a SQLSTATE; it counts as a lost connection, so a
+/// failed batch is not written job by job over a connection that is gone. A refused value
+/// does not.
+#[tokio::test]
+async fn a_session_the_server_ends_is_a_lost_connection() -> TestResult {
+    let Some(database) = TestDatabase::create().await? else {
+        return Ok(());
+    };
+    let client = database.connect().await?;
+    let refused = client
+        .query_one("SELECT 1 / $1::int4", &[&0i32])
+        .await
+        .err()
+        .ok_or("1 / 0 was answered")?;
+    assert!(!super::batch::connection_lost(&refused.into()));
+    let ended = client
+        .query_one("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+        .await
+        .err()
+        .ok_or("the session was not ended")?;
+    // What makes it easy to miss: an error from the server, with a code, on a client that
+    // does not call itself closed.
+    assert_eq!(ended.code().map(|code| code.code()), Some("57P01"));
+    assert!(!ended.is_closed());
+    assert!(super::batch::connection_lost(&ended.into()));
+    Ok(())
+}
+
 /// Errors name the database without the user's password.
 #[tokio::test]
 async fn errors_never_show_the_password() -> TestResult {

@@ -217,6 +217,7 @@ pub(super) async fn settle_row(
     if settled == Settled::Stale {
         tracing::warn!(
             delivery = id,
+            sink = %sink,
             "An attempt's outcome came after its lease ran out; it is not recorded"
         );
     }

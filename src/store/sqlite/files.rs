@@ -24,7 +24,11 @@ pub(super) fn open_wal(path: &Path) -> Result<File, StoreError> {
     // the first checkpoint's fsync would flush them all while acks wait behind it (measured
     // with `benches/purge.rs` on a 415 MiB file written without a sync: ack p99 109 ms in the
     // first seconds, against 9-14 ms with this sync).
-    File::open(path)
+    // Opened for writing: some systems flush a file only through a handle that may write it.
+    File::options()
+        .read(true)
+        .write(true)
+        .open(path)
         .and_then(|database| database.sync_all())
         .map_err(|error| cannot("sync", path, error))?;
     let directory = directory_of(path);
