@@ -110,15 +110,16 @@ async fn spent(app: &TestApp) -> TestResult<u32> {
         .sum())
 }
 
-/// While the sink is down its deliveries spend no attempts (held; their probes uncounted): the
-/// count must not move for half a second.
-async fn no_attempt_is_spent_while_down(app: &TestApp) -> TestResult {
+/// While the sink is down its deliveries are held: they spend no attempts (their probes are
+/// uncounted; the count must not move for half a second), and none is dead-lettered.
+async fn held_while_down(app: &TestApp) -> TestResult {
     let before = spent(app).await?;
     let until = std::time::Instant::now() + Duration::from_millis(500);
     while std::time::Instant::now() < until {
         assert_eq!(spent(app).await?, before, "attempts spent in an outage");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    assert!(app.store.dead_letters(Default::default()).await?.is_empty());
     Ok(())
 }
 
@@ -136,8 +137,7 @@ async fn a_503_storm_dead_letters_nothing_and_everything_arrives_in_order() -> T
         bot.received().len() <= before + 4
     })
     .await?;
-    no_attempt_is_spent_while_down(&app).await?;
-    assert!(app.store.dead_letters(Default::default()).await?.is_empty());
+    held_while_down(&app).await?;
     bot.set_default(Reply::status(200));
     recovers_in_order(&app, &bot).await?;
     app.stop().await
@@ -149,8 +149,7 @@ async fn a_bot_that_refuses_connections_dead_letters_nothing() -> TestResult {
     let app = spawn_app(&bot_table(&format!("http://{addr}/webhook"))).await?;
     post_messages(&app).await?;
     wait_for_outage(&app).await?;
-    no_attempt_is_spent_while_down(&app).await?;
-    assert!(app.store.dead_letters(Default::default()).await?.is_empty());
+    held_while_down(&app).await?;
     let bot = MockSink::start_at(addr).await?;
     recovers_in_order(&app, &bot).await?;
     app.stop().await
@@ -164,8 +163,7 @@ async fn a_404_redeploy_dead_letters_nothing() -> TestResult {
     let app = spawn_app(&bot_table(&bot.url("/webhook"))).await?;
     post_messages(&app).await?;
     wait_for_outage(&app).await?;
-    no_attempt_is_spent_while_down(&app).await?;
-    assert!(app.store.dead_letters(Default::default()).await?.is_empty());
+    held_while_down(&app).await?;
     bot.set_default(Reply::status(200));
     recovers_in_order(&app, &bot).await?;
     app.stop().await
