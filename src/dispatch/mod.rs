@@ -83,8 +83,8 @@ impl Dispatcher {
             .store
             .claim_lease(route.delivery.timeout + LEASE_MARGIN);
         let mut attempts = JoinSet::new();
-        // Claims go through the store's one writer, so they are batched: after an attempt
-        // finishes, the loop claims again only once a quarter of the permits are free (or none
+        // Claims are batched (each is a read of the queue, and on PostgreSQL a round trip):
+        // after an attempt finishes, the loop claims again only once a quarter of the permits are free (or none
         // is in use). A wake-up for new rows or a due retry claims at once, so a sink whose
         // attempts hang can still take new events with the permits it has left; one that
         // comes while every permit is busy is kept until a permit is free. While none is, the

@@ -36,7 +36,8 @@
 //!    is known about what reached the disk); `/healthz` turns 503 and the relay exits non-zero
 //!    on it. A passing outage (a full store, a lost database connection) is not one.
 //!
-//! Backends: `sqlite` (the embedded default: one relay owns one file), `postgres` (several
+//! Backends: `sqlite` (the embedded default: one relay owns one file, so its claims and
+//! leases live in memory and only settles are written), `postgres` (several
 //! relays on one database: claims, leases and lane heads in the database, wake-ups and pauses
 //! by LISTEN/NOTIFY) and `Discard` (the ingest benchmark's baseline, which stores nothing). The
 //! `contract` tests run against both real backends.

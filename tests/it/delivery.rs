@@ -619,52 +619,6 @@ async fn shutdown_does_not_wait_past_the_grace_period_for_a_half_sent_request() 
     Ok(())
 }
 
-/// Once shutdown has begun the dispatcher starts no new attempt, even when a claim was under
-/// way as the signal came (the store busy): what that claim took stays leased and goes out
-/// after the restart, instead of a fresh attempt that the grace period may cut off.
-#[tokio::test]
-async fn no_attempt_starts_after_shutdown_began() -> TestResult {
-    let bot = MockSink::start().await?;
-    bot.script([Reply::status(503).with_header("retry-after", "1")]);
-    let app = spawn_app(&bot_config(&bot, "")).await?;
-    let body = text_message("PAGE", "U1", "m_after_stop", "hello", 1_700_000_000_000);
-    assert_eq!(app.post_webhook(&body).await?.status(), 200);
-    // Retried in 1 s: the dispatcher sleeps until then.
-    app.wait_for_deliveries(
-        |delivery| delivery.state == "pending" && delivery.attempts == 1,
-        1,
-        Duration::from_secs(5),
-    )
-    .await?;
-    let retry_due = bot.wait_for(1, Duration::from_secs(5)).await?[0].at + Duration::from_secs(1);
-    // The store is busy (another writer holds the lock) when the retry falls due, so the
-    // dispatcher's claim waits for it; meanwhile the relay is told to stop.
-    let mut holder = rusqlite::Connection::open(&app.store_path)?;
-    holder.busy_timeout(Duration::from_secs(5))?;
-    let busy = holder.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    // The retry is due (by the clock: nothing else shows it), and the claim is under way.
-    wait_until("the retry is due", Duration::from_secs(5), || {
-        Instant::now() >= retry_due + Duration::from_millis(300)
-    })
-    .await?;
-    let public = app.url.trim_start_matches("http://").to_owned();
-    let stopping = tokio::spawn(app.stop());
-    // Shutdown has begun once the listener is closed.
-    wait_until("the relay stops listening", Duration::from_secs(5), || {
-        std::net::TcpStream::connect(&public).is_err()
-    })
-    .await?;
-    busy.rollback()?;
-    stopping.await??;
-    assert_stays(
-        "no attempt was started after shutdown began",
-        Duration::from_millis(200),
-        || bot.received().len() == 1,
-    )
-    .await?;
-    Ok(())
-}
-
 /// A large purge (the first after `retention` was shortened to free a full store, or after a
 /// long stop) does not hold up SIGTERM: the purge stops between two of its writes.
 #[tokio::test]

@@ -714,3 +714,62 @@ async fn a_rolling_restart_under_load_loses_nothing_and_keeps_order() -> TestRes
     )
     .await
 }
+
+/// Once shutdown has begun the dispatcher starts no new attempt, even when a claim was under
+/// way as the signal came (the database busy): what that claim took stays leased and goes out
+/// after the restart (here: after the lease), instead of a fresh attempt that the grace period
+/// may cut off. (On PostgreSQL, where a claim is a round trip that a lock can hold up; the
+/// embedded store's claims read committed rows on a connection of their own and wait for
+/// nobody.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_attempt_starts_after_shutdown_began() -> TestResult {
+    let Some(database) = TestDatabase::create().await? else {
+        return Ok(());
+    };
+    let dir = tempfile::tempdir()?;
+    let bot = MockSink::start().await?;
+    bot.script([Reply::status(503).with_header("retry-after", "1")]);
+    let mut relay = start_named(dir.path(), "a", &database.url, Some(&bot)).await?;
+    let body = text_message("PAGE", "U1", "m_after_stop", "hello", 1_700_000_000_000);
+    let http = reqwest::Client::new();
+    assert_eq!(post_signed(&http, &relay.url, &body).await?.status(), 200);
+    // Retried in 1 s: the dispatcher sleeps until then.
+    database
+        .wait_for(
+            |delivery| delivery.state == "pending" && delivery.attempts == 1,
+            1,
+            Duration::from_secs(5),
+        )
+        .await?;
+    let retry_due = bot.wait_for(1, Duration::from_secs(5)).await?[0].at + Duration::from_secs(1);
+    // The database is busy (a transaction holds the deliveries table) when the retry falls
+    // due, so the dispatcher's claim waits for it; meanwhile the relay is told to stop.
+    let (mut holder, connection) =
+        tokio_postgres::connect(&database.url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let busy = holder.transaction().await?;
+    busy.batch_execute("LOCK TABLE deliveries IN ACCESS EXCLUSIVE MODE")
+        .await?;
+    // The retry is due (by the clock: nothing else shows it), and the claim is under way.
+    wait_until("the retry is due", Duration::from_secs(5), || {
+        Instant::now() >= retry_due + Duration::from_millis(300)
+    })
+    .await?;
+    let public = relay.url.trim_start_matches("http://").to_owned();
+    crate::support::terminate(&relay.child)?;
+    // Shutdown has begun once the listener is closed.
+    wait_until("the relay stops listening", Duration::from_secs(5), || {
+        std::net::TcpStream::connect(&public).is_err()
+    })
+    .await?;
+    busy.rollback().await?;
+    let status = relay.wait_exit(Duration::from_secs(20)).await?;
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+    assert_stays(
+        "no attempt was started after shutdown began",
+        Duration::from_millis(200),
+        || bot.received().len() == 1,
+    )
+    .await?;
+    Ok(())
+}

@@ -152,7 +152,7 @@ fn modes(dir: &Path) -> TestResult<Vec<(String, u32)>> {
     Ok(modes)
 }
 
-/// The store holds message text: its database, `-wal`, `-shm` and `.lock` are 0600 under the
+/// The store holds message text: its database, `-wal`, `-shm`, `.lock` and `-claims` are 0600 under the
 /// usual umask (022, which would leave them readable by everyone), while the relay runs and
 /// after it stopped.
 #[cfg(unix)]
@@ -172,6 +172,7 @@ async fn store_files_are_readable_by_the_relays_user_only() -> TestResult {
         names,
         [
             "botrelay.db",
+            "botrelay.db-claims",
             "botrelay.db-shm",
             "botrelay.db-wal",
             "botrelay.db.lock"

@@ -779,7 +779,7 @@ impl RelayProcess {
         Ok(status)
     }
 
-    async fn wait_exit(&mut self, within: Duration) -> TestResult<std::process::ExitStatus> {
+    pub async fn wait_exit(&mut self, within: Duration) -> TestResult<std::process::ExitStatus> {
         let deadline = Instant::now() + within;
         let status = loop {
             if let Some(status) = self.child.try_wait()? {

@@ -98,7 +98,7 @@ const PRIVATE: u32 = 0o600;
 
 /// `File::options()` that create a file with mode 0600 (before the umask, which can only take
 /// bits away).
-fn private_options() -> std::fs::OpenOptions {
+pub(super) fn private_options() -> std::fs::OpenOptions {
     let mut options = File::options();
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, PRIVATE);
@@ -128,6 +128,7 @@ pub(super) fn make_private(path: &Path) -> Result<(), StoreError> {
         sibling(path, "-wal"),
         sibling(path, "-shm"),
         sibling(path, ".lock"),
+        sibling(path, "-claims"),
     ] {
         use std::os::unix::fs::PermissionsExt;
         match std::fs::metadata(&file) {

@@ -12,31 +12,41 @@
 //!   the next group's work; the connection itself runs `synchronous = NORMAL`;
 //! - the checkpointer copies WAL frames into the database file, woken by the writer's WAL hook.
 //!
-//! Reads use a fourth connection (WAL lets it read while the writer writes).
+//! Reads use another connection (WAL lets it read while the writer writes), and each sink's
+//! claims one of their own. Claims and leases live in memory (`leases`: one relay owns the
+//! file, so nothing unsettled needs a claim on disk to be due again after a restart); the
+//! settle is an attempt's one durable write.
 //!
 //! Lanes: a delivery row carries `lane` = the user. Only the oldest open row of a (sink, lane) is
-//! `pending` or `in_flight` (the lane's head); the rows behind it are `waiting` until it is
-//! delivered, dead or skipped. So one user's deliveries to one sink keep their order, and a
-//! failing user blocks nobody else.
+//! `pending` (the lane's head; `in_flight` is found only in files of an older version, and is
+//! turned back at open); the rows behind it are `waiting` until it is delivered, dead or
+//! skipped. So one user's deliveries to one sink keep their order, and a failing user blocks
+//! nobody else.
 //!
 //! Split by job: `schema` (tables, indexes, migrations), `engine` (the writer, syncer and
 //! checkpointer threads: group commit and durability), `queries` (each store operation's SQL),
-//! `files` (the lock file, the WAL's fsync, the directory).
+//! `leases` (claims in memory and their journal), `files` (the lock file, the WAL's fsync, the
+//! directory).
 
+mod claims;
 mod dead_letters;
 mod engine;
 mod files;
+mod leases;
 mod queries;
 mod schema;
 #[cfg(test)]
 mod tests;
 
+use crate::sink_name::SinkName;
 use crate::store::{StoreError, Wakers};
 use engine::*;
 use files::*;
+use leases::{Journaled, Leases};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode};
 use schema::*;
+use std::collections::HashMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -46,6 +56,12 @@ use tokio::sync::{mpsc, oneshot};
 pub(super) struct SqliteStore {
     writes: mpsc::Sender<ToWriter>,
     reader: Arc<Mutex<Connection>>,
+    /// The claims held now (in memory only), and their journal.
+    leases: Arc<Leases>,
+    /// Each sink's claims read on a connection of their own, never waiting for another's.
+    claimers: Arc<HashMap<SinkName, Mutex<Connection>>>,
+    /// To wake a sink whose claim a shutdown gave back.
+    wakers: Arc<Wakers>,
     /// Becomes true once the writer and the syncer have stopped and the file lock is released.
     closed: tokio::sync::watch::Receiver<bool>,
     /// The checkpointer thread, and whether it has stopped.
@@ -90,15 +106,12 @@ impl SqliteStore {
             .map_err(database)?;
         writer.execute_batch(SCHEMA).map_err(database)?;
         migrate(&writer)?;
-        // This process holds the file lock, so every lease in the file belongs to a process
-        // that is gone: end them now instead of waiting for them to run out. The rows stay
-        // `in_flight`, so that their next claim counts the attempt the crash cut off.
-        writer
-            .execute(
-                "UPDATE deliveries SET due_at = 0 WHERE state = 'in_flight'",
-                [],
-            )
-            .map_err(database)?;
+        // This process holds the file lock, so every claim of the last run belongs to a
+        // process that is gone: the attempts the journal names whose rows are still as those
+        // claims found them were cut off, and count (see `leases`).
+        let (leases, journaled) = Leases::open(path)?;
+        count_cut_off(&mut writer, &journaled, crate::clock::now_ms())?;
+        leases.start()?;
         // The cap applies from here: the start-up writes above (the schema, a migration, the
         // leases of the last run) must not keep a full store from starting and draining.
         if let Some(max_bytes) = max_bytes {
@@ -110,10 +123,23 @@ impl SqliteStore {
                 .query_row(&format!("PRAGMA max_page_count = {pages}"), [], |_| Ok(()))
                 .map_err(database)?;
         }
-        let reader = Connection::open(path).map_err(database)?;
-        reader
-            .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
-            .map_err(database)?;
+        let read_only = || -> Result<Connection, StoreError> {
+            let reader = Connection::open(path).map_err(database)?;
+            reader
+                .execute_batch("PRAGMA busy_timeout = 5000; PRAGMA query_only = 1;")
+                .map_err(database)?;
+            // As on the writer: a claim's bound sink or time must not re-prepare its
+            // statements (measured: a third of a claim's time without it).
+            reader
+                .set_db_config(DbConfig::SQLITE_DBCONFIG_ENABLE_QPSG, true)
+                .map_err(database)?;
+            Ok(reader)
+        };
+        let reader = read_only()?;
+        let claimers = SinkName::ALL
+            .into_iter()
+            .map(|sink| Ok((sink, Mutex::new(read_only()?))))
+            .collect::<Result<HashMap<_, _>, StoreError>>()?;
 
         let checkpointer = Connection::open(path).map_err(database)?;
         checkpointer
@@ -171,7 +197,7 @@ impl SqliteStore {
             .spawn({
                 // Weak: the store's handles alone keep the writer's queue open.
                 let (wal, idle, writer) = (wal.clone(), syncer_idle.clone(), writes.downgrade());
-                let faults = faults.clone();
+                let (faults, wakers) = (faults.clone(), wakers.clone());
                 move || {
                     // The syncer is the last to finish, so it holds the file lock.
                     let syncer = Syncer {
@@ -202,6 +228,9 @@ impl SqliteStore {
         Ok(SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
+            leases: Arc::new(leases),
+            claimers: Arc::new(claimers),
+            wakers,
             closed,
             checkpointer: checkpointer_thread,
             checkpointer_done,
@@ -234,6 +263,9 @@ impl SqliteStore {
     /// Commits what the writer has open, stops the store's threads and releases the file lock;
     /// returns once it is released. Writes sent afterwards, by any handle, fail.
     pub(super) async fn close(&self) {
+        // What is held now is cut off by this close, not by a crash: the journal is emptied
+        // (and takes no more claims) before the file lock goes to the next relay.
+        self.leases.close();
         let _ = self.writes.send(ToWriter::Close).await;
         let mut closed = self.closed.clone();
         let _ = closed.wait_for(|closed| *closed).await;
@@ -268,6 +300,53 @@ impl SqliteStore {
         .await
         .map_err(|_| StoreError::Unavailable)?
     }
+}
+
+/// Counts the attempts the last run's stopping cut off: every claim the journal names whose
+/// row is still open and unchanged since, and every row an older version left `in_flight`.
+/// They are due at once, and their next claim sees the count (`CRASH_LIMIT`). Synced before
+/// the journal that names them is emptied.
+fn count_cut_off(
+    connection: &mut Connection,
+    journaled: &[Journaled],
+    now: crate::clock::Millis,
+) -> Result<(), StoreError> {
+    connection
+        .execute_batch("PRAGMA synchronous = FULL")
+        .map_err(database)?;
+    let transaction = connection.transaction().map_err(database)?;
+    transaction
+        .execute(
+            "UPDATE deliveries SET state = 'pending', due_at = 0, updated_at = ?1,
+                 crashes = crashes + 1, attempts = attempts + 1, last_error = ?2
+             WHERE state = 'in_flight'",
+            rusqlite::params![now, crate::store::CUT_OFF],
+        )
+        .map_err(database)?;
+    {
+        let mut count = transaction
+            .prepare(
+                "UPDATE deliveries SET due_at = 0, updated_at = ?4,
+                     crashes = crashes + 1, attempts = attempts + 1, last_error = ?5
+                 WHERE id = ?1 AND state = 'pending' AND attempts = ?2 AND updated_at = ?3",
+            )
+            .map_err(database)?;
+        for claim in journaled {
+            count
+                .execute(rusqlite::params![
+                    claim.id,
+                    claim.attempts,
+                    claim.updated_at,
+                    now,
+                    crate::store::CUT_OFF
+                ])
+                .map_err(database)?;
+        }
+    }
+    transaction.commit().map_err(database)?;
+    connection
+        .execute_batch("PRAGMA synchronous = NORMAL")
+        .map_err(database)
 }
 
 fn database(error: rusqlite::Error) -> StoreError {

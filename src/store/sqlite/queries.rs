@@ -1,15 +1,16 @@
-//! Every store operation as SQL: enqueue, claim, settle (and lane promotion), replay, the
-//! dead-letter listing, queue depth, purge, pause state. Writes run on the engine's writer,
-//! reads on the read connection.
+//! Every store operation as SQL but the claim (`claims`): enqueue, settle (and lane promotion),
+//! replay, the dead-letter listing, queue depth, purge, pause state. Writes run on the engine's
+//! writer, reads on the read connection.
 
 use super::engine::*;
+use super::leases::Leases;
 use super::*;
 use crate::clock::{Millis, millis};
 use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{
-    CUT_OFF, ClaimBatch, ClaimRef, Claimed, DeliveryProbe, EnqueueReport, NewEvent, Purged,
-    Retention, Settle, SinkDepth, StoreError,
+    Claimed, DeliveryProbe, EnqueueReport, NewEvent, Purged, Retention, Settle, SinkDepth,
+    StoreError,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
@@ -56,26 +57,35 @@ pub(super) const DEPTH: [&str; 3] = [
      WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead' GROUP BY sink",
 ];
 
-/// A claimed row as the writer returns it; the caller decodes the payload.
-pub(super) struct ClaimedRow {
+/// A settle under way: once its write is durable the claim is dropped; if the write failed,
+/// or the settle was cancelled before it knew, the claim holds on until its lease runs out.
+struct Settling<'a> {
+    leases: &'a Leases,
     id: i64,
-    event_id: String,
-    /// Attempts cut off by the relay stopping, this claim's included.
-    crashes: u32,
-    attempts: u32,
-    throttled: u32,
-    ttl_from: Millis,
-    lane: Option<String>,
-    payload: Option<String>,
+    lease_until: Millis,
+    written: bool,
+}
+
+impl Settling<'_> {
+    fn end(mut self, written: bool) {
+        self.written = written;
+    }
+}
+
+impl Drop for Settling<'_> {
+    fn drop(&mut self) {
+        self.leases
+            .end_settle(self.id, self.lease_until, self.written);
+    }
 }
 
 /// What settling a delivery needs to know about it.
 pub(super) struct SettleRow {
-    id: i64,
-    sink: SinkName,
-    lane: Option<String>,
-    /// The claim's lease end, which the row still carries while the claim holds.
-    lease_until: Millis,
+    pub(super) id: i64,
+    pub(super) sink: SinkName,
+    pub(super) lane: Option<String>,
+    /// The claim's lease end, which identifies the claim.
+    pub(super) lease_until: Millis,
 }
 
 impl SqliteStore {
@@ -152,119 +162,6 @@ impl SqliteStore {
         .await
     }
 
-    pub(crate) async fn claim(
-        &self,
-        sink: SinkName,
-        limit: usize,
-        now: Millis,
-        lease: Duration,
-    ) -> Result<ClaimBatch, StoreError> {
-        let lease_end = now.saturating_add(millis(lease));
-        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
-        let (rows, next_due) = self
-            .write(move |connection, _| {
-                let mut claim = connection
-                    .prepare_cached(
-                        "UPDATE deliveries SET state = 'in_flight', due_at = ?3, updated_at = ?2,
-                             crashes = crashes + (state = 'in_flight'),
-                             attempts = attempts + (state = 'in_flight'),
-                             last_error = CASE WHEN state = 'in_flight' THEN ?5 ELSE last_error END
-                         WHERE id IN (
-                             SELECT id FROM deliveries
-                             WHERE sink = ?1 AND state IN ('pending', 'in_flight') AND due_at <= ?2
-                             ORDER BY due_at, id LIMIT ?4)
-                         RETURNING id, event_id, attempts, throttled,
-                                   COALESCE(replayed_at, created_at), lane, crashes",
-                    )
-                    .map_err(database)?;
-                let mut payload = connection
-                    .prepare_cached("SELECT payload FROM events WHERE id = ?1")
-                    .map_err(database)?;
-                let mut rows = claim
-                    .query_map(
-                        params![sink.as_str(), now, lease_end, limit, CUT_OFF],
-                        |row| {
-                            Ok(ClaimedRow {
-                                id: row.get(0)?,
-                                event_id: row.get(1)?,
-                                crashes: row.get(6)?,
-                                attempts: row.get(2)?,
-                                throttled: row.get(3)?,
-                                ttl_from: row.get(4)?,
-                                lane: row.get(5)?,
-                                payload: None,
-                            })
-                        },
-                    )
-                    .map_err(database)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(database)?;
-                for row in &mut rows {
-                    row.payload = payload
-                        .query_row([&row.event_id], |stored| stored.get(0))
-                        .optional()
-                        .map_err(database)?;
-                }
-                let next_due = connection
-                    .prepare_cached(
-                        "SELECT due_at FROM deliveries
-                         WHERE sink = ?1 AND state IN ('pending', 'in_flight')
-                         ORDER BY due_at LIMIT 1",
-                    )
-                    .map_err(database)?
-                    .query_row([sink.as_str()], |row| row.get::<_, i64>(0))
-                    .optional()
-                    .map_err(database)?;
-                Ok((rows, next_due))
-            })
-            .await?;
-        // Decoding runs here, on the caller's thread, to keep the one writer thread short.
-        let mut batch = ClaimBatch {
-            deliveries: Vec::with_capacity(rows.len()),
-            next_due,
-        };
-        for row in rows {
-            let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
-                Ok(event) => event,
-                Err(reason) => {
-                    let unreadable = SettleRow {
-                        id: row.id,
-                        sink,
-                        lane: row.lane,
-                        lease_until: lease_end,
-                    };
-                    // If even that fails, the row's lease frees it later; the rows claimed
-                    // with it go out now rather than wait for theirs.
-                    if let Err(error) = self
-                        .settle_row(
-                            unreadable,
-                            Settle::Dead {
-                                status: None,
-                                error: reason,
-                                attempted: false,
-                            },
-                            now,
-                        )
-                        .await
-                    {
-                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery on its claim");
-                    }
-                    continue;
-                }
-            };
-            batch.deliveries.push(Claimed {
-                id: row.id,
-                sink,
-                event,
-                attempts: row.attempts,
-                throttled: row.throttled,
-                ttl_from: row.ttl_from,
-                lease_until: lease_end,
-            });
-        }
-        Ok(batch)
-    }
-
     pub(crate) async fn settle(
         &self,
         delivery: &Claimed,
@@ -280,7 +177,7 @@ impl SqliteStore {
         self.settle_row(row, settle, now).await
     }
 
-    async fn settle_row(
+    pub(super) async fn settle_row(
         &self,
         row: SettleRow,
         settle: Settle,
@@ -292,17 +189,33 @@ impl SqliteStore {
             lane,
             lease_until,
         } = row;
-        self.write(move |connection, touched| {
-            // Each update applies only while the row is still under this claim's lease.
-            let (changed, done) = match &settle {
+        // Only the claim that holds the row records its outcome: one whose lease ran out and
+        // whose row was claimed again (or given back) changes nothing.
+        if !self.leases.begin_settle(id, lease_until) {
+            tracing::warn!(
+                delivery = id,
+                %sink,
+                "An attempt's outcome came after its lease ran out; it is not recorded"
+            );
+            return Ok(());
+        }
+        let settling = Settling {
+            leases: &self.leases,
+            id,
+            lease_until,
+            written: false,
+        };
+        let written = self
+            .write(move |connection, touched| {
+                let (changed, done) = match &settle {
                 Settle::Delivered { status } => (
                     execute(
                         connection,
                         "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
                              last_status = ?3, last_error = NULL, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
-                        params![id, now, status, lease_until],
+                             WHERE id = ?1 AND state = 'pending'",
+                        params![id, now, status],
                     )?,
                     true,
                 ),
@@ -318,7 +231,7 @@ impl SqliteStore {
                              throttled = throttled + ?3, due_at = ?4, last_status = ?5,
                              last_error = ?6, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?7",
+                             WHERE id = ?1 AND state = 'pending'",
                         params![
                             id,
                             now,
@@ -326,7 +239,6 @@ impl SqliteStore {
                             due_at,
                             status,
                             error,
-                            lease_until
                         ],
                     )?,
                     false,
@@ -341,8 +253,8 @@ impl SqliteStore {
                         "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
                              last_status = ?3, last_error = ?4, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
-                        params![id, now, status, error, lease_until],
+                             WHERE id = ?1 AND state = 'pending'",
+                        params![id, now, status, error],
                     )?,
                     true,
                 ),
@@ -360,8 +272,8 @@ impl SqliteStore {
                              last_error = CASE WHEN last_error IS NULL THEN ?4
                                  ELSE ?4 || '; last error: ' || last_error END,
                              updated_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?5",
-                        params![id, now, status, error, lease_until],
+                             WHERE id = ?1 AND state = 'pending'",
+                        params![id, now, status, error],
                     )?,
                     true,
                 ),
@@ -369,74 +281,32 @@ impl SqliteStore {
                     execute(
                         connection,
                         "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
-                             WHERE id = ?1 AND state = 'in_flight' AND due_at = ?4",
-                        params![id, now, reason, lease_until],
+                             WHERE id = ?1 AND state = 'pending'",
+                        params![id, now, reason],
                     )?,
                     true,
                 ),
             };
-            if changed == 0 {
-                // The lease ran out and the delivery was claimed again (or released by a
-                // restart): the newer claim's outcome is the one that counts.
-                tracing::warn!(
-                    delivery = id,
-                    "An attempt's outcome came after its lease ran out; it is not recorded"
-                );
-                return Ok(());
-            }
-            if !done || promote(connection, sink, lane.as_deref(), now)? {
-                touched.insert(sink);
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Extends a claim's lease while its attempt runs, if the claim still holds it.
-    pub(crate) async fn renew(
-        &self,
-        delivery: &Claimed,
-        until: Millis,
-        now: Millis,
-    ) -> Result<bool, StoreError> {
-        let (id, held) = (delivery.id, delivery.lease_until);
-        self.write(move |connection, _| {
-            let changed = execute(
-                connection,
-                "UPDATE deliveries SET due_at = ?3, updated_at = ?4
-                 WHERE id = ?1 AND state = 'in_flight' AND due_at = ?2",
-                params![id, held, until, now],
-            )?;
-            Ok(changed == 1)
-        })
-        .await
-    }
-
-    /// Gives back a claim a shutdown cut off: due at `now`, nothing counted.
-    pub(crate) async fn release(&self, claim: ClaimRef, now: Millis) -> Result<(), StoreError> {
-        let ClaimRef {
-            sink: delivery_sink,
-            id,
-            lease_until: held,
-        } = claim;
-        self.write(move |connection, touched| {
-            let changed = execute(
-                connection,
-                "UPDATE deliveries SET state = 'pending', due_at = ?3, updated_at = ?3
-                 WHERE id = ?1 AND state = 'in_flight' AND due_at = ?2",
-                params![id, held, now],
-            )?;
-            if changed > 0 {
-                touched.insert(delivery_sink);
-            }
-            Ok(())
-        })
-        .await
+                // The claim holds the row, so it is open; but say so if it were not.
+                if changed == 0 {
+                    return Err(StoreError::Database(format!(
+                        "delivery {id} is not open, although a claim holds it"
+                    )));
+                }
+                if !done || promote(connection, sink, lane.as_deref(), now)? {
+                    touched.insert(sink);
+                }
+                Ok(())
+            })
+            .await;
+        settling.end(written.is_ok());
+        written
     }
 
     /// Every delivery row, oldest first (the test probe behind `Store::probe_deliveries`).
     pub(crate) async fn probe_deliveries(&self) -> Result<Vec<DeliveryProbe>, StoreError> {
-        self.read(|connection| {
+        let leases = self.leases.clone();
+        self.read(move |connection| {
             let mut select = connection
                 .prepare(
                     "SELECT id, event_id, sink, lane, state, attempts, throttled, last_status,
@@ -446,12 +316,18 @@ impl SqliteStore {
                 .map_err(database)?;
             select
                 .query_map([], |row| {
+                    let id = row.get(0)?;
                     Ok(DeliveryProbe {
-                        id: row.get(0)?,
+                        id,
                         event_id: row.get(1)?,
                         sink: row.get(2)?,
                         user: row.get(3)?,
-                        state: row.get(4)?,
+                        state: match row.get::<_, String>(4)? {
+                            state if state == "pending" && leases.holds(id) => {
+                                "in_flight".to_owned()
+                            }
+                            state => state,
+                        },
                         attempts: row.get(5)?,
                         throttled: row.get(6)?,
                         last_status: row.get(7)?,
@@ -490,7 +366,8 @@ impl SqliteStore {
     }
 
     pub(crate) async fn depth(&self) -> Result<HashMap<SinkName, SinkDepth>, StoreError> {
-        self.read(|connection| {
+        let leases = self.leases.clone();
+        self.read(move |connection| {
             let mut depth: HashMap<SinkName, SinkDepth> = HashMap::new();
             for sql in DEPTH {
                 let mut select = connection.prepare_cached(sql).map_err(database)?;
@@ -515,6 +392,12 @@ impl SqliteStore {
                         _ => entry.queued += count,
                     }
                 }
+            }
+            // Rows held by a claim are `pending` in the file, and in flight.
+            for (sink, held) in leases.held_per_sink() {
+                let entry = depth.entry(sink).or_default();
+                entry.in_flight += held;
+                entry.queued = entry.queued.saturating_sub(held);
             }
             Ok(depth)
         })

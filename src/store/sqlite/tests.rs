@@ -2,6 +2,7 @@
 //! migrations, a full store.
 #![allow(clippy::expect_used)]
 
+use super::claims::*;
 use super::dead_letters::*;
 use super::engine::*;
 use super::files::*;
@@ -69,6 +70,8 @@ async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>>
     );
     let replay = replay_select(&dead_letters);
     let mut queries = vec![
+        CLAIM_SCAN,
+        CLAIM_FETCH,
         PURGE_DELIVERED,
         PURGE_DEAD,
         PURGE_EVENTS,
@@ -272,7 +275,13 @@ async fn every_store_file_is_private() {
     seen.sort();
     assert_eq!(
         seen,
-        ["store.db", "store.db-shm", "store.db-wal", "store.db.lock"]
+        [
+            "store.db",
+            "store.db-claims",
+            "store.db-shm",
+            "store.db-wal",
+            "store.db.lock"
+        ]
     );
     store.close().await;
 }
@@ -401,22 +410,13 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
             t0,
         )
         .await?;
+    // As the store tells it: a row a claim holds is in flight.
     let states = || async {
-        store
-            .read(|connection| {
-                let mut select = connection
-                    .prepare("SELECT state, attempts FROM deliveries ORDER BY id")
-                    .map_err(database)?;
-                let rows = select
-                    .query_map([], |row| {
-                        Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
-                    })
-                    .map_err(database)?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(database)?;
-                Ok(rows)
-            })
-            .await
+        store.probe_deliveries().await.map(|rows| {
+            rows.into_iter()
+                .map(|row| (row.state, row.attempts))
+                .collect::<Vec<_>>()
+        })
     };
     let lease = Duration::from_secs(10);
     let first = store.claim(SinkName::Bot, 8, t0, lease).await?;
@@ -455,6 +455,120 @@ async fn an_outcome_after_the_lease_ran_out_leaves_the_newer_claim_alone()
         states().await?,
         [("delivered".to_owned(), 2), ("pending".to_owned(), 0)]
     );
+    Ok(())
+}
+
+/// Claims live in memory; what tells the next start that an attempt was under way when the
+/// relay stopped is the claim journal. A stop without a close (a crash: the journal is as the
+/// page cache has it) counts the attempt cut off; a delivery settled for a retry after its
+/// claim, or given back, or held at a clean close, counts nothing.
+#[tokio::test]
+async fn the_claim_journal_counts_only_attempts_a_crash_cut_off()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let lease = Duration::from_secs(30);
+    let t0: Millis = 1_000_000;
+    let store = open(&dir);
+    store
+        .enqueue(
+            [b"journal-cut".as_slice(), b"journal-retried"]
+                .into_iter()
+                .map(|name| {
+                    // Each in a lane of its own, so that both are claimed at once.
+                    let mut message = bot_message(name, t0);
+                    message.event.user_id = Some(String::from_utf8_lossy(name).into_owned());
+                    message
+                })
+                .collect(),
+            t0,
+        )
+        .await?;
+    let claimed = store.claim(SinkName::Bot, 8, t0, lease).await?.deliveries;
+    assert_eq!(claimed.len(), 2);
+    let (cut, retried) = (claimed[0].id, &claimed[1]);
+    store
+        .settle(
+            retried,
+            Settle::Retry {
+                due_at: t0,
+                counted: true,
+                status: Some(500),
+                error: "HTTP 500".into(),
+            },
+            t0 + 1,
+        )
+        .await?;
+    // Crash: the threads stop and the lock goes, but nothing is closed.
+    drop(store);
+    let store = open_capped(&dir, None).await?;
+    let attempts = |rows: &[DeliveryProbe]| {
+        rows.iter()
+            .map(|row| (row.id, row.attempts, row.last_error.clone()))
+            .collect::<Vec<_>>()
+    };
+    let after_crash = attempts(&store.probe_deliveries().await?);
+    assert_eq!(
+        after_crash,
+        [
+            (cut, 1, Some(CUT_OFF.to_owned())),
+            (retried.id, 1, Some("HTTP 500".to_owned()))
+        ]
+    );
+    // Claimed again, and held at a clean close: nothing more counts.
+    let claimed = store
+        .claim(SinkName::Bot, 8, t0 + 10, lease)
+        .await?
+        .deliveries;
+    assert_eq!(claimed.len(), 2);
+    assert!(claimed.iter().all(|delivery| delivery.attempts == 1));
+    store.close().await;
+    let store = open_capped(&dir, None).await?;
+    assert_eq!(attempts(&store.probe_deliveries().await?), after_crash);
+    // A crash after a shutdown gave a claim back: that one counts nothing either.
+    let claimed = store
+        .claim(SinkName::Bot, 8, t0 + 20, lease)
+        .await?
+        .deliveries;
+    for delivery in &claimed {
+        store.release(delivery.claim_ref(), t0 + 21).await?;
+    }
+    drop(store);
+    let store = open_capped(&dir, None).await?;
+    assert_eq!(attempts(&store.probe_deliveries().await?), after_crash);
+    store.close().await;
+    Ok(())
+}
+
+/// A file an older build left with a delivery `in_flight` (its claim was in the file, and the
+/// relay died): the attempt counts as cut off at open, and the delivery is due at once.
+#[tokio::test]
+async fn an_older_files_in_flight_row_counts_as_cut_off() -> Result<(), Box<dyn std::error::Error>>
+{
+    let dir = tempfile::tempdir()?;
+    let t0: Millis = 1_000_000;
+    let store = open(&dir);
+    store
+        .enqueue(vec![bot_message(b"older-in-flight", t0)], t0)
+        .await?;
+    store.close().await;
+    // As an older build left it (the store API never writes this state any more).
+    Connection::open(dir.path().join("store.db"))?
+        .execute_batch("UPDATE deliveries SET state = 'in_flight', due_at = 9999999999999")?;
+    let store = open_capped(&dir, None).await?;
+    let rows = store.probe_deliveries().await?;
+    let [row] = rows.as_slice() else {
+        return Err(format!("{rows:?}").into());
+    };
+    assert_eq!(
+        (row.state.as_str(), row.attempts, row.last_error.as_deref()),
+        ("pending", 1, Some(CUT_OFF))
+    );
+    let claimed = store
+        .claim(SinkName::Bot, 8, t0, Duration::from_secs(30))
+        .await?;
+    assert_eq!(claimed.deliveries.len(), 1, "due at once");
+    assert_eq!(claimed.deliveries[0].attempts, 1);
+    store.close().await;
     Ok(())
 }
 

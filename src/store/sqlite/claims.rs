@@ -1,0 +1,274 @@
+//! Claims on the embedded store: a read of the sink's queue on the sink's own connection, the
+//! rows no running claim holds taken in memory (`leases`), and an attempt whose lease ran out
+//! counted before its row goes out again. Renewing and giving back a claim touch memory only.
+
+use super::leases::{Journaled, Leases, Taken};
+use super::queries::SettleRow;
+use super::*;
+use crate::clock::{Millis, millis};
+use crate::sink_name::SinkName;
+use crate::store::{CUT_OFF, ClaimBatch, ClaimRef, Claimed, Settle, StoreError};
+use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
+use std::time::Duration;
+
+/// A claimed row as the claim's read returns it; the caller decodes the payload.
+pub(super) struct ClaimedRow {
+    id: i64,
+    /// Attempts cut off by the relay stopping, this claim's included.
+    crashes: u32,
+    attempts: u32,
+    throttled: u32,
+    ttl_from: Millis,
+    lane: Option<String>,
+    payload: Option<String>,
+    updated_at: Millis,
+    /// An earlier claim's lease ran out on this row without an outcome.
+    lease_ran_out: bool,
+}
+
+impl SqliteStore {
+    pub(crate) async fn claim(
+        &self,
+        sink: SinkName,
+        limit: usize,
+        now: Millis,
+        lease: Duration,
+    ) -> Result<ClaimBatch, StoreError> {
+        let lease_end = now.saturating_add(millis(lease));
+        // A claim reads hot pages on the sink's own connection (nothing else uses it but the
+        // sink's one loop, and a WAL reader waits for no writer): tens of microseconds, run
+        // right here rather than handed to a blocking thread, which cost more than the read.
+        let (mut rows, next_due) = {
+            let connection = self
+                .claimers
+                .get(&sink)
+                .ok_or(StoreError::Unavailable)?
+                .lock()
+                .map_err(|_| StoreError::Unavailable)?;
+            claim_rows(&connection, &self.leases, sink, limit, now, lease_end)?
+        };
+        // An attempt whose lease ran out without an outcome was cut off: it counts, durably,
+        // before the delivery goes out again.
+        let cut_off: Vec<i64> = rows
+            .iter()
+            .filter(|row| row.lease_ran_out)
+            .map(|row| row.id)
+            .collect();
+        if !cut_off.is_empty() {
+            let counted = self
+                .write(move |connection, _| {
+                    let mut count = connection
+                        .prepare_cached(
+                            "UPDATE deliveries SET crashes = crashes + 1, attempts = attempts + 1,
+                                 last_error = ?2, updated_at = ?3
+                             WHERE id = ?1 AND state = 'pending' RETURNING attempts, crashes",
+                        )
+                        .map_err(database)?;
+                    let mut counted = HashMap::new();
+                    for &id in &cut_off {
+                        if let Some(now_counted) = count
+                            .query_row(params![id, CUT_OFF, now], |row| {
+                                Ok((row.get::<_, u32>(0)?, row.get::<_, u32>(1)?))
+                            })
+                            .optional()
+                            .map_err(database)?
+                        {
+                            counted.insert(id, now_counted);
+                        }
+                    }
+                    Ok(counted)
+                })
+                .await;
+            match counted {
+                Ok(counted) => {
+                    for row in rows.iter_mut().filter(|row| row.lease_ran_out) {
+                        if let Some(&(attempts, crashes)) = counted.get(&row.id) {
+                            (row.attempts, row.crashes, row.updated_at) = (attempts, crashes, now);
+                        }
+                    }
+                }
+                Err(error) => {
+                    // Nothing goes out uncounted: give every claim back, and say why.
+                    for row in &rows {
+                        self.leases.release(row.id, lease_end);
+                    }
+                    return Err(error);
+                }
+            }
+        }
+        self.leases.journal(
+            &rows
+                .iter()
+                .map(|row| Journaled {
+                    id: row.id,
+                    attempts: row.attempts,
+                    updated_at: row.updated_at,
+                })
+                .collect::<Vec<_>>(),
+        );
+        // Decoding runs here, on the caller's thread, to keep the one writer thread short.
+        let mut batch = ClaimBatch {
+            deliveries: Vec::with_capacity(rows.len()),
+            next_due,
+        };
+        for row in rows {
+            let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
+                Ok(event) => event,
+                Err(reason) => {
+                    let unreadable = SettleRow {
+                        id: row.id,
+                        sink,
+                        lane: row.lane,
+                        lease_until: lease_end,
+                    };
+                    // If even that fails, the row's lease frees it later; the rows claimed
+                    // with it go out now rather than wait for theirs.
+                    if let Err(error) = self
+                        .settle_row(
+                            unreadable,
+                            Settle::Dead {
+                                status: None,
+                                error: reason,
+                                attempted: false,
+                            },
+                            now,
+                        )
+                        .await
+                    {
+                        tracing::warn!(delivery = row.id, %error, "Cannot dead-letter a delivery on its claim");
+                    }
+                    continue;
+                }
+            };
+            batch.deliveries.push(Claimed {
+                id: row.id,
+                sink,
+                event,
+                attempts: row.attempts,
+                throttled: row.throttled,
+                ttl_from: row.ttl_from,
+                lease_until: lease_end,
+            });
+        }
+        Ok(batch)
+    }
+
+    /// Extends a claim's lease while its attempt runs, if the claim still holds it.
+    pub(crate) async fn renew(
+        &self,
+        delivery: &Claimed,
+        until: Millis,
+        _now: Millis,
+    ) -> Result<bool, StoreError> {
+        Ok(self.leases.renew(delivery.id, delivery.lease_until, until))
+    }
+
+    /// Gives back a claim a shutdown cut off: due again at once (it was due when claimed),
+    /// nothing counted.
+    pub(crate) async fn release(&self, claim: ClaimRef, _now: Millis) -> Result<(), StoreError> {
+        if let Some(sink) = self.leases.release(claim.id, claim.lease_until) {
+            self.wakers.wake(sink);
+        }
+        Ok(())
+    }
+}
+
+/// A sink's queue in order (`deliveries_due`: sink, due_at, rowid), ids and due times only,
+/// so that the read stays inside the index.
+pub(super) const CLAIM_SCAN: &str = "SELECT id, due_at FROM deliveries
+    WHERE sink = ?1 AND state IN ('pending', 'in_flight') ORDER BY due_at, id";
+
+/// What a claimed row hands out, with its event.
+pub(super) const CLAIM_FETCH: &str =
+    "SELECT d.attempts, d.throttled, COALESCE(d.replayed_at, d.created_at), d.lane,
+            d.crashes, d.updated_at, e.payload
+     FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
+     WHERE d.id = ?1 AND d.state IN ('pending', 'in_flight')";
+
+/// How many times a claim reads again when settles kept dropping claims faster than it could
+/// tell which rows they were (see `Leases::take`).
+const CLAIM_READS: usize = 4;
+
+/// A claim's read, on the sink's own connection: the due rows of `sink` in queue order that no
+/// running claim holds, at most `limit`, taken under a lease until `lease_end`; and when the
+/// sink's next row falls due (a row not due yet, a row beyond `limit`, or a lease's end).
+pub(super) fn claim_rows(
+    connection: &Connection,
+    leases: &Leases,
+    sink: SinkName,
+    limit: usize,
+    now: Millis,
+    lease_end: Millis,
+) -> Result<(Vec<ClaimedRow>, Option<Millis>), StoreError> {
+    for _ in 0..CLAIM_READS {
+        let view = leases.view(sink);
+        // The queue's order is `deliveries_due` (sink, due_at, rowid); a read that only needs
+        // ids and due times stays inside the index. Rows held by running claims are still
+        // `pending` in the file: passed over, at most as many as the sink holds.
+        let mut due = Vec::with_capacity(limit.min(view.held() + 64));
+        let mut next_due = view.next_lease_end(now);
+        {
+            let mut scan = connection.prepare_cached(CLAIM_SCAN).map_err(database)?;
+            let mut rows = scan.query([sink.as_str()]).map_err(database)?;
+            while let Some(row) = rows.next().map_err(database)? {
+                let id: i64 = row.get(0).map_err(database)?;
+                let due_at: Millis = row.get(1).map_err(database)?;
+                if view.passes_over(id, now) {
+                    continue;
+                }
+                if due_at > now || due.len() >= limit {
+                    next_due = Some(next_due.map_or(due_at, |next: Millis| next.min(due_at)));
+                    break;
+                }
+                due.push(id);
+            }
+        }
+        let mut fetch = connection.prepare_cached(CLAIM_FETCH).map_err(database)?;
+        let mut fetched = Vec::with_capacity(due.len());
+        for id in due {
+            let row = fetch
+                .query_row([id], |row| {
+                    Ok(ClaimedRow {
+                        id,
+                        attempts: row.get(0)?,
+                        throttled: row.get(1)?,
+                        ttl_from: row.get(2)?,
+                        lane: row.get(3)?,
+                        crashes: row.get(4)?,
+                        updated_at: row.get(5)?,
+                        payload: row.get(6)?,
+                        lease_ran_out: false,
+                    })
+                })
+                .optional()
+                .map_err(database)?;
+            fetched.extend(row);
+        }
+        let as_read: Vec<Journaled> = fetched
+            .iter()
+            .map(|row| Journaled {
+                id: row.id,
+                attempts: row.attempts,
+                updated_at: row.updated_at,
+            })
+            .collect();
+        let Some(taken) = leases.take(sink, &view, &as_read, limit, now, lease_end) else {
+            continue;
+        };
+        let taken: HashMap<i64, Taken> =
+            taken.into_iter().map(|(row, how)| (row.id, how)).collect();
+        let claimed = fetched
+            .into_iter()
+            .filter_map(|mut row| {
+                let how = taken.get(&row.id)?;
+                row.lease_ran_out = *how == Taken::LeaseRanOut;
+                Some(row)
+            })
+            .collect();
+        return Ok((claimed, next_due));
+    }
+    Err(StoreError::Database(
+        "a claim kept overlapping more settles than it can tell apart".to_owned(),
+    ))
+}
