@@ -47,8 +47,8 @@ pub struct Dispatcher {
 
 impl Dispatcher {
     /// Runs one loop per sink until `shutdown`; then lets in-flight attempts finish within
-    /// `grace`. Attempts cut off by the grace period stay leased in the store and are sent
-    /// again after a restart.
+    /// `grace`. Attempts cut off by the grace period are given back to the store (`release`:
+    /// nothing counted) and are sent again after a restart.
     ///
     /// Each sink's loop is watched by `liveness`: one that ends or panics before `shutdown`
     /// makes the relay failing (`/healthz` 503, a non-zero exit), naming the sink.

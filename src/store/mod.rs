@@ -13,7 +13,9 @@
 //!    [`Store::renew`] extends a lease the claim still holds. An outcome ([`Store::settle`])
 //!    counts only under its claim's lease: one that comes after the lease ran out and the
 //!    delivery was claimed again changes nothing. A lease that runs out (a crashed relay) makes
-//!    the delivery due again, and the claim that takes it counts the cut-off attempt as failed;
+//!    the delivery due again, and the claim that takes it counts the cut-off attempt as failed
+//!    (SQLite, whose leases live in memory, counts a crash's cut-off attempts when it opens the
+//!    file, from its claim journal);
 //!    the [`CRASH_LIMIT`]-th such claim dead-letters it ([`CRASHED`]) and its lane moves on.
 //!    [`Store::release`] gives back a claim whose attempt a shutdown cut off: due at once,
 //!    nothing counted.

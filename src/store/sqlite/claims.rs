@@ -35,17 +35,26 @@ impl SqliteStore {
         now: Millis,
         lease: Duration,
     ) -> Result<ClaimBatch, StoreError> {
+        // A store that failed (an fsync) or closed answers only errors, claims included:
+        // its readers would still see rows that were committed but never made durable.
+        if let Some(failure) = self.failure() {
+            return Err(failure);
+        }
+        if self.leases.is_closed() {
+            return Err(StoreError::Unavailable);
+        }
         let lease_end = now.saturating_add(millis(lease));
         // A claim reads hot pages on the sink's own connection (nothing else uses it but the
-        // sink's one loop, and a WAL reader waits for no writer): tens of microseconds, run
-        // right here rather than handed to a blocking thread, which cost more than the read.
+        // sink's one loop; a WAL reader waits for no writer, and its busy timeout is short):
+        // tens of microseconds, run right here rather than handed to a blocking thread, which
+        // cost more than the read (measured).
         let (mut rows, next_due) = {
             let connection = self
                 .claimers
                 .get(&sink)
                 .ok_or(StoreError::Unavailable)?
                 .lock()
-                .map_err(|_| StoreError::Unavailable)?;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             claim_rows(&connection, &self.leases, sink, limit, now, lease_end)?
         };
         // An attempt whose lease ran out without an outcome was cut off: it counts, durably,
@@ -89,9 +98,14 @@ impl SqliteStore {
                     }
                 }
                 Err(error) => {
-                    // Nothing goes out uncounted: give every claim back, and say why.
+                    // Nothing goes out uncounted: the new claims are given back, and the ones
+                    // whose count failed stay expired, so that the next claim counts them.
                     for row in &rows {
-                        self.leases.release(row.id, lease_end);
+                        if row.lease_ran_out {
+                            self.leases.expire(row.id, lease_end, now);
+                        } else {
+                            self.leases.release(row.id, lease_end);
+                        }
                     }
                     return Err(error);
                 }

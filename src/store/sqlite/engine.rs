@@ -223,7 +223,7 @@ impl Group {
     /// A write that makes SQLite roll the whole transaction back by itself (a full disk, an
     /// I/O error) fails with its own error and is not run again; the other writes of the group
     /// are run again in a new transaction, so that in a full store the writes that fit (a
-    /// settle, a claim) still commit beside the ones that do not (an enqueue).
+    /// settle, a crash count) still commit beside the ones that do not (an enqueue).
     fn add(&mut self, connection: &Connection, mut job: Box<dyn Job>) {
         if self.broken.is_some() {
             self.jobs.push(job);

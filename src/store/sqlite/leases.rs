@@ -13,9 +13,10 @@
 //! close empties the journal. When it has grown long, it is rewritten with the claims held now.
 //!
 //! Claims read the committed state of the file on connections of their own (one per sink), so
-//! they never wait for the writer or an fsync. A settle marks its claim as settling, writes in
-//! the writer's group, and drops the claim once the group is durable (and so visible to every
-//! reader). A claim whose read began before such a drop might still see the row as it was, so
+//! they never wait for the writer or an fsync. (A commit is visible before its fsync, so a row
+//! can go out before it is durable; a power loss then can make a sink see it again, which
+//! at-least-once allows.) A settle marks its claim as settling, writes in the writer's group,
+//! and drops the claim once the group is durable (and so surely visible to every reader). A claim whose read began before such a drop might still see the row as it was, so
 //! the last drops are remembered with a sequence number, and a claim skips the rows dropped
 //! since its read began (they are due again, if at all, at the next claim).
 
@@ -61,13 +62,19 @@ struct Held {
 }
 
 struct Inner {
+    /// The store closed: claims fail, the journal takes nothing more.
+    closed: bool,
     held: HashMap<i64, Held>,
     /// (sequence, delivery) of the last drops, oldest first.
     dropped: VecDeque<(u64, i64)>,
     /// Drops so far.
     drops: u64,
     journal: Option<File>,
+    /// The journal's length up to its last whole record.
+    journal_len: u64,
     appended: usize,
+    /// A journal write failed and was not followed by one that succeeded (warned once).
+    failing: bool,
 }
 
 pub(super) struct Leases {
@@ -138,11 +145,14 @@ impl Leases {
         }
         let leases = Leases {
             inner: Mutex::new(Inner {
+                closed: false,
                 held: HashMap::new(),
                 dropped: VecDeque::new(),
                 drops: 0,
                 journal: None,
+                journal_len: 0,
                 appended: 0,
+                failing: false,
             }),
             path,
         };
@@ -154,11 +164,22 @@ impl Leases {
         let journal = self.create_journal(&self.path)?;
         let mut inner = self.lock();
         inner.journal = Some(journal);
+        inner.journal_len = 0;
         inner.appended = 0;
         Ok(())
     }
 
     fn create_journal(&self, path: &Path) -> Result<File, StoreError> {
+        // A file left from an earlier run keeps its mode through `truncate`: start afresh.
+        match std::fs::remove_file(path) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                return Err(StoreError::Database(format!(
+                    "cannot remove {}: {error}",
+                    path.display()
+                )));
+            }
+            _ => {}
+        }
         private_options()
             .create(true)
             .truncate(true)
@@ -258,14 +279,7 @@ impl Leases {
         for row in taken {
             encode(row, &mut bytes);
         }
-        let written = match inner.journal.as_mut() {
-            Some(journal) => journal.write_all(&bytes),
-            None => Ok(()),
-        };
-        if let Err(error) = written {
-            // Only the counting of attempts a crash cuts off depends on it; deliveries go on.
-            tracing::warn!(%error, "Cannot record claims in the claim journal");
-        }
+        append(&mut inner, &bytes);
         inner.appended += taken.len();
         if inner.appended >= JOURNAL_REWRITE_AFTER {
             self.rewrite(&mut inner);
@@ -274,6 +288,9 @@ impl Leases {
 
     /// Rewrites the journal with the claims held now, through a new file renamed over it.
     fn rewrite(&self, inner: &mut Inner) {
+        if inner.closed {
+            return;
+        }
         let fresh = sibling(&self.path, ".new");
         let mut bytes = Vec::with_capacity(inner.held.len() * RECORD);
         for held in inner.held.values() {
@@ -289,6 +306,7 @@ impl Leases {
         match rewritten {
             Ok(file) => {
                 inner.journal = Some(file);
+                inner.journal_len = bytes.len() as u64;
                 inner.appended = inner.held.len();
             }
             Err(error) => {
@@ -359,14 +377,24 @@ impl Leases {
             },
             &mut bytes,
         );
-        if let Some(Err(error)) = inner
-            .journal
-            .as_mut()
-            .map(|journal| journal.write_all(&bytes))
-        {
-            tracing::warn!(%error, "Cannot record a given-back claim in the claim journal");
-        }
+        append(&mut inner, &bytes);
         Some(claim.sink)
+    }
+
+    /// Ends a claim's lease now (its cut-off attempt could not be counted): the next claim
+    /// takes it as one whose lease ran out, and counts it.
+    pub(super) fn expire(&self, id: i64, held: Millis, now: Millis) {
+        if let Some(claim) = self.lock().held.get_mut(&id)
+            && claim.lease_until == held
+            && !claim.settling
+        {
+            claim.lease_until = now;
+        }
+    }
+
+    /// Whether the store closed.
+    pub(super) fn is_closed(&self) -> bool {
+        self.lock().closed
     }
 
     /// Claims held now, per sink.
@@ -386,10 +414,38 @@ impl Leases {
     /// A clean close: nothing held is a crash's doing, so the journal is emptied.
     pub(super) fn close(&self) {
         let mut inner = self.lock();
+        inner.closed = true;
         if let Some(journal) = inner.journal.take()
             && let Err(error) = journal.set_len(0)
         {
             tracing::warn!(%error, "Cannot empty the claim journal at close");
+        }
+    }
+}
+
+/// Appends whole records to the journal. A write that fails part-way (a full disk) is cut back
+/// to the last whole record, so that the records after it stay aligned; the first failure of a
+/// run of them is logged. Only the counting of attempts a crash cuts off depends on the journal:
+/// deliveries go on without it.
+fn append(inner: &mut Inner, bytes: &[u8]) {
+    use std::io::{Seek, SeekFrom};
+    let good = inner.journal_len;
+    let Some(journal) = inner.journal.as_mut() else {
+        return;
+    };
+    match journal.write_all(bytes) {
+        Ok(()) => {
+            inner.journal_len = good + bytes.len() as u64;
+            inner.failing = false;
+        }
+        Err(error) => {
+            let _ = journal
+                .set_len(good)
+                .and_then(|()| journal.seek(SeekFrom::Start(good)));
+            if !inner.failing {
+                tracing::warn!(%error, "Cannot record claims in the claim journal; a crash now would not count the attempts it cuts off");
+            }
+            inner.failing = true;
         }
     }
 }

@@ -136,9 +136,18 @@ impl SqliteStore {
             Ok(reader)
         };
         let reader = read_only()?;
+        // A claim runs on a tokio worker: a reader that finds the WAL index busy (rare: the
+        // writer restarting the WAL) gives up quickly, and the sink claims again within a second.
+        let claimer = || -> Result<Connection, StoreError> {
+            let connection = read_only()?;
+            connection
+                .busy_timeout(std::time::Duration::from_millis(20))
+                .map_err(database)?;
+            Ok(connection)
+        };
         let claimers = SinkName::ALL
             .into_iter()
-            .map(|sink| Ok((sink, Mutex::new(read_only()?))))
+            .map(|sink| Ok((sink, Mutex::new(claimer()?))))
             .collect::<Result<HashMap<_, _>, StoreError>>()?;
 
         let checkpointer = Connection::open(path).map_err(database)?;

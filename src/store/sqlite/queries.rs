@@ -3,7 +3,6 @@
 //! writer, reads on the read connection.
 
 use super::engine::*;
-use super::leases::Leases;
 use super::*;
 use crate::clock::{Millis, millis};
 use crate::event::Event;
@@ -56,28 +55,6 @@ pub(super) const DEPTH: [&str; 3] = [
     "SELECT sink, state, COUNT(*) FROM deliveries
      WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead' GROUP BY sink",
 ];
-
-/// A settle under way: once its write is durable the claim is dropped; if the write failed,
-/// or the settle was cancelled before it knew, the claim holds on until its lease runs out.
-struct Settling<'a> {
-    leases: &'a Leases,
-    id: i64,
-    lease_until: Millis,
-    written: bool,
-}
-
-impl Settling<'_> {
-    fn end(mut self, written: bool) {
-        self.written = written;
-    }
-}
-
-impl Drop for Settling<'_> {
-    fn drop(&mut self) {
-        self.leases
-            .end_settle(self.id, self.lease_until, self.written);
-    }
-}
 
 /// What settling a delivery needs to know about it.
 pub(super) struct SettleRow {
@@ -199,15 +176,37 @@ impl SqliteStore {
             );
             return Ok(());
         }
-        let settling = Settling {
-            leases: &self.leases,
-            id,
-            lease_until,
-            written: false,
-        };
-        let written = self
-            .write(move |connection, touched| {
-                let (changed, done) = match &settle {
+        // The write and the end of the settle run in a task of their own: a caller that goes
+        // away (a shutdown's abort) must not leave its claim between a queued write and that
+        // write's outcome, or the write could land after the claim's lease ran out and the row
+        // was claimed again.
+        let store = self.clone();
+        tokio::spawn(async move {
+            let row = SettleRow {
+                id,
+                sink,
+                lane,
+                lease_until,
+            };
+            let written = store.write_settle(row, settle, now).await;
+            store.leases.end_settle(id, lease_until, written.is_ok());
+            written
+        })
+        .await
+        .map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// Records a settle's outcome, in the writer's group; promotes the lane's next delivery
+    /// when this one is done.
+    async fn write_settle(
+        &self,
+        row: SettleRow,
+        settle: Settle,
+        now: Millis,
+    ) -> Result<(), StoreError> {
+        let SettleRow { id, sink, lane, .. } = row;
+        self.write(move |connection, touched| {
+            let (changed, done) = match &settle {
                 Settle::Delivered { status } => (
                     execute(
                         connection,
@@ -232,14 +231,7 @@ impl SqliteStore {
                              last_error = ?6, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![
-                            id,
-                            now,
-                            i64::from(!counted),
-                            due_at,
-                            status,
-                            error,
-                        ],
+                        params![id, now, i64::from(!counted), due_at, status, error,],
                     )?,
                     false,
                 ),
@@ -287,20 +279,18 @@ impl SqliteStore {
                     true,
                 ),
             };
-                // The claim holds the row, so it is open; but say so if it were not.
-                if changed == 0 {
-                    return Err(StoreError::Database(format!(
-                        "delivery {id} is not open, although a claim holds it"
-                    )));
-                }
-                if !done || promote(connection, sink, lane.as_deref(), now)? {
-                    touched.insert(sink);
-                }
-                Ok(())
-            })
-            .await;
-        settling.end(written.is_ok());
-        written
+            // The claim holds the row, so it is open; but say so if it were not.
+            if changed == 0 {
+                return Err(StoreError::Database(format!(
+                    "delivery {id} is not open, although a claim holds it"
+                )));
+            }
+            if !done || promote(connection, sink, lane.as_deref(), now)? {
+                touched.insert(sink);
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Every delivery row, oldest first (the test probe behind `Store::probe_deliveries`).

@@ -744,3 +744,181 @@ async fn join_all<T: Send + 'static>(
     }
     results
 }
+
+/// A settle whose caller goes away after its write was queued (an aborted task, a timeout):
+/// the write still commits, and the claim ends with it: the row is not reported in flight
+/// afterwards, and its next claim counts no crash.
+#[tokio::test]
+async fn a_settle_whose_caller_goes_away_still_ends_its_claim()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    let lease = Duration::from_secs(10);
+    store
+        .enqueue(vec![bot_message(b"review-cancelled-settle", t0)], t0)
+        .await?;
+    let claimed = store.claim(SinkName::Bot, 8, t0, lease).await?.deliveries;
+    let delivery = claimed.first().ok_or("nothing claimed")?;
+    let retry = Settle::Retry {
+        due_at: t0 + 60_000,
+        counted: true,
+        status: Some(500),
+        error: "HTTP 500".into(),
+    };
+    // Hold the writer so that the settle is surely still waiting when its caller goes away.
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut started_tx = Some(started_tx);
+    let blocker = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_, _| {
+                    if let Some(started) = started_tx.take() {
+                        let _ = started.send(());
+                    }
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    started_rx.await?;
+    // Polled once (the write is queued), then dropped.
+    let cancelled = futures_util::FutureExt::now_or_never(store.settle(delivery, retry, t0 + 1));
+    assert!(cancelled.is_none(), "the settle was cut off mid-await");
+    let _ = release_tx.send(());
+    blocker.await??;
+    // A later write: answered only after the settle's group is durable.
+    store.probe(t0 + 2).await?;
+    let rows = store.probe_deliveries().await?;
+    assert_eq!(rows[0].attempts, 1, "the retry was recorded");
+    assert_eq!(
+        rows[0].state, "pending",
+        "recorded as a retry, yet still reported in flight"
+    );
+    let depth = store.depth().await?;
+    assert_eq!(depth.get(&SinkName::Bot).map(|d| d.in_flight), Some(0));
+    let again = store
+        .claim(SinkName::Bot, 8, t0 + 60_000, lease)
+        .await?
+        .deliveries;
+    assert_eq!(
+        again.first().map(|d| d.attempts),
+        Some(1),
+        "no attempt was cut off; none may be counted"
+    );
+    store.close().await;
+    Ok(())
+}
+
+/// A settle whose caller goes away while its write is queued keeps its claim settling until
+/// the write's outcome is known, so a claim after the lease's end does not take the row and
+/// hand out a delivery that the queued write then records as delivered.
+#[tokio::test]
+async fn a_settle_cut_off_by_its_caller_is_not_recorded_under_a_newer_claim()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    let lease = Duration::from_secs(10);
+    store
+        .enqueue(vec![bot_message(b"review-stale-settle", t0)], t0)
+        .await?;
+    let claimed = store.claim(SinkName::Bot, 8, t0, lease).await?.deliveries;
+    let delivery = claimed.first().ok_or("nothing claimed")?.clone();
+    // Hold the writer (a slow group: a purge chunk, a checkpoint, a slow disk).
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut started_tx = Some(started_tx);
+    let blocker = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .write(move |_, _| {
+                    if let Some(started) = started_tx.take() {
+                        let _ = started.send(());
+                    }
+                    let _ = release_rx.recv();
+                    Ok(())
+                })
+                .await
+        })
+    };
+    started_rx.await?;
+    // The old attempt's settle is queued, then its caller goes away.
+    let cancelled = futures_util::FutureExt::now_or_never(store.settle(
+        &delivery,
+        Settle::Delivered { status: 200 },
+        t0 + 1,
+    ));
+    assert!(cancelled.is_none());
+    // The lease runs out; the sink's next claim takes the row (its cut-off count queues).
+    let second = {
+        let store = store.clone();
+        tokio::spawn(async move { store.claim(SinkName::Bot, 8, t0 + 20_000, lease).await })
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let _ = release_tx.send(());
+    blocker.await??;
+    let second = second.await??.deliveries;
+    let rows = store.probe_deliveries().await?;
+    assert_eq!(rows[0].state, "delivered", "the stale outcome was recorded");
+    assert!(
+        second.is_empty(),
+        "a delivery recorded as delivered was handed out again: {:?}",
+        second.iter().map(|d| d.id).collect::<Vec<_>>()
+    );
+    store.close().await;
+    Ok(())
+}
+
+/// After a failed fsync the store answers only errors until a restart, claims included: a
+/// claim's reader would see the committed, never synced rows (here the enqueue failed, and
+/// the webhook was answered 503).
+#[tokio::test]
+async fn a_failed_store_hands_out_no_claims() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    store.fail_next_sync();
+    assert!(
+        store
+            .enqueue(vec![bot_message(b"review-unsynced", t0)], t0)
+            .await
+            .is_err()
+    );
+    assert!(store.failure().is_some());
+    let claimed = store
+        .claim(SinkName::Bot, 8, t0, Duration::from_secs(10))
+        .await;
+    assert!(
+        !matches!(&claimed, Ok(batch) if !batch.deliveries.is_empty()),
+        "a failed store handed out a delivery whose enqueue was never acknowledged"
+    );
+    store.close().await;
+    Ok(())
+}
+
+/// After `close` every call fails with `Unavailable`, a claim too (it reads the file on a
+/// connection of its own).
+#[tokio::test]
+async fn a_claim_after_close_fails() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    store
+        .enqueue(vec![bot_message(b"review-after-close", t0)], t0)
+        .await?;
+    store.close().await;
+    let claimed = store
+        .claim(SinkName::Bot, 8, t0, Duration::from_secs(10))
+        .await;
+    assert!(
+        matches!(claimed, Err(StoreError::Unavailable)),
+        "claim after close: {:?}",
+        claimed.map(|batch| batch.deliveries.len())
+    );
+    Ok(())
+}
