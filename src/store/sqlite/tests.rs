@@ -767,24 +767,7 @@ async fn a_settle_whose_caller_goes_away_still_ends_its_claim()
         error: "HTTP 500".into(),
     };
     // Hold the writer so that the settle is surely still waiting when its caller goes away.
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let mut started_tx = Some(started_tx);
-    let blocker = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .write(move |_, _| {
-                    if let Some(started) = started_tx.take() {
-                        let _ = started.send(());
-                    }
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-        })
-    };
-    started_rx.await?;
+    let (release_tx, blocker) = hold_the_writer(&store).await?;
     // Polled once (the write is queued), then dropped.
     let cancelled = futures_util::FutureExt::now_or_never(store.settle(delivery, retry, t0 + 1));
     assert!(cancelled.is_none(), "the settle was cut off mid-await");
@@ -829,24 +812,7 @@ async fn a_settle_cut_off_by_its_caller_is_not_recorded_under_a_newer_claim()
     let claimed = store.claim(SinkName::Bot, 8, t0, lease).await?.deliveries;
     let delivery = claimed.first().ok_or("nothing claimed")?.clone();
     // Hold the writer (a slow group: a purge chunk, a checkpoint, a slow disk).
-    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
-    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-    let mut started_tx = Some(started_tx);
-    let blocker = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            store
-                .write(move |_, _| {
-                    if let Some(started) = started_tx.take() {
-                        let _ = started.send(());
-                    }
-                    let _ = release_rx.recv();
-                    Ok(())
-                })
-                .await
-        })
-    };
-    started_rx.await?;
+    let (release_tx, blocker) = hold_the_writer(&store).await?;
     // The old attempt's settle is queued, then its caller goes away.
     let cancelled = futures_util::FutureExt::now_or_never(store.settle(
         &delivery,
@@ -921,4 +887,34 @@ async fn a_claim_after_close_fails() -> Result<(), Box<dyn std::error::Error>> {
         claimed.map(|batch| batch.deliveries.len())
     );
     Ok(())
+}
+
+/// Holds the store's writer in a write of its own until the returned sender sends (or is
+/// dropped); returns once the write runs. The handle yields that write's result.
+async fn hold_the_writer(
+    store: &SqliteStore,
+) -> Result<
+    (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<(), StoreError>>,
+    ),
+    Box<dyn std::error::Error>,
+> {
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    let mut started_tx = Some(started_tx);
+    let store = store.clone();
+    let blocker = tokio::spawn(async move {
+        store
+            .write(move |_, _| {
+                if let Some(started) = started_tx.take() {
+                    let _ = started.send(());
+                }
+                let _ = release_rx.recv();
+                Ok(())
+            })
+            .await
+    });
+    started_rx.await?;
+    Ok((release_tx, blocker))
 }
