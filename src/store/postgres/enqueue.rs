@@ -105,6 +105,8 @@ pub(super) struct Batcher {
     pub(super) pool: Pool,
     pub(super) target: Target,
     pub(super) wakers: Arc<Wakers>,
+    /// This relay's mark on its notifications (see `work_payload`).
+    pub(super) origin: Arc<str>,
 }
 
 /// The batcher: takes every enqueue that arrived while the previous transaction committed,
@@ -141,17 +143,18 @@ impl batch::BatchWrite for Batcher {
         jobs: &'a [EnqueueJob],
     ) -> impl Future<Output = Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError>> + Send + 'a
     {
-        write_batch(&self.pool, jobs)
+        write_batch(&self.pool, &self.origin, jobs)
     }
 }
 
 /// One batch on the batcher's own connection.
 async fn write_batch(
     pool: &Pool,
+    origin: &str,
     jobs: &[EnqueueJob],
 ) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
     let client = pool.get().await?;
-    enqueue_batch(&client, jobs, true).await
+    enqueue_batch(&client, jobs, origin).await
 }
 
 /// One delivery row to insert, should its event be new.
@@ -163,13 +166,13 @@ struct NewDelivery<'a> {
 }
 
 /// Writes the jobs' events and deliveries in one transaction, sent in one round trip (`BEGIN`,
-/// the lane locks, the enqueue, `COMMIT`, pipelined on the connection) and, when `notify`, the
-/// NOTIFY to the other relays right behind it; the report of each job, and the sinks that got
-/// rows.
+/// the lane locks, the enqueue, `COMMIT`, pipelined on the connection) and the NOTIFY to the
+/// other relays right behind it, with this relay's mark (`origin`); the report of each job,
+/// and the sinks that got rows.
 async fn enqueue_batch(
     client: &Client,
     jobs: &[EnqueueJob],
-    notify: bool,
+    origin: &str,
 ) -> Result<(Vec<EnqueueReport>, BTreeSet<SinkName>), PgError> {
     // The first occurrence of each id in the batch is the one that may be new.
     let mut first: HashMap<&str, (usize, usize)> = HashMap::new();
@@ -274,7 +277,7 @@ async fn enqueue_batch(
         .collect();
     let times: Vec<i64> = deliveries.iter().map(|delivery| delivery.at).collect();
     let may_touch: BTreeSet<SinkName> = deliveries.iter().map(|delivery| delivery.sink).collect();
-    let payload = sink_list(&may_touch);
+    let payload = work_payload(&may_touch, origin);
 
     let (lock, enqueue, notify_statement) = tokio::try_join!(
         client.prepare_cached(LOCK_LANES),
@@ -308,7 +311,7 @@ async fn enqueue_batch(
         }
     };
     let notified = async {
-        if notify && !may_touch.is_empty() {
+        if !may_touch.is_empty() {
             Some(client.execute(&notify_statement, &notify_params).await)
         } else {
             None
@@ -354,16 +357,40 @@ async fn enqueue_batch(
     Ok((reports, touched))
 }
 
-/// The NOTIFY payload: the sinks' names, comma-separated.
-fn sink_list(sinks: &BTreeSet<SinkName>) -> String {
-    sinks
-        .iter()
-        .map(|sink| sink.as_str())
-        .collect::<Vec<_>>()
-        .join(",")
+/// The NOTIFY payload: the sinks' names, then the sending relay's mark (`@` and its id), all
+/// comma-separated. A relay that does not know the mark skips it as it skips a sink it does
+/// not know.
+pub(super) fn work_payload(sinks: &BTreeSet<SinkName>, origin: &str) -> String {
+    let mut payload = String::new();
+    for sink in sinks {
+        payload.push_str(sink.as_str());
+        payload.push(',');
+    }
+    payload.push('@');
+    payload.push_str(origin);
+    payload
 }
 
-const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+/// The sinks a work notification names, or `None` when this relay (`origin`) sent it: the
+/// relay woke its own dispatchers right after its commit, and a second wake-up would only make
+/// them claim again, most often for nothing. A payload without a mark (a relay of an earlier
+/// version) is another relay's.
+pub(super) fn foreign_work(payload: &str, origin: &str) -> Option<Vec<SinkName>> {
+    let mut sinks = Vec::new();
+    for item in payload.split(',') {
+        match item.strip_prefix('@') {
+            Some(sender) if sender == origin => return None,
+            Some(_) => {}
+            None => sinks.extend(SinkName::parse(item)),
+        }
+    }
+    Some(sinks)
+}
+
+pub(super) const NOTIFY: &str = "SELECT pg_notify($1, $2)";
+
+/// The statements the batcher's connection is prepared with when the store opens.
+pub(super) const STATEMENTS: [&str; 3] = [LOCK_LANES, ENQUEUE, NOTIFY];
 
 /// Wakes this relay's dispatchers of `sinks`, then tells the other relays (after the commit,
 /// outside any transaction). A lost NOTIFY costs only latency: every relay also claims at its
@@ -372,6 +399,7 @@ pub(super) async fn wake_and_notify(
     pool: &Pool,
     target: &Target,
     wakers: &Wakers,
+    origin: &str,
     sinks: &BTreeSet<SinkName>,
 ) {
     if sinks.is_empty() {
@@ -380,7 +408,7 @@ pub(super) async fn wake_and_notify(
     for sink in sinks {
         wakers.wake(*sink);
     }
-    let payload = sink_list(sinks);
+    let payload = work_payload(sinks, origin);
     let sent = async {
         let client = pool.get().await?;
         let statement = client.prepare_cached(NOTIFY).await?;

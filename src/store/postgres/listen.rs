@@ -4,6 +4,7 @@
 //! so a pause given to any relay holds on every relay within a second). It reconnects when the
 //! connection fails.
 
+use super::enqueue::foreign_work;
 use super::write::{PAUSE_CHANNEL, WORK_CHANNEL};
 use super::{PgError, Target, Tls, queries};
 use crate::sink_name::SinkName;
@@ -31,6 +32,8 @@ pub(super) struct Listener {
     pub(super) wakers: Arc<Wakers>,
     pub(super) paused: Arc<RwLock<HashSet<String>>>,
     pub(super) stop: CancellationToken,
+    /// This relay's mark on its notifications (see `enqueue::work_payload`).
+    pub(super) origin: Arc<str>,
 }
 
 pub(super) async fn listen_loop(listener: Listener) {
@@ -93,10 +96,10 @@ impl Listener {
 
     async fn handle(&self, notification: &Notification) {
         if notification.channel() == WORK_CHANNEL {
-            for name in notification.payload().split(',') {
-                if let Some(sink) = SinkName::parse(name) {
-                    self.wakers.wake(sink);
-                }
+            // This relay's own commits woke its dispatchers already.
+            let sinks = foreign_work(notification.payload(), &self.origin);
+            for sink in sinks.into_iter().flatten() {
+                self.wakers.wake(sink);
             }
         } else if notification.channel() == PAUSE_CHANNEL
             && let Err(error) = reload_paused(&self.pool, &self.paused).await

@@ -6,7 +6,7 @@
 //! second this is a commit per batch instead of one per delivery.
 
 use super::enqueue::wake_and_notify;
-use super::write::{LOCK_LANES, PROMOTE, record_sql, record_values};
+use super::write::{LOCK_LANES, PROMOTE, RECORDS, record_sql, record_values};
 use super::{PgError, Target, batch, pipeline, queries};
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
@@ -20,6 +20,11 @@ use tokio_postgres::types::ToSql;
 
 /// The most outcomes one settle transaction records.
 const MAX_BATCH_SETTLES: usize = 256;
+
+/// The statements the batcher's connection is prepared with when the store opens.
+pub(super) const STATEMENTS: [&str; 7] = [
+    LOCK_LANES, PROMOTE, RECORDS[0], RECORDS[1], RECORDS[2], RECORDS[3], RECORDS[4],
+];
 
 /// What a settle changed.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -61,6 +66,8 @@ pub(super) struct SettleBatcher {
     pub(super) pool: Pool,
     pub(super) target: Target,
     pub(super) wakers: Arc<Wakers>,
+    /// This relay's mark on its notifications (see `enqueue::work_payload`).
+    pub(super) origin: Arc<str>,
 }
 
 pub(super) async fn settle_loop(batcher: SettleBatcher, mut queue: mpsc::Receiver<SettleJob>) {
@@ -85,7 +92,7 @@ impl SettleBatcher {
         for sink in wake.difference(&promoted) {
             self.wakers.wake(*sink);
         }
-        wake_and_notify(pool, &self.target, &self.wakers, &promoted).await;
+        wake_and_notify(pool, &self.target, &self.wakers, &self.origin, &promoted).await;
     }
 }
 

@@ -1319,3 +1319,79 @@ async fn an_enqueue_batch_heads_a_lane_whose_first_event_is_a_duplicate() -> Tes
     store.close().await;
     Ok(())
 }
+
+/// A relay opens the connections its writes use, with their statements prepared, before it
+/// takes its first request: the first batches after a start pay neither.
+#[tokio::test]
+async fn the_store_opens_its_write_connections_with_their_statements_prepared() -> TestResult {
+    let Some(database) = TestDatabase::create().await? else {
+        return Ok(());
+    };
+    let store = database.open().await?;
+    let inner = &postgres(&store).inner;
+    for (pool, statements, connections) in [
+        (&inner.batcher_pool, super::enqueue::STATEMENTS.len(), 1),
+        (&inner.settle_pool, super::settle::STATEMENTS.len(), 1),
+        (
+            &inner.pool,
+            super::write::CLAIM_STATEMENTS.len(),
+            super::WARM_CONNECTIONS,
+        ),
+    ] {
+        assert_eq!(pool.status().size, connections);
+        let client = pool.get().await?;
+        assert_eq!(client.statement_cache.size(), statements);
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// A relay's own work notifications do not wake it a second time (its commit woke it); another
+/// relay's do, and so do those of a relay that does not mark them (an earlier version).
+#[test]
+fn a_relay_skips_its_own_work_notifications() {
+    let sinks = [SinkName::Bot, SinkName::Kochava].into_iter().collect();
+    let payload = super::enqueue::work_payload(&sinks, "0123abcd");
+    assert_eq!(super::enqueue::foreign_work(&payload, "0123abcd"), None);
+    assert_eq!(
+        super::enqueue::foreign_work(&payload, "ffff0000"),
+        Some(vec![SinkName::Bot, SinkName::Kochava])
+    );
+    assert_eq!(
+        super::enqueue::foreign_work("bot,kochava", "0123abcd"),
+        Some(vec![SinkName::Bot, SinkName::Kochava])
+    );
+    // What a relay of an earlier version makes of the marked payload: the sinks, the mark
+    // skipped like a sink it does not know.
+    let earlier: Vec<SinkName> = payload.split(',').filter_map(SinkName::parse).collect();
+    assert_eq!(earlier, vec![SinkName::Bot, SinkName::Kochava]);
+    let none = std::collections::BTreeSet::new();
+    assert_eq!(
+        super::enqueue::foreign_work(&super::enqueue::work_payload(&none, "x"), "y"),
+        Some(vec![])
+    );
+}
+
+/// A claim and its read of the next due time go in one round trip: the read runs after the
+/// claim committed, so it sees the leases the claim just took.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipelined_claim_reports_the_next_due_time_after_its_own_leases() -> TestResult {
+    let Some(database) = TestDatabase::create().await? else {
+        return Ok(());
+    };
+    let store = database.open().await?;
+    store
+        .enqueue(vec![message("a", "u1"), message("b", "u2")], 1_000)
+        .await?;
+    let lease = Duration::from_secs(30);
+    let batch = store.claim(SinkName::Bot, 1, 2_000, lease).await?;
+    assert_eq!(batch.deliveries.len(), 1);
+    // The other head is due now (1,000), not the lease just taken (32,000).
+    assert_eq!(batch.next_due, Some(1_000));
+    let batch = store.claim(SinkName::Bot, 1, 2_000, lease).await?;
+    assert_eq!(batch.deliveries.len(), 1);
+    // Both leased: the next due time is the first lease's end.
+    assert_eq!(batch.next_due, Some(32_000));
+    store.close().await;
+    Ok(())
+}

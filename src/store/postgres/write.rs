@@ -79,6 +79,10 @@ pub(super) const PURGE_LANES: &str = "DELETE FROM lanes WHERE (sink, lane) IN (
                       AND d.state = 'waiting')
     LIMIT $2 FOR UPDATE SKIP LOCKED)";
 
+/// The statements each pooled connection opened at start is prepared with: claims, and the
+/// NOTIFY after a settle that let a lane's next delivery go.
+pub(super) const CLAIM_STATEMENTS: [&str; 3] = [CLAIM, NEXT_DUE, super::enqueue::NOTIFY];
+
 /// A claimed row; the payload is decoded after the claim.
 struct ClaimedRow {
     id: i64,
@@ -103,13 +107,22 @@ pub(super) async fn claim(
     let pool = &store.inner.pool;
     let claimed = retrying(move || async move {
         let client = pool.get().await?;
-        let statement = client.prepare_cached(CLAIM).await?;
-        let mut rows = client
-            .query(
-                &statement,
-                &[&sink.as_str(), &now, &lease_end, &limit, &CUT_OFF],
-            )
-            .await?
+        let (statement, next) = tokio::try_join!(
+            client.prepare_cached(CLAIM),
+            client.prepare_cached(NEXT_DUE)
+        )?;
+        let sink_name = sink.as_str();
+        let claim_values: [&(dyn ToSql + Sync); 5] =
+            [&sink_name, &now, &lease_end, &limit, &CUT_OFF];
+        let next_values: [&(dyn ToSql + Sync); 1] = [&sink_name];
+        // Both in one round trip (`biased`: sent in this order): the claim commits before the
+        // server runs the second statement, which so sees this claim's leases.
+        let (claimed, next_due) = tokio::join!(
+            biased;
+            client.query(&statement, &claim_values),
+            client.query_opt(&next, &next_values),
+        );
+        let mut rows = claimed?
             .iter()
             .map(|row| {
                 Ok(ClaimedRow {
@@ -124,12 +137,7 @@ pub(super) async fn claim(
             })
             .collect::<Result<Vec<_>, PgError>>()?;
         rows.sort_by_key(|row| row.id);
-        let next = client.prepare_cached(NEXT_DUE).await?;
-        let next_due: Option<i64> = client
-            .query_opt(&next, &[&sink.as_str()])
-            .await?
-            .map(|row| row.try_get(0))
-            .transpose()?;
+        let next_due: Option<i64> = next_due?.map(|row| row.try_get(0)).transpose()?;
         Ok((rows, next_due))
     })
     .await
@@ -224,47 +232,65 @@ pub(super) async fn settle_row(
     Ok(())
 }
 
+/// Records a delivery as delivered (parameters from `record_values`).
+const RECORD_DELIVERED: &str = "
+    UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+        last_status = $3, last_error = NULL, updated_at = $2,
+        first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+    WHERE id = $1 AND state = 'in_flight' AND due_at = $4";
+
+/// Schedules a retry.
+const RECORD_RETRY: &str = "
+    UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+        throttled = throttled + $3, due_at = $4, last_status = $5,
+        last_error = $6, updated_at = $2,
+        first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+    WHERE id = $1 AND state = 'in_flight' AND due_at = $7";
+
+/// A dead letter after this claim's attempt.
+const RECORD_DEAD: &str = "
+    UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+        last_status = $3, last_error = $4, updated_at = $2,
+        first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
+    WHERE id = $1 AND state = 'in_flight' AND due_at = $5";
+
+/// Dead before this claim's request: the attempts, their times and the last answer (of an
+/// earlier attempt) stay, the reason goes in front of its error.
+const RECORD_DEAD_UNATTEMPTED: &str = "
+    UPDATE deliveries SET state = 'dead',
+        last_status = COALESCE($3, last_status),
+        last_error = CASE WHEN last_error IS NULL THEN $4::text
+            ELSE $4::text || '; last error: ' || last_error END,
+        updated_at = $2
+    WHERE id = $1 AND state = 'in_flight' AND due_at = $5";
+
+/// Nothing to send: done without an attempt.
+const RECORD_SKIPPED: &str = "
+    UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
+    WHERE id = $1 AND state = 'in_flight' AND due_at = $4";
+
+/// Every statement `record_sql` may return (prepared ahead by the settle batcher).
+pub(super) const RECORDS: [&str; 5] = [
+    RECORD_DELIVERED,
+    RECORD_RETRY,
+    RECORD_DEAD,
+    RECORD_DEAD_UNATTEMPTED,
+    RECORD_SKIPPED,
+];
+
 /// The statement that records an outcome, only while the row is still under this claim's
 /// lease (parameters from `record_values`).
 pub(super) fn record_sql(settle: &Settle) -> &'static str {
     match settle {
-        Settle::Delivered { .. } => {
-            "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
-                 last_status = $3, last_error = NULL, updated_at = $2,
-                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
-        }
-        Settle::Retry { .. } => {
-            "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
-                 throttled = throttled + $3, due_at = $4, last_status = $5,
-                 last_error = $6, updated_at = $2,
-                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-             WHERE id = $1 AND state = 'in_flight' AND due_at = $7"
-        }
+        Settle::Delivered { .. } => RECORD_DELIVERED,
+        Settle::Retry { .. } => RECORD_RETRY,
         Settle::Dead {
             attempted: true, ..
-        } => {
-            "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
-                 last_status = $3, last_error = $4, updated_at = $2,
-                 first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
-        }
-        // Dead before this claim's request: the attempts, their times and the last answer (of
-        // an earlier attempt) stay, the reason goes in front of its error.
+        } => RECORD_DEAD,
         Settle::Dead {
             attempted: false, ..
-        } => {
-            "UPDATE deliveries SET state = 'dead',
-                 last_status = COALESCE($3, last_status),
-                 last_error = CASE WHEN last_error IS NULL THEN $4::text
-                     ELSE $4::text || '; last error: ' || last_error END,
-                 updated_at = $2
-             WHERE id = $1 AND state = 'in_flight' AND due_at = $5"
-        }
-        Settle::Skipped { .. } => {
-            "UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
-             WHERE id = $1 AND state = 'in_flight' AND due_at = $4"
-        }
+        } => RECORD_DEAD_UNATTEMPTED,
+        Settle::Skipped { .. } => RECORD_SKIPPED,
     }
 }
 
@@ -420,7 +446,14 @@ pub(super) async fn replay(
             .await
             .map_err(|error| store.error(error))?;
         outcome.replayed += requeued;
-        wake_and_notify(pool, &store.inner.target, &store.inner.wakers, &touched).await;
+        wake_and_notify(
+            pool,
+            &store.inner.target,
+            &store.inner.wakers,
+            &store.inner.origin,
+            &touched,
+        )
+        .await;
     }
     Ok(outcome)
 }
