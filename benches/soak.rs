@@ -1,7 +1,8 @@
 //! Soak: the real `botrelay` binary for N minutes of signed webhooks while its two sinks (the
 //! bot and Kochava, at one local mock) fail on a schedule, then a drain. Prints what was acked,
 //! delivered, lost, duplicated and dead-lettered, the relay's RSS (min/max, from
-//! `/proc/<pid>/status`) and the ack latency percentiles. Loopback only, bounded in time.
+//! `/proc/<pid>/status`) and the ack latency percentiles. The drain lasts until the bot has
+//! every acked message and Kochava as many events. Loopback only, bounded in time.
 //!
 //! `cargo bench --bench soak -- --minutes 30 [--rate 200] [--users 200] [--phase 20]`
 //!
@@ -314,17 +315,20 @@ async fn main() {
     sampler.abort();
     phase.store(Phase::Ok as u8, Ordering::Relaxed);
 
-    // The drain: every acked webhook reaches the bot, or 5 minutes pass.
+    // The drain: every acked webhook reaches the bot, and Kochava has as many events (one per
+    // message), or 5 minutes pass.
     let drain_deadline = Instant::now() + Duration::from_secs(300);
     loop {
-        let delivered = {
+        let (delivered, kochava) = {
             let seen = seen.lock().unwrap();
-            acked
+            let delivered = acked
                 .iter()
                 .filter(|mid| seen.bot_ok.contains_key(*mid))
-                .count()
+                .count();
+            (delivered, seen.kochava_ok)
         };
-        if delivered == acked.len() || Instant::now() > drain_deadline {
+        let drained = delivered == acked.len() && kochava >= acked.len() as u64;
+        if drained || Instant::now() > drain_deadline {
             break;
         }
         if let Some(kib) = status_kib(pid, "VmRSS:") {
