@@ -175,12 +175,18 @@ impl SqliteStore {
         until: Millis,
         _now: Millis,
     ) -> Result<bool, StoreError> {
+        if self.leases.is_closed() {
+            return Err(StoreError::Unavailable);
+        }
         Ok(self.leases.renew(delivery.id, delivery.lease_until, until))
     }
 
     /// Gives back a claim a shutdown cut off: due again at once (it was due when claimed),
     /// nothing counted.
     pub(crate) async fn release(&self, claim: ClaimRef, _now: Millis) -> Result<(), StoreError> {
+        if self.leases.is_closed() {
+            return Err(StoreError::Unavailable);
+        }
         if let Some(sink) = self.leases.release(claim.id, claim.lease_until) {
             self.wakers.wake(sink);
         }

@@ -16,9 +16,10 @@
 //! they never wait for the writer or an fsync. (A commit is visible before its fsync, so a row
 //! can go out before it is durable; a power loss then can make a sink see it again, which
 //! at-least-once allows.) A settle marks its claim as settling, writes in the writer's group,
-//! and drops the claim once the group is durable (and so surely visible to every reader). A claim whose read began before such a drop might still see the row as it was, so
-//! the last drops are remembered with a sequence number, and a claim skips the rows dropped
-//! since its read began (they are due again, if at all, at the next claim).
+//! and drops the claim once the group is durable (and so surely visible to every reader). A
+//! claim whose read began before such a drop might still see the row as it was, so the last
+//! drops are remembered with a sequence number, and a claim skips the rows dropped since its
+//! read began (they are due again, if at all, at the next claim).
 
 use super::StoreError;
 use super::files::{private_options, sibling};

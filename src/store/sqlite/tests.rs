@@ -867,25 +867,42 @@ async fn a_failed_store_hands_out_no_claims() -> Result<(), Box<dyn std::error::
     Ok(())
 }
 
-/// After `close` every call fails with `Unavailable`, a claim too (it reads the file on a
-/// connection of its own).
+/// After `close` every call fails with `Unavailable`: a claim too (it reads the file on a
+/// connection of its own), and renewing or giving back a claim taken before.
 #[tokio::test]
-async fn a_claim_after_close_fails() -> Result<(), Box<dyn std::error::Error>> {
+async fn claims_after_close_fail() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let store = open(&dir);
     let t0: Millis = 1_000_000;
+    let lease = Duration::from_secs(10);
     store
-        .enqueue(vec![bot_message(b"review-after-close", t0)], t0)
+        .enqueue(
+            vec![
+                bot_message(b"before-close", t0),
+                bot_message(b"after-close", t0),
+            ],
+            t0,
+        )
         .await?;
+    let held = store.claim(SinkName::Bot, 1, t0, lease).await?.deliveries;
+    let [held] = held.as_slice() else {
+        return Err("one claim expected".into());
+    };
     store.close().await;
-    let claimed = store
-        .claim(SinkName::Bot, 8, t0, Duration::from_secs(10))
-        .await;
+    let claimed = store.claim(SinkName::Bot, 8, t0, lease).await;
     assert!(
         matches!(claimed, Err(StoreError::Unavailable)),
         "claim after close: {:?}",
         claimed.map(|batch| batch.deliveries.len())
     );
+    assert!(matches!(
+        store.renew(held, t0 + 5_000, t0 + 1).await,
+        Err(StoreError::Unavailable)
+    ));
+    assert!(matches!(
+        store.release(held.claim_ref(), t0 + 1).await,
+        Err(StoreError::Unavailable)
+    ));
     Ok(())
 }
 
