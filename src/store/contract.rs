@@ -682,6 +682,16 @@ pub(crate) async fn crashes_count_and_a_crash_loop_is_dead(store: &Store) -> Tes
     let again = claim(store, BOT, now + 1).await?;
     assert_eq!(names(&again), ["next"]);
     assert_eq!(again[0].attempts, 0, "a released claim counts nothing");
+    store.settle(&again[0], delivered(), now + 2).await?;
+    // A replay (the operator fixed what crashed the relay) starts its count over too: the
+    // letter goes out again instead of dying on its first claim.
+    let replayed = store
+        .replay(DeadLetterFilter::default(), &[BOT], now + 3)
+        .await?;
+    assert_eq!(replayed.replayed, 1, "{replayed:?}");
+    let retried = claim(store, BOT, now + 3).await?;
+    assert_eq!(names(&retried), ["poison"], "handed out, not dead again");
+    assert_eq!(retried[0].attempts, 0);
     Ok(())
 }
 

@@ -21,7 +21,8 @@
 //!    nothing counted.
 //! 3. **Lanes keep order.** One user's deliveries to one sink form a lane; only its head (the
 //!    oldest open delivery) is ever claimable. The next one goes when the head is delivered,
-//!    dead or skipped. A replayed dead letter rejoins its lane at its original place.
+//!    dead or skipped. A replayed dead letter rejoins its lane at its original place, its
+//!    attempts and crash count at zero.
 //! 4. **Retry state lives here.** A retry is a due time in the store; a restart loses none.
 //! 5. **Dead letters** are listed with filters, replayed (only for sinks enabled now; the
 //!    others stay dead and are counted) and purged after their retention, like delivered rows

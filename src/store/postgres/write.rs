@@ -488,7 +488,7 @@ async fn replay_chunk(
     }
     let requeued = transaction
         .query(
-            "UPDATE deliveries SET attempts = 0, throttled = 0,
+            "UPDATE deliveries SET attempts = 0, throttled = 0, crashes = 0,
                  state = CASE WHEN lane IS NULL THEN 'pending' ELSE 'waiting' END,
                  replayed_at = $2, updated_at = $2, due_at = $2
              WHERE id = ANY($1) AND state = 'dead'

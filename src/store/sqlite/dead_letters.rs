@@ -122,7 +122,7 @@ pub(super) fn replay_chunk(
     // `promote` lets the lane's oldest go if the lane is free.
     let mut requeue = connection
         .prepare_cached(
-            "UPDATE deliveries SET attempts = 0, throttled = 0,
+            "UPDATE deliveries SET attempts = 0, throttled = 0, crashes = 0,
              state = CASE WHEN lane IS NULL THEN 'pending' ELSE 'waiting' END,
              replayed_at = ?2, updated_at = ?2, due_at = ?2
              WHERE id = ?1 AND state = 'dead' RETURNING lane",
