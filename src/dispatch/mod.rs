@@ -84,11 +84,16 @@ impl Dispatcher {
             .claim_lease(route.delivery.timeout + LEASE_MARGIN);
         let mut attempts = JoinSet::new();
         // Claims are batched (each is a read of the queue, and on PostgreSQL a round trip):
-        // after an attempt finishes, the loop claims again only once a quarter of the permits are free (or none
-        // is in use). A wake-up for new rows or a due retry claims at once, so a sink whose
-        // attempts hang can still take new events with the permits it has left; one that
-        // comes while every permit is busy is kept until a permit is free. While none is, the
-        // loop waits for an attempt to finish, not for a due time it could not act on.
+        // after an attempt finishes, the loop claims again only once a quarter of the permits
+        // are free (or none is in use), and only if its last claim took all it asked for. A
+        // claim that came back short found the queue empty of due rows, and every row that
+        // becomes due later comes with a wake-up (an enqueue, a retry, a lane's next, a
+        // replay, a release, another relay's commit) or at `next_due` (a retry's time, a
+        // lease's end); so claiming again on a finished attempt alone would find nothing.
+        // A wake-up for new rows or a due retry claims at once, so a sink whose attempts hang
+        // can still take new events with the permits it has left; one that comes while every
+        // permit is busy is kept until a permit is free. While none is, the loop waits for an
+        // attempt to finish, not for a due time it could not act on.
         let batch_threshold = route.delivery.concurrency.div_ceil(4);
         let metrics = Arc::new(SinkMetrics::new(route.name.as_str()));
         let health = Arc::new(Mutex::new(Health::default()));
@@ -97,10 +102,16 @@ impl Dispatcher {
         let claims: Arc<Mutex<HashMap<i64, ClaimRef>>> = Arc::default();
         let mut next_due: Option<Millis> = None;
         let mut wake_pending = true;
+        // The last claim came back with fewer deliveries than it asked for.
+        let mut queue_empty = false;
         loop {
-            while attempts.try_join_next().is_some() {}
+            while let Some(finished) = attempts.try_join_next() {
+                // A retry (or a panic, or an outcome not recorded) leaves a row in the queue.
+                queue_empty &= matches!(finished, Ok(false));
+            }
             let free = permits.available_permits();
-            let claim_now = wake_pending || free >= batch_threshold || attempts.is_empty();
+            let claim_now =
+                wake_pending || (!queue_empty && (free >= batch_threshold || attempts.is_empty()));
             // In an outage nothing is claimed but the probe; `held` is when to look again.
             let mut held: Option<Option<Millis>> = None;
             if free > 0 && claim_now {
@@ -120,6 +131,7 @@ impl Dispatcher {
                         Ok(_) if shutdown.is_cancelled() => break,
                         Ok(batch) => {
                             next_due = batch.next_due;
+                            queue_empty = batch.deliveries.len() < limit;
                             if probe && batch.deliveries.is_empty() {
                                 lock(&health).probe_not_sent();
                             }
@@ -143,8 +155,9 @@ impl Dispatcher {
                                     };
                                     // Boxed: the attempt's state is large, and the task
                                     // would otherwise be copied whole into its cell.
-                                    Box::pin(this.attempt(attempt, delivery)).await;
+                                    let stays = Box::pin(this.attempt(attempt, delivery)).await;
                                     drop(permit);
+                                    stays
                                 });
                             }
                         }
@@ -154,6 +167,7 @@ impl Dispatcher {
                             }
                             tracing::warn!(sink = %route.name, %error, "Cannot claim deliveries");
                             next_due = Some(now_ms() + 1000);
+                            queue_empty = false;
                         }
                     }
                 }
@@ -173,7 +187,9 @@ impl Dispatcher {
                 () = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {
                     wake_pending = true;
                 }
-                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
+                Some(finished) = attempts.join_next(), if !attempts.is_empty() => {
+                    queue_empty &= matches!(finished, Ok(false));
+                }
             }
         }
         let in_flight = attempts.len();
@@ -204,7 +220,10 @@ impl Dispatcher {
     /// attempt's own work, so it is made up front only when debug lines (which every attempt
     /// logs) are on; otherwise each line an attempt logs, which is rare, makes it then
     /// ([`Attempt::log_span`]).
-    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) {
+    /// Returns true when the delivery stays in the queue (a retry at a later time, or an
+    /// outcome not recorded): the loop's next claim must look again, since the wake-up for a
+    /// retry can come while its claim is still being settled.
+    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) -> bool {
         let Attempt { route, held, .. } = attempt;
         attempt.span_made = tracing::enabled!(Level::DEBUG)
             || tracing::enabled!(target: "botrelay::delivery", Level::DEBUG);
@@ -267,11 +286,12 @@ impl Dispatcher {
                     .in_scope(|| record(attempt.metrics, &settle)),
             }
             self.status.record(route.name, &settle);
+            let stays = matches!(settle, Settle::Retry { .. });
             for retry in 0..5u32 {
                 match self.store.settle(&delivery, settle.clone(), now_ms()).await {
                     Ok(()) => {
                         lock_map(held).remove(&delivery.id);
-                        return;
+                        return stays;
                     }
                     Err(error) => {
                         attempt.log_span(&delivery).in_scope(|| {
@@ -286,6 +306,7 @@ impl Dispatcher {
                     "Delivery outcome not recorded; the lease will run out and it will be sent again"
                 );
             });
+            true
         }
         .instrument(span)
         .await
