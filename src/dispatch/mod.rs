@@ -88,8 +88,9 @@ impl Dispatcher {
         // are free (or none is in use), and only if its last claim took all it asked for. A
         // claim that came back short found the queue empty of due rows, and every row that
         // becomes due later comes with a wake-up (an enqueue, a retry, a lane's next, a
-        // replay, a release, another relay's commit) or at `next_due` (a retry's time, a
-        // lease's end); so claiming again on a finished attempt alone would find nothing.
+        // replay, a release, another relay's commit: the store wakes a sink only once a claim
+        // can see the row) or at `next_due` (a retry's time, a lease's end); so claiming again
+        // on a finished attempt alone would find nothing.
         // A wake-up for new rows or a due retry claims at once, so a sink whose attempts hang
         // can still take new events with the permits it has left; one that comes while every
         // permit is busy is kept until a permit is free. While none is, the loop waits for an
@@ -105,10 +106,7 @@ impl Dispatcher {
         // The last claim came back with fewer deliveries than it asked for.
         let mut queue_empty = false;
         loop {
-            while let Some(finished) = attempts.try_join_next() {
-                // A retry (or a panic, or an outcome not recorded) leaves a row in the queue.
-                queue_empty &= matches!(finished, Ok(false));
-            }
+            while attempts.try_join_next().is_some() {}
             let free = permits.available_permits();
             let claim_now =
                 wake_pending || (!queue_empty && (free >= batch_threshold || attempts.is_empty()));
@@ -155,9 +153,8 @@ impl Dispatcher {
                                     };
                                     // Boxed: the attempt's state is large, and the task
                                     // would otherwise be copied whole into its cell.
-                                    let stays = Box::pin(this.attempt(attempt, delivery)).await;
+                                    Box::pin(this.attempt(attempt, delivery)).await;
                                     drop(permit);
-                                    stays
                                 });
                             }
                         }
@@ -187,9 +184,7 @@ impl Dispatcher {
                 () = tokio::time::sleep(timer.unwrap_or_default()), if timer.is_some() => {
                     wake_pending = true;
                 }
-                Some(finished) = attempts.join_next(), if !attempts.is_empty() => {
-                    queue_empty &= matches!(finished, Ok(false));
-                }
+                Some(_) = attempts.join_next(), if !attempts.is_empty() => {}
             }
         }
         let in_flight = attempts.len();
@@ -220,10 +215,7 @@ impl Dispatcher {
     /// attempt's own work, so it is made up front only when debug lines (which every attempt
     /// logs) are on; otherwise each line an attempt logs, which is rare, makes it then
     /// ([`Attempt::log_span`]).
-    /// Returns true when the delivery stays in the queue (a retry at a later time, or an
-    /// outcome not recorded): the loop's next claim must look again, since the wake-up for a
-    /// retry can come while its claim is still being settled.
-    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) -> bool {
+    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) {
         let Attempt { route, held, .. } = attempt;
         attempt.span_made = tracing::enabled!(Level::DEBUG)
             || tracing::enabled!(target: "botrelay::delivery", Level::DEBUG);
@@ -286,12 +278,11 @@ impl Dispatcher {
                     .in_scope(|| record(attempt.metrics, &settle)),
             }
             self.status.record(route.name, &settle);
-            let stays = matches!(settle, Settle::Retry { .. });
             for retry in 0..5u32 {
                 match self.store.settle(&delivery, settle.clone(), now_ms()).await {
                     Ok(()) => {
                         lock_map(held).remove(&delivery.id);
-                        return stays;
+                        return;
                     }
                     Err(error) => {
                         attempt.log_span(&delivery).in_scope(|| {
@@ -306,7 +297,6 @@ impl Dispatcher {
                     "Delivery outcome not recorded; the lease will run out and it will be sent again"
                 );
             });
-            true
         }
         .instrument(span)
         .await

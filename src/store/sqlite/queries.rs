@@ -188,8 +188,14 @@ impl SqliteStore {
                 lane,
                 lease_until,
             };
+            let requeued = matches!(settle, Settle::Retry { .. });
             let written = store.write_settle(row, settle, now).await;
             store.leases.end_settle(id, lease_until, written.is_ok());
+            // A retry puts the row back in the queue, where a claim sees it only once its
+            // claim is dropped: the sink is woken after that, not at the commit.
+            if requeued && written.is_ok() {
+                store.wakers.wake(sink);
+            }
             written
         })
         .await
@@ -285,7 +291,9 @@ impl SqliteStore {
                     "delivery {id} is not open, although a claim holds it"
                 )));
             }
-            if !done || promote(connection, sink, lane.as_deref(), now)? {
+            // A promoted delivery is due now; a retry wakes its sink once its claim is
+            // dropped (`settle_row`).
+            if done && promote(connection, sink, lane.as_deref(), now)? {
                 touched.insert(sink);
             }
             Ok(())
