@@ -9,6 +9,7 @@
 use bytes::Bytes;
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use std::time::{Duration, SystemTime};
+use url::Url;
 
 /// How much of a failed response body is kept for the dead-letter store (before redaction).
 const EXCERPT_BYTES: usize = 512;
@@ -22,7 +23,9 @@ const MAX_ANSWER_BYTES: usize = 64 * 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Request {
     pub method: Method,
-    pub url: String,
+    /// Parsed once, where the sink's settings were (an encoder clones and extends it): the
+    /// client takes it as it is, without parsing a string again per attempt.
+    pub url: Url,
     pub headers: Vec<(&'static str, String)>,
     pub body: Option<Bytes>,
 }

@@ -71,7 +71,7 @@ impl Bot {
         let signature = sign_sha256(self.app_secret.expose_secret().as_bytes(), body.as_bytes());
         Ok(Request {
             method: Method::Post,
-            url: self.url.to_string(),
+            url: self.url.clone(),
             headers: vec![
                 ("content-type", "application/json".to_owned()),
                 ("x-hub-signature-256", signature),
@@ -149,7 +149,7 @@ mod tests {
             signature,
             Some(sign_sha256(b"test_app_secret", expected.as_bytes()))
         );
-        assert_eq!(request.url, "http://bot.test/webhook");
+        assert_eq!(request.url.as_str(), "http://bot.test/webhook");
         assert_eq!(request.method, Method::Post);
         Ok(())
     }

@@ -346,7 +346,7 @@ mod tests {
         );
         let proof = appsecret_proof(b"test_app_secret", "SYSTEM-USER-TOKEN");
         assert_eq!(
-            request.url,
+            request.url.as_str(),
             format!(
                 "https://graph.facebook.com/v27.0/DATASET-DEFAULT/events?access_token=SYSTEM-USER-TOKEN&appsecret_proof={proof}"
             )

@@ -74,7 +74,7 @@ pub(crate) fn graph_url(
     segments: &[&str],
     access_token: &SecretString,
     app_secret: &SecretString,
-) -> Result<String, EncodeError> {
+) -> Result<Url, EncodeError> {
     let mut url = base_url.clone();
     url.path_segments_mut()
         .map_err(|()| {
@@ -94,7 +94,7 @@ pub(crate) fn graph_url(
             );
         }
     }
-    Ok(url.into())
+    Ok(url)
 }
 
 #[cfg(test)]
@@ -113,7 +113,7 @@ mod tests {
         )?;
         let proof = appsecret_proof(b"test_app_secret", "tok en");
         assert_eq!(
-            url,
+            url.as_str(),
             format!(
                 "https://graph.facebook.com/v20.0/42/page_activities?access_token=tok+en&appsecret_proof={proof}"
             )
@@ -124,7 +124,10 @@ mod tests {
             &SecretString::from("t"),
             &SecretString::from(""),
         )?;
-        assert_eq!(without, "http://127.0.0.1:9/v23.0/7/events?access_token=t");
+        assert_eq!(
+            without.as_str(),
+            "http://127.0.0.1:9/v23.0/7/events?access_token=t"
+        );
         Ok(())
     }
 }

@@ -328,7 +328,7 @@ impl Kochava {
         };
         Ok(Request {
             method: Method::Post,
-            url: self.url.to_string(),
+            url: self.url.clone(),
             headers,
             body: Some(Bytes::from(body)),
         })
@@ -531,7 +531,7 @@ impl Smartlink {
         )?;
         Ok(Request {
             method: Method::Get,
-            url: url.into(),
+            url,
             headers: Vec::new(),
             body: None,
         })
@@ -1066,7 +1066,7 @@ mod tests {
         event.user_id = Some("a b&c/é".into());
         let request = smartlink().encode(&event)?;
         assert_eq!(
-            request.url,
+            request.url.as_str(),
             "https://bot.smart.link/click?fb_user_id=a%20b%26c%2F%C3%A9"
         );
         event.user_id = None;

@@ -466,7 +466,7 @@ mod tests {
         let route = sinks.get(SinkName::PageActivities).ok_or("no route")?;
         let request = route.encode(&revenue(), 1_700_000_200_000)?;
         assert!(
-            request.url.starts_with(
+            request.url.as_str().starts_with(
                 "http://graph.test/mock/v20.0/1/page_activities?access_token=t&appsecret_proof="
             ),
             "{}",

@@ -261,14 +261,14 @@ mod tests {
     fn appsecret_proof_signs_the_page_token() -> TestResult {
         let request = sink()?.encode(&revenue())?;
         let proof = appsecret_proof(b"test_app_secret", "PAGE-TOKEN-1");
-        assert!(request.url.ends_with(&format!(
+        assert!(request.url.as_str().ends_with(&format!(
             "?access_token=PAGE-TOKEN-1&appsecret_proof={proof}"
         )));
         let mut without_secret = sink()?;
         without_secret.app_secret = SecretString::from("");
         let request = without_secret.encode(&revenue())?;
         assert!(
-            request.url.ends_with("?access_token=PAGE-TOKEN-1"),
+            request.url.as_str().ends_with("?access_token=PAGE-TOKEN-1"),
             "{}",
             request.url
         );
