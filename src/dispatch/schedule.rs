@@ -144,7 +144,7 @@ mod tests {
         Claimed {
             id: 1,
             sink: SinkName::Bot,
-            event: Event {
+            event: std::sync::Arc::new(Event {
                 id: EventId::derive(&[b"x"]),
                 source: Source::Webhook,
                 kind: EventKind::Message,
@@ -153,7 +153,7 @@ mod tests {
                 timestamp_ms: 0,
                 data: EventData::Other { key: None },
                 webhook: None,
-            },
+            }),
             attempts,
             throttled,
             ttl_from: 0,

@@ -128,7 +128,8 @@ pub struct EnqueueReport {
 pub struct Claimed {
     pub id: i64,
     pub sink: SinkName,
-    pub event: Event,
+    /// Shared: the embedded store hands out the event it kept from the enqueue.
+    pub event: Arc<Event>,
     /// HTTP attempts made so far (all of them).
     pub attempts: u32,
     /// Attempts answered with `Retry-After`; they do not count against `max_attempts`.

@@ -18,6 +18,7 @@ use crate::store::{
 };
 use deadpool_postgres::{GenericClient, Pool};
 use std::collections::BTreeSet;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
@@ -174,7 +175,7 @@ pub(super) async fn claim(
         batch.deliveries.push(Claimed {
             id: row.id,
             sink,
-            event,
+            event: Arc::new(event),
             attempts: row.attempts,
             throttled: row.throttled,
             ttl_from: row.ttl_from,

@@ -4,12 +4,15 @@
 
 use super::leases::{Journaled, Leases, Taken};
 use super::queries::SettleRow;
+use super::recent::Recent;
 use super::*;
 use crate::clock::{Millis, millis};
+use crate::event::Event;
 use crate::sink_name::SinkName;
 use crate::store::{CUT_OFF, ClaimBatch, ClaimRef, Claimed, Settle, StoreError};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// A claimed row as the claim's read returns it; the caller decodes the payload.
@@ -21,6 +24,9 @@ pub(super) struct ClaimedRow {
     throttled: u32,
     ttl_from: Millis,
     lane: Option<String>,
+    event_id: String,
+    /// The event as its enqueue kept it ([`Recent`]), else its stored JSON (`None`: missing).
+    event: Option<Arc<Event>>,
     payload: Option<String>,
     updated_at: Millis,
     /// An earlier claim's lease ran out on this row without an outcome.
@@ -55,7 +61,15 @@ impl SqliteStore {
                 .ok_or(StoreError::Unavailable)?
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            claim_rows(&connection, &self.leases, sink, limit, now, lease_end)?
+            claim_rows(
+                &connection,
+                &self.leases,
+                &self.recent,
+                sink,
+                limit,
+                now,
+                lease_end,
+            )?
         };
         // An attempt whose lease ran out without an outcome was cut off: it counts, durably,
         // before the delivery goes out again.
@@ -127,13 +141,18 @@ impl SqliteStore {
             next_due,
         };
         for row in rows {
-            let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
+            let event = match row.event {
+                Some(event) if row.crashes < crate::store::CRASH_LIMIT => Ok(event),
+                _ => crate::store::claimed_event(row.crashes, row.payload.as_deref()).map(Arc::new),
+            };
+            let event = match event {
                 Ok(event) => event,
                 Err(reason) => {
                     let unreadable = SettleRow {
                         id: row.id,
                         sink,
                         lane: row.lane,
+                        event_id: row.event_id,
                         lease_until: lease_end,
                     };
                     // If even that fails, the row's lease frees it later; the rows claimed
@@ -199,12 +218,14 @@ impl SqliteStore {
 pub(super) const CLAIM_SCAN: &str = "SELECT id, due_at FROM deliveries
     WHERE sink = ?1 AND state IN ('pending', 'in_flight') ORDER BY due_at, id";
 
-/// What a claimed row hands out, with its event.
+/// What a claimed row hands out.
 pub(super) const CLAIM_FETCH: &str =
-    "SELECT d.attempts, d.throttled, COALESCE(d.replayed_at, d.created_at), d.lane,
-            d.crashes, d.updated_at, e.payload
-     FROM deliveries d LEFT JOIN events e ON e.id = d.event_id
-     WHERE d.id = ?1 AND d.state IN ('pending', 'in_flight')";
+    "SELECT attempts, throttled, COALESCE(replayed_at, created_at), lane, crashes, updated_at,
+            event_id
+     FROM deliveries WHERE id = ?1 AND state IN ('pending', 'in_flight')";
+
+/// A claimed row's event, when its enqueue's copy is no longer kept in memory.
+pub(super) const CLAIM_EVENT: &str = "SELECT payload FROM events WHERE id = ?1";
 
 /// How many times a claim reads again when settles kept dropping claims faster than it could
 /// tell which rows they were (see `Leases::take`).
@@ -213,9 +234,11 @@ const CLAIM_READS: usize = 4;
 /// A claim's read, on the sink's own connection: the due rows of `sink` in queue order that no
 /// running claim holds, at most `limit`, taken under a lease until `lease_end`; and when the
 /// sink's next row falls due (a row not due yet, a row beyond `limit`, or a lease's end).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn claim_rows(
     connection: &Connection,
     leases: &Leases,
+    recent: &Recent,
     sink: SinkName,
     limit: usize,
     now: Millis,
@@ -257,13 +280,25 @@ pub(super) fn claim_rows(
                         lane: row.get(3)?,
                         crashes: row.get(4)?,
                         updated_at: row.get(5)?,
-                        payload: row.get(6)?,
+                        event_id: row.get(6)?,
+                        event: None,
+                        payload: None,
                         lease_ran_out: false,
                     })
                 })
                 .optional()
                 .map_err(database)?;
-            fetched.extend(row);
+            let Some(mut row) = row else { continue };
+            row.event = recent.get(&row.event_id);
+            if row.event.is_none() {
+                row.payload = connection
+                    .prepare_cached(CLAIM_EVENT)
+                    .map_err(database)?
+                    .query_row([&row.event_id], |found| found.get(0))
+                    .optional()
+                    .map_err(database)?;
+            }
+            fetched.push(row);
         }
         let as_read: Vec<Journaled> = fetched
             .iter()

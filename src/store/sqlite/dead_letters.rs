@@ -3,7 +3,7 @@
 //! the writer, and every webhook's answer behind it, for long.
 
 use super::engine::*;
-use super::queries::{FINISHED, promote};
+use super::queries::{FINISHED_D, promote};
 use super::*;
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
@@ -146,7 +146,7 @@ pub(super) fn dead_letter_condition(
     filter: &DeadLetterFilter,
 ) -> (String, Vec<rusqlite::types::Value>) {
     use rusqlite::types::Value;
-    let mut condition = format!("d.{FINISHED} AND d.state = 'dead'");
+    let mut condition = format!("{FINISHED_D} AND d.state = 'dead'");
     let mut values = Vec::new();
     if let Some(sink) = filter.sink {
         values.push(Value::Text(sink.as_str().to_owned()));

@@ -30,6 +30,9 @@ pub(super) const WAL_RESTART_FRAMES: u32 = 8192;
 /// this many writes.
 pub(super) const DRAIN_BEFORE_COMMIT: usize = 64;
 
+/// A group younger than this is not committed for want of more writes (see `write_loop`).
+pub(super) const MIN_GROUP_AGE: Duration = Duration::from_millis(2);
+
 /// Committed groups waiting for the syncer; when it falls this far behind, the writer waits.
 pub(super) const MAX_UNSYNCED_GROUPS: usize = 64;
 
@@ -106,7 +109,10 @@ pub(super) enum ToWriter {
 /// the group as soon as the syncer is free to fsync it. While the syncer's fsync of one group
 /// is under way, the next group grows; so under load a group holds everything that arrived
 /// during one fsync, and the pages every write touches (the tail of the events table, the lane
-/// heads) go to the WAL once per group rather than once per write.
+/// heads) go to the WAL once per group rather than once per write. A group younger than
+/// `MIN_GROUP_AGE` whose queue ran dry waits that long for more writes before its commit: at
+/// moderate load the syncer is free most of the time, and without the wait every webhook made
+/// a group of its own, each writing the same shared pages again and taking an fsync.
 pub(super) fn write_loop(
     connection: &Connection,
     mut receiver: mpsc::Receiver<ToWriter>,
@@ -137,6 +143,14 @@ pub(super) fn write_loop(
                     Ok(message) => Some(message),
                     Err(mpsc::error::TryRecvError::Disconnected) => None,
                     Err(mpsc::error::TryRecvError::Empty) if idle => {
+                        // A young group waits a little for more writes: every group writes
+                        // the pages its writes share (index pages, the tables' tails) and
+                        // takes an fsync, whatever its size.
+                        let age = group.started.elapsed();
+                        if age < MIN_GROUP_AGE {
+                            std::thread::sleep(MIN_GROUP_AGE - age);
+                            continue;
+                        }
                         if let Some(group) = open.take() {
                             hand_over(connection, group, syncer, syncer_idle, wal);
                         }
@@ -197,6 +211,7 @@ pub(super) struct Group {
     isolated: bool,
     /// The transaction itself failed; every write of the group gets this error.
     broken: Option<StoreError>,
+    started: std::time::Instant,
 }
 
 impl Group {
@@ -207,6 +222,7 @@ impl Group {
             touched: Touched::new(),
             isolated: false,
             broken: statement(connection, "BEGIN").err(),
+            started: std::time::Instant::now(),
         }
     }
 

@@ -34,6 +34,7 @@ mod engine;
 mod files;
 mod leases;
 mod queries;
+mod recent;
 mod schema;
 #[cfg(test)]
 mod tests;
@@ -60,6 +61,8 @@ pub(super) struct SqliteStore {
     leases: Arc<Leases>,
     /// Each sink's claims read on a connection of their own, never waiting for another's.
     claimers: Arc<HashMap<SinkName, Mutex<Connection>>>,
+    /// The events of recent enqueues, parsed, for the claims of their deliveries.
+    recent: Arc<recent::Recent>,
     /// To wake a sink whose claim a shutdown gave back.
     wakers: Arc<Wakers>,
     /// Becomes true once the writer and the syncer have stopped and the file lock is released.
@@ -239,6 +242,7 @@ impl SqliteStore {
             reader: Arc::new(Mutex::new(reader)),
             leases: Arc::new(leases),
             claimers: Arc::new(claimers),
+            recent: Arc::new(recent::Recent::new(recent::RECENT_BYTES)),
             wakers,
             closed,
             checkpointer: checkpointer_thread,

@@ -23,18 +23,20 @@ pub(super) const PURGE_CHUNK: u32 = 2000;
 /// answers wait behind it never wait long.
 const PURGE_STEP: Duration = Duration::from_millis(20);
 
-// Queries on finished rows repeat `deliveries_finished`'s own condition: SQLite uses a partial
+// Queries on finished rows repeat `deliveries_done`'s own condition: SQLite uses a partial
 // index only when the query's WHERE visibly implies the index's, and it does not see that
-// `state = 'dead'` implies `state IN ('delivered', 'dead', 'skipped')` (without it: a scan of
-// every delivery kept). `query_plans_use_the_indexes` checks each plan.
-pub(super) const FINISHED: &str = "state IN ('delivered', 'dead', 'skipped')";
+// `state = 'dead'` implies it (without it: a scan of every delivery kept).
+// `query_plans_use_the_indexes` checks each plan.
+/// `deliveries_done`'s condition, for a query that names the deliveries `d`.
+pub(super) const FINISHED_D: &str =
+    "(d.state = 'delivered' OR d.state = 'dead' OR d.state = 'skipped')";
 
 pub(super) const PURGE_DELIVERED: &str =
     "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
-     WHERE state IN ('delivered', 'dead', 'skipped') AND state IN ('delivered', 'skipped')
+     WHERE (state = 'delivered' OR state = 'dead' OR state = 'skipped') AND state IN ('delivered', 'skipped')
      AND updated_at < ?1 LIMIT ?2)";
 pub(super) const PURGE_DEAD: &str = "DELETE FROM deliveries WHERE id IN (SELECT id FROM deliveries
-     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead'
+     WHERE (state = 'delivered' OR state = 'dead' OR state = 'skipped') AND state = 'dead'
      AND updated_at < ?1 LIMIT ?2)";
 /// An event is kept while any delivery refers to it. Its deliveries were created in the same
 /// write with `created_at` = its `received_at`, so "is it referred to?" is one seek of
@@ -53,7 +55,7 @@ pub(super) const DEPTH: [&str; 3] = [
      GROUP BY sink, state",
     "SELECT sink, state, COUNT(*) FROM deliveries WHERE state = 'waiting' GROUP BY sink",
     "SELECT sink, state, COUNT(*) FROM deliveries
-     WHERE state IN ('delivered', 'dead', 'skipped') AND state = 'dead' GROUP BY sink",
+     WHERE (state = 'delivered' OR state = 'dead' OR state = 'skipped') AND state = 'dead' GROUP BY sink",
 ];
 
 /// What settling a delivery needs to know about it.
@@ -61,6 +63,8 @@ pub(super) struct SettleRow {
     pub(super) id: i64,
     pub(super) sink: SinkName,
     pub(super) lane: Option<String>,
+    /// Its event's id (what `Recent` keeps the event under).
+    pub(super) event_id: String,
     /// The claim's lease end, which identifies the claim.
     pub(super) lease_until: Millis,
 }
@@ -74,13 +78,21 @@ impl SqliteStore {
         // Encoding runs here, on the caller's thread, to keep the one writer thread short.
         let encoded = events
             .into_iter()
-            .map(|new| {
-                serde_json::to_string(&new.event)
-                    .map(|payload| (new, payload))
+            .map(|NewEvent { event, sinks }| {
+                serde_json::to_string(&event)
+                    .map(|payload| (Arc::new(event), sinks, payload))
                     .map_err(|error| StoreError::Database(format!("cannot encode event: {error}")))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        self.write(move |connection, touched| {
+        // Each stored event is kept in memory for its deliveries' claims, from inside the
+        // write (before its commit, so a claim that sees the deliveries finds it); a write
+        // that fails in the end takes its events out again.
+        let kept: Vec<Arc<Event>> = encoded
+            .iter()
+            .map(|(event, ..)| Arc::clone(event))
+            .collect();
+        let recent = Arc::clone(&self.recent);
+        let written = self.write(move |connection, touched| {
             let mut report = EnqueueReport::default();
             let mut insert_event = connection
                 .prepare_cached(
@@ -98,7 +110,7 @@ impl SqliteStore {
                      VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
                 )
                 .map_err(database)?;
-            for (NewEvent { event, sinks }, payload) in &encoded {
+            for (event, sinks, payload) in &encoded {
                 let inserted = insert_event
                     .execute(params![
                         event.id.as_str(),
@@ -133,10 +145,17 @@ impl SqliteStore {
                     report.deliveries += 1;
                     touched.insert(*sink);
                 }
+                recent.keep(event, sinks.len(), payload.len());
             }
             Ok(report)
         })
-        .await
+        .await;
+        if written.is_err() {
+            for event in &kept {
+                self.recent.forget(event);
+            }
+        }
+        written
     }
 
     pub(crate) async fn settle(
@@ -149,6 +168,7 @@ impl SqliteStore {
             id: delivery.id,
             sink: delivery.sink,
             lane: delivery.event.user_id.clone(),
+            event_id: delivery.event.id.as_str().to_owned(),
             lease_until: delivery.lease_until,
         };
         self.settle_row(row, settle, now).await
@@ -164,6 +184,7 @@ impl SqliteStore {
             id,
             sink,
             lane,
+            event_id,
             lease_until,
         } = row;
         // Only the claim that holds the row records its outcome: one whose lease ran out and
@@ -182,19 +203,25 @@ impl SqliteStore {
         // was claimed again.
         let store = self.clone();
         tokio::spawn(async move {
+            let requeued = matches!(settle, Settle::Retry { .. });
             let row = SettleRow {
                 id,
                 sink,
                 lane,
+                event_id,
                 lease_until,
             };
-            let requeued = matches!(settle, Settle::Retry { .. });
+            let event_id = row.event_id.clone();
             let written = store.write_settle(row, settle, now).await;
             store.leases.end_settle(id, lease_until, written.is_ok());
-            // A retry puts the row back in the queue, where a claim sees it only once its
-            // claim is dropped: the sink is woken after that, not at the commit.
-            if requeued && written.is_ok() {
-                store.wakers.wake(sink);
+            if written.is_ok() {
+                if requeued {
+                    // A retry puts the row back in the queue, where a claim sees it only once
+                    // its claim is dropped: the sink is woken after that, not at the commit.
+                    store.wakers.wake(sink);
+                } else {
+                    store.recent.finished(&event_id);
+                }
             }
             written
         })

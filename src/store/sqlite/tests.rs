@@ -72,6 +72,7 @@ async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>>
     let mut queries = vec![
         CLAIM_SCAN,
         CLAIM_FETCH,
+        CLAIM_EVENT,
         PURGE_DELIVERED,
         PURGE_DEAD,
         PURGE_EVENTS,
@@ -95,6 +96,119 @@ async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>>
             );
         }
     }
+    Ok(())
+}
+
+/// SQLite checks every partial index's condition on each insert and update of `deliveries`;
+/// a condition that needs a temporary b-tree (an IN list of three values does) would build
+/// one per row written, on the one writer thread, for every enqueue and settle.
+#[tokio::test]
+async fn writes_to_deliveries_build_no_temporary_btree() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("store.db");
+    // A file from before has the index with the IN list: opening drops it.
+    reopen_capped(&dir, None).await?;
+    Connection::open(&path)?.execute_batch(
+        "CREATE INDEX deliveries_finished ON deliveries (state, updated_at)
+         WHERE state IN ('delivered', 'dead', 'skipped')",
+    )?;
+    reopen_capped(&dir, None).await?;
+    let connection = Connection::open(&path)?;
+    let indexes: Vec<String> = connection
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries_%'",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    assert!(
+        indexes.contains(&"deliveries_done".to_owned()),
+        "{indexes:?}"
+    );
+    assert!(
+        !indexes.contains(&"deliveries_finished".to_owned()),
+        "{indexes:?}"
+    );
+    for sql in [
+        "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+        "UPDATE deliveries SET state = ?2, attempts = attempts + 1, updated_at = ?3
+         WHERE id = ?1 AND state = 'pending'",
+        "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1",
+    ] {
+        let mut explain = connection.prepare(&format!("EXPLAIN {sql}"))?;
+        let parameters = explain.parameter_count();
+        let opcodes: Vec<String> = explain
+            .query_map(
+                rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
+                |row| row.get::<_, String>(1),
+            )?
+            .collect::<Result<_, _>>()?;
+        assert!(
+            !opcodes.iter().any(|opcode| opcode == "OpenEphemeral"),
+            "{sql}\n  builds a temporary b-tree: {opcodes:?}"
+        );
+    }
+    Ok(())
+}
+
+/// A claim hands out the event its enqueue kept in memory, the same one, until the event's
+/// last delivery is finished; an event no longer kept is read from the file, the same as it
+/// was enqueued; and an enqueue that fails keeps nothing.
+#[tokio::test]
+async fn claims_take_the_event_their_enqueue_kept() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let lease = Duration::from_secs(60);
+    let mut new = bot_message(b"kept", 1_000);
+    new.sinks = vec![SinkName::Bot, SinkName::Kochava];
+    let enqueued = new.event.clone();
+    store.enqueue(vec![new], 1_000).await?;
+    assert_eq!(store.recent.held().0, 1);
+    for (sink, left) in [(SinkName::Bot, 1), (SinkName::Kochava, 0)] {
+        let mut claimed = store.claim(sink, 10, 2_000, lease).await?.deliveries;
+        assert_eq!(claimed.len(), 1, "{sink}");
+        let delivery = claimed.remove(0);
+        let kept = store.recent.get(enqueued.id.as_str()).ok_or("not kept")?;
+        assert!(
+            Arc::ptr_eq(&delivery.event, &kept),
+            "{sink}: not the kept event"
+        );
+        store
+            .settle(&delivery, Settle::Delivered { status: 200 }, 2_000)
+            .await?;
+        assert_eq!(store.recent.held().0, left, "after {sink}");
+    }
+
+    // Not kept (as after a restart): read back from the file, as it went in.
+    let mut new = bot_message(b"read back", 3_000);
+    new.sinks = vec![SinkName::Kochava];
+    let enqueued = Arc::new(new.event.clone());
+    store.enqueue(vec![new], 3_000).await?;
+    let kept = store.recent.get(enqueued.id.as_str()).ok_or("not kept")?;
+    store.recent.forget(&kept);
+    assert_eq!(store.recent.held(), (0, 0));
+    let claimed = store
+        .claim(SinkName::Kochava, 10, 4_000, lease)
+        .await?
+        .deliveries;
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(
+        serde_json::to_value(&*claimed[0].event)?,
+        serde_json::to_value(&*enqueued)?
+    );
+    store.close().await;
+
+    // An enqueue whose write ran but whose commit never became durable (a failed fsync)
+    // fails: its event is not kept.
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    store.fail_next_sync();
+    let refused = store
+        .enqueue(vec![bot_message(b"unsynced", 5_000)], 5_000)
+        .await;
+    assert!(refused.is_err(), "{refused:?}");
+    assert_eq!(store.recent.held(), (0, 0));
+    store.close().await;
     Ok(())
 }
 
