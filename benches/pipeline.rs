@@ -14,6 +14,8 @@
 //! 2. open loop at `BENCH_RATE` webhooks/s (latency from each request's scheduled send), the
 //!    sinks receiving meanwhile: ack p50/p99, deliveries/s, drain time, CPU per webhook.
 //!
+//! Each phase also shows the bytes the relay wrote to files per webhook (`write_bytes` in
+//! `/proc/<pid>/io`: the WAL, the checkpoints, the claim journal).
 //! It ends with the relay's peak RSS (`VmHWM`) and the targets: CPU per webhook at most 7 times
 //! the minimal server's per request; every delivery arrived within 5 s of the load's end; ack
 //! p99 at most 10 ms in the open loop.
@@ -104,11 +106,22 @@ fn read_stat(path: &str) -> Option<(String, u64)> {
     Some((text[open + 1..close].to_owned(), utime + stime))
 }
 
+/// `write_bytes` of `/proc/<pid>/io`.
+fn read_write_bytes(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))
+        .and_then(|value| value.trim().parse().ok())
+}
+
 /// CPU used so far by some processes: in all (their threads, live and exited) and per live
 /// thread, in clock ticks.
 #[derive(Default)]
 struct Cpu {
     total: u64,
+    /// Bytes the processes sent to storage (`write_bytes` in `/proc/<pid>/io`): the store's
+    /// WAL, its checkpoints and the claim journal; sockets are not counted.
+    written: u64,
     /// (pid, tid) → (thread name, ticks).
     threads: HashMap<(u32, u32), (String, u64)>,
 }
@@ -118,6 +131,7 @@ impl Cpu {
         let mut cpu = Cpu::default();
         for &pid in pids {
             cpu.total += read_stat(&format!("/proc/{pid}/stat")).map_or(0, |(_, ticks)| ticks);
+            cpu.written += read_write_bytes(pid).unwrap_or(0);
             let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
                 continue;
             };
@@ -158,6 +172,7 @@ impl Cpu {
 /// What some processes spent between two samples.
 struct CpuUse {
     total_ticks: u64,
+    written: u64,
     /// Thread name → (threads, ticks), the threads alive at the end; ticks of threads that
     /// exited in between are in `total_ticks` only.
     groups: BTreeMap<String, (usize, u64)>,
@@ -174,6 +189,7 @@ impl CpuUse {
         }
         CpuUse {
             total_ticks: after.total.saturating_sub(before.total),
+            written: after.written.saturating_sub(before.written),
             groups,
         }
     }
@@ -537,6 +553,9 @@ fn main() {
                 CpuUse::micros_per(p.cpu.total_ticks, p.load.requests, hz)
                     / minimal_us.max(f64::MIN_POSITIVE)
             )
+        });
+        show("written to files (KiB/webhook)", &|p| {
+            format!("{:.2}", p.cpu.written as f64 / 1024.0 / p.load.requests.max(1) as f64)
         });
         row("peak RSS (MiB)", peak_rss.join(" + "), String::new());
 
