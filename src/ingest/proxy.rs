@@ -15,6 +15,7 @@ use axum::extract::rejection::BytesRejection;
 use axum::http::{HeaderMap, HeaderName, StatusCode, Uri, header};
 use axum::response::Response;
 use serde_json::{Map, Value};
+use std::sync::Arc;
 
 /// Request headers the proxy passes on to Graph.
 const FORWARDED_REQUEST_HEADERS: [HeaderName; 2] = [header::CONTENT_TYPE, header::AUTHORIZATION];
@@ -45,7 +46,7 @@ fn plain_segment(segment: &str) -> bool {
 /// included) and body unchanged, answers with Graph's status, content type and body, and records
 /// a successful send as an outgoing event. The query string is never logged or stored.
 pub async fn proxy(
-    State(state): State<AppState>,
+    State(state): State<Arc<AppState>>,
     uri: Uri,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
