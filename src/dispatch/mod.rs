@@ -153,8 +153,7 @@ impl Dispatcher {
                                     };
                                     // Boxed: the attempt's state is large, and the task
                                     // would otherwise be copied whole into its cell.
-                                    Box::pin(this.attempt(attempt, delivery)).await;
-                                    drop(permit);
+                                    Box::pin(this.attempt(attempt, delivery, permit)).await;
                                 });
                             }
                         }
@@ -211,11 +210,21 @@ impl Dispatcher {
 
     /// One attempt of one delivery, recorded in the store whatever happens.
     ///
+    /// `permit` (one of the sink's `concurrency`) is given back once the sink has answered,
+    /// before the outcome is recorded: it bounds the requests to the sink, and holding it
+    /// through the settle's commit and fsync capped a sink at `concurrency` deliveries per
+    /// settle latency (the drain after a burst ran at two thirds of the CPU it could use).
+    ///
     /// Its lines carry the `delivery` span. Made for every attempt it would cost more than the
     /// attempt's own work, so it is made up front only when debug lines (which every attempt
     /// logs) are on; otherwise each line an attempt logs, which is rare, makes it then
     /// ([`Attempt::log_span`]).
-    async fn attempt(&self, mut attempt: Attempt<'_>, mut delivery: Claimed) {
+    async fn attempt(
+        &self,
+        mut attempt: Attempt<'_>,
+        mut delivery: Claimed,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let Attempt { route, held, .. } = attempt;
         attempt.span_made = tracing::enabled!(Level::DEBUG)
             || tracing::enabled!(target: "botrelay::delivery", Level::DEBUG);
@@ -269,6 +278,7 @@ impl Dispatcher {
                     }
                 }
             };
+            drop(permit);
             match settle {
                 Settle::Delivered { .. } | Settle::Skipped { .. } => {
                     record(attempt.metrics, &settle);

@@ -327,6 +327,55 @@ async fn max_attempts_and_ttl_end_in_dead_letters() -> TestResult {
     app.stop().await
 }
 
+/// `concurrency` bounds the requests a sink has open at once: with the sink answering each
+/// after 300 ms, no more than two of eight deliveries (eight users, so no lane holds any back)
+/// are ever open together, and all eight arrive.
+#[tokio::test]
+async fn a_sink_never_has_more_requests_open_than_its_concurrency() -> TestResult {
+    const ANSWER_AFTER: Duration = Duration::from_millis(300);
+    let bot = MockSink::start().await?;
+    bot.set_default(Reply::status(200).after(ANSWER_AFTER));
+    let app = spawn_app(&bot_config(&bot, "concurrency = 2\n")).await?;
+    for user in 0..8 {
+        let body = text_message(
+            "PAGE",
+            &format!("user-{user}"),
+            &format!("m.open.{user}"),
+            "hi",
+            1_700_000_000_000,
+        );
+        assert_eq!(app.post_webhook(&body).await?.status(), 200);
+    }
+    let received = bot.wait_for(8, Duration::from_secs(20)).await?;
+    // A request is open from its arrival until its answer, ANSWER_AFTER later; the margin
+    // covers the time between the mock's answer and the relay's next request.
+    let open_at = |at: Instant| {
+        received
+            .iter()
+            .filter(|other| {
+                other.at <= at && at < other.at + ANSWER_AFTER - Duration::from_millis(50)
+            })
+            .count()
+    };
+    let most = received
+        .iter()
+        .map(|request| open_at(request.at))
+        .max()
+        .unwrap_or(0);
+    assert!(
+        most <= 2,
+        "{most} requests open at once with concurrency = 2"
+    );
+    assert_eq!(most, 2, "the sink never had both of its requests open");
+    app.wait_for_deliveries(
+        |delivery| delivery.state == "delivered",
+        8,
+        Duration::from_secs(20),
+    )
+    .await?;
+    app.stop().await
+}
+
 #[tokio::test]
 async fn each_users_messages_arrive_complete_and_in_order_despite_failures() -> TestResult {
     const USERS: usize = 10;
