@@ -53,6 +53,19 @@ async fn insert_meta(store: &SqliteStore, key: String, fail: bool) -> Result<(),
         .await
 }
 
+/// Column `column` of every row of an `EXPLAIN` (or `EXPLAIN QUERY PLAN`) statement, each of
+/// its parameters bound to 1.
+fn explain(connection: &Connection, sql: &str, column: usize) -> rusqlite::Result<Vec<String>> {
+    let mut explain = connection.prepare(sql)?;
+    let parameters = explain.parameter_count();
+    explain
+        .query_map(
+            rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
+            |row| row.get::<_, String>(column),
+        )?
+        .collect()
+}
+
 /// The purge, the queue depth and the dead-letter list run often on tables of millions of
 /// rows: each must reach its rows through an index, never by a scan of the table.
 #[tokio::test]
@@ -81,14 +94,7 @@ async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>>
     ];
     queries.extend(DEPTH);
     for sql in queries {
-        let mut explain = connection.prepare(&format!("EXPLAIN QUERY PLAN {sql}"))?;
-        let parameters = explain.parameter_count();
-        let steps: Vec<String> = explain
-            .query_map(
-                rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
-                |row| row.get::<_, String>(3),
-            )?
-            .collect::<Result<_, _>>()?;
+        let steps = explain(&connection, &format!("EXPLAIN QUERY PLAN {sql}"), 3)?;
         for step in &steps {
             assert!(
                 !step.starts_with("SCAN") || step.contains("USING"),
@@ -135,14 +141,7 @@ async fn writes_to_deliveries_build_no_temporary_btree() -> Result<(), Box<dyn s
          WHERE id = ?1 AND state = 'pending'",
         "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1",
     ] {
-        let mut explain = connection.prepare(&format!("EXPLAIN {sql}"))?;
-        let parameters = explain.parameter_count();
-        let opcodes: Vec<String> = explain
-            .query_map(
-                rusqlite::params_from_iter(std::iter::repeat_n(1, parameters)),
-                |row| row.get::<_, String>(1),
-            )?
-            .collect::<Result<_, _>>()?;
+        let opcodes = explain(&connection, &format!("EXPLAIN {sql}"), 1)?;
         assert!(
             !opcodes.iter().any(|opcode| opcode == "OpenEphemeral"),
             "{sql}\n  builds a temporary b-tree: {opcodes:?}"
