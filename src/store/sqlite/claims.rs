@@ -2,9 +2,8 @@
 //! rows no running claim holds taken in memory (`leases`), and an attempt whose lease ran out
 //! counted before its row goes out again. Renewing and giving back a claim touch memory only.
 
-use super::leases::{Journaled, Leases, Taken};
+use super::leases::{Journaled, Taken};
 use super::queries::SettleRow;
-use super::recent::Recent;
 use super::*;
 use crate::clock::{Millis, millis};
 use crate::event::Event;
@@ -25,7 +24,7 @@ pub(super) struct ClaimedRow {
     ttl_from: Millis,
     lane: Option<String>,
     event_id: String,
-    /// The event as its enqueue kept it ([`Recent`]), else its stored JSON (`None`: missing).
+    /// The event as its enqueue kept it (`Recent`), else its stored JSON (`None`: missing).
     event: Option<Arc<Event>>,
     payload: Option<String>,
     updated_at: Millis,
@@ -61,15 +60,7 @@ impl SqliteStore {
                 .ok_or(StoreError::Unavailable)?
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
-            claim_rows(
-                &connection,
-                &self.leases,
-                &self.recent,
-                sink,
-                limit,
-                now,
-                lease_end,
-            )?
+            claim_rows(self, &connection, sink, limit, now, lease_end)?
         };
         // An attempt whose lease ran out without an outcome was cut off: it counts, durably,
         // before the delivery goes out again.
@@ -232,18 +223,19 @@ pub(super) const CLAIM_EVENT: &str = "SELECT payload FROM events WHERE id = ?1";
 const CLAIM_READS: usize = 4;
 
 /// A claim's read, on the sink's own connection: the due rows of `sink` in queue order that no
-/// running claim holds, at most `limit`, taken under a lease until `lease_end`; and when the
-/// sink's next row falls due (a row not due yet, a row beyond `limit`, or a lease's end).
-#[allow(clippy::too_many_arguments)]
+/// running claim holds, at most `limit`, taken under a lease until `lease_end` (`store`'s
+/// leases), each with its event when `store` still keeps it ([`super::recent::Recent`]); and
+/// when the sink's next row falls due (a row not due yet, a row beyond `limit`, or a lease's
+/// end).
 pub(super) fn claim_rows(
+    store: &SqliteStore,
     connection: &Connection,
-    leases: &Leases,
-    recent: &Recent,
     sink: SinkName,
     limit: usize,
     now: Millis,
     lease_end: Millis,
 ) -> Result<(Vec<ClaimedRow>, Option<Millis>), StoreError> {
+    let (leases, recent) = (&store.leases, &store.recent);
     for _ in 0..CLAIM_READS {
         let view = leases.view(sink);
         // The queue's order is `deliveries_due` (sink, due_at, rowid); a read that only needs
