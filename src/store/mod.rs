@@ -74,16 +74,25 @@ pub(crate) const CUT_OFF: &str =
 /// The event a claimed row hands out, or why the row is dead-lettered instead: it crashed the
 /// relay [`CRASH_LIMIT`] times, or (which cannot happen while the purge keeps events with open
 /// deliveries and the encoding is ours) its stored event is missing or unreadable. Either way
-/// the row must not keep its lane, or the sink's claims, stuck.
-pub(crate) fn claimed_event(crashes: u32, payload: Option<&str>) -> Result<Event, String> {
+/// the row must not keep its lane, or the sink's claims, stuck. `kept` is the event when the
+/// store still has it parsed (the embedded store's copy from the enqueue); `payload` is read
+/// only without it.
+pub(crate) fn claimed_event(
+    crashes: u32,
+    kept: Option<Arc<Event>>,
+    payload: Option<&str>,
+) -> Result<Arc<Event>, String> {
     if crashes >= CRASH_LIMIT {
         tracing::error!(
             "A delivery's attempts were cut off by the relay stopping {CRASH_LIMIT} times: dead-lettered as `{CRASHED}`, its lane moves on"
         );
         return Err(CRASHED.to_owned());
     }
+    if let Some(event) = kept {
+        return Ok(event);
+    }
     match payload.map(serde_json::from_str::<Event>) {
-        Some(Ok(event)) => Ok(event),
+        Some(Ok(event)) => Ok(Arc::new(event)),
         Some(Err(error)) => Err(format!("the stored event is unreadable: {error}")),
         None => Err("the event is missing from the store".to_owned()),
     }

@@ -18,7 +18,6 @@ use crate::store::{
 };
 use deadpool_postgres::{GenericClient, Pool};
 use std::collections::BTreeSet;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio_postgres::types::ToSql;
 
@@ -152,7 +151,7 @@ pub(super) async fn claim(
         next_due: Some(next_due.map_or(look_again, |due| due.min(look_again))),
     };
     for row in rows {
-        let event = match crate::store::claimed_event(row.crashes, row.payload.as_deref()) {
+        let event = match crate::store::claimed_event(row.crashes, None, row.payload.as_deref()) {
             Ok(event) => event,
             Err(reason) => {
                 let row = SettleRow {
@@ -175,7 +174,7 @@ pub(super) async fn claim(
         batch.deliveries.push(Claimed {
             id: row.id,
             sink,
-            event: Arc::new(event),
+            event,
             attempts: row.attempts,
             throttled: row.throttled,
             ttl_from: row.ttl_from,

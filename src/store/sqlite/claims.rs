@@ -132,11 +132,11 @@ impl SqliteStore {
             next_due,
         };
         for row in rows {
-            let event = match row.event {
-                Some(event) if row.crashes < crate::store::CRASH_LIMIT => Ok(event),
-                _ => crate::store::claimed_event(row.crashes, row.payload.as_deref()).map(Arc::new),
-            };
-            let event = match event {
+            let event = match crate::store::claimed_event(
+                row.crashes,
+                row.event,
+                row.payload.as_deref(),
+            ) {
                 Ok(event) => event,
                 Err(reason) => {
                     let unreadable = SettleRow {

@@ -208,10 +208,9 @@ impl SqliteStore {
                 id,
                 sink,
                 lane,
-                event_id,
+                event_id: event_id.clone(),
                 lease_until,
             };
-            let event_id = row.event_id.clone();
             let written = store.write_settle(row, settle, now).await;
             store.leases.end_settle(id, lease_until, written.is_ok());
             if written.is_ok() {
