@@ -26,6 +26,41 @@ fn every_source_file_opens_with_a_module_doc_comment() {
     );
 }
 
+/// The README opens with what botrelay is (its two commands follow), and none of its paragraphs
+/// is there twice: an edit that went wrong once left one paragraph repeated thousands of times
+/// in front of everything else, and nothing failed.
+#[test]
+fn the_readme_opens_with_what_botrelay_is_and_repeats_no_paragraph() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let text = std::fs::read_to_string(&path).expect("README.md is readable");
+    let mut lines = text.lines().filter(|line| !line.is_empty());
+    assert_eq!(lines.next(), Some("# botrelay"), "the README's first line");
+    assert!(
+        lines.next().is_some_and(|line| line.starts_with("botrelay is ")),
+        "the README's first paragraph says what botrelay is"
+    );
+    let mut seen = BTreeSet::new();
+    let mut repeated = BTreeSet::new();
+    let mut in_code = false;
+    for paragraph in text.split("\n\n") {
+        // Code blocks may repeat a command; prose and headings may not.
+        let fences = paragraph.matches("```").count();
+        let prose = !in_code && fences == 0;
+        if fences % 2 == 1 {
+            in_code = !in_code;
+        }
+        let paragraph = paragraph.trim();
+        if prose && paragraph.len() > 40 && !seen.insert(paragraph) {
+            repeated.insert(paragraph.chars().take(80).collect::<String>());
+        }
+    }
+    assert!(
+        repeated.is_empty(),
+        "README paragraphs found more than once:\n  {}",
+        repeated.into_iter().collect::<Vec<_>>().join("\n  ")
+    );
+}
+
 #[test]
 fn sinks_know_neither_reqwest_nor_tokio() {
     let mut offences = Vec::new();
