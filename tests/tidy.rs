@@ -36,7 +36,9 @@ fn the_readme_opens_with_what_botrelay_is_and_repeats_no_paragraph() {
     let mut lines = text.lines().filter(|line| !line.is_empty());
     assert_eq!(lines.next(), Some("# botrelay"), "the README's first line");
     assert!(
-        lines.next().is_some_and(|line| line.starts_with("botrelay is ")),
+        lines
+            .next()
+            .is_some_and(|line| line.starts_with("botrelay is ")),
         "the README's first paragraph says what botrelay is"
     );
     let mut seen = BTreeSet::new();

@@ -11,6 +11,7 @@ mod powerloss;
 mod reports;
 mod resources;
 mod sinks;
+mod transport;
 mod ui;
 mod vendor_sinks;
 mod vendors;

@@ -513,8 +513,64 @@ impl MockSink {
         Ok(mock)
     }
 
+    /// A mock that speaks HTTPS, with the certificate in `tests/data/tls/sink.pem` (for
+    /// `127.0.0.1` and `localhost`, issued by the test CA in `tests/data/tls/ca.pem`).
+    pub async fn start_tls() -> TestResult<MockSink> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let tls = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
+        let chain =
+            CertificateDer::pem_file_iter(tls.join("sink.pem"))?.collect::<Result<Vec<_>, _>>()?;
+        let key = PrivateKeyDer::from_pem_file(tls.join("sink.key"))?;
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let mock = MockSink {
+            addr: listener.local_addr()?,
+            state: Arc::new(Mutex::new(MockState::default())),
+            arrived: Arc::new(Notify::new()),
+        };
+        let handler_mock = mock.clone();
+        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let mock = handler_mock.clone();
+            async move { mock.handle(request).await }
+        });
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (acceptor, app) = (acceptor.clone(), app.clone());
+                tokio::spawn(async move {
+                    let Ok(stream) = acceptor.accept(stream).await else {
+                        return;
+                    };
+                    let service = hyper_util::service::TowerToHyperService::new(
+                        tower::ServiceExt::map_request(
+                            app,
+                            |request: axum::http::Request<hyper::body::Incoming>| {
+                                request.map(axum::body::Body::new)
+                            },
+                        ),
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Ok(mock)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// The URL of `path` on a mock started with [`MockSink::start_tls`].
+    pub fn https_url(&self, path: &str) -> String {
+        format!("https://{}{path}", self.addr)
     }
 
     /// Queues replies for the next requests, in order.
