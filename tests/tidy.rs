@@ -32,7 +32,8 @@ fn every_source_file_opens_with_a_module_doc_comment() {
 #[test]
 fn the_readme_opens_with_what_botrelay_is_and_repeats_no_paragraph() {
     let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
-    let text = std::fs::read_to_string(&path).expect("README.md is readable");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|error| panic!("{}: {error}", path.display()));
     let mut lines = text.lines().filter(|line| !line.is_empty());
     assert_eq!(lines.next(), Some("# botrelay"), "the README's first line");
     assert!(
