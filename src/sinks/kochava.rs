@@ -17,7 +17,7 @@ use crate::sinks::{Disabled, EncodeError, TableSpec, event_name, require_user, s
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use secrecy::{ExposeSecret, SecretString};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 use sha1::{Digest, Sha1};
 use sha2::Sha256;
@@ -251,6 +251,39 @@ pub fn escape_slashes(json: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A `track/json` request body, in the order of Kochava's documented example. Typed and
+/// borrowed: built as a `serde_json::Value`, every key and value was an allocation of its own.
+#[derive(Serialize)]
+struct Track<'a> {
+    action: &'static str,
+    kochava_app_id: &'a str,
+    kochava_device_id: String,
+    data: TrackData<'a>,
+}
+
+#[derive(Serialize)]
+struct TrackData<'a> {
+    device_ids: DeviceIds<'a>,
+    event_name: &'a str,
+    event_data: &'a Map<String, Value>,
+    usertime: i64,
+    origination_ip: &'a str,
+    device_ver: &'a str,
+    device_ua: &'static str,
+    app_tracking_transparency: Att,
+    gdpr_privacy_consent: &'a Map<String, Value>,
+}
+
+#[derive(Serialize)]
+struct DeviceIds<'a> {
+    fb_user_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct Att {
+    att: bool,
+}
+
 /// The `track/json` events.
 #[derive(Debug, Clone)]
 pub struct Kochava {
@@ -293,27 +326,28 @@ impl Kochava {
         let name = event_name(&self.names, event.kind, &default_name);
         let app_id = self.app_id.expose_secret();
         let page = event.page_id.as_deref().unwrap_or_default();
-        let body = json!({
-            "action": "event",
-            "kochava_app_id": app_id,
-            "kochava_device_id": device_id(app_id, page, user),
-            "data": {
-                "device_ids": {"fb_user_id": user},
-                "event_name": name,
-                "event_data": event_data,
-                "usertime": seconds(event.timestamp_ms),
-                "origination_ip": self.origination_ip,
-                "device_ver": self.device_ver,
-                "device_ua": "",
-                "app_tracking_transparency": {"att": false},
-                "gdpr_privacy_consent": self.gdpr_privacy_consent,
+        let body = Track {
+            action: "event",
+            kochava_app_id: app_id,
+            kochava_device_id: device_id(app_id, page, user),
+            data: TrackData {
+                device_ids: DeviceIds { fb_user_id: user },
+                event_name: name,
+                event_data: &event_data,
+                usertime: seconds(event.timestamp_ms),
+                origination_ip: &self.origination_ip,
+                device_ver: &self.device_ver,
+                device_ua: "",
+                app_tracking_transparency: Att { att: false },
+                gdpr_privacy_consent: &self.gdpr_privacy_consent,
             },
-        });
+        };
         let mut headers = vec![
             ("content-type", "application/json".to_owned()),
             ("user-agent", USER_AGENT.to_owned()),
         ];
-        let body = body.to_string().into_bytes();
+        let body = serde_json::to_vec(&body)
+            .map_err(|error| EncodeError::Invalid(format!("cannot encode the event: {error}")))?;
         let body = match &self.authentication {
             None => body,
             Some(authentication) => {
