@@ -10,7 +10,8 @@
 //! Phases, each `BENCH_SECONDS` long and followed by the drain:
 //! 1. closed loop, 64 connections: CPU per webhook (load and drain), acked webhooks/s, ack
 //!    latency, deliveries/s during the load, drain time; the minimal server's CPU per request
-//!    under the same load, and the ratio;
+//!    under the same load, measured before this phase and again after it (a shared machine's
+//!    speed drifts over a run), and the ratio to the mean of the two;
 //! 2. open loop at `BENCH_RATE` webhooks/s (latency from each request's scheduled send), the
 //!    sinks receiving meanwhile: ack p50/p99, deliveries/s, drain time, CPU per webhook.
 //!
@@ -251,6 +252,28 @@ fn build_minimal_server() -> PathBuf {
         .expect("cargo named no minimal_server executable")
 }
 
+/// The minimal server's CPU per request under the closed loop (after a one-second warm-up),
+/// and the load's figures.
+async fn measure_minimal(
+    executable: &PathBuf,
+    length: Duration,
+    users: u64,
+    hz: u64,
+) -> (f64, LoadResult) {
+    let (mut minimal, url) = start_minimal_server(executable);
+    let urls = [url];
+    closed_loop_over(&urls, CONNECTIONS, Duration::from_secs(1), 0, users).await;
+    let before = Cpu::sample(&[minimal.id()]);
+    let load = closed_loop_over(&urls, CONNECTIONS, length, 1_000_000, users).await;
+    let used = CpuUse::between(&before, &Cpu::sample(&[minimal.id()]));
+    let _ = minimal.kill();
+    let _ = minimal.wait();
+    (
+        CpuUse::micros_per(used.total_ticks, load.requests, hz),
+        load,
+    )
+}
+
 /// Starts the minimal server; the process and its URL.
 fn start_minimal_server(executable: &PathBuf) -> (Child, String) {
     use std::io::BufRead;
@@ -445,23 +468,16 @@ fn main() {
         );
         println!("  sinks bot, kochava, dashbot at one local mock answering 200 at once; CPU from /proc of the child processes only");
 
-        // The yardstick, under the same closed loop.
-        let (mut minimal, minimal_url) = start_minimal_server(&minimal_server);
-        let minimal_urls = [minimal_url];
-        closed_loop_over(&minimal_urls, CONNECTIONS, Duration::from_secs(1), 0, users).await;
-        let before = Cpu::sample(&[minimal.id()]);
-        let minimal_load =
-            closed_loop_over(&minimal_urls, CONNECTIONS, phase_length, 1_000_000, users).await;
-        let minimal_cpu = CpuUse::between(&before, &Cpu::sample(&[minimal.id()]));
-        let _ = minimal.kill();
-        let _ = minimal.wait();
-        let minimal_us =
-            CpuUse::micros_per(minimal_cpu.total_ticks, minimal_load.requests, hz);
+        // The yardstick, under the same closed loop: once before the relay's phases and once
+        // between them, since a shared machine's speed drifts over a run; the ratio uses the
+        // mean of the two.
+        let (minimal_before, minimal_load) =
+            measure_minimal(&minimal_server, phase_length, users, hz).await;
         println!(
             "minimal server (HMAC + JSON parse), closed loop {CONNECTIONS} connections: {}",
             minimal_load.summary()
         );
-        println!("  CPU {minimal_us:.1} µs per request");
+        println!("  CPU {minimal_before:.1} µs per request");
 
         // The relay: a warm-up and its drain, then the two phases.
         let (mock_url, mock) = start_sink(SinkMode::Count { timed: false }).await;
@@ -477,6 +493,8 @@ fn main() {
             &relays.urls, CONNECTIONS, phase_length, 10_000_000, users,
         ))
         .await;
+        let (minimal_after, _) = measure_minimal(&minimal_server, phase_length, users, hz).await;
+        let minimal_us = (minimal_before + minimal_after) / 2.0;
         let open = run_phase(&relays, &mock, postgres, open_loop_over(
             &relays.urls, rate, phase_length, 20_000_000, users, false,
         ))
@@ -559,6 +577,10 @@ fn main() {
         });
         row("peak RSS (MiB)", peak_rss.join(" + "), String::new());
 
+        println!(
+            "minimal server: {minimal_before:.1} µs per request before the relay's closed loop, \
+             {minimal_after:.1} µs after it; the ratios use the mean, {minimal_us:.1} µs"
+        );
         println!("targets:");
         println!(
             "  CPU per webhook ≤ {CPU_RATIO_TARGET}× the minimal server's per request (closed loop): {ratio:.1}× ({relay_us:.1} / {minimal_us:.1} µs) {}",
