@@ -135,11 +135,10 @@ async fn writes_to_deliveries_build_no_temporary_btree() -> Result<(), Box<dyn s
         "{indexes:?}"
     );
     for sql in [
-        "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)",
+        INSERT_DELIVERY,
         "UPDATE deliveries SET state = ?2, attempts = attempts + 1, updated_at = ?3
          WHERE id = ?1 AND state = 'pending'",
-        "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2 WHERE id = ?1",
+        super::queries::PROMOTE,
     ] {
         let opcodes = explain(&connection, &format!("EXPLAIN {sql}"), 1)?;
         assert!(
