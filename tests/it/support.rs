@@ -496,7 +496,15 @@ impl MockSink {
     /// relay first finds nothing there (connection refused) and then this mock.
     pub async fn start_at(addr: SocketAddr) -> TestResult<MockSink> {
         let listener = tokio::net::TcpListener::bind(addr).await?;
-        let addr = listener.local_addr()?;
+        let (mock, app) = MockSink::serving(listener.local_addr()?);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(mock)
+    }
+
+    /// A mock at `addr` and the router that answers for it.
+    fn serving(addr: SocketAddr) -> (MockSink, axum::Router) {
         let mock = MockSink {
             addr,
             state: Arc::new(Mutex::new(MockState::default())),
@@ -507,10 +515,7 @@ impl MockSink {
             let mock = handler_mock.clone();
             async move { mock.handle(request).await }
         });
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app).await;
-        });
-        Ok(mock)
+        (mock, app)
     }
 
     /// A mock that speaks HTTPS, with the certificate in `tests/data/tls/sink.pem` (for
@@ -530,16 +535,7 @@ impl MockSink {
         .with_single_cert(chain, key)?;
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let mock = MockSink {
-            addr: listener.local_addr()?,
-            state: Arc::new(Mutex::new(MockState::default())),
-            arrived: Arc::new(Notify::new()),
-        };
-        let handler_mock = mock.clone();
-        let app = axum::Router::new().fallback(move |request: axum::extract::Request| {
-            let mock = handler_mock.clone();
-            async move { mock.handle(request).await }
-        });
+        let (mock, app) = MockSink::serving(listener.local_addr()?);
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let (acceptor, app) = (acceptor.clone(), app.clone());
