@@ -473,6 +473,8 @@ type Decide = Arc<dyn Fn(&Received) -> Option<Reply> + Send + Sync>;
 #[derive(Default)]
 struct MockState {
     received: Vec<Received>,
+    /// Connections a TLS mock has accepted (handshakes).
+    connections: usize,
     script: VecDeque<Reply>,
     default: Option<Reply>,
     decide: Option<Decide>,
@@ -536,8 +538,12 @@ impl MockSink {
         let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let (mock, app) = MockSink::serving(listener.local_addr()?);
+        let counted = mock.clone();
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                if let Ok(mut state) = counted.state.lock() {
+                    state.connections += 1;
+                }
                 let (acceptor, app) = (acceptor.clone(), app.clone());
                 tokio::spawn(async move {
                     let Ok(stream) = acceptor.accept(stream).await else {
@@ -562,6 +568,11 @@ impl MockSink {
 
     pub fn url(&self, path: &str) -> String {
         format!("http://{}{path}", self.addr)
+    }
+
+    /// How many connections a mock started with [`MockSink::start_tls`] has accepted.
+    pub fn connections(&self) -> usize {
+        self.state.lock().map_or(0, |state| state.connections)
     }
 
     /// The URL of `path` on a mock started with [`MockSink::start_tls`].
