@@ -2,8 +2,8 @@
 //! open-files limit, the store's files private.
 
 use crate::support::{
-    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, fast_bot, post_signed, relay_command,
-    spawn_app, start_relay, text_message, wait_until,
+    APP_SECRET, MockSink, Reply, TestResult, VERIFY_TOKEN, fast_bot, metrics_text, post_signed,
+    relay_command, spawn_app, start_relay, text_message, wait_until,
 };
 use botrelay::config::Config;
 use botrelay::liveness::Liveness;
@@ -413,12 +413,7 @@ async fn webhooks_are_acked_while_stdout_is_stalled() -> TestResult {
     // brought up to date every 5 s).
     let deadline = Instant::now() + Duration::from_secs(15);
     let dropped = loop {
-        let metrics = http
-            .get(format!("{admin_url}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let metrics = metrics_text(&http, &admin_url).await?;
         let dropped: u64 = metrics
             .lines()
             .find_map(|line| line.strip_prefix("botrelay_log_lines_dropped_total "))

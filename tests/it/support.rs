@@ -384,6 +384,16 @@ impl Drop for TestApp {
     }
 }
 
+/// The text of a relay's `/metrics`, from its admin listener at `admin_url`.
+pub async fn metrics_text(http: &reqwest::Client, admin_url: &str) -> TestResult<String> {
+    Ok(http
+        .get(format!("{admin_url}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?)
+}
+
 /// A loopback address where nothing listens (connection refused), for a mock to take later.
 pub async fn refused_address() -> TestResult<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

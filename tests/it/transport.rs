@@ -2,8 +2,8 @@
 //! `SSL_CERT_FILE` can name), and through the proxy the environment names.
 
 use crate::support::{
-    APP_SECRET, MockSink, RelayProcess, TestResult, VERIFY_TOKEN, fast_bot, post_signed, spawn_app,
-    start_relay, text_message,
+    APP_SECRET, MockSink, RelayProcess, TestResult, VERIFY_TOKEN, fast_bot, metrics_text,
+    post_signed, spawn_app, start_relay, text_message,
 };
 use botrelay::signing::sign_sha256;
 use std::path::{Path, PathBuf};
@@ -36,12 +36,7 @@ async fn start(dir: &Path, bot_url: &str, env: &[(&str, &str)]) -> TestResult<Re
 async fn delivered(http: &reqwest::Client, admin_url: &str, count: u64) -> TestResult {
     let deadline = Instant::now() + WAIT;
     loop {
-        let metrics = http
-            .get(format!("{admin_url}/metrics"))
-            .send()
-            .await?
-            .text()
-            .await?;
+        let metrics = metrics_text(http, admin_url).await?;
         let now = metrics
             .lines()
             .filter(|line| {
