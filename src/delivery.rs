@@ -18,7 +18,6 @@ use reqwest::header::{
     ACCEPT, AUTHORIZATION, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
     USER_AGENT as USER_AGENT_HEADER,
 };
-use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 use url::Url;
@@ -227,15 +226,7 @@ impl Client {
         // Credentials in the URL go out as basic auth, never in the request line (as reqwest
         // did; a bot behind basic auth is configured that way).
         let credentials = basic_auth(&url);
-        let direct_url = match credentials {
-            Some(_) => {
-                let mut bare = url.clone();
-                let _ = bare.set_username("");
-                let _ = bare.set_password(None);
-                Cow::Owned(bare)
-            }
-            None => Cow::Borrowed(&url),
-        };
+        let direct_url = credentials.as_ref().map_or(&url, |(_, bare)| bare);
         // Not the URL in the error: it may carry a key (Dashbot's is in its query).
         let Ok(uri) = Uri::try_from(direct_url.as_str()) else {
             return Outcome::Permanent {
@@ -255,7 +246,7 @@ impl Client {
         if !header_map.contains_key(ACCEPT) {
             header_map.insert(ACCEPT, HeaderValue::from_static("*/*"));
         }
-        if let Some(credentials) = credentials {
+        if let Some((credentials, _)) = credentials {
             header_map.insert(AUTHORIZATION, credentials);
         }
         let mut request = hyper::Request::new(http_body_util::Full::new(body.unwrap_or_default()));
@@ -352,8 +343,9 @@ impl Client {
     }
 }
 
-/// The `Authorization` value for the user and password in `url`, if it names any.
-fn basic_auth(url: &Url) -> Option<HeaderValue> {
+/// The `Authorization` value for the user and password in `url`, if it names any, and `url`
+/// without them.
+fn basic_auth(url: &Url) -> Option<(HeaderValue, Url)> {
     if url.username().is_empty() && url.password().is_none() {
         return None;
     }
@@ -363,7 +355,10 @@ fn basic_auth(url: &Url) -> Option<HeaderValue> {
     let encoded = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
     let mut value = HeaderValue::try_from(format!("Basic {encoded}")).ok()?;
     value.set_sensitive(true);
-    Some(value)
+    let mut bare = url.clone();
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    Some((value, bare))
 }
 
 /// The roots deliveries trust, as reqwest's did: Mozilla's (webpki-roots) and the system's
