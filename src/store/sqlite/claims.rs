@@ -204,16 +204,13 @@ impl SqliteStore {
     }
 }
 
-/// A sink's queue in order (`deliveries_due`: sink, due_at, rowid), ids and due times only,
-/// so that the read stays inside the index.
-pub(super) const CLAIM_SCAN: &str = "SELECT id, due_at FROM deliveries
-    WHERE sink = ?1 AND state IN ('pending', 'in_flight') ORDER BY due_at, id";
-
-/// What a claimed row hands out.
+/// What a claimed row hands out. A row the queue in memory shows as due, but that the file does
+/// not show as pending, belongs to a write not committed yet: passed over (its sink is woken
+/// once that write is durable).
 pub(super) const CLAIM_FETCH: &str =
     "SELECT attempts, throttled, COALESCE(replayed_at, created_at), lane, crashes, updated_at,
             event_id
-     FROM deliveries WHERE id = ?1 AND state IN ('pending', 'in_flight')";
+     FROM deliveries WHERE id = ?1 AND state = 'pending'";
 
 /// A claimed row's event, when its enqueue's copy is no longer kept in memory.
 pub(super) const CLAIM_EVENT: &str = "SELECT payload FROM events WHERE id = ?1";
@@ -238,27 +235,16 @@ pub(super) fn claim_rows(
     let (leases, recent) = (&store.leases, &store.recent);
     for _ in 0..CLAIM_READS {
         let view = leases.view(sink);
-        // The queue's order is `deliveries_due` (sink, due_at, rowid); a read that only needs
-        // ids and due times stays inside the index. Rows held by running claims are still
-        // `pending` in the file: passed over, at most as many as the sink holds.
-        let mut due = Vec::with_capacity(limit.min(view.held() + 64));
-        let mut next_due = view.next_lease_end(now);
-        {
-            let mut scan = connection.prepare_cached(CLAIM_SCAN).map_err(database)?;
-            let mut rows = scan.query([sink.as_str()]).map_err(database)?;
-            while let Some(row) = rows.next().map_err(database)? {
-                let id: i64 = row.get(0).map_err(database)?;
-                let due_at: Millis = row.get(1).map_err(database)?;
-                if view.passes_over(id, now) {
-                    continue;
-                }
-                if due_at > now || due.len() >= limit {
-                    next_due = Some(next_due.map_or(due_at, |next: Millis| next.min(due_at)));
-                    break;
-                }
-                due.push(id);
-            }
-        }
+        // The queue's order is in memory (`lanes`). Rows held by running claims are still
+        // pending there: passed over, at most as many as the sink holds.
+        let queue = store
+            .lanes
+            .due(sink, now, limit, |id| view.passes_over(id, now));
+        let due = queue.ids;
+        let next_due = match (view.next_lease_end(now), queue.next_due) {
+            (Some(lease), Some(row)) => Some(lease.min(row)),
+            (lease, row) => lease.or(row),
+        };
         let mut fetch = connection.prepare_cached(CLAIM_FETCH).map_err(database)?;
         let mut fetched = Vec::with_capacity(due.len());
         for id in due {

@@ -118,8 +118,8 @@ pub(super) fn replay_chunk(
     letters: &[(i64, SinkName)],
     now: Millis,
 ) -> Result<usize, StoreError> {
-    // A lane-less letter has no order to keep and goes at once; a lane's letter waits, and
-    // `promote` lets the lane's oldest go if the lane is free.
+    // A lane-less letter has no order to keep and goes at once; a lane's letter waits, and the
+    // lane's oldest goes if the lane is free.
     let mut requeue = connection
         .prepare_cached(
             "UPDATE deliveries SET attempts = 0, throttled = 0, crashes = 0,
@@ -135,7 +135,14 @@ pub(super) fn replay_chunk(
             .optional()
             .map_err(database)?;
         let Some(lane) = lane else { continue };
-        promote(connection, *sink, lane.as_deref(), now)?;
+        touched
+            .lanes
+            .add(*sink, lane.as_deref(), *id, lane.is_none(), now);
+        if let Some(lane) = &lane
+            && let Some(next) = touched.lanes.promote(*sink, lane, now)
+        {
+            promote(connection, next, now)?;
+        }
         touched.insert(*sink);
         requeued += 1;
     }

@@ -36,8 +36,33 @@ pub(super) const MIN_GROUP_AGE: Duration = Duration::from_millis(2);
 /// Committed groups waiting for the syncer; when it falls this far behind, the writer waits.
 pub(super) const MAX_UNSYNCED_GROUPS: usize = 64;
 
-/// The sinks a transaction gave new due work to; the writer wakes their dispatchers after commit.
-pub(super) type Touched = BTreeSet<SinkName>;
+/// What a group's writes did besides their SQL: the sinks they gave new due work to (woken once
+/// the group is durable), and their changes to the queue in memory (`lanes`), which are undone
+/// with whatever SQLite undoes.
+pub(super) struct Touched {
+    sinks: BTreeSet<SinkName>,
+    pub(super) lanes: Changes,
+}
+
+impl Touched {
+    pub(super) fn new(lanes: Arc<Lanes>) -> Touched {
+        Touched {
+            sinks: BTreeSet::new(),
+            lanes: Changes::new(lanes),
+        }
+    }
+
+    /// `sink` has new due work once this group is durable.
+    pub(super) fn insert(&mut self, sink: SinkName) {
+        self.sinks.insert(sink);
+    }
+
+    /// The transaction was rolled back: nothing of it stays.
+    fn undo_all(&mut self) {
+        self.sinks.clear();
+        self.lanes.undo_to(0);
+    }
+}
 
 /// One caller's write, waiting in the writer's queue. A write can run more than once: when one
 /// write of a group fails, the writer rolls the whole group back and runs every write again,
@@ -119,6 +144,7 @@ pub(super) fn write_loop(
     syncer: &std::sync::mpsc::SyncSender<CommittedGroup>,
     syncer_idle: &AtomicBool,
     wal: &WalProgress,
+    lanes: &Arc<Lanes>,
 ) {
     let mut open: Option<Group> = None;
     loop {
@@ -163,7 +189,7 @@ pub(super) fn write_loop(
         };
         match message {
             Some(ToWriter::Write(job)) => {
-                open.get_or_insert_with(|| Group::begin(connection))
+                open.get_or_insert_with(|| Group::begin(connection, lanes.clone()))
                     .add(connection, job);
             }
             Some(ToWriter::Synced) => {}
@@ -215,11 +241,11 @@ pub(super) struct Group {
 }
 
 impl Group {
-    fn begin(connection: &Connection) -> Group {
+    fn begin(connection: &Connection, lanes: Arc<Lanes>) -> Group {
         Group {
             jobs: Vec::with_capacity(64),
             lost: Vec::with_capacity(64),
-            touched: Touched::new(),
+            touched: Touched::new(lanes),
             isolated: false,
             broken: statement(connection, "BEGIN").err(),
             started: std::time::Instant::now(),
@@ -264,6 +290,9 @@ impl Group {
             return;
         }
         self.isolated = true;
+        // Whatever happens next, the transaction so far is gone, and so are its changes to
+        // the queue.
+        self.touched.undo_all();
         if !lost && let Err(error) = statement(connection, "ROLLBACK") {
             self.broken = Some(error);
             return;
@@ -276,7 +305,7 @@ impl Group {
     /// one more write, so this ends).
     fn run_again(&mut self, connection: &Connection) {
         loop {
-            self.touched.clear();
+            self.touched.undo_all();
             if let Err(error) = statement(connection, "BEGIN") {
                 self.broken = Some(error);
                 return;
@@ -299,7 +328,7 @@ impl Group {
         }
     }
 
-    fn commit(self, connection: &Connection) -> CommittedGroup {
+    fn commit(mut self, connection: &Connection) -> CommittedGroup {
         let result = match self.broken {
             Some(error) => {
                 let _ = statement(connection, "ROLLBACK");
@@ -309,9 +338,13 @@ impl Group {
                 let _ = statement(connection, "ROLLBACK");
             }),
         };
+        match result {
+            Ok(()) => self.touched.lanes.keep(),
+            Err(_) => self.touched.undo_all(),
+        }
         CommittedGroup {
             jobs: self.jobs,
-            touched: self.touched,
+            touched: self.touched.sinks,
             result,
         }
     }
@@ -348,7 +381,7 @@ pub(super) fn execute(
 /// A committed group on its way to disk: its callers are answered after the WAL's fsync.
 pub(super) struct CommittedGroup {
     jobs: Vec<Box<dyn Job>>,
-    touched: Touched,
+    touched: BTreeSet<SinkName>,
     result: Result<(), StoreError>,
 }
 
@@ -468,6 +501,7 @@ pub(super) fn run_in_savepoint(connection: &Connection, job: &mut dyn Job, touch
         job.fail(error);
         return;
     }
+    let mark = touched.lanes.mark();
     let released = if job.run(connection, touched) {
         run("RELEASE write")
     } else {
@@ -479,5 +513,6 @@ pub(super) fn run_in_savepoint(connection: &Connection, job: &mut dyn Job, touch
     if !job.succeeded() {
         let _ = run("ROLLBACK TO write");
         let _ = run("RELEASE write");
+        touched.lanes.undo_to(mark);
     }
 }

@@ -107,11 +107,6 @@ impl View {
             .map(|(lease_until, _)| *lease_until)
             .min()
     }
-
-    /// How many rows of this sink the read may pass over.
-    pub(super) fn held(&self) -> usize {
-        self.held.len()
-    }
 }
 
 /// How a row a claim read was taken.

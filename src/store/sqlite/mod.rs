@@ -21,17 +21,19 @@
 //! `pending` (the lane's head; `in_flight` is found only in files of an older version, and is
 //! turned back at open); the rows behind it are `waiting` until it is delivered, dead or
 //! skipped. So one user's deliveries to one sink keep their order, and a failing user blocks
-//! nobody else.
+//! nobody else. The file's states are exact, but who is due and who is next is read from the
+//! queue in memory (`lanes`), which the writer keeps in step with what SQLite commits.
 //!
 //! Split by job: `schema` (tables, indexes, migrations), `engine` (the writer, syncer and
 //! checkpointer threads: group commit and durability), `queries` (each store operation's SQL),
-//! `leases` (claims in memory and their journal), `files` (the lock file, the WAL's fsync, the
-//! directory).
+//! `leases` (claims in memory and their journal), `lanes` (the queue in memory), `files` (the
+//! lock file, the WAL's fsync, the directory).
 
 mod claims;
 mod dead_letters;
 mod engine;
 mod files;
+mod lanes;
 mod leases;
 mod queries;
 mod recent;
@@ -43,6 +45,7 @@ use crate::sink_name::SinkName;
 use crate::store::{StoreError, Wakers};
 use engine::*;
 use files::*;
+use lanes::{Changes, Lanes};
 use leases::{Journaled, Leases};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode};
@@ -59,6 +62,8 @@ pub(super) struct SqliteStore {
     reader: Arc<Mutex<Connection>>,
     /// The claims held now (in memory only), and their journal.
     leases: Arc<Leases>,
+    /// The queue (due rows, lane heads, waiting rows), kept in memory by the writer.
+    lanes: Arc<Lanes>,
     /// Each sink's claims read on a connection of their own, never waiting for another's.
     claimers: Arc<HashMap<SinkName, Mutex<Connection>>>,
     /// The events of recent enqueues, parsed, for the claims of their deliveries.
@@ -115,6 +120,7 @@ impl SqliteStore {
         let (leases, journaled) = Leases::open(path)?;
         count_cut_off(&mut writer, &journaled, crate::clock::now_ms())?;
         leases.start()?;
+        let lanes = Arc::new(load_lanes(&writer, crate::clock::now_ms())?);
         // The cap applies from here: the start-up writes above (the schema, a migration, the
         // leases of the last run) must not keep a full store from starting and draining.
         if let Some(max_bytes) = max_bytes {
@@ -233,7 +239,10 @@ impl SqliteStore {
         let wal_progress = wal.clone();
         std::thread::Builder::new()
             .name("botrelay-store".into())
-            .spawn(move || write_loop(&writer, receiver, &committed, &syncer_idle, &wal))
+            .spawn({
+                let lanes = lanes.clone();
+                move || write_loop(&writer, receiver, &committed, &syncer_idle, &wal, &lanes)
+            })
             .map_err(|error| {
                 StoreError::Database(format!("cannot start the writer thread: {error}"))
             })?;
@@ -241,6 +250,7 @@ impl SqliteStore {
             writes,
             reader: Arc::new(Mutex::new(reader)),
             leases: Arc::new(leases),
+            lanes,
             claimers: Arc::new(claimers),
             recent: Arc::new(recent::Recent::new(recent::RECENT_BYTES)),
             wakers,
@@ -332,7 +342,8 @@ fn count_cut_off(
         .execute(
             "UPDATE deliveries SET state = 'pending', due_at = 0, updated_at = ?1,
                  crashes = crashes + 1, attempts = attempts + 1, last_error = ?2
-             WHERE state = 'in_flight'",
+             WHERE (state = 'pending' OR state = 'waiting' OR state = 'in_flight')
+                 AND state = 'in_flight'",
             rusqlite::params![now, crate::store::CUT_OFF],
         )
         .map_err(database)?;
@@ -360,6 +371,40 @@ fn count_cut_off(
     connection
         .execute_batch("PRAGMA synchronous = NORMAL")
         .map_err(database)
+}
+
+/// The queue as the file holds it (every row pending or waiting), in memory. A lane with rows
+/// waiting but none pending (which no version of this relay leaves behind) has its oldest
+/// promoted, in the file too.
+fn load_lanes(connection: &Connection, now: crate::clock::Millis) -> Result<Lanes, StoreError> {
+    let lanes = Lanes::new();
+    let rows = {
+        let mut select = connection.prepare(queries::LOAD_QUEUE).map_err(database)?;
+        select
+            .query_map([], |row| {
+                Ok((
+                    row.get::<_, i64>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, Option<String>>(2)?,
+                    row.get::<_, String>(3)? == "pending",
+                    row.get::<_, crate::clock::Millis>(4)?,
+                ))
+            })
+            .map_err(database)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(database)?
+    };
+    let promoted = lanes.load(
+        rows.into_iter()
+            .filter_map(|(id, sink, lane, pending, due)| {
+                Some((id, SinkName::parse(&sink)?, lane, pending, due))
+            }),
+        now,
+    );
+    for (_, id) in promoted {
+        queries::promote(connection, id, now)?;
+    }
+    Ok(lanes)
 }
 
 fn database(error: rusqlite::Error) -> StoreError {

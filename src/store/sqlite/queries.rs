@@ -49,11 +49,11 @@ pub(super) const PURGE_EVENTS: &str =
                      WHERE d.created_at = e.received_at AND d.event_id = e.id)
      LIMIT ?2)";
 
-/// Queue depth per sink and state, each state through its own partial index.
-pub(super) const DEPTH: [&str; 3] = [
-    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state IN ('pending', 'in_flight')
-     GROUP BY sink, state",
-    "SELECT sink, state, COUNT(*) FROM deliveries WHERE state = 'waiting' GROUP BY sink",
+/// Queue depth per sink and state, the open rows through `deliveries_open`, the dead ones
+/// through `deliveries_done`.
+pub(super) const DEPTH: [&str; 2] = [
+    "SELECT sink, state, COUNT(*) FROM deliveries
+     WHERE (state = 'pending' OR state = 'waiting' OR state = 'in_flight') GROUP BY sink, state",
     "SELECT sink, state, COUNT(*) FROM deliveries
      WHERE (state = 'delivered' OR state = 'dead' OR state = 'skipped') AND state = 'dead' GROUP BY sink",
 ];
@@ -121,13 +121,20 @@ impl SqliteStore {
                     continue;
                 }
                 report.stored += 1;
-                for sink in sinks {
-                    let lane = event.user_id.as_deref();
+                let lane = event.user_id.as_deref();
+                for &sink in sinks {
+                    // Only the head of a lane is pending: a user's deliveries to a sink go
+                    // one at a time, in the order of receipt.
+                    let pending =
+                        lane.is_none_or(|lane| !touched.lanes.has_head(sink, lane));
+                    let state = if pending { "pending" } else { "waiting" };
                     insert_delivery
-                        .execute(params![event.id.as_str(), sink.as_str(), lane, now])
+                        .execute(params![event.id.as_str(), sink.as_str(), lane, state, now])
                         .map_err(database)?;
+                    let id = connection.last_insert_rowid();
+                    touched.lanes.add(sink, lane, id, pending, now);
                     report.deliveries += 1;
-                    touched.insert(*sink);
+                    touched.insert(sink);
                 }
                 recent.keep(event, sinks.len(), payload.len());
             }
@@ -301,10 +308,17 @@ impl SqliteStore {
                     "delivery {id} is not open, although a claim holds it"
                 )));
             }
-            // A promoted delivery is due now; a retry wakes its sink once its claim is
-            // dropped (`settle_row`).
-            if done && promote(connection, sink, lane.as_deref(), now)? {
-                touched.insert(sink);
+            match &settle {
+                // A retry wakes its sink once its claim is dropped (`settle_row`).
+                Settle::Retry { due_at, .. } => touched.lanes.reschedule(sink, id, *due_at),
+                // The lane's next delivery is due now.
+                _ if done => {
+                    if let Some(next) = touched.lanes.finish(sink, lane.as_deref(), id, now) {
+                        promote(connection, next, now)?;
+                        touched.insert(sink);
+                    }
+                }
+                _ => {}
             }
             Ok(())
         })
@@ -551,45 +565,34 @@ impl SqliteStore {
         .await
     }
 }
-/// A new delivery: pending, or waiting when its lane (its user, for its sink) has a head, that
-/// is a delivery pending or in flight. Only the head of a lane is ever pending or in flight;
-/// the rows behind it wait (invariant kept here and by [`promote`]). One statement, not a
-/// query and then an insert; a `VALUES` row, since an `INSERT … SELECT` reading its own table
-/// would go through a temporary table. The subquery repeats the head index's condition
-/// exactly, so that SQLite uses it.
+/// A new delivery, `?4` = pending (its lane's head, or a delivery without a lane) or waiting
+/// (behind its lane's head), as the queue in memory decides (`lanes`).
 pub(super) const INSERT_DELIVERY: &str =
     "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-     VALUES (?1, ?2, ?3, CASE WHEN EXISTS (SELECT 1 FROM deliveries
-                WHERE sink = ?2 AND lane = ?3 AND state IN ('pending', 'in_flight'))
-             THEN 'waiting' ELSE 'pending' END, ?4, ?4, ?4)";
+     VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)";
 
-/// After the head of a lane is done, lets the next waiting delivery of that lane go, unless the
-/// lane has a head already (a replay or a promotion got there first). Returns true when one was
-/// promoted.
-///
-/// One statement: the lane's head check, the search for its oldest waiting row and the update
-/// were three, and this runs for every finished delivery (5 % of the relay's CPU in a profile
-/// of the pipeline benchmark). The subqueries repeat the partial indexes' conditions exactly,
-/// so that SQLite uses them.
-pub(super) fn promote(
-    connection: &Connection,
-    sink: SinkName,
-    lane: Option<&str>,
-    now: Millis,
-) -> Result<bool, StoreError> {
-    let Some(lane) = lane else { return Ok(false) };
+/// Every open row, for the queue in memory at open.
+pub(super) const LOAD_QUEUE: &str = "SELECT id, sink, lane, state, due_at FROM deliveries
+     WHERE (state = 'pending' OR state = 'waiting' OR state = 'in_flight')";
+
+/// Makes `next`, the row the queue in memory made its lane's head, pending in the file, due
+/// at `now`. The file must agree that it was waiting (or, in a file no version of this relay
+/// wrote, pending beside another head).
+pub(super) fn promote(connection: &Connection, next: i64, now: Millis) -> Result<(), StoreError> {
     let promoted = connection
         .prepare_cached(PROMOTE)
         .map_err(database)?
-        .execute(params![sink.as_str(), lane, now])
+        .execute(params![next, now])
         .map_err(database)?;
-    Ok(promoted > 0)
+    if promoted == 0 {
+        return Err(StoreError::Database(format!(
+            "delivery {next} is next in its lane, but it is not open"
+        )));
+    }
+    Ok(())
 }
 
 /// The statement behind [`promote`].
 pub(super) const PROMOTE: &str =
-    "UPDATE deliveries SET state = 'pending', due_at = ?3, updated_at = ?3
-    WHERE id = (SELECT id FROM deliveries WHERE sink = ?1 AND lane = ?2 AND state = 'waiting'
-                ORDER BY id LIMIT 1)
-      AND NOT EXISTS (SELECT 1 FROM deliveries
-                WHERE sink = ?1 AND lane = ?2 AND state IN ('pending', 'in_flight'))";
+    "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2
+    WHERE id = ?1 AND (state = 'waiting' OR state = 'pending')";

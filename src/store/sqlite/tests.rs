@@ -83,7 +83,7 @@ async fn query_plans_use_the_indexes() -> Result<(), Box<dyn std::error::Error>>
     );
     let replay = replay_select(&dead_letters);
     let mut queries = vec![
-        CLAIM_SCAN,
+        LOAD_QUEUE,
         CLAIM_FETCH,
         CLAIM_EVENT,
         PURGE_DELIVERED,
@@ -1046,4 +1046,84 @@ async fn hold_the_writer(
     });
     started_rx.await?;
     Ok((release_tx, blocker))
+}
+
+/// The queue in memory follows what SQLite keeps: a group in which one write fails is rolled
+/// back and run again, and the enqueues it held must not be counted twice in their lane (the
+/// second run would find the first's head and make its own row wait behind it forever).
+#[tokio::test]
+async fn a_failing_write_leaves_the_queue_in_memory_as_the_file_has_it()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    let lease = Duration::from_secs(10);
+    let (release_tx, blocker) = hold_the_writer(&store).await?;
+    // Three writes queued behind the held one, so that the four share a group.
+    let writes = vec![
+        tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .enqueue(vec![bot_message(b"first", t0)], t0)
+                    .await
+                    .map(|_| ())
+            }
+        }),
+        tokio::spawn({
+            let store = store.clone();
+            async move { insert_meta(&store, "fails".into(), true).await }
+        }),
+        tokio::spawn({
+            let store = store.clone();
+            async move {
+                store
+                    .enqueue(vec![bot_message(b"second", t0)], t0)
+                    .await
+                    .map(|_| ())
+            }
+        }),
+    ];
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while store.writes.max_capacity() - store.writes.capacity() < 3 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the writes never queued"
+        );
+        tokio::task::yield_now().await;
+    }
+    // The held write runs again when the group does: it must not wait a second time.
+    let _ = release_tx.send(());
+    drop(release_tx);
+    blocker.await??;
+    let results = join_all(writes.into_iter()).await;
+    assert!(results[0].is_ok() && results[2].is_ok(), "{results:?}");
+    assert!(results[1].is_err(), "{results:?}");
+    assert_eq!(store.lanes.counts(SinkName::Bot), (1, 1));
+    // One at a time, both, in the file's order.
+    let mut delivered = Vec::new();
+    for at in [t0 + 1, t0 + 2] {
+        let claimed = store.claim(SinkName::Bot, 8, at, lease).await?.deliveries;
+        assert_eq!(
+            claimed.len(),
+            1,
+            "at {at}: {:?}",
+            claimed.iter().map(|d| d.id).collect::<Vec<_>>()
+        );
+        store
+            .settle(&claimed[0], Settle::Delivered { status: 200 }, at)
+            .await?;
+        delivered.push(claimed[0].id);
+    }
+    assert!(delivered[0] < delivered[1], "{delivered:?}");
+    assert_eq!(store.lanes.counts(SinkName::Bot), (0, 0));
+    let states: Vec<String> = store
+        .probe_deliveries()
+        .await?
+        .into_iter()
+        .map(|row| row.state)
+        .collect();
+    assert_eq!(states, ["delivered", "delivered"]);
+    store.close().await;
+    Ok(())
 }
