@@ -34,6 +34,10 @@ pub use schedule::{expired, schedule};
 /// delivery becomes claimable again after this (a restart of the embedded store frees it at once).
 const LEASE_MARGIN: Duration = Duration::from_secs(30);
 
+/// How long before a lease's first renewal an attempt must have given up for the renewal to be
+/// left out (see `holding_lease`): the send's own timer may fire a little late.
+const RENEWAL_SLACK: Duration = Duration::from_secs(1);
+
 /// What every sink loop shares.
 #[derive(Clone)]
 pub struct Dispatcher {
@@ -542,6 +546,13 @@ impl Dispatcher {
     ) -> T {
         let (lease, held) = (attempt.lease, attempt.held);
         let every = (lease / 3).max(Duration::from_millis(100));
+        // The send gives up at the sink's `timeout` (connect, answer and body together): when
+        // that comes before the first renewal would, the lease needs none, and the attempt no
+        // timer for it. So it is with the embedded store, whose lease is the timeout plus 30 s,
+        // for any timeout up to 13 s.
+        if every > attempt.route.delivery.timeout + RENEWAL_SLACK {
+            return send.await;
+        }
         let mut renewal = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tokio::pin!(send);
         loop {
