@@ -1127,3 +1127,121 @@ async fn a_failing_write_leaves_the_queue_in_memory_as_the_file_has_it()
     store.close().await;
     Ok(())
 }
+
+/// At open the queue in memory is rebuilt from the file: lane heads with their due times, the
+/// rows waiting behind them in order, and a lane left with rows waiting but no head (no version
+/// of this relay leaves one) gets its oldest promoted, in the file too. The indexes that held
+/// the queue in earlier versions are dropped.
+#[tokio::test]
+async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let t0: Millis = 1_000_000;
+    // Long enough that no claim of this test runs out, the last one being at the real now.
+    let lease = Duration::from_secs(100 * 365 * 24 * 3600);
+    let user = |name: &[u8], user: &str| {
+        let mut new = bot_message(name, t0);
+        new.event.user_id = Some(user.into());
+        new
+    };
+    let store = open(&dir);
+    for (name, who) in [(b"u1", "u"), (b"u2", "u"), (b"u3", "u"), (b"v1", "v")] {
+        store.enqueue(vec![user(name, who)], t0).await?;
+    }
+    for (name, who) in [(b"w1", "w"), (b"w2", "w"), (b"w3", "w")] {
+        store.enqueue(vec![user(name, who)], t0).await?;
+    }
+    // u's head fails and is due again in a minute.
+    let claimed = store.claim(SinkName::Bot, 8, t0, lease).await?.deliveries;
+    assert_eq!(claimed.len(), 3, "one head per lane");
+    let by_user = |who: &str| {
+        claimed
+            .iter()
+            .find(|d| d.event.user_id.as_deref() == Some(who))
+            .ok_or("no head")
+    };
+    store
+        .settle(
+            by_user("u")?,
+            Settle::Retry {
+                due_at: t0 + 60_000,
+                counted: true,
+                status: Some(503),
+                error: "HTTP 503".into(),
+            },
+            t0,
+        )
+        .await?;
+    for who in ["v", "w"] {
+        store.release(by_user(who)?.claim_ref(), t0).await?;
+    }
+    store.close().await;
+    drop(store);
+    // A file as an earlier version left it: its indexes, and lane w's head gone without its
+    // next being promoted.
+    {
+        let connection = Connection::open(dir.path().join("store.db"))?;
+        connection.execute_batch(
+            "CREATE INDEX deliveries_lane_head ON deliveries (sink, lane)
+                 WHERE state IN ('pending', 'in_flight');
+             CREATE INDEX deliveries_lane_waiting ON deliveries (sink, lane, id)
+                 WHERE state = 'waiting';",
+        )?;
+        connection.execute(
+            "UPDATE deliveries SET state = 'delivered' WHERE id = ?1",
+            [by_user("w")?.id],
+        )?;
+    }
+    let store = open_capped(&dir, None).await?;
+    assert_eq!(store.lanes.counts(SinkName::Bot), (3, 3));
+    let indexes: Vec<String> = Connection::open(dir.path().join("store.db"))?
+        .prepare(
+            "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries_lane%'",
+        )?
+        .query_map([], |row| row.get(0))?
+        .collect::<Result<_, _>>()?;
+    assert!(indexes.is_empty(), "{indexes:?}");
+    // Before u's retry is due: v's head. (w's promoted row is due at the open, which is now,
+    // long after these times.)
+    let first = store
+        .claim(SinkName::Bot, 8, t0 + 1, lease)
+        .await?
+        .deliveries;
+    let names: Vec<_> = first.iter().map(|d| d.event.id.clone()).collect();
+    assert_eq!(names, vec![user(b"v1", "v").event.id]);
+    store
+        .settle(&first[0], Settle::Delivered { status: 200 }, t0 + 1)
+        .await?;
+    // Then u's head, the same row as before, with its attempt counted; u's next only after it.
+    let retried = store
+        .claim(SinkName::Bot, 8, t0 + 60_000, lease)
+        .await?
+        .deliveries;
+    assert_eq!(retried.len(), 1);
+    assert_eq!(retried[0].id, by_user("u")?.id);
+    assert_eq!(retried[0].attempts, 1);
+    store
+        .settle(&retried[0], Settle::Delivered { status: 200 }, t0 + 60_000)
+        .await?;
+    let next = store
+        .claim(SinkName::Bot, 8, t0 + 60_001, lease)
+        .await?
+        .deliveries;
+    assert_eq!(
+        next.iter().map(|d| d.event.id.clone()).collect::<Vec<_>>(),
+        vec![user(b"u2", "u").event.id]
+    );
+    // w's second row, promoted at the open (in the file too).
+    let promoted = store
+        .claim(SinkName::Bot, 8, crate::clock::now_ms() + 1, lease)
+        .await?
+        .deliveries;
+    assert_eq!(
+        promoted
+            .iter()
+            .map(|d| d.event.id.clone())
+            .collect::<Vec<_>>(),
+        vec![user(b"w2", "w").event.id]
+    );
+    store.close().await;
+    Ok(())
+}
