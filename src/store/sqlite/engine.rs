@@ -83,6 +83,32 @@ pub(super) struct WriteJob<T, F> {
     pub(super) write: F,
     pub(super) result: Option<Result<T, StoreError>>,
     pub(super) reply: oneshot::Sender<Result<T, StoreError>>,
+    pub(super) then: Then,
+}
+
+/// What to do once a write's fate is known, whether or not its caller still waits: run with
+/// true once the write is durable, with false when it failed or never ran (the job dropped
+/// unanswered: the writer stopped). Runs exactly once, on the thread that answers the write
+/// (the syncer's, after the fsync) or drops it.
+#[derive(Default)]
+pub(super) struct Then(Option<Box<dyn FnOnce(bool) + Send>>);
+
+impl Then {
+    pub(super) fn new(then: impl FnOnce(bool) + Send + 'static) -> Then {
+        Then(Some(Box::new(then)))
+    }
+
+    fn run(&mut self, durable: bool) {
+        if let Some(then) = self.0.take() {
+            then(durable);
+        }
+    }
+}
+
+impl Drop for Then {
+    fn drop(&mut self) {
+        self.run(false);
+    }
 }
 
 impl<T, F> Job for WriteJob<T, F>
@@ -113,12 +139,19 @@ where
     }
 
     fn answer(self: Box<Self>, committed: Result<(), StoreError>) {
-        let result = match (committed, self.result) {
+        let WriteJob {
+            result,
+            reply,
+            mut then,
+            ..
+        } = *self;
+        let result = match (committed, result) {
             (Ok(()), Some(result)) => result,
             (Ok(()), None) => Err(StoreError::Unavailable),
             (Err(error), _) => Err(error),
         };
-        let _ = self.reply.send(result);
+        then.run(result.is_ok());
+        let _ = reply.send(result);
     }
 }
 

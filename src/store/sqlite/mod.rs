@@ -275,11 +275,41 @@ impl SqliteStore {
             write,
             result: None,
             reply,
+            then: Then::default(),
         };
         self.writes
             .send(ToWriter::Write(Box::new(job)))
             .await
             .map_err(|_| StoreError::Unavailable)?;
+        receiver.await.map_err(|_| StoreError::Unavailable)?
+    }
+
+    /// As `write`, and `then` runs once the write's fate is known (see [`Then`]), even if the
+    /// caller has gone away by then: the write is in the writer's queue before this first
+    /// yields (or, when the queue is full, handed to a task that waits for room), so a caller
+    /// dropped at any await leaves neither the write nor `then` half done.
+    async fn write_then<T, F>(&self, write: F, then: Then) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnMut(&Connection, &mut Touched) -> Result<T, StoreError> + Send + 'static,
+    {
+        let (reply, receiver) = oneshot::channel();
+        let job = ToWriter::Write(Box::new(WriteJob {
+            write,
+            result: None,
+            reply,
+            then,
+        }));
+        match self.writes.try_send(job) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(job)) => {
+                let writes = self.writes.clone();
+                // A send that fails drops the job, and with it runs `then(false)`.
+                tokio::spawn(async move { writes.send(job).await });
+            }
+            // Dropped here: `then(false)`.
+            Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Unavailable),
+        }
         receiver.await.map_err(|_| StoreError::Unavailable)?
     }
 

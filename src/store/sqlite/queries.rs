@@ -188,47 +188,42 @@ impl SqliteStore {
             );
             return Ok(());
         }
-        // The write and the end of the settle run in a task of their own: a caller that goes
-        // away (a shutdown's abort) must not leave its claim between a queued write and that
-        // write's outcome, or the write could land after the claim's lease ran out and the row
-        // was claimed again.
-        let store = self.clone();
-        tokio::spawn(async move {
-            let requeued = matches!(settle, Settle::Retry { .. });
-            let row = SettleRow {
-                id,
-                sink,
-                lane,
-                event_id: event_id.clone(),
-                lease_until,
-            };
-            let written = store.write_settle(row, settle, now).await;
-            store.leases.end_settle(id, lease_until, written.is_ok());
-            if written.is_ok() {
+        // The end of the settle runs once the write's fate is known, whether or not the caller
+        // still waits: a caller that goes away (a shutdown's abort) must not leave its claim
+        // between a queued write and that write's outcome, or the write could land after the
+        // claim's lease ran out and the row was claimed again.
+        let requeued = matches!(settle, Settle::Retry { .. });
+        let (leases, wakers, recent) = (
+            Arc::clone(&self.leases),
+            Arc::clone(&self.wakers),
+            Arc::clone(&self.recent),
+        );
+        let then = Then::new(move |durable| {
+            leases.end_settle(id, lease_until, durable);
+            if durable {
                 if requeued {
                     // A retry puts the row back in the queue, where a claim sees it only once
                     // its claim is dropped: the sink is woken after that, not at the commit.
-                    store.wakers.wake(sink);
+                    wakers.wake(sink);
                 } else {
-                    store.recent.finished(&event_id);
+                    recent.finished(&event_id);
                 }
             }
-            written
-        })
-        .await
-        .map_err(|_| StoreError::Unavailable)?
+        });
+        self.write_then(Self::settle_write(id, sink, lane, settle, now), then)
+            .await
     }
 
     /// Records a settle's outcome, in the writer's group; promotes the lane's next delivery
     /// when this one is done.
-    async fn write_settle(
-        &self,
-        row: SettleRow,
+    fn settle_write(
+        id: i64,
+        sink: SinkName,
+        lane: Option<String>,
         settle: Settle,
         now: Millis,
-    ) -> Result<(), StoreError> {
-        let SettleRow { id, sink, lane, .. } = row;
-        self.write(move |connection, touched| {
+    ) -> impl FnMut(&Connection, &mut Touched) -> Result<(), StoreError> + Send + 'static {
+        move |connection, touched| {
             let (changed, done) = match &settle {
                 Settle::Delivered { status } => (
                     execute(
@@ -321,8 +316,7 @@ impl SqliteStore {
                 _ => {}
             }
             Ok(())
-        })
-        .await
+        }
     }
 
     /// Every delivery row, oldest first (the test probe behind `Store::probe_deliveries`).
