@@ -1202,46 +1202,38 @@ async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std:
     assert!(indexes.is_empty(), "{indexes:?}");
     // Before u's retry is due: v's head. (w's promoted row is due at the open, which is now,
     // long after these times.)
-    let first = store
-        .claim(SinkName::Bot, 8, t0 + 1, lease)
-        .await?
-        .deliveries;
-    let names: Vec<_> = first.iter().map(|d| d.event.id.clone()).collect();
-    assert_eq!(names, vec![user(b"v1", "v").event.id]);
+    let first = claim_bot(&store, t0 + 1, lease).await?;
+    assert_eq!(ids_of(&first), [user(b"v1", "v").event.id]);
     store
         .settle(&first[0], Settle::Delivered { status: 200 }, t0 + 1)
         .await?;
     // Then u's head, the same row as before, with its attempt counted; u's next only after it.
-    let retried = store
-        .claim(SinkName::Bot, 8, t0 + 60_000, lease)
-        .await?
-        .deliveries;
+    let retried = claim_bot(&store, t0 + 60_000, lease).await?;
     assert_eq!(retried.len(), 1);
     assert_eq!(retried[0].id, by_user("u")?.id);
     assert_eq!(retried[0].attempts, 1);
     store
         .settle(&retried[0], Settle::Delivered { status: 200 }, t0 + 60_000)
         .await?;
-    let next = store
-        .claim(SinkName::Bot, 8, t0 + 60_001, lease)
-        .await?
-        .deliveries;
-    assert_eq!(
-        next.iter().map(|d| d.event.id.clone()).collect::<Vec<_>>(),
-        vec![user(b"u2", "u").event.id]
-    );
+    let next = claim_bot(&store, t0 + 60_001, lease).await?;
+    assert_eq!(ids_of(&next), [user(b"u2", "u").event.id]);
     // w's second row, promoted at the open (in the file too).
-    let promoted = store
-        .claim(SinkName::Bot, 8, crate::clock::now_ms() + 1, lease)
-        .await?
-        .deliveries;
-    assert_eq!(
-        promoted
-            .iter()
-            .map(|d| d.event.id.clone())
-            .collect::<Vec<_>>(),
-        vec![user(b"w2", "w").event.id]
-    );
+    let promoted = claim_bot(&store, crate::clock::now_ms() + 1, lease).await?;
+    assert_eq!(ids_of(&promoted), [user(b"w2", "w").event.id]);
     store.close().await;
     Ok(())
+}
+
+/// The bot sink's claim at `at`.
+async fn claim_bot(
+    store: &SqliteStore,
+    at: Millis,
+    lease: Duration,
+) -> Result<Vec<Claimed>, StoreError> {
+    Ok(store.claim(SinkName::Bot, 8, at, lease).await?.deliveries)
+}
+
+/// The events of `claimed`, in the order handed out.
+fn ids_of(claimed: &[Claimed]) -> Vec<crate::event::EventId> {
+    claimed.iter().map(|d| d.event.id.clone()).collect()
 }
