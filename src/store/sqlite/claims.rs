@@ -205,12 +205,18 @@ impl SqliteStore {
 }
 
 /// What a claimed row hands out. A row the queue in memory shows as due, but that the file does
-/// not show as pending, belongs to a write not committed yet: passed over (its sink is woken
-/// once that write is durable).
+/// not show as pending for this sink, belongs to a write not committed yet: passed over (its
+/// sink is woken once that write is durable). The sink is checked too: a write rolled back
+/// gives its row ids back, and the next insert, for another sink, may take the same id.
 pub(super) const CLAIM_FETCH: &str =
     "SELECT attempts, throttled, COALESCE(replayed_at, created_at), lane, crashes, updated_at,
             event_id
-     FROM deliveries WHERE id = ?1 AND state = 'pending'";
+     FROM deliveries WHERE id = ?1 AND sink = ?2 AND state = 'pending'";
+
+/// How many due rows beyond its limit a claim reads from the queue in memory, so that rows of
+/// writes not committed yet, which it passes over, do not take the places of rows it could
+/// hand out (with a limit of one, as a probe's, a single such row would leave it nothing).
+const CLAIM_SLACK: usize = 16;
 
 /// A claimed row's event, when its enqueue's copy is no longer kept in memory.
 pub(super) const CLAIM_EVENT: &str = "SELECT payload FROM events WHERE id = ?1";
@@ -237,9 +243,9 @@ pub(super) fn claim_rows(
         let view = leases.view(sink);
         // The queue's order is in memory (`lanes`). Rows held by running claims are still
         // pending there: passed over, at most as many as the sink holds.
-        let queue = store
-            .lanes
-            .due(sink, now, limit, |id| view.passes_over(id, now));
+        let queue = store.lanes.due(sink, now, limit + CLAIM_SLACK, |id| {
+            view.passes_over(id, now)
+        });
         let due = queue.ids;
         let next_due = match (view.next_lease_end(now), queue.next_due) {
             (Some(lease), Some(row)) => Some(lease.min(row)),
@@ -248,8 +254,11 @@ pub(super) fn claim_rows(
         let mut fetch = connection.prepare_cached(CLAIM_FETCH).map_err(database)?;
         let mut fetched = Vec::with_capacity(due.len());
         for id in due {
+            if fetched.len() == limit {
+                break;
+            }
             let row = fetch
-                .query_row([id], |row| {
+                .query_row(params![id, sink.as_str()], |row| {
                     Ok(ClaimedRow {
                         id,
                         attempts: row.get(0)?,

@@ -97,8 +97,11 @@ impl Queue {
         self.tidy(lane);
     }
 
+    /// Moves a pending row to `due_at`; its due time before, or `None` (and nothing changed)
+    /// when it is not pending.
     fn reschedule(&mut self, id: i64, due_at: Millis) -> Option<Millis> {
-        let before = self.due_at.insert(id, due_at)?;
+        let before = *self.due_at.get(&id)?;
+        self.due_at.insert(id, due_at);
         self.due.remove(&(before, id));
         self.due.insert((due_at, id));
         Some(before)
@@ -166,31 +169,41 @@ impl Lanes {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The queue as the file holds it: every open row (`id, sink, lane, state, due_at`), in
-    /// any order. A lane's head is its pending row; should a lane have more than one (a file
-    /// no version of this relay wrote), the oldest is the head and the others wait. A lane
-    /// with rows waiting but no head has its oldest made the head, due at `now`: those rows are
-    /// returned, for the file to say so too.
+    /// The queue as the file holds it: every open row (`id, sink, lane, pending, due_at`), in
+    /// any order. A lane's head is its pending row. What no version of this relay leaves in a
+    /// file is set right, and returned (`id`, pending) for the file to say so too: a lane with
+    /// more than one pending row keeps the oldest as its head and the others wait; a lane with
+    /// rows waiting but no head, or a waiting row without a lane, has its oldest made pending,
+    /// due at `now`.
     pub(super) fn load(
         &self,
         rows: impl IntoIterator<Item = (i64, SinkName, Option<String>, bool, Millis)>,
         now: Millis,
-    ) -> Vec<(SinkName, i64)> {
+    ) -> Vec<(i64, bool)> {
         let mut rows: Vec<_> = rows.into_iter().collect();
         rows.sort_by_key(|row| row.0);
+        let mut corrected = Vec::new();
         for (id, sink, lane, pending, due_at) in rows {
             let mut queue = self.queue(sink);
             match lane.as_deref() {
-                None => queue.head(None, id, due_at),
+                None if pending => queue.head(None, id, due_at),
+                None => {
+                    queue.head(None, id, now);
+                    corrected.push((id, true));
+                }
                 Some(lane)
                     if pending && queue.lanes.get(lane).is_none_or(|kept| kept.head.is_none()) =>
                 {
                     queue.head(Some(lane), id, due_at);
                 }
-                Some(lane) => queue.wait(lane, id),
+                Some(lane) => {
+                    queue.wait(lane, id);
+                    if pending {
+                        corrected.push((id, false));
+                    }
+                }
             }
         }
-        let mut promoted = Vec::new();
         for sink in SinkName::ALL {
             let mut queue = self.queue(sink);
             let headless: Vec<(String, i64)> = queue
@@ -202,11 +215,11 @@ impl Lanes {
             for (lane, next) in headless {
                 queue.unwait(&lane, next);
                 queue.head(Some(&lane), next, now);
-                promoted.push((sink, next));
+                corrected.push((next, true));
             }
         }
-        promoted.sort_unstable();
-        promoted
+        corrected.sort_unstable();
+        corrected
     }
 
     /// The rows of `sink` due at `now`, in queue order, at most `limit`, leaving out those
@@ -449,10 +462,10 @@ mod tests {
     }
 
     #[test]
-    fn loading_keeps_one_head_per_lane_and_names_headless_lanes() {
+    fn loading_keeps_one_head_per_lane_and_sets_right_what_it_finds_wrong() {
         let lanes = Lanes::new();
         let sink = SinkName::Bot;
-        let promoted = lanes.load(
+        let corrected = lanes.load(
             [
                 (3, sink, Some("u".to_owned()), true, 5),
                 (1, sink, Some("u".to_owned()), true, 7),
@@ -460,12 +473,14 @@ mod tests {
                 (9, sink, Some("w".to_owned()), false, 0),
                 (8, sink, Some("w".to_owned()), false, 0),
                 (4, SinkName::Kochava, None, true, 1),
+                (5, SinkName::Kochava, None, false, 0),
             ],
             50,
         );
-        assert_eq!(promoted, vec![(sink, 8)]);
+        // 3 waits behind 1, 8 heads lane w, 5 (no lane) is pending.
+        assert_eq!(corrected, vec![(3, false), (5, true), (8, true)]);
         assert_eq!(order(&lanes, sink, 100), vec![1, 8]);
         assert_eq!(lanes.counts(sink), (2, 3));
-        assert_eq!(order(&lanes, SinkName::Kochava, 100), vec![4]);
+        assert_eq!(order(&lanes, SinkName::Kochava, 100), vec![4, 5]);
     }
 }

@@ -424,15 +424,21 @@ fn load_lanes(connection: &Connection, now: crate::clock::Millis) -> Result<Lane
             .collect::<Result<Vec<_>, _>>()
             .map_err(database)?
     };
-    let promoted = lanes.load(
+    let corrected = lanes.load(
         rows.into_iter()
             .filter_map(|(id, sink, lane, pending, due)| {
                 Some((id, SinkName::parse(&sink)?, lane, pending, due))
             }),
         now,
     );
-    for (_, id) in promoted {
-        queries::promote(connection, id, now)?;
+    for (id, pending) in corrected {
+        if pending {
+            queries::promote(connection, id, now)?;
+        } else {
+            connection
+                .execute(queries::DEMOTE, [id])
+                .map_err(database)?;
+        }
     }
     Ok(lanes)
 }

@@ -586,6 +586,11 @@ pub(super) fn promote(connection: &Connection, next: i64, now: Millis) -> Result
     Ok(())
 }
 
+/// A second pending row of a lane (found at open in a file no version of this relay wrote)
+/// waits behind the lane's head.
+pub(super) const DEMOTE: &str =
+    "UPDATE deliveries SET state = 'waiting' WHERE id = ?1 AND state = 'pending'";
+
 /// The statement behind [`promote`].
 pub(super) const PROMOTE: &str =
     "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2

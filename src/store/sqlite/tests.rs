@@ -1237,3 +1237,44 @@ async fn claim_bot(
 fn ids_of(claimed: &[Claimed]) -> Vec<crate::event::EventId> {
     claimed.iter().map(|d| d.event.id.clone()).collect()
 }
+
+/// A claim hands out only rows the file holds as pending for its own sink, even when the queue
+/// in memory names a row id the file holds for another sink (a rolled-back write gives its ids
+/// back, and the next insert may take one for another sink) or no row at all (a write not
+/// committed yet); and the rows it passes over do not take the places of rows it can hand out,
+/// even with a limit of one.
+#[tokio::test]
+async fn a_claim_passes_over_rows_the_file_does_not_hold_for_its_sink()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let t0: Millis = 1_000_000;
+    let lease = Duration::from_secs(60);
+    let mut for_kochava = bot_message(b"kochava's", t0);
+    for_kochava.sinks = vec![SinkName::Kochava];
+    for_kochava.event.user_id = None;
+    store.enqueue(vec![for_kochava], t0).await?;
+    let kochava_row = store.probe_deliveries().await?[0].id;
+    // The queue in memory names, first in the bot's order, kochava's row and a row that is
+    // not in the file.
+    let mut changes = Changes::new(store.lanes.clone());
+    changes.add(SinkName::Bot, None, kochava_row, true, 0);
+    changes.add(SinkName::Bot, None, 999_999, true, 0);
+    changes.keep();
+    store
+        .enqueue(vec![bot_message(b"the bot's", t0)], t0)
+        .await?;
+    let bot_row = store.probe_deliveries().await?[1].id;
+    let claimed = store.claim(SinkName::Bot, 1, t0, lease).await?.deliveries;
+    assert_eq!(claimed.iter().map(|d| d.id).collect::<Vec<_>>(), [bot_row]);
+    let claimed = store
+        .claim(SinkName::Kochava, 8, t0, lease)
+        .await?
+        .deliveries;
+    assert_eq!(
+        claimed.iter().map(|d| d.id).collect::<Vec<_>>(),
+        [kochava_row]
+    );
+    store.close().await;
+    Ok(())
+}
