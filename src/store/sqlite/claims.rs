@@ -247,10 +247,10 @@ pub(super) fn claim_rows(
             view.passes_over(id, now)
         });
         let due = queue.ids;
-        let next_due = match (view.next_lease_end(now), queue.next_due) {
-            (Some(lease), Some(row)) => Some(lease.min(row)),
-            (lease, row) => lease.or(row),
-        };
+        let next_due = [view.next_lease_end(now), queue.next_due]
+            .into_iter()
+            .flatten()
+            .min();
         let mut fetch = connection.prepare_cached(CLAIM_FETCH).map_err(database)?;
         let mut fetched = Vec::with_capacity(due.len());
         for id in due {

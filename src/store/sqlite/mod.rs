@@ -118,9 +118,10 @@ impl SqliteStore {
         // process that is gone: the attempts the journal names whose rows are still as those
         // claims found them were cut off, and count (see `leases`).
         let (leases, journaled) = Leases::open(path)?;
-        count_cut_off(&mut writer, &journaled, crate::clock::now_ms())?;
+        let opened_at = crate::clock::now_ms();
+        count_cut_off(&mut writer, &journaled, opened_at)?;
         leases.start()?;
-        let lanes = Arc::new(load_lanes(&writer, crate::clock::now_ms())?);
+        let lanes = Arc::new(load_lanes(&writer, opened_at)?);
         // The cap applies from here: the start-up writes above (the schema, a migration, the
         // leases of the last run) must not keep a full store from starting and draining.
         if let Some(max_bytes) = max_bytes {
@@ -270,18 +271,12 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Connection, &mut Touched) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, receiver) = oneshot::channel();
-        let job = WriteJob {
-            write,
-            result: None,
-            reply,
-            then: Then::default(),
-        };
+        let (job, answer) = queued(write, Then::default());
         self.writes
-            .send(ToWriter::Write(Box::new(job)))
+            .send(job)
             .await
             .map_err(|_| StoreError::Unavailable)?;
-        receiver.await.map_err(|_| StoreError::Unavailable)?
+        answer.await.map_err(|_| StoreError::Unavailable)?
     }
 
     /// As `write`, and `then` runs once the write's fate is known (see [`Then`]), even if the
@@ -293,13 +288,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&Connection, &mut Touched) -> Result<T, StoreError> + Send + 'static,
     {
-        let (reply, receiver) = oneshot::channel();
-        let job = ToWriter::Write(Box::new(WriteJob {
-            write,
-            result: None,
-            reply,
-            then,
-        }));
+        let (job, answer) = queued(write, then);
         match self.writes.try_send(job) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(job)) => {
@@ -310,7 +299,7 @@ impl SqliteStore {
             // Dropped here: `then(false)`.
             Err(mpsc::error::TrySendError::Closed(_)) => return Err(StoreError::Unavailable),
         }
-        receiver.await.map_err(|_| StoreError::Unavailable)?
+        answer.await.map_err(|_| StoreError::Unavailable)?
     }
 
     /// Commits what the writer has open, stops the store's threads and releases the file lock;
@@ -401,6 +390,25 @@ fn count_cut_off(
     connection
         .execute_batch("PRAGMA synchronous = NORMAL")
         .map_err(database)
+}
+
+/// Where a write's answer comes.
+type Answer<T> = oneshot::Receiver<Result<T, StoreError>>;
+
+/// `write` as the writer's queue takes it, and where its answer will come.
+fn queued<T, F>(write: F, then: Then) -> (ToWriter, Answer<T>)
+where
+    T: Send + 'static,
+    F: FnMut(&Connection, &mut Touched) -> Result<T, StoreError> + Send + 'static,
+{
+    let (reply, answer) = oneshot::channel();
+    let job = WriteJob {
+        write,
+        result: None,
+        reply,
+        then,
+    };
+    (ToWriter::Write(Box::new(job)), answer)
 }
 
 /// The queue as the file holds it (every row pending or waiting), in memory. A lane with rows
