@@ -204,18 +204,19 @@ impl SqliteStore {
     }
 }
 
-/// What a claimed row hands out. A row the queue in memory shows as due, but that the file does
-/// not show as pending for this sink, belongs to a write not committed yet: passed over (its
-/// sink is woken once that write is durable). The sink is checked too: a write rolled back
-/// gives its row ids back, and the next insert, for another sink, may take the same id.
+/// What a claimed row hands out. The queue in memory names only rows of committed writes (it
+/// passes over fresh ones, see `lanes`); the file is asked for the row as pending for this
+/// sink all the same, and a row it does not hold so is passed over, so that no slip between
+/// memory and the file can hand out a row of another sink or one that is done (a write rolled
+/// back gives its row ids back, and the next insert, for another sink, may take the same id).
 pub(super) const CLAIM_FETCH: &str =
     "SELECT attempts, throttled, COALESCE(replayed_at, created_at), lane, crashes, updated_at,
             event_id
      FROM deliveries WHERE id = ?1 AND sink = ?2 AND state = 'pending'";
 
-/// How many due rows beyond its limit a claim reads from the queue in memory, so that rows of
-/// writes not committed yet, which it passes over, do not take the places of rows it could
-/// hand out (with a limit of one, as a probe's, a single such row would leave it nothing).
+/// How many due rows beyond its limit a claim reads from the queue in memory, so that rows the
+/// file check passes over do not take the places of rows it could hand out (with a limit of
+/// one, as a probe's, a single such row would leave it nothing).
 const CLAIM_SLACK: usize = 16;
 
 /// A claimed row's event, when its enqueue's copy is no longer kept in memory.

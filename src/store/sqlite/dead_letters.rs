@@ -3,7 +3,7 @@
 //! the writer, and every webhook's answer behind it, for long.
 
 use super::engine::*;
-use super::queries::{FINISHED_D, promote};
+use super::queries::FINISHED_D;
 use super::*;
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
@@ -119,11 +119,11 @@ pub(super) fn replay_chunk(
     now: Millis,
 ) -> Result<usize, StoreError> {
     // A lane-less letter has no order to keep and goes at once; a lane's letter waits, and the
-    // lane's oldest goes if the lane is free.
+    // lane's oldest goes if the lane is free (the queue in memory says which: in the file,
+    // every open row is pending).
     let mut requeue = connection
         .prepare_cached(
-            "UPDATE deliveries SET attempts = 0, throttled = 0, crashes = 0,
-             state = CASE WHEN lane IS NULL THEN 'pending' ELSE 'waiting' END,
+            "UPDATE deliveries SET attempts = 0, throttled = 0, crashes = 0, state = 'pending',
              replayed_at = ?2, updated_at = ?2, due_at = ?2
              WHERE id = ?1 AND state = 'dead' RETURNING lane",
         )
@@ -138,10 +138,8 @@ pub(super) fn replay_chunk(
         touched
             .lanes
             .add(*sink, lane.as_deref(), *id, lane.is_none(), now);
-        if let Some(lane) = &lane
-            && let Some(next) = touched.lanes.promote(*sink, lane, now)
-        {
-            promote(connection, next, now)?;
+        if let Some(lane) = &lane {
+            touched.lanes.promote(*sink, lane, now);
         }
         touched.insert(*sink);
         requeued += 1;

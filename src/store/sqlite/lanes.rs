@@ -1,20 +1,22 @@
 //! The embedded store's queue in memory: per sink, which deliveries are due and when, and per
 //! user (a lane) which delivery is the head and which wait behind it. One relay owns the file,
-//! so nothing but this process changes the queue, and the file need not index it: claims read
-//! it here instead of through three indexes that every enqueue and settle rewrote at random
-//! places (a lane's head, its waiting rows, the due order). The rows' `state` and `due_at` in
-//! the file stay exact; they are what the queue is rebuilt from at open
-//! ([`Lanes::load`]).
+//! so nothing but this process changes the queue, and the file need not hold it: every open
+//! row is `pending` in the file, and which of a lane's rows goes next, and when, is known here
+//! only. Claims read the queue here instead of through indexes that every enqueue and settle
+//! rewrote at random places, and a lane's next row needs no write of its own when its head is
+//! done. At open the queue is rebuilt from the open rows ([`Lanes::load`]): a lane's oldest
+//! open row is its head, due when the file says.
 //!
 //! The writer changes the queue from inside its writes, as SQLite changes the file, and each
 //! change is logged ([`Step`]) so that a write SQLite undoes (a savepoint rolled back, a group
-//! rolled back and run again) has its changes undone here too ([`Changes::undo_to`]). A claim can
-//! therefore see a row of a group not yet committed: it reads the row's `state` from the file
-//! before handing it out, and passes over a row the file does not show as pending yet.
+//! rolled back and run again) has its changes undone here too ([`Changes::undo_to`]). A row a
+//! write made due is "fresh" until the write's group commits ([`Changes::keep`]): claims pass
+//! over it, so nothing goes out on the strength of a write that could still be undone (a lane's
+//! next row before its head's settle commits, a new row before its event does).
 
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// One sink's queue.
@@ -27,6 +29,8 @@ struct Queue {
     due_at: HashMap<i64, Millis>,
     /// The lanes with a head or a row waiting.
     lanes: HashMap<String, Lane>,
+    /// Pending rows whose write is not committed yet: claims pass over them.
+    fresh: HashSet<i64>,
 }
 
 #[derive(Default)]
@@ -72,6 +76,7 @@ impl Queue {
     /// Takes `id` out of the pending rows; its due time, if it was pending.
     fn unhead(&mut self, lane: Option<&str>, id: i64) -> Option<Millis> {
         let due_at = self.due_at.remove(&id)?;
+        self.fresh.remove(&id);
         self.due.remove(&(due_at, id));
         if let Some(lane) = lane {
             if let Some(kept) = self.lanes.get_mut(lane)
@@ -169,57 +174,29 @@ impl Lanes {
             .unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// The queue as the file holds it: every open row (`id, sink, lane, pending, due_at`), in
-    /// any order. A lane's head is its pending row. What no version of this relay leaves in a
-    /// file is set right, and returned (`id`, pending) for the file to say so too: a lane with
-    /// more than one pending row keeps the oldest as its head and the others wait; a lane with
-    /// rows waiting but no head, or a waiting row without a lane, has its oldest made pending,
-    /// due at `now`.
+    /// The queue as the file holds it: every open row (`id, sink, lane, due_at`), in any order.
+    /// A lane's oldest row is its head, due at its `due_at`; the others wait behind it. A row
+    /// without a lane is due at its `due_at`.
     pub(super) fn load(
         &self,
-        rows: impl IntoIterator<Item = (i64, SinkName, Option<String>, bool, Millis)>,
-        now: Millis,
-    ) -> Vec<(i64, bool)> {
+        rows: impl IntoIterator<Item = (i64, SinkName, Option<String>, Millis)>,
+    ) {
         let mut rows: Vec<_> = rows.into_iter().collect();
         rows.sort_by_key(|row| row.0);
-        let mut corrected = Vec::new();
-        for (id, sink, lane, pending, due_at) in rows {
+        for (id, sink, lane, due_at) in rows {
             let mut queue = self.queue(sink);
             match lane.as_deref() {
-                None if pending => queue.head(None, id, due_at),
-                None => {
-                    queue.head(None, id, now);
-                    corrected.push((id, true));
-                }
                 Some(lane)
-                    if pending && queue.lanes.get(lane).is_none_or(|kept| kept.head.is_none()) =>
+                    if queue
+                        .lanes
+                        .get(lane)
+                        .is_some_and(|kept| kept.head.is_some()) =>
                 {
-                    queue.head(Some(lane), id, due_at);
-                }
-                Some(lane) => {
                     queue.wait(lane, id);
-                    if pending {
-                        corrected.push((id, false));
-                    }
                 }
+                lane => queue.head(lane, id, due_at),
             }
         }
-        for sink in SinkName::ALL {
-            let mut queue = self.queue(sink);
-            let headless: Vec<(String, i64)> = queue
-                .lanes
-                .iter()
-                .filter(|(_, lane)| lane.head.is_none())
-                .filter_map(|(name, lane)| Some((name.clone(), *lane.waiting.first()?)))
-                .collect();
-            for (lane, next) in headless {
-                queue.unwait(&lane, next);
-                queue.head(Some(&lane), next, now);
-                corrected.push((next, true));
-            }
-        }
-        corrected.sort_unstable();
-        corrected
     }
 
     /// The rows of `sink` due at `now`, in queue order, at most `limit`, leaving out those
@@ -237,7 +214,7 @@ impl Lanes {
             next_due: None,
         };
         for &(due_at, id) in &queue.due {
-            if passes_over(id) {
+            if queue.fresh.contains(&id) || passes_over(id) {
                 continue;
             }
             if due_at > now || due.ids.len() >= limit {
@@ -255,6 +232,15 @@ impl Lanes {
         let queue = self.queue(sink);
         let waiting = queue.lanes.values().map(|lane| lane.waiting.len()).sum();
         (queue.due.len(), waiting)
+    }
+
+    /// Whether the open row `id` waits behind its lane's head (for the test probe: the file
+    /// holds every open row as `pending`).
+    pub(super) fn is_waiting(&self, sink: SinkName, lane: &str, id: i64) -> bool {
+        self.queue(sink)
+            .lanes
+            .get(lane)
+            .is_some_and(|kept| kept.waiting.contains(&id))
     }
 
     fn apply_inverse(&self, step: Step) {
@@ -306,9 +292,13 @@ impl Changes {
         }
     }
 
-    /// The group committed: its changes stay.
+    /// The group committed: its changes stay, and the rows it made due are no longer fresh.
     pub(super) fn keep(&mut self) {
-        self.log.clear();
+        for step in self.log.drain(..) {
+            if let Step::Headed { sink, id, .. } = step {
+                self.lanes.queue(sink).fresh.remove(&id);
+            }
+        }
     }
 
     /// Whether the lane has a head (a delivery pending or in flight) for `sink`.
@@ -341,6 +331,7 @@ impl Changes {
             }
             _ => {
                 queue.head(lane, id, due_at);
+                queue.fresh.insert(id);
                 self.log.push(Step::Headed {
                     sink,
                     lane: lane.map(str::to_owned),
@@ -372,8 +363,8 @@ impl Changes {
         self.promote(sink, lane?, now)
     }
 
-    /// When the lane has no head, its oldest waiting row becomes it, due at `now`; returns
-    /// that row.
+    /// When the lane has no head, its oldest waiting row becomes it, due at `now` (in memory
+    /// only: the file holds it as pending already); returns that row.
     pub(super) fn promote(&mut self, sink: SinkName, lane: &str, now: Millis) -> Option<i64> {
         let mut queue = self.lanes.queue(sink);
         let kept = queue.lanes.get(lane)?;
@@ -383,6 +374,7 @@ impl Changes {
         let next = *kept.waiting.first()?;
         queue.unwait(lane, next);
         queue.head(Some(lane), next, now);
+        queue.fresh.insert(next);
         self.log.push(Step::Unwaited {
             sink,
             lane: lane.to_owned(),
@@ -423,8 +415,10 @@ mod tests {
         }
         changes.add(sink, None, 4, true, 10);
         changes.add(sink, Some("v"), 5, true, 10);
+        changes.keep();
         assert_eq!(order(&lanes, sink, 10), vec![1, 4, 5]);
         assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
+        changes.keep();
         assert_eq!(order(&lanes, sink, 20), vec![4, 5, 2]);
         changes.reschedule(sink, 2, 50);
         assert_eq!(order(&lanes, sink, 20), vec![4, 5]);
@@ -438,6 +432,36 @@ mod tests {
             "an empty lane is dropped"
         );
         assert_eq!(lanes.counts(SinkName::Kochava), (0, 0));
+    }
+
+    #[test]
+    fn a_row_made_due_goes_out_only_once_its_write_commits() {
+        let lanes = Arc::new(Lanes::new());
+        let mut changes = Changes::new(lanes.clone());
+        let sink = SinkName::Bot;
+        changes.add(sink, Some("u"), 1, true, 10);
+        changes.add(sink, Some("u"), 2, false, 10);
+        changes.add(sink, None, 3, true, 10);
+        assert_eq!(
+            order(&lanes, sink, 10),
+            Vec::<i64>::new(),
+            "nothing is committed yet"
+        );
+        assert_eq!(lanes.due(sink, 10, 100, |_| false).next_due, None);
+        changes.keep();
+        assert_eq!(order(&lanes, sink, 10), vec![1, 3]);
+        // The head's settle makes the next row due, but not before the settle commits.
+        assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
+        assert_eq!(order(&lanes, sink, 20), vec![3]);
+        changes.undo_to(0);
+        assert_eq!(
+            order(&lanes, sink, 20),
+            vec![1, 3],
+            "a settle undone leaves its head"
+        );
+        assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
+        changes.keep();
+        assert_eq!(order(&lanes, sink, 20), vec![3, 2]);
     }
 
     #[test]
@@ -458,29 +482,28 @@ mod tests {
         assert_eq!(lanes.counts(sink), (1, 1));
         // And forward again: the same changes give the same queue.
         assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
+        changes.keep();
         assert_eq!(order(&lanes, sink, 100), vec![2]);
     }
 
     #[test]
-    fn loading_keeps_one_head_per_lane_and_sets_right_what_it_finds_wrong() {
+    fn loading_makes_each_lanes_oldest_row_its_head() {
         let lanes = Lanes::new();
         let sink = SinkName::Bot;
-        let corrected = lanes.load(
-            [
-                (3, sink, Some("u".to_owned()), true, 5),
-                (1, sink, Some("u".to_owned()), true, 7),
-                (2, sink, Some("u".to_owned()), false, 0),
-                (9, sink, Some("w".to_owned()), false, 0),
-                (8, sink, Some("w".to_owned()), false, 0),
-                (4, SinkName::Kochava, None, true, 1),
-                (5, SinkName::Kochava, None, false, 0),
-            ],
-            50,
-        );
-        // 3 waits behind 1, 8 heads lane w, 5 (no lane) is pending.
-        assert_eq!(corrected, vec![(3, false), (5, true), (8, true)]);
-        assert_eq!(order(&lanes, sink, 100), vec![1, 8]);
+        lanes.load([
+            (3, sink, Some("u".to_owned()), 5),
+            (1, sink, Some("u".to_owned()), 7),
+            (2, sink, Some("u".to_owned()), 0),
+            (9, sink, Some("w".to_owned()), 0),
+            (8, sink, Some("w".to_owned()), 3),
+            (4, SinkName::Kochava, None, 1),
+            (5, SinkName::Kochava, None, 0),
+        ]);
+        // 2 and 3 wait behind 1 (due at 7), 9 behind 8 (due at 3).
+        assert_eq!(order(&lanes, sink, 100), vec![8, 1]);
+        assert_eq!(order(&lanes, sink, 5), vec![8]);
         assert_eq!(lanes.counts(sink), (2, 3));
-        assert_eq!(order(&lanes, SinkName::Kochava, 100), vec![4, 5]);
+        assert!(lanes.is_waiting(sink, "u", 2) && !lanes.is_waiting(sink, "u", 1));
+        assert_eq!(order(&lanes, SinkName::Kochava, 100), vec![5, 4]);
     }
 }

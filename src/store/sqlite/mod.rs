@@ -17,12 +17,13 @@
 //! file, so nothing unsettled needs a claim on disk to be due again after a restart); the
 //! settle is an attempt's one durable write.
 //!
-//! Lanes: a delivery row carries `lane` = the user. Only the oldest open row of a (sink, lane) is
-//! `pending` (the lane's head; `in_flight` is found only in files of an older version, and is
-//! turned back at open); the rows behind it are `waiting` until it is delivered, dead or
-//! skipped. So one user's deliveries to one sink keep their order, and a failing user blocks
-//! nobody else. The file's states are exact, but who is due and who is next is read from the
-//! queue in memory (`lanes`), which the writer keeps in step with what SQLite commits.
+//! Lanes: a delivery row carries `lane` = the user. Only the oldest open row of a (sink, lane)
+//! goes out (the lane's head); the rows behind it wait until it is delivered, dead or skipped.
+//! So one user's deliveries to one sink keep their order, and a failing user blocks nobody
+//! else. Who is due, and who is next, is kept in memory only (`lanes`), in step with what
+//! SQLite commits: the file holds every open row as `pending` (`waiting` and `in_flight` are
+//! found only in files of older versions, and are turned back at open), so a lane's next row
+//! takes no write of its own.
 //!
 //! Split by job: `schema` (tables, indexes, migrations), `engine` (the writer, syncer and
 //! checkpointer threads: group commit and durability), `queries` (each store operation's SQL),
@@ -121,7 +122,7 @@ impl SqliteStore {
         let opened_at = crate::clock::now_ms();
         count_cut_off(&mut writer, &journaled, opened_at)?;
         leases.start()?;
-        let lanes = Arc::new(load_lanes(&writer, opened_at)?);
+        let lanes = Arc::new(load_lanes(&writer)?);
         // The cap applies from here: the start-up writes above (the schema, a migration, the
         // leases of the last run) must not keep a full store from starting and draining.
         if let Some(max_bytes) = max_bytes {
@@ -411,10 +412,11 @@ where
     (ToWriter::Write(Box::new(job)), answer)
 }
 
-/// The queue as the file holds it (every row pending or waiting), in memory. A lane with rows
-/// waiting but none pending (which no version of this relay leaves behind) has its oldest
-/// promoted, in the file too.
-fn load_lanes(connection: &Connection, now: crate::clock::Millis) -> Result<Lanes, StoreError> {
+/// The queue as the file holds it, in memory. An older version's file holds the rows behind a
+/// lane's head as `waiting`: they become `pending`, as this version writes every open row (which
+/// row of a lane goes next is the queue's to say, in memory).
+fn load_lanes(connection: &Connection) -> Result<Lanes, StoreError> {
+    connection.execute(queries::UNWAIT, []).map_err(database)?;
     let lanes = Lanes::new();
     let rows = {
         let mut select = connection.prepare(queries::LOAD_QUEUE).map_err(database)?;
@@ -424,30 +426,17 @@ fn load_lanes(connection: &Connection, now: crate::clock::Millis) -> Result<Lane
                     row.get::<_, i64>(0)?,
                     row.get::<_, String>(1)?,
                     row.get::<_, Option<String>>(2)?,
-                    row.get::<_, String>(3)? == "pending",
-                    row.get::<_, crate::clock::Millis>(4)?,
+                    row.get::<_, crate::clock::Millis>(3)?,
                 ))
             })
             .map_err(database)?
             .collect::<Result<Vec<_>, _>>()
             .map_err(database)?
     };
-    let corrected = lanes.load(
+    lanes.load(
         rows.into_iter()
-            .filter_map(|(id, sink, lane, pending, due)| {
-                Some((id, SinkName::parse(&sink)?, lane, pending, due))
-            }),
-        now,
+            .filter_map(|(id, sink, lane, due)| Some((id, SinkName::parse(&sink)?, lane, due))),
     );
-    for (id, pending) in corrected {
-        if pending {
-            queries::promote(connection, id, now)?;
-        } else {
-            connection
-                .execute(queries::DEMOTE, [id])
-                .map_err(database)?;
-        }
-    }
     Ok(lanes)
 }
 

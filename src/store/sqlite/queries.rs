@@ -127,9 +127,8 @@ impl SqliteStore {
                     // one at a time, in the order of receipt.
                     let pending =
                         lane.is_none_or(|lane| !touched.lanes.has_head(sink, lane));
-                    let state = if pending { "pending" } else { "waiting" };
                     insert_delivery
-                        .execute(params![event.id.as_str(), sink.as_str(), lane, state, now])
+                        .execute(params![event.id.as_str(), sink.as_str(), lane, now])
                         .map_err(database)?;
                     let id = connection.last_insert_rowid();
                     touched.lanes.add(sink, lane, id, pending, now);
@@ -214,8 +213,8 @@ impl SqliteStore {
             .await
     }
 
-    /// Records a settle's outcome, in the writer's group; promotes the lane's next delivery
-    /// when this one is done.
+    /// Records a settle's outcome, in the writer's group; the lane's next delivery is due
+    /// once this one is done (in memory).
     fn settle_write(
         id: i64,
         sink: SinkName,
@@ -303,17 +302,18 @@ impl SqliteStore {
                     "delivery {id} is not open, although a claim holds it"
                 )));
             }
-            match &settle {
+            if let Settle::Retry { due_at, .. } = &settle {
                 // A retry wakes its sink once its claim is dropped (`settle_row`).
-                Settle::Retry { due_at, .. } => touched.lanes.reschedule(sink, id, *due_at),
-                // The lane's next delivery is due now.
-                _ if done => {
-                    if let Some(next) = touched.lanes.finish(sink, lane.as_deref(), id, now) {
-                        promote(connection, next, now)?;
-                        touched.insert(sink);
-                    }
-                }
-                _ => {}
+                touched.lanes.reschedule(sink, id, *due_at);
+            } else if done
+                && touched
+                    .lanes
+                    .finish(sink, lane.as_deref(), id, now)
+                    .is_some()
+            {
+                // The lane's next delivery is due now (in memory: the file holds it as
+                // pending already).
+                touched.insert(sink);
             }
             Ok(())
         }
@@ -321,7 +321,7 @@ impl SqliteStore {
 
     /// Every delivery row, oldest first (the test probe behind `Store::probe_deliveries`).
     pub(crate) async fn probe_deliveries(&self) -> Result<Vec<DeliveryProbe>, StoreError> {
-        let leases = self.leases.clone();
+        let (leases, lanes) = (self.leases.clone(), self.lanes.clone());
         self.read(move |connection| {
             let mut select = connection
                 .prepare(
@@ -333,17 +333,25 @@ impl SqliteStore {
             select
                 .query_map([], |row| {
                     let id = row.get(0)?;
+                    let sink: String = row.get(2)?;
+                    let user: Option<String> = row.get(3)?;
+                    // The file holds every open row as pending; which wait is kept in memory.
+                    let waiting = || {
+                        SinkName::parse(&sink)
+                            .zip(user.as_deref())
+                            .is_some_and(|(sink, lane)| lanes.is_waiting(sink, lane, id))
+                    };
+                    let state = match row.get::<_, String>(4)? {
+                        state if state == "pending" && leases.holds(id) => "in_flight".to_owned(),
+                        state if state == "pending" && waiting() => "waiting".to_owned(),
+                        state => state,
+                    };
                     Ok(DeliveryProbe {
                         id,
                         event_id: row.get(1)?,
-                        sink: row.get(2)?,
-                        user: row.get(3)?,
-                        state: match row.get::<_, String>(4)? {
-                            state if state == "pending" && leases.holds(id) => {
-                                "in_flight".to_owned()
-                            }
-                            state => state,
-                        },
+                        sink,
+                        user,
+                        state,
                         attempts: row.get(5)?,
                         throttled: row.get(6)?,
                         last_status: row.get(7)?,
@@ -559,39 +567,17 @@ impl SqliteStore {
         .await
     }
 }
-/// A new delivery, `?4` = pending (its lane's head, or a delivery without a lane) or waiting
-/// (behind its lane's head), as the queue in memory decides (`lanes`).
+/// A new delivery. Every open row is `pending` in the file; whether it is its lane's head or
+/// waits behind it is the queue's to say, in memory (`lanes`).
 pub(super) const INSERT_DELIVERY: &str =
     "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
-     VALUES (?1, ?2, ?3, ?4, ?5, ?5, ?5)";
+     VALUES (?1, ?2, ?3, 'pending', ?4, ?4, ?4)";
 
 /// Every open row, for the queue in memory at open.
-pub(super) const LOAD_QUEUE: &str = "SELECT id, sink, lane, state, due_at FROM deliveries
+pub(super) const LOAD_QUEUE: &str = "SELECT id, sink, lane, due_at FROM deliveries
      WHERE (state = 'pending' OR state = 'waiting' OR state = 'in_flight')";
 
-/// Makes `next`, the row the queue in memory made its lane's head, pending in the file, due
-/// at `now`. The file must agree that it was waiting (or, in a file no version of this relay
-/// wrote, pending beside another head).
-pub(super) fn promote(connection: &Connection, next: i64, now: Millis) -> Result<(), StoreError> {
-    let promoted = connection
-        .prepare_cached(PROMOTE)
-        .map_err(database)?
-        .execute(params![next, now])
-        .map_err(database)?;
-    if promoted == 0 {
-        return Err(StoreError::Database(format!(
-            "delivery {next} is next in its lane, but it is not open"
-        )));
-    }
-    Ok(())
-}
-
-/// A second pending row of a lane (found at open in a file no version of this relay wrote)
-/// waits behind the lane's head.
-pub(super) const DEMOTE: &str =
-    "UPDATE deliveries SET state = 'waiting' WHERE id = ?1 AND state = 'pending'";
-
-/// The statement behind [`promote`].
-pub(super) const PROMOTE: &str =
-    "UPDATE deliveries SET state = 'pending', due_at = ?2, updated_at = ?2
-    WHERE id = ?1 AND (state = 'waiting' OR state = 'pending')";
+/// At open: the rows an older version left `waiting` behind their lane's head become
+/// `pending`, as this version writes them.
+pub(super) const UNWAIT: &str = "UPDATE deliveries SET state = 'pending'
+     WHERE (state = 'pending' OR state = 'waiting' OR state = 'in_flight') AND state = 'waiting'";

@@ -138,7 +138,6 @@ async fn writes_to_deliveries_build_no_temporary_btree() -> Result<(), Box<dyn s
         INSERT_DELIVERY,
         "UPDATE deliveries SET state = ?2, attempts = attempts + 1, updated_at = ?3
          WHERE id = ?1 AND state = 'pending'",
-        super::queries::PROMOTE,
     ] {
         let opcodes = explain(&connection, &format!("EXPLAIN {sql}"), 1)?;
         assert!(
@@ -247,23 +246,26 @@ async fn a_replay_larger_than_one_chunk_requeues_every_letter_in_lane_order()
         outcome.left_dead,
         std::collections::BTreeMap::from([("gone".to_owned(), 3)])
     );
-    let reader = Connection::open(dir.path().join("store.db"))?;
-    let mut states = reader.prepare(
-        "SELECT sink, COALESCE(lane, '-'), state, MIN(id), COUNT(*), SUM(attempts)
-         FROM deliveries GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
-    )?;
-    let states: Vec<(String, String, String, i64, i64, i64)> = states
-        .query_map([], |row| {
-            Ok((
-                row.get(0)?,
-                row.get(1)?,
-                row.get(2)?,
-                row.get(3)?,
-                row.get(4)?,
-                row.get(5)?,
-            ))
-        })?
-        .collect::<Result<_, _>>()?;
+    // Per (sink, lane, state): the first id, how many, their attempts.
+    let mut groups: std::collections::BTreeMap<(String, String, String), (i64, i64, i64)> =
+        std::collections::BTreeMap::new();
+    for delivery in store.probe_deliveries().await? {
+        let key = (
+            delivery.sink,
+            delivery.user.unwrap_or_else(|| "-".to_owned()),
+            delivery.state,
+        );
+        let group = groups.entry(key).or_insert((delivery.id, 0, 0));
+        group.0 = group.0.min(delivery.id);
+        group.1 += 1;
+        group.2 += i64::from(delivery.attempts);
+    }
+    let states: Vec<(String, String, String, i64, i64, i64)> = groups
+        .into_iter()
+        .map(|((sink, lane, state), (first, count, attempts))| {
+            (sink, lane, state, first, count, attempts)
+        })
+        .collect();
     let row = |sink: &str, lane: &str, state: &str, first: i64, count: i64, attempts: i64| {
         (
             sink.into(),
@@ -1128,10 +1130,11 @@ async fn a_failing_write_leaves_the_queue_in_memory_as_the_file_has_it()
     Ok(())
 }
 
-/// At open the queue in memory is rebuilt from the file: lane heads with their due times, the
-/// rows waiting behind them in order, and a lane left with rows waiting but no head (no version
-/// of this relay leaves one) gets its oldest promoted, in the file too. The indexes that held
-/// the queue in earlier versions are dropped.
+/// At open the queue in memory is rebuilt from the file: each lane's oldest open row is its head,
+/// due when the file says (a retry keeps its time), and the lane's other rows wait behind it in
+/// order. An older version's file, which holds those rows as `waiting` and has the indexes that
+/// held the queue then, is brought up to this version's: every open row `pending`, the indexes
+/// dropped.
 #[tokio::test]
 async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
@@ -1176,8 +1179,8 @@ async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std:
     }
     store.close().await;
     drop(store);
-    // A file as an earlier version left it: its indexes, and lane w's head gone without its
-    // next being promoted.
+    // The file as an earlier version would have left it, had w's head been delivered last: its
+    // indexes, and the rows behind each lane's head `waiting`.
     {
         let connection = Connection::open(dir.path().join("store.db"))?;
         connection.execute_batch(
@@ -1190,23 +1193,60 @@ async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std:
             "UPDATE deliveries SET state = 'delivered' WHERE id = ?1",
             [by_user("w")?.id],
         )?;
+        connection.execute(
+            "UPDATE deliveries SET state = 'waiting'
+             WHERE state = 'pending' AND id NOT IN (?1, ?2)",
+            [by_user("u")?.id, by_user("v")?.id],
+        )?;
     }
     let store = open_capped(&dir, None).await?;
     assert_eq!(store.lanes.counts(SinkName::Bot), (3, 3));
-    let indexes: Vec<String> = Connection::open(dir.path().join("store.db"))?
+    let file = Connection::open(dir.path().join("store.db"))?;
+    let indexes: Vec<String> = file
         .prepare(
             "SELECT name FROM sqlite_master WHERE type = 'index' AND name LIKE 'deliveries_lane%'",
         )?
         .query_map([], |row| row.get(0))?
         .collect::<Result<_, _>>()?;
     assert!(indexes.is_empty(), "{indexes:?}");
-    // Before u's retry is due: v's head. (w's promoted row is due at the open, which is now,
-    // long after these times.)
+    let waiting: i64 = file.query_row(
+        "SELECT COUNT(*) FROM deliveries WHERE state = 'waiting'",
+        [],
+        |row| row.get(0),
+    )?;
+    assert_eq!(waiting, 0, "every open row is pending in the file");
+    let states: Vec<(String, String)> = store
+        .probe_deliveries()
+        .await?
+        .into_iter()
+        .map(|row| (row.user.unwrap_or_default(), row.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("u", "pending"),
+            ("u", "waiting"),
+            ("u", "waiting"),
+            ("v", "pending"),
+            ("w", "delivered"),
+            ("w", "pending"),
+            ("w", "waiting"),
+        ]
+        .map(|(user, state)| (user.to_owned(), state.to_owned()))
+    );
+    // Before u's retry is due: v's head, and w's oldest open row (due since its receipt).
     let first = claim_bot(&store, t0 + 1, lease).await?;
-    assert_eq!(ids_of(&first), [user(b"v1", "v").event.id]);
-    store
-        .settle(&first[0], Settle::Delivered { status: 200 }, t0 + 1)
-        .await?;
+    assert_eq!(
+        ids_of(&first),
+        [user(b"v1", "v").event.id, user(b"w2", "w").event.id]
+    );
+    for claimed in &first {
+        store
+            .settle(claimed, Settle::Delivered { status: 200 }, t0 + 1)
+            .await?;
+    }
+    let next = claim_bot(&store, t0 + 2, lease).await?;
+    assert_eq!(ids_of(&next), [user(b"w3", "w").event.id]);
     // Then u's head, the same row as before, with its attempt counted; u's next only after it.
     let retried = claim_bot(&store, t0 + 60_000, lease).await?;
     assert_eq!(retried.len(), 1);
@@ -1217,9 +1257,6 @@ async fn reopening_rebuilds_the_queue_from_the_file() -> Result<(), Box<dyn std:
         .await?;
     let next = claim_bot(&store, t0 + 60_001, lease).await?;
     assert_eq!(ids_of(&next), [user(b"u2", "u").event.id]);
-    // w's second row, promoted at the open (in the file too).
-    let promoted = claim_bot(&store, crate::clock::now_ms() + 1, lease).await?;
-    assert_eq!(ids_of(&promoted), [user(b"w2", "w").event.id]);
     store.close().await;
     Ok(())
 }
