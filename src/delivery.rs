@@ -85,9 +85,16 @@ pub struct Sent {
 
 /// The headers by which a vendor says that the API version called is going away: Graph's
 /// Marketing API `X-Ad-Api-Version-Warning`, and the standard `Deprecation` (RFC 9745) and
-/// `Sunset` (RFC 8594).
-pub const VERSION_WARNING_HEADERS: [&str; 3] =
-    ["x-ad-api-version-warning", "deprecation", "sunset"];
+/// `Sunset` (RFC 8594); each with its name as the warning line shows it. Looked up by
+/// `HeaderName`, which a lookup by `&str` parses again on every answer.
+static VERSION_WARNING_HEADERS: [(HeaderName, &str); 3] = [
+    (
+        HeaderName::from_static("x-ad-api-version-warning"),
+        "X-Ad-Api-Version-Warning",
+    ),
+    (HeaderName::from_static("deprecation"), "Deprecation"),
+    (HeaderName::from_static("sunset"), "Sunset"),
+];
 
 /// Longest version warning kept (a vendor's header is a sentence, not a body).
 const NOTICE_MAX_CHARS: usize = 300;
@@ -95,25 +102,26 @@ const NOTICE_MAX_CHARS: usize = 300;
 /// The answer's version warning headers as one line (`Deprecation: …; Sunset: …`), or `None`
 /// when it carries none.
 pub fn version_warning(headers: &HeaderMap) -> Option<String> {
-    let parts: Vec<String> = VERSION_WARNING_HEADERS
-        .iter()
-        .filter_map(|name| {
-            let value = headers.get(*name)?;
-            let value = String::from_utf8_lossy(value.as_bytes());
-            let value: String = value
-                .chars()
-                .filter(|c| !c.is_control())
-                .take(NOTICE_MAX_CHARS)
-                .collect();
-            let display = match *name {
-                "x-ad-api-version-warning" => "X-Ad-Api-Version-Warning",
-                "deprecation" => "Deprecation",
-                _ => "Sunset",
-            };
-            Some(format!("{display}: {}", value.trim()))
-        })
-        .collect();
-    (!parts.is_empty()).then(|| parts.join("; "))
+    let mut line: Option<String> = None;
+    for (name, display) in &VERSION_WARNING_HEADERS {
+        let Some(value) = headers.get(name) else {
+            continue;
+        };
+        let value = String::from_utf8_lossy(value.as_bytes());
+        let value: String = value
+            .chars()
+            .filter(|c| !c.is_control())
+            .take(NOTICE_MAX_CHARS)
+            .collect();
+        let line = line.get_or_insert_with(String::new);
+        if !line.is_empty() {
+            line.push_str("; ");
+        }
+        line.push_str(display);
+        line.push_str(": ");
+        line.push_str(value.trim());
+    }
+    line
 }
 
 /// A response as a sink's classifier sees it.

@@ -258,6 +258,23 @@ pub(super) fn claim_rows(
             if fetched.len() == limit {
                 break;
             }
+            // A row as its enqueue wrote it, never claimed since: nothing to read.
+            if let Some(Memo { event, created_at }) = store.lanes.take_memo(sink, id) {
+                fetched.push(ClaimedRow {
+                    id,
+                    attempts: 0,
+                    throttled: 0,
+                    ttl_from: created_at,
+                    lane: event.user_id.clone(),
+                    crashes: 0,
+                    updated_at: created_at,
+                    event_id: event.id.as_str().to_owned(),
+                    event: Some(event),
+                    payload: None,
+                    lease_ran_out: false,
+                });
+                continue;
+            }
             let row = fetch
                 .query_row(params![id, sink.as_str()], |row| {
                     Ok(ClaimedRow {

@@ -137,7 +137,7 @@ pub(super) fn replay_chunk(
         let Some(lane) = lane else { continue };
         touched
             .lanes
-            .add(*sink, lane.as_deref(), *id, lane.is_none(), now);
+            .add(*sink, lane.as_deref(), *id, lane.is_none(), now, None);
         if let Some(lane) = &lane {
             touched.lanes.promote(*sink, lane, now);
         }

@@ -15,6 +15,7 @@
 //! next row before its head's settle commits, a new row before its event does).
 
 use crate::clock::Millis;
+use crate::event::Event;
 use crate::sink_name::SinkName;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -31,6 +32,19 @@ struct Queue {
     lanes: HashMap<String, Lane>,
     /// Pending rows whose write is not committed yet: claims pass over them.
     fresh: HashSet<i64>,
+    /// Open rows as their enqueue wrote them, never claimed since (see [`Memo`]).
+    memos: HashMap<i64, Memo>,
+}
+
+/// What a row's first claim would read from the file, known from its enqueue: its event (as
+/// the enqueue kept it in memory), and its receipt time. Nothing else is read for such a row: no
+/// attempt, no crash, no throttle yet, its lane is its event's user, its ttl counts from its
+/// receipt. A memo is taken by the row's first claim; any later claim reads the file. A memo
+/// left out or dropped (an undone write, a row the file already held at open, a replay) costs
+/// only that read.
+pub(super) struct Memo {
+    pub(super) event: Arc<Event>,
+    pub(super) created_at: Millis,
 }
 
 #[derive(Default)]
@@ -77,6 +91,7 @@ impl Queue {
     fn unhead(&mut self, lane: Option<&str>, id: i64) -> Option<Millis> {
         let due_at = self.due_at.remove(&id)?;
         self.fresh.remove(&id);
+        self.memos.remove(&id);
         self.due.remove(&(due_at, id));
         if let Some(lane) = lane {
             if let Some(kept) = self.lanes.get_mut(lane)
@@ -234,6 +249,17 @@ impl Lanes {
         (queue.due.len(), waiting)
     }
 
+    /// The memo of the row `id`, taken: its first claim reads nothing from the file.
+    pub(super) fn take_memo(&self, sink: SinkName, id: i64) -> Option<Memo> {
+        self.queue(sink).memos.remove(&id)
+    }
+
+    /// Whether the row `id` has a memo (for tests).
+    #[cfg(test)]
+    pub(super) fn has_memo(&self, sink: SinkName, id: i64) -> bool {
+        self.queue(sink).memos.contains_key(&id)
+    }
+
     /// Whether the open row `id` waits behind its lane's head (for the test probe: the file
     /// holds every open row as `pending`).
     pub(super) fn is_waiting(&self, sink: SinkName, lane: &str, id: i64) -> bool {
@@ -254,7 +280,11 @@ impl Lanes {
                 id,
                 due_at,
             } => self.queue(sink).head(lane.as_deref(), id, due_at),
-            Step::Waited { sink, lane, id } => self.queue(sink).unwait(&lane, id),
+            Step::Waited { sink, lane, id } => {
+                let mut queue = self.queue(sink);
+                queue.unwait(&lane, id);
+                queue.memos.remove(&id);
+            }
             Step::Unwaited { sink, lane, id } => self.queue(sink).wait(&lane, id),
             Step::Rescheduled { sink, id, from } => {
                 self.queue(sink).reschedule(id, from);
@@ -310,7 +340,8 @@ impl Changes {
             .is_some_and(|kept| kept.head.is_some())
     }
 
-    /// A new or requeued row: pending at `due_at` (`pending`), or waiting in its lane.
+    /// A new or requeued row: pending at `due_at` (`pending`), or waiting in its lane; with
+    /// its memo when its claim need not read the file.
     pub(super) fn add(
         &mut self,
         sink: SinkName,
@@ -318,8 +349,13 @@ impl Changes {
         id: i64,
         pending: bool,
         due_at: Millis,
+        memo: Option<Memo>,
     ) {
         let mut queue = self.lanes.queue(sink);
+        match memo {
+            Some(memo) => queue.memos.insert(id, memo),
+            None => queue.memos.remove(&id),
+        };
         match lane {
             Some(lane) if !pending => {
                 queue.wait(lane, id);
@@ -411,10 +447,10 @@ mod tests {
         let sink = SinkName::Bot;
         for id in 1..=3 {
             let pending = !changes.has_head(sink, "u");
-            changes.add(sink, Some("u"), id, pending, 10);
+            changes.add(sink, Some("u"), id, pending, 10, None);
         }
-        changes.add(sink, None, 4, true, 10);
-        changes.add(sink, Some("v"), 5, true, 10);
+        changes.add(sink, None, 4, true, 10, None);
+        changes.add(sink, Some("v"), 5, true, 10, None);
         changes.keep();
         assert_eq!(order(&lanes, sink, 10), vec![1, 4, 5]);
         assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
@@ -439,9 +475,9 @@ mod tests {
         let lanes = Arc::new(Lanes::new());
         let mut changes = Changes::new(lanes.clone());
         let sink = SinkName::Bot;
-        changes.add(sink, Some("u"), 1, true, 10);
-        changes.add(sink, Some("u"), 2, false, 10);
-        changes.add(sink, None, 3, true, 10);
+        changes.add(sink, Some("u"), 1, true, 10, None);
+        changes.add(sink, Some("u"), 2, false, 10, None);
+        changes.add(sink, None, 3, true, 10, None);
         assert_eq!(
             order(&lanes, sink, 10),
             Vec::<i64>::new(),
@@ -469,14 +505,14 @@ mod tests {
         let lanes = Arc::new(Lanes::new());
         let mut changes = Changes::new(lanes.clone());
         let sink = SinkName::Dashbot;
-        changes.add(sink, Some("u"), 1, true, 10);
-        changes.add(sink, Some("u"), 2, false, 10);
+        changes.add(sink, Some("u"), 1, true, 10, None);
+        changes.add(sink, Some("u"), 2, false, 10, None);
         changes.keep();
         let mark = changes.mark();
         assert_eq!(changes.finish(sink, Some("u"), 1, 20), Some(2));
         changes.reschedule(sink, 2, 90);
-        changes.add(sink, Some("u"), 3, false, 20);
-        changes.add(sink, None, 4, true, 20);
+        changes.add(sink, Some("u"), 3, false, 20, None);
+        changes.add(sink, None, 4, true, 20, None);
         changes.undo_to(mark);
         assert_eq!(order(&lanes, sink, 100), vec![1]);
         assert_eq!(lanes.counts(sink), (1, 1));

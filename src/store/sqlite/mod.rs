@@ -46,7 +46,7 @@ use crate::sink_name::SinkName;
 use crate::store::{StoreError, Wakers};
 use engine::*;
 use files::*;
-use lanes::{Changes, Lanes};
+use lanes::{Changes, Lanes, Memo};
 use leases::{Journaled, Leases};
 use rusqlite::config::DbConfig;
 use rusqlite::{Connection, ErrorCode};

@@ -122,20 +122,26 @@ impl SqliteStore {
                 }
                 report.stored += 1;
                 let lane = event.user_id.as_deref();
+                // A row of an event kept in memory needs no read of the file on its first
+                // claim (`lanes::Memo`).
+                let kept = recent.keep(event, sinks.len(), payload.len());
                 for &sink in sinks {
-                    // Only the head of a lane is pending: a user's deliveries to a sink go
-                    // one at a time, in the order of receipt.
+                    // Only the head of a lane goes out: a user's deliveries to a sink go one at
+                    // a time, in the order of receipt.
                     let pending =
                         lane.is_none_or(|lane| !touched.lanes.has_head(sink, lane));
                     insert_delivery
                         .execute(params![event.id.as_str(), sink.as_str(), lane, now])
                         .map_err(database)?;
                     let id = connection.last_insert_rowid();
-                    touched.lanes.add(sink, lane, id, pending, now);
+                    let memo = kept.then(|| Memo {
+                        event: Arc::clone(event),
+                        created_at: now,
+                    });
+                    touched.lanes.add(sink, lane, id, pending, now, memo);
                     report.deliveries += 1;
                     touched.insert(sink);
                 }
-                recent.keep(event, sinks.len(), payload.len());
             }
             Ok(report)
         })

@@ -45,16 +45,16 @@ impl Recent {
     }
 
     /// Keeps `event`, stored as `bytes` of JSON with `deliveries` deliveries, in place of any
-    /// event kept under its id; unless that would pass the capacity.
-    pub(super) fn keep(&self, event: &Arc<Event>, deliveries: usize, bytes: usize) {
+    /// event kept under its id; unless that would pass the capacity. Whether it is kept.
+    pub(super) fn keep(&self, event: &Arc<Event>, deliveries: usize, bytes: usize) -> bool {
         if deliveries == 0 {
-            return;
+            return false;
         }
         let mut inner = self.lock();
         let id = event.id.as_str();
         let replaced = inner.events.get(id).map_or(0, |kept| kept.bytes);
         if inner.bytes - replaced + bytes > self.capacity {
-            return;
+            return false;
         }
         inner.bytes = inner.bytes - replaced + bytes;
         let kept = Kept {
@@ -63,6 +63,7 @@ impl Recent {
             bytes,
         };
         inner.events.insert(id.into(), kept);
+        true
     }
 
     /// The event kept under `id`.

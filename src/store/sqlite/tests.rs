@@ -184,6 +184,8 @@ async fn claims_take_the_event_their_enqueue_kept() -> Result<(), Box<dyn std::e
     let kept = store.recent.get(enqueued.id.as_str()).ok_or("not kept")?;
     store.recent.forget(&kept);
     assert_eq!(store.recent.held(), (0, 0));
+    let row = store.probe_deliveries().await?.last().ok_or("no row")?.id;
+    assert!(store.lanes.take_memo(SinkName::Kochava, row).is_some());
     let claimed = store
         .claim(SinkName::Kochava, 10, 4_000, lease)
         .await?
@@ -205,6 +207,46 @@ async fn claims_take_the_event_their_enqueue_kept() -> Result<(), Box<dyn std::e
         .await;
     assert!(refused.is_err(), "{refused:?}");
     assert_eq!(store.recent.held(), (0, 0));
+    store.close().await;
+    Ok(())
+}
+
+/// A row's first claim reads nothing from the file: it hands out, from what its enqueue kept
+/// in memory, what a claim that reads the file hands out for the same row.
+#[tokio::test]
+async fn a_first_claim_hands_out_from_memory_what_the_file_holds()
+-> Result<(), Box<dyn std::error::Error>> {
+    let dir = tempfile::tempdir()?;
+    let store = open(&dir);
+    let lease = Duration::from_secs(60);
+    let mut new = bot_message(b"remembered", 1_000);
+    new.event.user_id = Some("someone".into());
+    store.enqueue(vec![new], 1_500).await?;
+    let row = store.probe_deliveries().await?[0].id;
+    assert!(store.lanes.has_memo(SinkName::Bot, row));
+    let first = claim_bot(&store, 2_000, lease).await?;
+    assert!(
+        !store.lanes.has_memo(SinkName::Bot, row),
+        "the claim took it"
+    );
+    // Given back uncounted, and claimed again: now from the file.
+    store.release(first[0].claim_ref(), 2_000).await?;
+    let again = claim_bot(&store, 2_000, lease).await?;
+    let fields = |claimed: &Claimed| {
+        (
+            claimed.id,
+            claimed.attempts,
+            claimed.throttled,
+            claimed.ttl_from,
+            claimed.lease_until,
+            claimed.event.user_id.clone(),
+            serde_json::to_value(&*claimed.event).ok(),
+        )
+    };
+    assert_eq!(first.len(), 1);
+    assert_eq!(again.len(), 1);
+    assert_eq!(fields(&first[0]), fields(&again[0]));
+    assert_eq!(first[0].ttl_from, 1_500, "the ttl counts from the receipt");
     store.close().await;
     Ok(())
 }
@@ -1295,8 +1337,8 @@ async fn a_claim_passes_over_rows_the_file_does_not_hold_for_its_sink()
     // The queue in memory names, first in the bot's order, kochava's row and a row that is
     // not in the file.
     let mut changes = Changes::new(store.lanes.clone());
-    changes.add(SinkName::Bot, None, kochava_row, true, 0);
-    changes.add(SinkName::Bot, None, 999_999, true, 0);
+    changes.add(SinkName::Bot, None, kochava_row, true, 0, None);
+    changes.add(SinkName::Bot, None, 999_999, true, 0, None);
     changes.keep();
     store
         .enqueue(vec![bot_message(b"the bot's", t0)], t0)
