@@ -34,8 +34,10 @@ pub enum NormalizeError {
     NotJson(#[source] serde_json::Error),
 }
 
-/// A JSON object whose values are kept raw, so that nested parts can be stored verbatim.
-type RawObject = BTreeMap<String, Box<RawValue>>;
+/// A JSON object whose values are kept raw, borrowed from the body, so that nested parts can be
+/// stored verbatim (each item is copied once, into its event) and are scanned again only when
+/// read.
+type RawObject<'a> = BTreeMap<String, &'a RawValue>;
 
 /// Timestamps below this are taken as seconds (10^10 ms is April 1970; 10^10 s is year 2286).
 const SECONDS_LIMIT: i64 = 10_000_000_000;
@@ -58,16 +60,16 @@ const ECHO_ONLY_KEYS: [&str; 4] = ["is_echo", "app_id", "mid", "seq"];
 /// in [`Normalized::ignored`]. Items of `messaging[]` come before those of `standby[]` within an
 /// entry; an echo yields its `echo` event followed by its `outgoing` event.
 pub fn normalize(body: &VerifiedBody, received_at_ms: i64) -> Result<Normalized, NormalizeError> {
-    // Validate the whole body (syntax, UTF-8, trailing bytes) without building a tree.
-    let whole: &RawValue =
-        serde_json::from_slice(body.as_bytes()).map_err(NormalizeError::NotJson)?;
     let mut normalized = Normalized {
         object: None,
         is_batch: false,
         events: Vec::new(),
         ignored: 0,
     };
-    let Ok(top) = serde_json::from_str::<RawObject>(whole.get()) else {
+    // A body that is an object is read once (syntax, UTF-8 and trailing bytes checked on the
+    // way); any other body is checked to be JSON at all, without building a tree.
+    let Ok(top) = serde_json::from_slice::<RawObject>(body.as_bytes()) else {
+        serde_json::from_slice::<&RawValue>(body.as_bytes()).map_err(NormalizeError::NotJson)?;
         return Ok(normalized);
     };
     normalized.object = top
@@ -79,7 +81,7 @@ pub fn normalize(body: &VerifiedBody, received_at_ms: i64) -> Result<Normalized,
         });
     let Some(entries) = top
         .get("entry")
-        .and_then(|raw| serde_json::from_str::<Vec<Box<RawValue>>>(raw.get()).ok())
+        .and_then(|raw| serde_json::from_str::<Vec<&RawValue>>(raw.get()).ok())
     else {
         return Ok(normalized);
     };
@@ -89,7 +91,7 @@ pub fn normalize(body: &VerifiedBody, received_at_ms: i64) -> Result<Normalized,
         .clone()
         .unwrap_or_else(|| "page".to_owned());
     for entry in entries {
-        normalize_entry(&object, &entry, received_at_ms, &mut normalized);
+        normalize_entry(&object, entry, received_at_ms, &mut normalized);
     }
     Ok(normalized)
 }
@@ -108,11 +110,9 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
         out.ignored += 1;
         return;
     };
-    let entry_id = fields
-        .remove("id")
-        .unwrap_or_else(|| RawValue::NULL.to_owned());
+    let entry_id = fields.remove("id").unwrap_or(RawValue::NULL).to_owned();
     let entry_id_value = parse_value(&entry_id);
-    let entry_time = fields.remove("time");
+    let entry_time = fields.remove("time").map(RawValue::to_owned);
     let time_ms = entry_time
         .as_deref()
         .map(parse_value)
@@ -135,7 +135,7 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
             continue;
         };
         produced_anything = true;
-        let Ok(items) = serde_json::from_str::<Vec<Box<RawValue>>>(raw_items.get()) else {
+        let Ok(items) = serde_json::from_str::<Vec<&RawValue>>(raw_items.get()) else {
             out.ignored += 1;
             continue;
         };
@@ -145,6 +145,7 @@ fn normalize_entry(object: &str, entry: &RawValue, received_at_ms: i64, out: &mu
             // U+FFFD in place of each unpaired half.
             match from_str_lenient::<Value>(raw_item.get()) {
                 Ok(Value::Object(item)) => {
+                    let raw_item = raw_item.to_owned();
                     normalize_item(&context, channel, raw_item, &item, received_at_ms, out);
                 }
                 _ => out.ignored += 1,

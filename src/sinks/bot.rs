@@ -88,17 +88,32 @@ impl Bot {
 pub(crate) fn single_item_body(origin: &WebhookOrigin) -> Result<String, EncodeError> {
     let object = serde_json::to_string(&origin.object)
         .map_err(|error| EncodeError::Invalid(error.to_string()))?;
+    let (id, item, channel) = (
+        origin.entry_id.get(),
+        origin.item.get(),
+        origin.channel.as_str(),
+    );
     let time = origin
         .entry_time
-        .as_ref()
-        .map(|time| format!(",\"time\":{}", time.get()))
-        .unwrap_or_default();
-    Ok(format!(
-        "{{\"object\":{object},\"entry\":[{{\"id\":{id}{time},\"{channel}\":[{item}]}}]}}",
-        id = origin.entry_id.get(),
-        channel = origin.channel.as_str(),
-        item = origin.item.get(),
-    ))
+        .as_deref()
+        .map(serde_json::value::RawValue::get);
+    // Built in one buffer: this runs for every delivery to the bot and to Dashbot.
+    let mut body =
+        String::with_capacity(64 + object.len() + id.len() + time.map_or(0, str::len) + item.len());
+    body.push_str("{\"object\":");
+    body.push_str(&object);
+    body.push_str(",\"entry\":[{\"id\":");
+    body.push_str(id);
+    if let Some(time) = time {
+        body.push_str(",\"time\":");
+        body.push_str(time);
+    }
+    body.push_str(",\"");
+    body.push_str(channel);
+    body.push_str("\":[");
+    body.push_str(item);
+    body.push_str("]}]}");
+    Ok(body)
 }
 
 #[cfg(test)]
