@@ -204,11 +204,13 @@ impl SqliteStore {
     }
 }
 
-/// What a claimed row hands out. The queue in memory names only rows of committed writes (it
-/// passes over fresh ones, see `lanes`); the file is asked for the row as pending for this
-/// sink all the same, and a row it does not hold so is passed over, so that no slip between
-/// memory and the file can hand out a row of another sink or one that is done (a write rolled
-/// back gives its row ids back, and the next insert, for another sink, may take the same id).
+/// What a claimed row hands out, for a row without a memo (a row with one, never claimed since
+/// its enqueue, is handed out from memory; see `lanes::Memo`). The queue in memory names only
+/// rows of committed writes (it passes over fresh ones, see `lanes`); the file is asked for
+/// the row as pending for this sink all the same, and a row it does not hold so is passed
+/// over, so that no slip between memory and the file can hand out a row of another sink or one
+/// that is done (a write rolled back gives its row ids back, and the next insert, for another
+/// sink, may take the same id; the rollback takes the row's memo with it).
 pub(super) const CLAIM_FETCH: &str =
     "SELECT attempts, throttled, COALESCE(replayed_at, created_at), lane, crashes, updated_at,
             event_id

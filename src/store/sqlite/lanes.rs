@@ -17,7 +17,7 @@
 use crate::clock::Millis;
 use crate::event::Event;
 use crate::sink_name::SinkName;
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// One sink's queue.
@@ -42,6 +42,13 @@ struct Queue {
 /// receipt. A memo is taken by the row's first claim; any later claim reads the file. A memo
 /// left out or dropped (an undone write, a row the file already held at open, a replay) costs
 /// only that read.
+///
+/// So a memo holds only while nothing writes the row before its first claim: every write to an
+/// open row today comes from a claim (a settle, the count of an attempt cut off) or finds the
+/// row done (a replay takes dead rows; the purge, finished ones). A write that changes an open
+/// row some other way must drop the row's memo ([`Lanes::take_memo`]), or its first claim would
+/// hand out attempts and times the file no longer holds (and the claim journal would not match
+/// the row after a crash).
 pub(super) struct Memo {
     pub(super) event: Arc<Event>,
     pub(super) created_at: Millis,
@@ -51,7 +58,7 @@ pub(super) struct Memo {
 struct Lane {
     head: Option<i64>,
     /// Oldest first: the next head is the first.
-    waiting: BTreeSet<i64>,
+    waiting: BTreeMap<i64, Millis>,
 }
 
 impl Queue {
@@ -104,17 +111,22 @@ impl Queue {
         Some(due_at)
     }
 
-    fn wait(&mut self, lane: &str, id: i64) {
+    /// The row waits behind its lane's head, and goes no earlier than `not_before` once it is
+    /// the head (a retry's time, for a row that was a head before a restart).
+    fn wait(&mut self, lane: &str, id: i64, not_before: Millis) {
         self.edit_lane(lane, |kept| {
-            kept.waiting.insert(id);
+            kept.waiting.insert(id, not_before);
         });
     }
 
-    fn unwait(&mut self, lane: &str, id: i64) {
-        if let Some(kept) = self.lanes.get_mut(lane) {
-            kept.waiting.remove(&id);
-        }
+    /// Takes the row out of its lane's waiting rows; the time it may go no earlier than.
+    fn unwait(&mut self, lane: &str, id: i64) -> Option<Millis> {
+        let not_before = self
+            .lanes
+            .get_mut(lane)
+            .and_then(|kept| kept.waiting.remove(&id));
         self.tidy(lane);
+        not_before
     }
 
     /// Moves a pending row to `due_at`; its due time before, or `None` (and nothing changed)
@@ -154,11 +166,12 @@ pub(super) enum Step {
         lane: String,
         id: i64,
     },
-    /// The row left its lane's waiting rows.
+    /// The row left its lane's waiting rows, where it went no earlier than `not_before`.
     Unwaited {
         sink: SinkName,
         lane: String,
         id: i64,
+        not_before: Millis,
     },
     /// The pending row's due time changed from `from`.
     Rescheduled {
@@ -190,8 +203,10 @@ impl Lanes {
     }
 
     /// The queue as the file holds it: every open row (`id, sink, lane, due_at`), in any order.
-    /// A lane's oldest row is its head, due at its `due_at`; the others wait behind it. A row
-    /// without a lane is due at its `due_at`.
+    /// A lane's oldest row is its head, due at its `due_at`; the others wait behind it, each to
+    /// go no earlier than its own `due_at` (a retry's time, for a row that was its lane's head
+    /// before a replay put an older row in front of it). A row without a lane is due at its
+    /// `due_at`.
     pub(super) fn load(
         &self,
         rows: impl IntoIterator<Item = (i64, SinkName, Option<String>, Millis)>,
@@ -207,7 +222,7 @@ impl Lanes {
                         .get(lane)
                         .is_some_and(|kept| kept.head.is_some()) =>
                 {
-                    queue.wait(lane, id);
+                    queue.wait(lane, id, due_at);
                 }
                 lane => queue.head(lane, id, due_at),
             }
@@ -266,7 +281,7 @@ impl Lanes {
         self.queue(sink)
             .lanes
             .get(lane)
-            .is_some_and(|kept| kept.waiting.contains(&id))
+            .is_some_and(|kept| kept.waiting.contains_key(&id))
     }
 
     fn apply_inverse(&self, step: Step) {
@@ -285,7 +300,12 @@ impl Lanes {
                 queue.unwait(&lane, id);
                 queue.memos.remove(&id);
             }
-            Step::Unwaited { sink, lane, id } => self.queue(sink).wait(&lane, id),
+            Step::Unwaited {
+                sink,
+                lane,
+                id,
+                not_before,
+            } => self.queue(sink).wait(&lane, id, not_before),
             Step::Rescheduled { sink, id, from } => {
                 self.queue(sink).reschedule(id, from);
             }
@@ -358,7 +378,7 @@ impl Changes {
         };
         match lane {
             Some(lane) if !pending => {
-                queue.wait(lane, id);
+                queue.wait(lane, id, due_at);
                 self.log.push(Step::Waited {
                     sink,
                     lane: lane.to_owned(),
@@ -399,22 +419,24 @@ impl Changes {
         self.promote(sink, lane?, now)
     }
 
-    /// When the lane has no head, its oldest waiting row becomes it, due at `now` (in memory
-    /// only: the file holds it as pending already); returns that row.
+    /// When the lane has no head, its oldest waiting row becomes it, due at `now` or at the
+    /// time it may go no earlier than, whichever is later (in memory only: the file holds it as
+    /// pending already); returns that row.
     pub(super) fn promote(&mut self, sink: SinkName, lane: &str, now: Millis) -> Option<i64> {
         let mut queue = self.lanes.queue(sink);
         let kept = queue.lanes.get(lane)?;
         if kept.head.is_some() {
             return None;
         }
-        let next = *kept.waiting.first()?;
-        queue.unwait(lane, next);
-        queue.head(Some(lane), next, now);
+        let next = *kept.waiting.keys().next()?;
+        let not_before = queue.unwait(lane, next).unwrap_or(now);
+        queue.head(Some(lane), next, now.max(not_before));
         queue.fresh.insert(next);
         self.log.push(Step::Unwaited {
             sink,
             lane: lane.to_owned(),
             id: next,
+            not_before,
         });
         self.log.push(Step::Headed {
             sink,
@@ -541,5 +563,27 @@ mod tests {
         assert_eq!(lanes.counts(sink), (2, 3));
         assert!(lanes.is_waiting(sink, "u", 2) && !lanes.is_waiting(sink, "u", 1));
         assert_eq!(order(&lanes, SinkName::Kochava, 100), vec![5, 4]);
+    }
+
+    #[test]
+    fn a_row_loaded_behind_an_older_one_keeps_its_retry_time() {
+        let lanes = Arc::new(Lanes::new());
+        let sink = SinkName::Bot;
+        // 20 was the lane's head, to be retried at 1,000; 10, older, was replayed behind it.
+        lanes.load([
+            (20, sink, Some("u".to_owned()), 1_000),
+            (10, sink, Some("u".to_owned()), 5),
+        ]);
+        assert_eq!(order(&lanes, sink, 100), vec![10]);
+        let mut changes = Changes::new(lanes.clone());
+        // A promotion undone leaves 20 waiting with its time, and done again keeps it.
+        assert_eq!(changes.finish(sink, Some("u"), 10, 100), Some(20));
+        changes.undo_to(0);
+        assert_eq!(order(&lanes, sink, 100), vec![10]);
+        assert_eq!(changes.finish(sink, Some("u"), 10, 100), Some(20));
+        changes.keep();
+        assert_eq!(order(&lanes, sink, 100), Vec::<i64>::new());
+        assert_eq!(lanes.due(sink, 100, 10, |_| false).next_due, Some(1_000));
+        assert_eq!(order(&lanes, sink, 1_000), vec![20]);
     }
 }

@@ -12,8 +12,9 @@
 //! are sent again without being counted, which is not the delivery's fault anyway. A clean
 //! close empties the journal. When it has grown long, it is rewritten with the claims held now.
 //!
-//! Claims read the committed state of the file on connections of their own (one per sink), so
-//! they never wait for the writer or an fsync. (A commit is visible before its fsync, so a row
+//! Claims read the committed state of the queue in memory (`lanes`), and of the file, for a row
+//! whose first claim this is not, on connections of their own (one per sink), so they never
+//! wait for the writer or an fsync. (A commit is visible before its fsync, so a row
 //! can go out before it is durable; a power loss then can make a sink see it again, which
 //! at-least-once allows.) A settle marks its claim as settling, writes in the writer's group,
 //! and drops the claim once the group is durable (and so surely visible to every reader). A

@@ -17,8 +17,10 @@
 //! file, so nothing unsettled needs a claim on disk to be due again after a restart); the
 //! settle is an attempt's one durable write.
 //!
-//! Lanes: a delivery row carries `lane` = the user. Only the oldest open row of a (sink, lane)
-//! goes out (the lane's head); the rows behind it wait until it is delivered, dead or skipped.
+//! Lanes: a delivery row carries `lane` = the user. One open row of a (sink, lane) goes out at a
+//! time (the lane's head: its oldest open row, but for a replayed dead letter, which waits
+//! behind a head already under way); the rows behind it wait until it is delivered, dead or
+//! skipped, and then the oldest of them is the head.
 //! So one user's deliveries to one sink keep their order, and a failing user blocks nobody
 //! else. Who is due, and who is next, is kept in memory only (`lanes`), in step with what
 //! SQLite commits: the file holds every open row as `pending` (`waiting` and `in_flight` are

@@ -1,4 +1,4 @@
-//! Every store operation as SQL but the claim (`claims`): enqueue, settle (and lane promotion),
+//! Every store operation as SQL but the claim (`claims`): enqueue, settle,
 //! replay, the dead-letter listing, queue depth, purge, pause state. Writes run on the engine's
 //! writer, reads on the read connection.
 

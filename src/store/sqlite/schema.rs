@@ -28,10 +28,10 @@ CREATE TABLE IF NOT EXISTS deliveries (
     event_id         TEXT NOT NULL,
     sink             TEXT NOT NULL,
     lane             TEXT,            -- the user; NULL = no order to keep
-    state            TEXT NOT NULL,   -- waiting | pending | delivered | dead | skipped (in_flight: older files only)
+    state            TEXT NOT NULL,   -- pending | delivered | dead | skipped (waiting, in_flight: older files only; made pending at open)
     attempts         INTEGER NOT NULL DEFAULT 0,
     throttled        INTEGER NOT NULL DEFAULT 0,
-    due_at           INTEGER NOT NULL, -- pending: next attempt (claims and leases live in memory)
+    due_at           INTEGER NOT NULL, -- pending: a retry's next attempt, else when it was queued (no earlier than this; lanes, claims and leases live in memory)
     created_at       INTEGER NOT NULL, -- = the event's received_at, always (the purge needs it)
     updated_at       INTEGER NOT NULL,
     first_attempt_at INTEGER,
