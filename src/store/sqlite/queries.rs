@@ -229,78 +229,63 @@ impl SqliteStore {
         now: Millis,
     ) -> impl FnMut(&Connection, &mut Touched) -> Result<(), StoreError> + Send + 'static {
         move |connection, touched| {
-            let (changed, done) = match &settle {
-                Settle::Delivered { status } => (
-                    execute(
-                        connection,
-                        "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
+            let changed = match &settle {
+                Settle::Delivered { status } => execute(
+                    connection,
+                    "UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
                              last_status = ?3, last_error = NULL, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![id, now, status],
-                    )?,
-                    true,
-                ),
+                    params![id, now, status],
+                )?,
                 Settle::Retry {
                     due_at,
                     counted,
                     status,
                     error,
-                } => (
-                    execute(
-                        connection,
-                        "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
+                } => execute(
+                    connection,
+                    "UPDATE deliveries SET state = 'pending', attempts = attempts + 1,
                              throttled = throttled + ?3, due_at = ?4, last_status = ?5,
                              last_error = ?6, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![id, now, i64::from(!counted), due_at, status, error,],
-                    )?,
-                    false,
-                ),
+                    params![id, now, i64::from(!counted), due_at, status, error,],
+                )?,
                 Settle::Dead {
                     status,
                     error,
                     attempted: true,
-                } => (
-                    execute(
-                        connection,
-                        "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
+                } => execute(
+                    connection,
+                    "UPDATE deliveries SET state = 'dead', attempts = attempts + 1,
                              last_status = ?3, last_error = ?4, updated_at = ?2,
                              first_attempt_at = COALESCE(first_attempt_at, ?2), last_attempt_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![id, now, status, error],
-                    )?,
-                    true,
-                ),
+                    params![id, now, status, error],
+                )?,
                 // Dead before this claim's request: the attempts, their times and the last
                 // answer (of an earlier attempt) stay, the reason goes in front of its error.
                 Settle::Dead {
                     status,
                     error,
                     attempted: false,
-                } => (
-                    execute(
-                        connection,
-                        "UPDATE deliveries SET state = 'dead',
+                } => execute(
+                    connection,
+                    "UPDATE deliveries SET state = 'dead',
                              last_status = COALESCE(?3, last_status),
                              last_error = CASE WHEN last_error IS NULL THEN ?4
                                  ELSE ?4 || '; last error: ' || last_error END,
                              updated_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![id, now, status, error],
-                    )?,
-                    true,
-                ),
-                Settle::Skipped { reason } => (
-                    execute(
-                        connection,
-                        "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
+                    params![id, now, status, error],
+                )?,
+                Settle::Skipped { reason } => execute(
+                    connection,
+                    "UPDATE deliveries SET state = 'skipped', last_error = ?3, updated_at = ?2
                              WHERE id = ?1 AND state = 'pending'",
-                        params![id, now, reason],
-                    )?,
-                    true,
-                ),
+                    params![id, now, reason],
+                )?,
             };
             // The claim holds the row, so it is open; but say so if it were not.
             if changed == 0 {
@@ -311,11 +296,10 @@ impl SqliteStore {
             if let Settle::Retry { due_at, .. } = &settle {
                 // A retry wakes its sink once its claim is dropped (`settle_row`).
                 touched.lanes.reschedule(sink, id, *due_at);
-            } else if done
-                && touched
-                    .lanes
-                    .finish(sink, lane.as_deref(), id, now)
-                    .is_some()
+            } else if touched
+                .lanes
+                .finish(sink, lane.as_deref(), id, now)
+                .is_some()
             {
                 // The lane's next delivery is due now (in memory: the file holds it as
                 // pending already).
