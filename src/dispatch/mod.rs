@@ -15,7 +15,7 @@ use crate::redact::Redactor;
 use crate::sinks::{EncodeError, Route, Sinks};
 use crate::store::{ClaimRef, Claimed, IDLE_RECHECK, Settle, Store};
 use crate::telemetry::{SinkStatus, metric};
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{Notify, Semaphore};

@@ -318,7 +318,7 @@ pub(super) fn claim_rows(
         let Some(taken) = leases.take(sink, &view, &as_read, limit, now, lease_end) else {
             continue;
         };
-        let taken: HashMap<i64, Taken> =
+        let taken: foldhash::HashMap<i64, Taken> =
             taken.into_iter().map(|(row, how)| (row.id, how)).collect();
         let claimed = fetched
             .into_iter()

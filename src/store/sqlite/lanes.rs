@@ -17,7 +17,8 @@
 use crate::clock::Millis;
 use crate::event::Event;
 use crate::sink_name::SinkName;
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use foldhash::{HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// One sink's queue.

@@ -11,7 +11,7 @@
 //! is read from the file, as before: this only saves work, it decides nothing.
 
 use crate::event::Event;
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 /// How many bytes of stored events (their JSON) are kept by default: thousands of events, the
