@@ -6,14 +6,14 @@
 //! second this is a commit per batch instead of one per delivery.
 
 use super::enqueue::wake_and_notify;
-use super::write::{LOCK_LANES, PROMOTE, RECORDS, record_sql, record_values};
+use super::write::{LOCK_LANES, PROMOTE_MANY, RECORD_DELIVERED_MANY, RECORDS, record};
 use super::{PgError, Target, batch, pipeline, queries};
 use crate::clock::Millis;
 use crate::sink_name::SinkName;
 use crate::store::{Settle, StoreError, Wakers};
 use deadpool_postgres::Pool;
 use futures_util::future::BoxFuture;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::types::ToSql;
@@ -23,7 +23,13 @@ const MAX_BATCH_SETTLES: usize = 256;
 
 /// The statements the batcher's connection is prepared with when the store opens.
 pub(super) const STATEMENTS: [&str; 7] = [
-    LOCK_LANES, PROMOTE, RECORDS[0], RECORDS[1], RECORDS[2], RECORDS[3], RECORDS[4],
+    LOCK_LANES,
+    RECORD_DELIVERED_MANY,
+    PROMOTE_MANY,
+    RECORDS[0],
+    RECORDS[1],
+    RECORDS[2],
+    RECORDS[3],
 ];
 
 /// What a settle changed.
@@ -109,13 +115,27 @@ impl batch::BatchWrite for SettleBatcher {
     }
 }
 
+/// What one statement of a settle transaction answered.
+enum Answer {
+    /// Rows changed (an outcome other than delivered), or nothing (`BEGIN`, the lane locks).
+    Count(u64),
+    /// The rows the statement returned (the deliveries recorded, the promotions).
+    Rows(Vec<tokio_postgres::Row>),
+}
+
 /// Records the outcomes in one transaction; each one's outcome, and the sinks of the lanes
 /// whose next delivery was let go.
+///
+/// The deliveries (nearly every outcome) are recorded by one statement over arrays, and the
+/// lanes' promotions by another: PostgreSQL spent more on running a statement per row than on
+/// the rows themselves (one settle and one promotion per delivery, `benches/pipeline.rs` with
+/// two relays). The rarer outcomes take a statement each.
 async fn settle_batch(
     pool: &Pool,
     jobs: &[SettleJob],
 ) -> Result<(Vec<Settled>, BTreeSet<SinkName>), PgError> {
-    let client = pool.get().await?;
+    let connection = pool.get().await?;
+    let client: &deadpool_postgres::ClientWrapper = &connection;
     // The lanes whose head is done, in order; each locked and promoted once.
     let mut lanes: BTreeMap<(&str, &str), Millis> = BTreeMap::new();
     for job in jobs {
@@ -124,75 +144,134 @@ async fn settle_batch(
             *at = (*at).max(job.now);
         }
     }
-    let (lock, promote) = tokio::try_join!(
-        client.prepare_cached(LOCK_LANES),
-        client.prepare_cached(PROMOTE)
-    )?;
-    let mut records = Vec::with_capacity(jobs.len());
+    // The deliveries, with their status; every other outcome with its statement and parameters.
+    let mut delivered: Vec<(&SettleJob, u16)> = Vec::with_capacity(jobs.len());
+    let mut others = Vec::new();
     for job in jobs {
-        records.push(client.prepare_cached(record_sql(&job.settle)).await?);
+        if let Settle::Delivered { status } = job.settle {
+            delivered.push((job, status));
+        } else if let Some((sql, values)) = record(job.id, &job.settle, job.now, job.lease_until) {
+            others.push((job, sql, values));
+        }
     }
-    let values: Vec<Vec<Box<dyn ToSql + Sync + Send>>> = jobs
+    let (lock, record_many, promote) = tokio::try_join!(
+        client.prepare_cached(LOCK_LANES),
+        client.prepare_cached(RECORD_DELIVERED_MANY),
+        client.prepare_cached(PROMOTE_MANY)
+    )?;
+    let mut records = Vec::with_capacity(others.len());
+    for (_, sql, values) in &others {
+        records.push((
+            client.prepare_cached(sql).await?,
+            queries::parameters(values),
+        ));
+    }
+    let delivered_ids: Vec<i64> = delivered.iter().map(|(job, _)| job.id).collect();
+    let delivered_at: Vec<i64> = delivered.iter().map(|(job, _)| job.now).collect();
+    let delivered_status: Vec<i32> = delivered
         .iter()
-        .map(|job| record_values(job.id, &job.settle, job.now, job.lease_until))
+        .map(|(_, status)| i32::from(*status))
         .collect();
-    let values: Vec<Vec<&(dyn ToSql + Sync)>> =
-        values.iter().map(|one| queries::parameters(one)).collect();
+    let delivered_held: Vec<i64> = delivered.iter().map(|(job, _)| job.lease_until).collect();
+    let record_values: [&(dyn ToSql + Sync); 4] = [
+        &delivered_ids,
+        &delivered_at,
+        &delivered_status,
+        &delivered_held,
+    ];
     let lane_sinks: Vec<&str> = lanes.keys().map(|(sink, _)| *sink).collect();
     let lane_users: Vec<&str> = lanes.keys().map(|(_, lane)| *lane).collect();
     let lane_times: Vec<i64> = lanes.values().copied().collect();
-    let lock_values: [&(dyn ToSql + Sync); 3] = [&lane_sinks, &lane_users, &lane_times];
-    let promote_values: Vec<[&(dyn ToSql + Sync); 3]> = lanes
-        .iter()
-        .map(|((sink, lane), now)| [sink as &(dyn ToSql + Sync), lane, now])
-        .collect();
+    let lane_values: [&(dyn ToSql + Sync); 3] = [&lane_sinks, &lane_users, &lane_times];
 
     // In this order, all sent before the first answer. Should the outcome of a lane's head be
     // stale, its promotion is still right: it lets a waiting row go only when the lane has no
     // head.
-    let transaction = !lanes.is_empty() || jobs.len() > 1;
-    let mut steps: Vec<BoxFuture<'_, Result<u64, tokio_postgres::Error>>> = Vec::new();
-    if transaction {
+    // Each statement is planned for its own arrays and the table as it is now: a plan cached
+    // while `deliveries` was small (a new database) hashes the whole table for a few rows.
+    let mut steps: Vec<BoxFuture<'_, Result<Answer, tokio_postgres::Error>>> = Vec::new();
+    steps.push(Box::pin(async {
+        client
+            .batch_execute("BEGIN; SET LOCAL plan_cache_mode = force_custom_plan")
+            .await
+            .map(|()| Answer::Count(0))
+    }));
+    steps.push(Box::pin(async {
+        client.execute(&lock, &lane_values).await.map(Answer::Count)
+    }));
+    if !delivered.is_empty() {
         steps.push(Box::pin(async {
-            client.batch_execute("BEGIN").await.map(|()| 0)
+            client
+                .query(&record_many, &record_values)
+                .await
+                .map(Answer::Rows)
         }));
-        steps.push(Box::pin(client.execute(&lock, &lock_values)));
     }
-    for (record, values) in records.iter().zip(&values) {
-        steps.push(Box::pin(client.execute(record, values)));
+    for (statement, values) in &records {
+        steps.push(Box::pin(async move {
+            client.execute(statement, values).await.map(Answer::Count)
+        }));
     }
-    for values in &promote_values {
-        steps.push(Box::pin(client.execute(&promote, values)));
-    }
-    if transaction {
+    if !lanes.is_empty() {
         steps.push(Box::pin(async {
-            client.batch_execute("COMMIT").await.map(|()| 0)
+            client.query(&promote, &lane_values).await.map(Answer::Rows)
         }));
     }
-    let results = pipeline(steps).await;
-    let mut counts = Vec::with_capacity(results.len());
-    for result in results {
-        counts.push(result?);
+    steps.push(Box::pin(async {
+        client
+            .batch_execute("COMMIT")
+            .await
+            .map(|()| Answer::Count(0))
+    }));
+    let mut answers = Vec::with_capacity(steps.len());
+    for answer in pipeline(steps).await {
+        answers.push(answer?);
     }
-    let skip = if transaction { 2 } else { 0 };
-    let changed = counts.get(skip..skip + jobs.len()).unwrap_or_default();
-    let promoted_counts = counts
-        .get(skip + jobs.len()..skip + jobs.len() + lanes.len())
-        .unwrap_or_default();
+    let mut answers = answers.into_iter().skip(2);
+    // (id, lease end) of each delivery recorded.
+    let recorded: HashSet<(i64, i64)> = if delivered.is_empty() {
+        HashSet::new()
+    } else {
+        match answers.next() {
+            Some(Answer::Rows(rows)) => rows
+                .iter()
+                .map(|row| Ok((row.try_get::<_, i64>(0)?, row.try_get::<_, i64>(1)?)))
+                .collect::<Result<_, tokio_postgres::Error>>()?,
+            _ => HashSet::new(),
+        }
+    };
+    // Rows changed by each other outcome, in the order of `others`, which is the jobs' order.
+    let mut others_changed = Vec::with_capacity(others.len());
+    for _ in &others {
+        others_changed.push(match answers.next() {
+            Some(Answer::Count(count)) => count,
+            _ => 0,
+        });
+    }
+    let promoted: BTreeSet<SinkName> = match answers.next() {
+        Some(Answer::Rows(rows)) if !lanes.is_empty() => rows
+            .iter()
+            .map(|row| row.try_get::<_, &str>(0))
+            .collect::<Result<Vec<_>, _>>()?
+            .into_iter()
+            .filter_map(SinkName::parse)
+            .collect(),
+        _ => BTreeSet::new(),
+    };
+    let mut others_changed = others_changed.into_iter();
     let outcomes = jobs
         .iter()
-        .zip(changed)
-        .map(|(job, &changed)| match (changed, &job.settle) {
-            (0, _) => Settled::Stale,
-            (_, Settle::Retry { .. }) => Settled::Retried,
-            _ => Settled::Done,
+        .map(|job| {
+            let changed = match job.settle {
+                Settle::Delivered { .. } => recorded.contains(&(job.id, job.lease_until)),
+                _ => others_changed.next().is_some_and(|count| count > 0),
+            };
+            match (changed, &job.settle) {
+                (false, _) => Settled::Stale,
+                (true, Settle::Retry { .. }) => Settled::Retried,
+                (true, _) => Settled::Done,
+            }
         })
-        .collect();
-    let promoted = lanes
-        .keys()
-        .zip(promoted_counts)
-        .filter(|(_, count)| **count > 0)
-        .filter_map(|((sink, _), _)| SinkName::parse(sink))
         .collect();
     Ok((outcomes, promoted))
 }

@@ -9,7 +9,9 @@
 
 use super::queries::{CLAIM, NEXT_DUE};
 use super::settle::{SettleJob, Settled};
-use super::write::{PROMOTE, PURGE_DEAD, PURGE_DELIVERED, PURGE_EVENTS};
+use super::write::{
+    PROMOTE, PROMOTE_MANY, PURGE_DEAD, PURGE_DELIVERED, PURGE_EVENTS, RECORD_DELIVERED_MANY,
+};
 use crate::clock::Millis;
 use crate::event::{Event, EventData, EventId, EventKind, Source};
 use crate::sink_name::SinkName;
@@ -479,6 +481,12 @@ async fn claims_use_the_lane_head_index_with_a_million_rows_queued() -> TestResu
         ("claim", CLAIM, "text, int8, int8, int8, text"),
         ("next due", NEXT_DUE, "text"),
         ("promote", PROMOTE, "text, text, int8"),
+        ("promote lanes", PROMOTE_MANY, "text[], text[], int8[]"),
+        (
+            "record deliveries",
+            RECORD_DELIVERED_MANY,
+            "int8[], int8[], int4[], int8[]",
+        ),
         ("purge delivered", PURGE_DELIVERED, "int8, int8"),
         ("purge dead", PURGE_DEAD, "int8, int8"),
         ("purge events", PURGE_EVENTS, "int8, int8"),
@@ -487,6 +495,8 @@ async fn claims_use_the_lane_head_index_with_a_million_rows_queued() -> TestResu
             "claim" => "'bot', 500000, 530000, 32, 'cut off'",
             "next due" => "'bot'",
             "promote" => "'bot', 'user-7', 1",
+            "promote lanes" => "ARRAY['bot', 'bot'], ARRAY['user-7', 'user-8'], ARRAY[1, 1]",
+            "record deliveries" => "ARRAY[7, 8], ARRAY[1, 1], ARRAY[200, 200], ARRAY[7, 8]",
             _ => "3000, 2000",
         };
         // The plan a prepared statement gets after a few runs (generic), and the first ones.
@@ -687,7 +697,8 @@ async fn drain(
 /// One settle batch with every kind of outcome, one of them stale (its claim's lease ran out
 /// and another claim took the row): the stale one is not recorded, the others are, all in ONE
 /// transaction, and each lane whose head is done lets exactly its next delivery go, once, even
-/// where a stale and a current outcome of the same row share the batch.
+/// where a stale and a current outcome of the same row share the batch (also when both are
+/// deliveries, which one statement records together).
 #[tokio::test]
 async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestResult {
     let Some(database) = TestDatabase::create().await? else {
@@ -697,9 +708,17 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
     let client = database.connect().await?;
     const T0: Millis = 1_000_000_000;
     const LEASE: Duration = Duration::from_secs(10);
-    let mut lanes: Vec<String> = ["delivered", "retried", "dead", "skipped", "stale", "lost"]
-        .map(str::to_owned)
-        .to_vec();
+    let mut lanes: Vec<String> = [
+        "delivered",
+        "retried",
+        "dead",
+        "skipped",
+        "stale",
+        "lost",
+        "twice",
+    ]
+    .map(str::to_owned)
+    .to_vec();
     lanes.extend((0..20).map(|n| format!("more-{n}")));
     let events = lanes
         .iter()
@@ -708,9 +727,10 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
     store.enqueue(events, T0).await?;
     let mut first = store.claim(SinkName::Bot, 100, T0, LEASE).await?.deliveries;
     assert_eq!(first.len(), lanes.len());
-    // Every first claim but those of "stale" and "lost" outlives the second claim below.
+    // Every first claim but those of "stale", "lost" and "twice" outlives the second claim
+    // below.
     for claimed in &mut first {
-        if !matches!(name_of(claimed).as_str(), "stale/1" | "lost/1") {
+        if !matches!(name_of(claimed).as_str(), "stale/1" | "lost/1" | "twice/1") {
             assert!(
                 store
                     .renew(claimed, T0 + 5_000, Duration::from_secs(60))
@@ -718,15 +738,15 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
             );
         }
     }
-    // The first claims of "stale/1" and "lost/1" ran out; another one (another relay's) takes
-    // them.
+    // The first claims of "stale/1", "lost/1" and "twice/1" ran out; another one (another
+    // relay's) takes them.
     let second = store
         .claim(SinkName::Bot, 100, T0 + 20_000, LEASE)
         .await?
         .deliveries;
     let mut taken: Vec<String> = second.iter().map(name_of).collect();
     taken.sort();
-    assert_eq!(taken, ["lost/1", "stale/1"]);
+    assert_eq!(taken, ["lost/1", "stale/1", "twice/1"]);
     let find = |batch: &[Claimed], name: &str| {
         batch
             .iter()
@@ -783,6 +803,17 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
             Settle::Delivered { status: 201 },
             Settled::Done,
         ),
+        // Two deliveries of one row: the stale claim's first, then the current one's.
+        (
+            find(&first, "twice/1"),
+            Settle::Delivered { status: 200 },
+            Settled::Stale,
+        ),
+        (
+            find(&second, "twice/1"),
+            Settle::Delivered { status: 202 },
+            Settled::Done,
+        ),
         // Stale, and the claim that took the row has no outcome yet.
         (
             find(&first, "lost/1"),
@@ -822,6 +853,8 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
         "skipped/2",
         "stale/1",
         "stale/2",
+        "twice/1",
+        "twice/2",
     ];
     let more: Vec<String> = (0..20)
         .flat_map(|n| [format!("more-{n}/1"), format!("more-{n}/2")])
@@ -851,6 +884,8 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
     assert_eq!(states("stale"), ["delivered", "pending", "waiting"]);
     assert_eq!(row("stale/1").last_status, Some(201));
     assert_eq!(row("stale/1").last_error, None);
+    assert_eq!(states("twice"), ["delivered", "pending", "waiting"]);
+    assert_eq!(row("twice/1").last_status, Some(202));
     // Still the second claim's, under its lease.
     assert_eq!(states("lost"), ["in_flight", "waiting", "waiting"]);
     assert_eq!(row("lost/1").due_at, T0 + 20_000 + 10_000);

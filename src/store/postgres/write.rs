@@ -52,6 +52,20 @@ pub(super) const PROMOTE: &str = "
       AND NOT EXISTS (SELECT 1 FROM deliveries WHERE sink = $1 AND lane = $2
                       AND state IN ('pending', 'in_flight'))";
 
+/// `PROMOTE` for several lanes in one statement (arrays of sink, lane and time, one entry per
+/// lane); returns the sink of each delivery it let go.
+pub(super) const PROMOTE_MANY: &str = "
+    WITH next AS (
+        SELECT l.at, (SELECT w.id FROM deliveries w
+                      WHERE w.sink = l.sink AND w.lane = l.lane AND w.state = 'waiting'
+                      ORDER BY w.id LIMIT 1) AS id
+        FROM unnest($1::text[], $2::text[], $3::int8[]) AS l(sink, lane, at)
+        WHERE NOT EXISTS (SELECT 1 FROM deliveries h WHERE h.sink = l.sink AND h.lane = l.lane
+                          AND h.state IN ('pending', 'in_flight')))
+    UPDATE deliveries d SET state = 'pending', due_at = next.at, updated_at = next.at
+    FROM next WHERE d.id = next.id
+    RETURNING d.sink";
+
 pub(super) const PURGE_DELIVERED: &str = "DELETE FROM deliveries WHERE id IN (
     SELECT id FROM deliveries
     WHERE state IN ('delivered', 'dead', 'skipped') AND state IN ('delivered', 'skipped')
@@ -232,12 +246,17 @@ pub(super) async fn settle_row(
     Ok(())
 }
 
-/// Records a delivery as delivered (parameters from `record_values`).
-const RECORD_DELIVERED: &str = "
-    UPDATE deliveries SET state = 'delivered', attempts = attempts + 1,
-        last_status = $3, last_error = NULL, updated_at = $2,
-        first_attempt_at = COALESCE(first_attempt_at, $2), last_attempt_at = $2
-    WHERE id = $1 AND state = 'in_flight' AND due_at = $4";
+/// Records deliveries as delivered, each only while its row is still under its claim's lease:
+/// arrays of id, time, status and the claim's lease end; returns the id and lease end of each
+/// row it changed (the others' leases had been lost; two outcomes of one row in a batch, from
+/// two claims, differ by their lease).
+pub(super) const RECORD_DELIVERED_MANY: &str = "
+    UPDATE deliveries d SET state = 'delivered', attempts = d.attempts + 1,
+        last_status = v.status, last_error = NULL, updated_at = v.at,
+        first_attempt_at = COALESCE(d.first_attempt_at, v.at), last_attempt_at = v.at
+    FROM unnest($1::int8[], $2::int8[], $3::int4[], $4::int8[]) AS v(id, at, status, held)
+    WHERE d.id = v.id AND d.state = 'in_flight' AND d.due_at = v.held
+    RETURNING d.id, v.held";
 
 /// Schedules a retry.
 const RECORD_RETRY: &str = "
@@ -269,73 +288,70 @@ const RECORD_SKIPPED: &str = "
     UPDATE deliveries SET state = 'skipped', last_error = $3, updated_at = $2
     WHERE id = $1 AND state = 'in_flight' AND due_at = $4";
 
-/// Every statement `record_sql` may return (prepared ahead by the settle batcher).
-pub(super) const RECORDS: [&str; 5] = [
-    RECORD_DELIVERED,
+/// Every statement `record` may return (prepared ahead by the settle batcher).
+pub(super) const RECORDS: [&str; 4] = [
     RECORD_RETRY,
     RECORD_DEAD,
     RECORD_DEAD_UNATTEMPTED,
     RECORD_SKIPPED,
 ];
 
-/// The statement that records an outcome, only while the row is still under this claim's
-/// lease (parameters from `record_values`).
-pub(super) fn record_sql(settle: &Settle) -> &'static str {
-    match settle {
-        Settle::Delivered { .. } => RECORD_DELIVERED,
-        Settle::Retry { .. } => RECORD_RETRY,
-        Settle::Dead {
-            attempted: true, ..
-        } => RECORD_DEAD,
-        Settle::Dead {
-            attempted: false, ..
-        } => RECORD_DEAD_UNATTEMPTED,
-        Settle::Skipped { .. } => RECORD_SKIPPED,
-    }
-}
-
-/// The parameters of `record_sql(settle)`.
-pub(super) fn record_values(
+/// The statement that records an outcome other than delivered (those go in bulk, through
+/// `RECORD_DELIVERED_MANY`), only while the row is still under this claim's lease, and its
+/// parameters.
+pub(super) fn record(
     id: i64,
     settle: &Settle,
     now: Millis,
     lease_until: Millis,
-) -> Vec<Box<dyn ToSql + Sync + Send>> {
-    match settle {
-        Settle::Delivered { status } => vec![
-            Box::new(id),
-            Box::new(now),
-            Box::new(i32::from(*status)),
-            Box::new(lease_until),
-        ],
+) -> Option<(&'static str, Vec<Box<dyn ToSql + Sync + Send>>)> {
+    Some(match settle {
+        Settle::Delivered { .. } => return None,
         Settle::Retry {
             due_at,
             counted,
             status,
             error,
-        } => vec![
-            Box::new(id),
-            Box::new(now),
-            Box::new(i32::from(!counted)),
-            Box::new(*due_at),
-            Box::new(status.map(i32::from)),
-            Box::new(column(error).into_owned()),
-            Box::new(lease_until),
-        ],
-        Settle::Dead { status, error, .. } => vec![
-            Box::new(id),
-            Box::new(now),
-            Box::new(status.map(i32::from)),
-            Box::new(column(error).into_owned()),
-            Box::new(lease_until),
-        ],
-        Settle::Skipped { reason } => vec![
-            Box::new(id),
-            Box::new(now),
-            Box::new(column(reason).into_owned()),
-            Box::new(lease_until),
-        ],
-    }
+        } => (
+            RECORD_RETRY,
+            vec![
+                Box::new(id),
+                Box::new(now),
+                Box::new(i32::from(!counted)),
+                Box::new(*due_at),
+                Box::new(status.map(i32::from)),
+                Box::new(column(error).into_owned()),
+                Box::new(lease_until),
+            ],
+        ),
+        Settle::Dead {
+            status,
+            error,
+            attempted,
+        } => (
+            if *attempted {
+                RECORD_DEAD
+            } else {
+                RECORD_DEAD_UNATTEMPTED
+            },
+            vec![
+                Box::new(id),
+                Box::new(now),
+                Box::new(status.map(i32::from)),
+                Box::new(column(error).into_owned()),
+                Box::new(lease_until),
+            ],
+        ),
+        Settle::Skipped { reason } => (
+            RECORD_SKIPPED,
+            vec![
+                Box::new(id),
+                Box::new(now),
+                Box::new(column(reason).into_owned()),
+                Box::new(lease_until),
+            ],
+        ),
+    })
 }
 
 /// After the head of a lane is done, lets the next waiting delivery go; true when one did.
