@@ -1,9 +1,11 @@
 //! The PostgreSQL store's settles: a batching task, like the enqueue's, records the outcomes of
 //! concurrent attempts in ONE transaction, sent in one round trip on a connection of its own:
-//! `BEGIN`, the locks of the lanes whose head is done (sorted: a fixed order across relays),
-//! each outcome (only under its claim's lease), the promotion of each such lane's next
-//! delivery, `COMMIT`. Each caller is answered after the commit. At thousands of deliveries a
-//! second this is a commit per batch instead of one per delivery.
+//! `BEGIN` (its statements reach rows through indexes only), the locks of the lanes whose head
+//! is done (sorted: a fixed order across relays), the deliveries in one statement, each other
+//! outcome in one of its own (all only under their claim's lease), the promotion of each such
+//! lane's next delivery in one statement, `COMMIT`. Each caller is answered after the commit.
+//! At thousands of deliveries a second this is a commit and a few statements per batch instead
+//! of a commit and two statements per delivery.
 
 use super::enqueue::wake_and_notify;
 use super::write::{LOCK_LANES, PROMOTE_MANY, RECORD_DELIVERED_MANY, RECORDS, record};
