@@ -117,6 +117,11 @@ impl batch::BatchWrite for SettleBatcher {
     }
 }
 
+/// How a settle transaction begins: its statements reach rows through indexes only, whatever
+/// the statistics say (see `settle_batch`).
+pub(super) const BEGIN_BY_INDEX: &str = "BEGIN; SET LOCAL enable_seqscan = off;
+    SET LOCAL enable_hashjoin = off; SET LOCAL enable_mergejoin = off";
+
 /// What one statement of a settle transaction answered.
 enum Answer {
     /// Rows changed (an outcome other than delivered), or nothing (`BEGIN`, the lane locks).
@@ -196,10 +201,7 @@ async fn settle_batch(
     let mut steps: Vec<BoxFuture<'_, Result<Answer, tokio_postgres::Error>>> = Vec::new();
     steps.push(Box::pin(async {
         client
-            .batch_execute(
-                "BEGIN; SET LOCAL enable_seqscan = off; SET LOCAL enable_hashjoin = off;
-                 SET LOCAL enable_mergejoin = off",
-            )
+            .batch_execute(BEGIN_BY_INDEX)
             .await
             .map(|()| Answer::Count(0))
     }));

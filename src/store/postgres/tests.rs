@@ -8,6 +8,7 @@
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
 use super::queries::{CLAIM, NEXT_DUE};
+use super::settle::BEGIN_BY_INDEX;
 use super::settle::{SettleJob, Settled};
 use super::write::{
     PROMOTE, PROMOTE_MANY, PURGE_DEAD, PURGE_DELIVERED, PURGE_EVENTS, RECORD_DELIVERED_MANY,
@@ -920,6 +921,72 @@ async fn one_settle_batch_records_mixed_outcomes_but_not_a_stale_one() -> TestRe
             Some(&expected(lane, from)),
             "{lane}"
         );
+    }
+    store.close().await;
+    Ok(())
+}
+
+/// The settle batch's statements keep their index plans when PostgreSQL cached a plan while
+/// `deliveries` was small (a new database, before its first ANALYZE) and the table then grew:
+/// such a plan, made for a few rows, hashed the whole table on every batch.
+#[tokio::test]
+async fn settle_statements_keep_index_plans_cached_while_the_table_was_small() -> TestResult {
+    let Some(database) = TestDatabase::create().await? else {
+        return Ok(());
+    };
+    let store = database.open().await?;
+    let client = database.connect().await?;
+    let rows = |from: i64, to: i64| {
+        format!(
+            "INSERT INTO deliveries (event_id, sink, lane, state, due_at, created_at, updated_at)
+             SELECT 'e' || n, 'bot', 'user-' || (n % 1000),
+                    CASE WHEN n < 1000 AND n % 7 = 0 THEN 'in_flight'
+                         WHEN n % 3 = 0 THEN 'waiting'
+                         ELSE 'delivered' END, n, n, n
+             FROM generate_series({from}, {to}) AS n"
+        )
+    };
+    for (name, sql, types, arguments) in [
+        (
+            "record deliveries",
+            RECORD_DELIVERED_MANY,
+            "int8[], int8[], int4[], int8[]",
+            "ARRAY[7, 14], ARRAY[1, 1], ARRAY[200, 200], ARRAY[7, 14]",
+        ),
+        (
+            "promote lanes",
+            PROMOTE_MANY,
+            "text[], text[], int8[]",
+            "ARRAY['bot', 'bot'], ARRAY['user-7', 'user-8'], ARRAY[1, 1]",
+        ),
+    ] {
+        client
+            .batch_execute(&format!(
+                "{BEGIN_BY_INDEX}; {}; PREPARE q ({types}) AS {sql}",
+                rows(0, 50)
+            ))
+            .await?;
+        // Enough runs on the small table for a generic plan to be cached, then a table that
+        // grew without an ANALYZE.
+        for _ in 0..8 {
+            client
+                .batch_execute(&format!("EXECUTE q ({arguments})"))
+                .await?;
+        }
+        client.batch_execute(&rows(51, 200_000)).await?;
+        let plan: Vec<String> = client
+            .query(&format!("EXPLAIN EXECUTE q ({arguments})"), &[])
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        client.batch_execute("ROLLBACK; DEALLOCATE ALL").await?;
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on deliveries") && !plan.contains("Hash"),
+            "{name} scans or hashes the deliveries:\n{plan}"
+        );
+        assert!(plan.contains("Index"), "{name} uses no index:\n{plan}");
     }
     store.close().await;
     Ok(())
