@@ -250,13 +250,13 @@ async fn settle_batch(
         }
     };
     // Rows changed by each other outcome, in the order of `others`, which is the jobs' order.
-    let mut others_changed = Vec::with_capacity(others.len());
-    for _ in &others {
-        others_changed.push(match answers.next() {
+    let others_changed: Vec<u64> = others
+        .iter()
+        .map(|_| match answers.next() {
             Some(Answer::Count(count)) => count,
             _ => 0,
-        });
-    }
+        })
+        .collect();
     let promoted: BTreeSet<SinkName> = match answers.next() {
         Some(Answer::Rows(rows)) if !lanes.is_empty() => rows
             .iter()

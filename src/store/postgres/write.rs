@@ -53,7 +53,9 @@ pub(super) const PROMOTE: &str = "
                       AND state IN ('pending', 'in_flight'))";
 
 /// `PROMOTE` for several lanes in one statement (arrays of sink, lane and time, one entry per
-/// lane); returns the sink of each delivery it let go.
+/// lane); returns the sink of each delivery it let go. The settle batch uses it, inside a
+/// transaction whose plans reach rows through indexes only (`settle::BEGIN_BY_INDEX`); a
+/// replay keeps `PROMOTE`, whose scalar form gets an index plan whatever the statistics say.
 pub(super) const PROMOTE_MANY: &str = "
     WITH next AS (
         SELECT l.at, (SELECT w.id FROM deliveries w
