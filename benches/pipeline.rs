@@ -11,7 +11,10 @@
 //! 1. closed loop, 64 connections: CPU per webhook (load and drain), acked webhooks/s, ack
 //!    latency, deliveries/s during the load, drain time; the minimal server's CPU per request
 //!    under the same load, measured before this phase and again after it (a shared machine's
-//!    speed drifts over a run), and the ratio to the mean of the two;
+//!    speed drifts over a run), and the ratio to the mean of the two; then the same server
+//!    with `--forward` to the three sinks' places at the mock (it POSTs each webhook's body to
+//!    each before answering, and stores nothing): the floor of a relay with this fan-out, in
+//!    CPU per webhook and as ratios to the minimal server and from the relay;
 //! 2. open loop at `BENCH_RATE` webhooks/s (latency from each request's scheduled send), the
 //!    sinks receiving meanwhile: ack p50/p99, deliveries/s, drain time, CPU per webhook.
 //!
@@ -256,11 +259,12 @@ fn build_minimal_server() -> PathBuf {
 /// and the load's figures.
 async fn measure_minimal(
     executable: &PathBuf,
+    forward: &[String],
     length: Duration,
     users: u64,
     hz: u64,
 ) -> (f64, LoadResult) {
-    let (mut minimal, url) = start_minimal_server(executable);
+    let (mut minimal, url) = start_minimal_server(executable, forward);
     let urls = [url];
     closed_loop_over(&urls, CONNECTIONS, Duration::from_secs(1), 0, users).await;
     let before = Cpu::sample(&[minimal.id()]);
@@ -274,11 +278,13 @@ async fn measure_minimal(
     )
 }
 
-/// Starts the minimal server; the process and its URL.
-fn start_minimal_server(executable: &PathBuf) -> (Child, String) {
+/// Starts the minimal server, forwarding each webhook to `forward` when that is not empty; the
+/// process and its URL.
+fn start_minimal_server(executable: &PathBuf, forward: &[String]) -> (Child, String) {
     use std::io::BufRead;
     let mut child = Command::new(executable)
         .args(["--listen", "127.0.0.1:0", "--secret", SECRET])
+        .args(forward.iter().flat_map(|url| ["--forward", url.as_str()]))
         .stdout(Stdio::piped())
         .spawn()
         .expect("start the minimal server");
@@ -472,7 +478,7 @@ fn main() {
         // between them, since a shared machine's speed drifts over a run; the ratio uses the
         // mean of the two.
         let (minimal_before, minimal_load) =
-            measure_minimal(&minimal_server, phase_length, users, hz).await;
+            measure_minimal(&minimal_server, &[], phase_length, users, hz).await;
         println!(
             "minimal server (HMAC + JSON parse), closed loop {CONNECTIONS} connections: {}",
             minimal_load.summary()
@@ -493,8 +499,19 @@ fn main() {
             &relays.urls, CONNECTIONS, phase_length, 10_000_000, users,
         ))
         .await;
-        let (minimal_after, _) = measure_minimal(&minimal_server, phase_length, users, hz).await;
+        let (minimal_after, _) =
+            measure_minimal(&minimal_server, &[], phase_length, users, hz).await;
         let minimal_us = (minimal_before + minimal_after) / 2.0;
+        // The floor of this fan-out: the minimal server, forwarding each webhook to the three
+        // sinks' places at the mock (under a path of its own, so the relay's counts stay
+        // apart) before it answers.
+        let forward = SINKS.map(|sink| format!("{mock_base}/floor/{sink}"));
+        let (floor_us, floor_load) =
+            measure_minimal(&minimal_server, &forward, phase_length, users, hz).await;
+        assert_eq!(
+            floor_load.errors, 0,
+            "the minimal forwarder answered errors: a forward failed"
+        );
         let open = run_phase(&relays, &mock, postgres, open_loop_over(
             &relays.urls, rate, phase_length, 20_000_000, users, false,
         ))
@@ -580,6 +597,17 @@ fn main() {
         println!(
             "minimal server: {minimal_before:.1} µs per request before the relay's closed loop, \
              {minimal_after:.1} µs after it; the ratios use the mean, {minimal_us:.1} µs"
+        );
+        println!(
+            "minimal forwarder (the same, plus a POST of the body to each of the 3 sinks before \
+             answering; nothing stored), closed loop {CONNECTIONS} connections: {}",
+            floor_load.summary()
+        );
+        println!(
+            "  CPU {floor_us:.1} µs per webhook: {:.1}× the minimal server; the relay's closed \
+             loop is {:.1}× this floor",
+            floor_us / minimal_us.max(f64::MIN_POSITIVE),
+            relay_us / floor_us.max(f64::MIN_POSITIVE)
         );
         println!("targets:");
         println!(
