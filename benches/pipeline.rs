@@ -11,10 +11,11 @@
 //! 1. closed loop, 64 connections: CPU per webhook (load and drain), acked webhooks/s, ack
 //!    latency, deliveries/s during the load, drain time; the minimal server's CPU per request
 //!    under the same load, measured before this phase and again after it (a shared machine's
-//!    speed drifts over a run), and the ratio to the mean of the two; then the same server
-//!    with `--forward` to the three sinks' places at the mock (it POSTs each webhook's body to
-//!    each before answering, and stores nothing): the floor of a relay with this fan-out, in
-//!    CPU per webhook and as ratios to the minimal server and from the relay;
+//!    speed drifts over a run), and the ratio to the mean of the two; and, before the relay
+//!    starts, the same server with `--forward` to the three sinks' places at the mock (it
+//!    POSTs each webhook's body to each before answering, and stores nothing): the floor of a
+//!    relay with this fan-out, its CPU per webhook, its ratio to the minimal server, and the
+//!    relay's ratio to it;
 //! 2. open loop at `BENCH_RATE` webhooks/s (latency from each request's scheduled send), the
 //!    sinks receiving meanwhile: ack p50/p99, deliveries/s, drain time, CPU per webhook.
 //!
@@ -30,7 +31,8 @@
 //! `BOTRELAY_TEST_DATABASE_URL`, else the local default; a fresh database, dropped afterwards;
 //! without a server answering it prints one line and exits 0). `BENCH_USERS` (1000),
 //! `BENCH_SECONDS` (8), `BENCH_RATE` (2000). It builds the minimal server with cargo (the
-//! `bench` profile) on its first run. About `4 × BENCH_SECONDS` plus the drains.
+//! `bench` profile) on its first run. About `5 × BENCH_SECONDS`, plus a second of warm-up
+//! before each load and the drains.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -256,7 +258,7 @@ fn build_minimal_server() -> PathBuf {
 }
 
 /// The minimal server's CPU per request under the closed loop (after a one-second warm-up),
-/// and the load's figures.
+/// and the load's figures; with `forward`, the minimal forwarder's per webhook.
 async fn measure_minimal(
     executable: &PathBuf,
     forward: &[String],
@@ -488,6 +490,12 @@ fn main() {
         // The relay: a warm-up and its drain, then the two phases.
         let (mock_url, mock) = start_sink(SinkMode::Count { timed: false }).await;
         let mock_base = mock_url.trim_end_matches("/webhook").to_owned();
+        // The floor of this fan-out, before the relay starts: the minimal server forwarding
+        // each webhook to the three sinks' places at the mock (under a path of its own, so
+        // that the relay's counts there stay apart) before it answers.
+        let forward = SINKS.map(|sink| format!("{mock_base}/floor/{sink}"));
+        let (floor_us, floor_load) =
+            measure_minimal(&minimal_server, &forward, phase_length, users, hz).await;
         let relays = Relays::start(backend, &mock_base, server.as_ref()).await;
         let postgres = server.is_some();
         let warm_up = run_phase(&relays, &mock, postgres, closed_loop_over(
@@ -502,16 +510,6 @@ fn main() {
         let (minimal_after, _) =
             measure_minimal(&minimal_server, &[], phase_length, users, hz).await;
         let minimal_us = (minimal_before + minimal_after) / 2.0;
-        // The floor of this fan-out: the minimal server, forwarding each webhook to the three
-        // sinks' places at the mock (under a path of its own, so the relay's counts stay
-        // apart) before it answers.
-        let forward = SINKS.map(|sink| format!("{mock_base}/floor/{sink}"));
-        let (floor_us, floor_load) =
-            measure_minimal(&minimal_server, &forward, phase_length, users, hz).await;
-        assert_eq!(
-            floor_load.errors, 0,
-            "the minimal forwarder answered errors: a forward failed"
-        );
         let open = run_phase(&relays, &mock, postgres, open_loop_over(
             &relays.urls, rate, phase_length, 20_000_000, users, false,
         ))
@@ -603,6 +601,12 @@ fn main() {
              answering; nothing stored), closed loop {CONNECTIONS} connections: {}",
             floor_load.summary()
         );
+        if floor_load.errors > 0 {
+            println!(
+                "  some forwards failed ({} webhooks answered 502): this floor is not valid",
+                floor_load.errors
+            );
+        }
         println!(
             "  CPU {floor_us:.1} µs per webhook: {:.1}× the minimal server; the relay's closed \
              loop is {:.1}× this floor",

@@ -8,8 +8,8 @@
 //! do: before answering, it POSTs the verified body to every such URL at once, with the relay's
 //! own delivery client (pooled connections), and answers 200 when every one answered 2xx, 502
 //! otherwise. Nothing is stored, nothing is retried, nothing is encoded per sink: one inbound
-//! and one outbound HTTP exchange per URL, which is what the relay's CPU per webhook cannot go
-//! below while each vendor takes one event per request.
+//! exchange plus one outbound exchange per URL. With this HTTP stack, that is as low as the
+//! relay's CPU per webhook could go while each vendor takes one event per request.
 //!
 //! `cargo run --release --example minimal_server -- [--listen 127.0.0.1:0] [--secret S]
 //! [--forward URL]...` prints `listening <address>` on its first line of standard output, then
